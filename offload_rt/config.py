@@ -1,0 +1,192 @@
+"""Model configuration read from a Hugging Face `config.json` (Mixtral).
+
+Field names follow `transformers.MixtralConfig`, so a real Mixtral checkpoint's config.json and
+one written by `MixtralForCausalLM.save_pretrained` are read as they are.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("mixtral",)
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config.json that cannot describe a model this runtime runs."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int  # tokens in the embedding and lm_head
+    hidden_size: int  # model width D
+    intermediate_size: int  # expert FFN width F
+    num_hidden_layers: int  # decoder layers, each with attention and one MoE block
+    num_attention_heads: int  # query heads
+    num_key_value_heads: int  # key/value heads (grouped-query attention)
+    head_dim: int  # width of one head; hidden_size / heads unless given
+    num_local_experts: int  # experts per MoE layer
+    num_experts_per_tok: int  # experts each token is routed to (top-k)
+    rms_norm_eps: float  # epsilon inside RMSNorm
+    rope_theta: float  # rotary embedding base
+    max_position_embeddings: int  # context length in tokens
+    sliding_window: int | None  # attention window in tokens; None: full causal attention
+    tie_word_embeddings: bool  # lm_head shares the embedding matrix
+    bos_token_id: int | None  # token prepended by the tokenizer, if any
+    eos_token_ids: tuple[int, ...]  # tokens that end generation
+    dtype: str | None  # checkpoint's dtype name ("bfloat16", ...); None: read from the tensors
+
+    @property
+    def expert_numel(self) -> int:
+        """Parameters of one expert (w1, w3: F x D; w2: D x F)."""
+        return 3 * self.intermediate_size * self.hidden_size
+
+    @property
+    def num_experts_total(self) -> int:
+        return self.num_hidden_layers * self.num_local_experts
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        model_type = d.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"{source}: unknown model_type {model_type!r}; supported: {SUPPORTED_MODEL_TYPES}"
+            )
+        r = _Reader(d, source)
+        heads = r.positive_int("num_attention_heads")
+        hidden = r.positive_int("hidden_size")
+        head_dim = r.optional_positive_int("head_dim")
+        if head_dim is None:
+            if hidden % heads:
+                raise ConfigError(
+                    f"{source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}"
+                )
+            head_dim = hidden // heads
+        kv_heads = r.positive_int("num_key_value_heads")
+        if heads % kv_heads:
+            raise ConfigError(
+                f"{source}: num_attention_heads {heads} is not a multiple of "
+                f"num_key_value_heads {kv_heads}"
+            )
+        experts = r.positive_int("num_local_experts")
+        top_k = r.positive_int("num_experts_per_tok")
+        if top_k > experts:
+            raise ConfigError(
+                f"{source}: num_experts_per_tok {top_k} exceeds num_local_experts {experts}"
+            )
+        return cls(
+            vocab_size=r.positive_int("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=r.positive_int("intermediate_size"),
+            num_hidden_layers=r.positive_int("num_hidden_layers"),
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            num_local_experts=experts,
+            num_experts_per_tok=top_k,
+            rms_norm_eps=r.positive_float("rms_norm_eps"),
+            rope_theta=r.rope_theta(),
+            max_position_embeddings=r.positive_int("max_position_embeddings"),
+            sliding_window=r.optional_positive_int("sliding_window"),
+            tie_word_embeddings=r.boolean("tie_word_embeddings", default=False),
+            bos_token_id=r.optional_int("bos_token_id"),
+            eos_token_ids=r.token_ids("eos_token_id"),
+            dtype=r.dtype_name(),
+        )
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> ModelConfig:
+        path = Path(folder) / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"{path}: no config.json in the model folder")
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
+        return cls.from_dict(d, source=str(path))
+
+
+class _Reader:
+    """Typed access to config fields; every error names the field and the file."""
+
+    def __init__(self, d: dict[str, Any], source: str) -> None:
+        self.d = d
+        self.source = source
+
+    def _fail(self, name: str, want: str) -> ConfigError:
+        return ConfigError(f"{self.source}: field {name!r} must be {want}, got {self.d[name]!r}")
+
+    def _require(self, name: str) -> Any:
+        if name not in self.d:
+            raise ConfigError(f"{self.source}: missing field {name!r}")
+        return self.d[name]
+
+    def positive_int(self, name: str) -> int:
+        v = self._require(name)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise self._fail(name, "a positive integer")
+        return v
+
+    def optional_positive_int(self, name: str) -> int | None:
+        if self.d.get(name) is None:
+            return None
+        return self.positive_int(name)
+
+    def optional_int(self, name: str) -> int | None:
+        v = self.d.get(name)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise self._fail(name, "a non-negative integer")
+        return v
+
+    def positive_float(self, name: str) -> float:
+        v = self._require(name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise self._fail(name, "a positive number")
+        return float(v)
+
+    def rope_theta(self) -> float:
+        # transformers 5 nests it in rope_parameters; older configs and Mixtral's own keep it flat
+        rope = self.d.get("rope_parameters")
+        if rope is None:
+            return self.positive_float("rope_theta")
+        if not isinstance(rope, dict):
+            raise self._fail("rope_parameters", "an object")
+        rope_type = rope.get("rope_type", "default")
+        if rope_type != "default":
+            raise ConfigError(
+                f"{self.source}: rope_parameters.rope_type {rope_type!r} is not supported "
+                "(only 'default' rotary embeddings)"
+            )
+        return _Reader(rope, f"{self.source} rope_parameters").positive_float("rope_theta")
+
+    def boolean(self, name: str, default: bool) -> bool:
+        v = self.d.get(name, default)
+        if not isinstance(v, bool):
+            raise self._fail(name, "true or false")
+        return v
+
+    def token_ids(self, name: str) -> tuple[int, ...]:
+        v = self.d.get(name)
+        if v is None:
+            return ()
+        ids = v if isinstance(v, list) else [v]
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise self._fail(name, "a token id or a list of token ids")
+        return tuple(ids)
+
+    def dtype_name(self) -> str | None:
+        # transformers 5 writes "dtype", older releases "torch_dtype"
+        name = "dtype" if "dtype" in self.d else "torch_dtype"
+        v = self.d.get(name)
+        if v is None:
+            return None
+        if v not in DTYPE_NAMES:
+            raise self._fail(name, f"one of {DTYPE_NAMES}")
+        return v

@@ -1,0 +1,85 @@
+"""From a checkpoint folder to a ready model: dense weights on the device, experts behind the
+tiered store. Every check that can fail runs before anything is allocated on the device."""
+
+from __future__ import annotations
+
+import torch
+
+from offload_rt.checkpoint import Checkpoint, router_tensor_name
+from offload_rt.experts import ExpertStore, LocalExpertBackend, SlotCache
+from offload_rt.model import AttentionWeights, DenseWeights, LayerWeights
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BACKENDS = ("local",)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, ckpt: Checkpoint) -> torch.dtype:
+    if dtype is None:
+        return ckpt.dtype
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not supported; use one of {sorted(DTYPES)}")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device {device!r} is not a torch device ({e})") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def resolve_capacity(cache_experts: int | None, total: int) -> int:
+    if cache_experts is None:
+        return total
+    if isinstance(cache_experts, bool) or not isinstance(cache_experts, int) or cache_experts < 1:
+        raise ValueError(f"cache_experts must be a positive integer, got {cache_experts!r}")
+    return min(cache_experts, total)
+
+
+def load_dense(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> DenseWeights:
+    def get(name: str) -> torch.Tensor:
+        return ckpt.get(name).to(device=device, dtype=dtype)
+
+    layers = []
+    for i in range(ckpt.config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        attn = AttentionWeights(
+            wq=get(p + "self_attn.q_proj.weight"),
+            wk=get(p + "self_attn.k_proj.weight"),
+            wv=get(p + "self_attn.v_proj.weight"),
+            wo=get(p + "self_attn.o_proj.weight"),
+        )
+        layers.append(
+            LayerWeights(
+                input_norm=get(p + "input_layernorm.weight"),
+                attn=attn,
+                post_attn_norm=get(p + "post_attention_layernorm.weight"),
+                router=get(router_tensor_name(i)),
+            )
+        )
+    embed = get("model.embed_tokens.weight")
+    lm_head = embed if ckpt.config.tie_word_embeddings else get("lm_head.weight")
+    return DenseWeights(embed=embed, layers=layers, norm=get("model.norm.weight"), lm_head=lm_head)
+
+
+def local_backend(
+    ckpt: Checkpoint,
+    device: torch.device,
+    dtype: torch.dtype,
+    capacity: int,
+    host_experts: int | None,
+) -> LocalExpertBackend:
+    cfg = ckpt.config
+    # on a CPU device the slots are host RAM already: a host tier would hold every expert twice
+    host = 0 if device.type == "cpu" else host_experts
+    store = ExpertStore(ckpt, cfg.hidden_size, cfg.intermediate_size, device, dtype, capacity, host)
+    return LocalExpertBackend(store, SlotCache(capacity))

@@ -1,0 +1,163 @@
+"""The public model object: `offload_rt.load(...)` returns an `OffloadModel`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from offload_rt.checkpoint import Checkpoint
+from offload_rt.engine.generate import GenerationResult, generate
+from offload_rt.engine.loader import (
+    BACKENDS,
+    load_dense,
+    local_backend,
+    resolve_capacity,
+    resolve_device,
+    resolve_dtype,
+)
+from offload_rt.engine.sampling import RequestError, SamplingParams
+from offload_rt.engine.tokenizer import TextTokenizer
+from offload_rt.experts import LocalExpertBackend
+from offload_rt.model import MixtralModel, RopeTables
+
+Prompt = str | Sequence[int]
+
+
+class OffloadModel:
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        model: MixtralModel,
+        backend: LocalExpertBackend,
+        tokenizer: TextTokenizer | None,
+    ) -> None:
+        self.checkpoint = ckpt
+        self.config = ckpt.config
+        self.model = model
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.closed = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.weights.embed.device
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError(
+                    f"{self.checkpoint.folder} has no tokenizer.json: give token ids, not text"
+                )
+            return self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise RequestError("a prompt is a string or a list of integer token ids")
+        return ids
+
+    def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """Logits (len, V) of one sequence, computed from scratch (no cache reused)."""
+        self._check_open()
+        ids = self.encode(token_ids)
+        if not ids or len(ids) > self.config.max_position_embeddings:
+            raise RequestError(
+                f"logits needs 1 to {self.config.max_position_embeddings} tokens, got {len(ids)}"
+            )
+        with torch.inference_mode():
+            hidden = self.model.forward(
+                torch.tensor([ids], device=self.device),
+                torch.arange(len(ids), device=self.device)[None],
+                self.model.new_cache(1, len(ids)),
+                kv_len=len(ids),
+            )
+            return self.model.logits(hidden[0])
+
+    def generate(
+        self,
+        prompt: Prompt | Sequence[Prompt],
+        max_new_tokens: int = 16,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | int | Sequence[str | int] | None = None,
+    ) -> GenerationResult | list[GenerationResult]:
+        """One prompt (text or token ids) gives one result; a list of prompts, a list."""
+        self._check_open()
+        batch = _is_batch(prompt)
+        prompts = [self.encode(p) for p in (prompt if batch else [prompt])]
+        if not prompts:
+            raise RequestError("the batch of prompts is empty")
+        params = SamplingParams.with_stop(
+            stop,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+        )
+        decode = self.tokenizer.decode if self.tokenizer is not None else None
+        results = generate(
+            self.model, prompts, [params] * len(prompts), self.config.eos_token_ids, decode
+        )
+        return results if batch else results[0]
+
+    def stats(self) -> dict[str, int]:
+        return self.backend.stats()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.backend.close()
+            self.checkpoint.close()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this model is closed")
+
+    def __enter__(self) -> OffloadModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _is_batch(prompt: object) -> bool:
+    if isinstance(prompt, str):
+        return False
+    items = list(prompt)  # type: ignore[call-overload]
+    return bool(items) and not isinstance(items[0], int)
+
+
+def load(
+    path: str | Path,
+    backend: str = "local",
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    cache_experts: int | None = None,
+    host_experts: int | None = None,
+) -> OffloadModel:
+    """Open a Hugging Face Mixtral checkpoint folder.
+
+    cache_experts: the most experts resident on the device at once, over all layers (None: all).
+    host_experts: packed experts kept in (pinned) host RAM when the device is a GPU (None: all).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; available: {BACKENDS}")
+    if host_experts is not None and (not isinstance(host_experts, int) or host_experts < 0):
+        raise ValueError(f"host_experts must be a non-negative integer, got {host_experts!r}")
+    dev = resolve_device(device)
+    ckpt = Checkpoint.open(path)
+    try:
+        cfg = ckpt.config
+        dt = resolve_dtype(dtype, ckpt)
+        capacity = resolve_capacity(cache_experts, cfg.num_experts_total)
+        tokenizer = TextTokenizer.from_folder(ckpt.folder)
+        weights = load_dense(ckpt, dev, dt)
+        experts = local_backend(ckpt, dev, dt, capacity, host_experts)
+    except BaseException:
+        ckpt.close()
+        raise
+    rope = RopeTables.build(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, dev)
+    return OffloadModel(ckpt, MixtralModel(cfg, weights, experts, rope), experts, tokenizer)

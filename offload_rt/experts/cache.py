@@ -1,0 +1,81 @@
+"""Which expert sits in which device slot: LRU bookkeeping and the cache counters.
+
+Pure bookkeeping, no tensors: the store owns the memory, this class decides which slot an
+expert goes to and which resident expert leaves to make room.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Set
+from dataclasses import asdict, dataclass
+
+from offload_rt.model.moe import ExpertKey
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0  # expert uses that found the expert resident
+    misses: int = 0  # expert uses that had to load it
+    evictions: int = 0  # resident experts dropped to make room
+    bytes_loaded: int = 0  # bytes copied into device slots
+    resident: int = 0  # experts resident now
+    resident_max: int = 0  # most experts ever resident at once
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class SlotCache:
+    """`capacity` slots holding experts, least recently used first in `_order`."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"cache capacity must be at least 1 expert, got {capacity}")
+        self.capacity = capacity
+        self._order: OrderedDict[ExpertKey, int] = OrderedDict()
+        self._free = list(range(capacity - 1, -1, -1))  # pop() hands out slot 0 first
+        self.stats = CacheStats()
+
+    def __contains__(self, key: ExpertKey) -> bool:
+        return key in self._order
+
+    def lookup(self, key: ExpertKey) -> int | None:
+        """Count one use of `key`: a hit (returns its slot, now most recent) or a miss (None)."""
+        slot = self._order.get(key)
+        if slot is None:
+            self.stats.misses += 1
+            return None
+        self._order.move_to_end(key)
+        self.stats.hits += 1
+        return slot
+
+    def slot_of(self, key: ExpertKey) -> int:
+        return self._order[key]
+
+    def acquire(self, key: ExpertKey, pinned: Set[ExpertKey]) -> int | None:
+        """A slot for `key`, evicting the least recently used expert not in `pinned`;
+        None when every slot holds a pinned expert."""
+        if self._free:
+            slot = self._free.pop()
+        else:
+            victim = next((k for k in self._order if k not in pinned), None)
+            if victim is None:
+                return None
+            slot = self._order.pop(victim)
+            self.stats.evictions += 1
+        self._order[key] = slot
+        self.stats.resident = len(self._order)
+        self.stats.resident_max = max(self.stats.resident_max, self.stats.resident)
+        return slot
+
+    def discard(self, key: ExpertKey) -> None:
+        """Forget `key` (its load failed): its slot becomes free."""
+        slot = self._order.pop(key, None)
+        if slot is not None:
+            self._free.append(slot)
+            self.stats.resident = len(self._order)
+
+    def resident_keys(self) -> list[ExpertKey]:
+        """Least recently used first."""
+        return list(self._order)

@@ -1,0 +1,143 @@
+"""Dense Mixtral math: RMSNorm, rotary embeddings, grouped-query attention over a KV cache.
+
+Reference: `transformers.models.mixtral.modeling_mixtral` (the eager path). Shape legend:
+B batch rows, T new tokens per row, S key positions, D hidden, H query heads, K key/value heads,
+G = H / K queries per key/value head, Hd head width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # in float32 whatever the model dtype, then back: as the reference does
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+@dataclass(frozen=True)
+class RopeTables:
+    cos: torch.Tensor  # (max_positions, Hd) float32
+    sin: torch.Tensor  # (max_positions, Hd) float32
+
+    @classmethod
+    def build(
+        cls, head_dim: int, theta: float, max_positions: int, device: torch.device
+    ) -> RopeTables:
+        exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float()
+        inv_freq = 1.0 / (theta ** (exponent / head_dim))  # (Hd/2,)
+        pos = torch.arange(max_positions, device=device, dtype=torch.float32)
+        freqs = pos[:, None] * inv_freq[None, :]  # (P, Hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (P, Hd)
+        return cls(emb.cos(), emb.sin())
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: RopeTables, positions: torch.Tensor) -> torch.Tensor:
+    """x: (B, heads, T, Hd); positions: (B, T)."""
+    cos = rope.cos[positions].unsqueeze(1).to(x.dtype)  # (B, 1, T, Hd)
+    sin = rope.sin[positions].unsqueeze(1).to(x.dtype)
+    return x * cos + _rotate_half(x) * sin
+
+
+class KVCache:
+    """Keys and values of every layer for B rows of up to S positions each.
+
+    Row b's token at position p is stored at index p, so rows of different lengths share one
+    tensor; attention masks each row by its own positions, never by padding.
+    """
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        self.keys = keys  # per layer (B, K, S, Hd)
+        self.values = values
+
+    @classmethod
+    def allocate(
+        cls,
+        layers: int,
+        batch: int,
+        kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> KVCache:
+        shape = (batch, kv_heads, max_len, head_dim)
+        return cls(
+            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)],
+            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)],
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: (B, K, T, Hd) for the tokens at `positions` (B, T)."""
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
+        self.keys[layer][rows, :, positions] = k.transpose(1, 2)
+        self.values[layer][rows, :, positions] = v.transpose(1, 2)
+
+
+def attention_mask(
+    positions: torch.Tensor, kv_len: int, sliding_window: int | None
+) -> torch.Tensor:
+    """(B, 1, 1, T, S) True where the query at positions[b, t] may see key position s."""
+    keys = torch.arange(kv_len, device=positions.device)  # (S,)
+    q = positions[:, :, None]  # (B, T, 1)
+    mask = keys[None, None, :] <= q
+    if sliding_window is not None:
+        mask &= q - keys[None, None, :] < sliding_window
+    return mask[:, None, None]
+
+
+@dataclass(frozen=True)
+class AttentionWeights:
+    wq: torch.Tensor  # (H * Hd, D)
+    wk: torch.Tensor  # (K * Hd, D)
+    wv: torch.Tensor  # (K * Hd, D)
+    wo: torch.Tensor  # (D, H * Hd)
+
+
+def attention(
+    x: torch.Tensor,
+    w: AttentionWeights,
+    heads: int,
+    kv_heads: int,
+    rope: RopeTables,
+    positions: torch.Tensor,
+    cache: KVCache,
+    layer: int,
+    kv_len: int,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """x: (B, T, D) -> (B, T, D). Writes this step's keys/values into the cache first."""
+    b, t, _ = x.shape
+    hd = w.wq.shape[0] // heads
+    g = heads // kv_heads
+    q = F.linear(x, w.wq).view(b, t, heads, hd).transpose(1, 2)  # (B, H, T, Hd)
+    k = F.linear(x, w.wk).view(b, t, kv_heads, hd).transpose(1, 2)  # (B, K, T, Hd)
+    v = F.linear(x, w.wv).view(b, t, kv_heads, hd).transpose(1, 2)
+    q = apply_rope(q, rope, positions)
+    k = apply_rope(k, rope, positions)
+    cache.write(layer, positions, k, v)
+    keys = cache.keys[layer][:, :, :kv_len]  # (B, K, S, Hd)
+    values = cache.values[layer][:, :, :kv_len]
+    # each key/value head serves G consecutive query heads: fold them into the query axis
+    # instead of repeating keys and values G times
+    q = q.reshape(b, kv_heads, g * t, hd)
+    scores = torch.matmul(q, keys.transpose(2, 3)) * hd**-0.5  # (B, K, G*T, S)
+    scores = scores.view(b, kv_heads, g, t, kv_len).masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(probs.view(b, kv_heads, g * t, kv_len), values)  # (B, K, G*T, Hd)
+    out = out.view(b, heads, t, hd).transpose(1, 2).reshape(b, t, heads * hd)
+    return F.linear(out, w.wo)

@@ -1,0 +1,84 @@
+"""The sparse MoE block: router, token grouping, and the expert FFN.
+
+The block never holds expert weights: it groups a step's tokens by chosen expert and hands all
+groups of one layer to an `ExpertBackend` in one call, which decides where each expert runs.
+Reference: `MixtralSparseMoeBlock` in transformers. Shape legend: N tokens, D hidden,
+E experts per layer, k experts per token, F expert width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True, order=True)
+class ExpertKey:
+    layer: int  # decoder layer index
+    expert: int  # expert index within the layer
+
+    def __str__(self) -> str:
+        return f"layer {self.layer} expert {self.expert}"
+
+
+class ExpertBackend(Protocol):
+    """Runs experts wherever they live (this process, a device cache, remote actors)."""
+
+    def run(self, groups: Mapping[ExpertKey, torch.Tensor]) -> dict[ExpertKey, torch.Tensor]:
+        """groups: each expert of one layer -> its tokens (n, D). Returns expert -> (n, D)."""
+        ...
+
+
+def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """w2(silu(w1 x) * w3 x) with w1 and w3 stacked into one (2F, D) matrix: one matmul, not two."""
+    gate, up = F.linear(x, w13).chunk(2, dim=-1)  # (n, F) each
+    return F.linear(F.silu(gate) * up, w2)  # (n, D)
+
+
+def route(x: torch.Tensor, router: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over experts, top-k, renormalise. x: (N, D), router: (E, D).
+    Returns weights (N, k) float32 and expert ids (N, k)."""
+    probs = torch.softmax(F.linear(x, router).float(), dim=-1)  # (N, E)
+    weights, experts = torch.topk(probs, top_k, dim=-1)
+    return weights / weights.sum(dim=-1, keepdim=True), experts
+
+
+@dataclass(frozen=True)
+class Routing:
+    keys: list[ExpertKey]  # experts used this step, ascending
+    rows: list[torch.Tensor]  # per expert: token rows (n_e,)
+    weights: list[torch.Tensor]  # per expert: routing weight of each row (n_e,) float32
+
+
+def group_by_expert(layer: int, weights: torch.Tensor, experts: torch.Tensor) -> Routing:
+    """Group (token, expert) pairs by expert with one sort and one device-to-host sync."""
+    n, k = experts.shape
+    flat = experts.reshape(-1)  # (N*k,)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=1).tolist()
+    rows = torch.div(order, k, rounding_mode="floor").split(counts)
+    flat_w = weights.reshape(-1)[order].split(counts)
+    used = [e for e, c in enumerate(counts) if c]
+    return Routing(
+        keys=[ExpertKey(layer, e) for e in used],
+        rows=[rows[e] for e in used],
+        weights=[flat_w[e] for e in used],
+    )
+
+
+def moe_block(
+    x: torch.Tensor, router: torch.Tensor, top_k: int, layer: int, backend: ExpertBackend
+) -> torch.Tensor:
+    """x: (N, D) -> (N, D): the weighted sum of each token's top-k experts."""
+    weights, experts = route(x, router, top_k)
+    routing = group_by_expert(layer, weights, experts)
+    outputs = backend.run({key: x[rows] for key, rows in zip(routing.keys, routing.rows)})
+    out = torch.zeros_like(x)
+    # ascending expert order, as the reference sums them
+    for key, rows, w in zip(routing.keys, routing.rows, routing.weights):
+        out.index_add_(0, rows, (outputs[key] * w[:, None]).to(x.dtype))
+    return out
