@@ -1,7 +1,7 @@
 """offload_rt: run Mixture-of-Experts language models with their experts offloaded.
 
-    model = offload_rt.load(path, backend="local", device="cpu", cache_experts=None)
-    model.generate("Hello", max_new_tokens=16)
+model = offload_rt.load(path, backend="local", device="cpu", cache_experts=None)
+model.generate("Hello", max_new_tokens=16)
 """
 
 from offload_rt.checkpoint import CheckpointError

@@ -47,7 +47,10 @@ def dense_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     d, v = cfg.hidden_size, cfg.vocab_size
     q_out = cfg.num_attention_heads * cfg.head_dim
     kv_out = cfg.num_key_value_heads * cfg.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (v, d),
+        "model.norm.weight": (d,),
+    }
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (v, d)
     for layer in range(cfg.num_hidden_layers):
@@ -158,7 +161,9 @@ def _safetensors_files(folder: Path) -> dict[Path, list[str] | None]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({e})") from e
+            raise CheckpointError(
+                f"{index}: not a safetensors index with a weight_map ({e})"
+            ) from e
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: weight_map must be an object")
         files: dict[Path, list[str] | None] = {}

@@ -4,4 +4,11 @@ from offload_rt.engine.generate import BatchDecoder, GenerationResult
 from offload_rt.engine.runtime import OffloadModel, load
 from offload_rt.engine.sampling import RequestError, SamplingParams
 
-__all__ = ["BatchDecoder", "GenerationResult", "OffloadModel", "RequestError", "SamplingParams", "load"]
+__all__ = [
+    "BatchDecoder",
+    "GenerationResult",
+    "OffloadModel",
+    "RequestError",
+    "SamplingParams",
+    "load",
+]

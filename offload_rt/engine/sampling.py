@@ -30,7 +30,9 @@ class SamplingParams:
         _check_int("max_new_tokens", self.max_new_tokens, minimum=0)
         _check_int("top_k", self.top_k, minimum=0)
         if not _is_number(self.temperature) or not 0 <= self.temperature <= 100:
-            raise RequestError(f"temperature must be a number in [0, 100], got {self.temperature!r}")
+            raise RequestError(
+                f"temperature must be a number in [0, 100], got {self.temperature!r}"
+            )
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise RequestError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
         if self.seed is not None:
