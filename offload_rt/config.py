@@ -62,7 +62,8 @@ class ModelConfig:
         if head_dim is None:
             if hidden % heads:
                 raise ConfigError(
-                    f"{source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}"
+                    f"{source}: hidden_size {hidden} is not divisible by "
+                    f"num_attention_heads {heads}"
                 )
             head_dim = hidden // heads
         kv_heads = r.positive_int("num_key_value_heads")
