@@ -1,0 +1,118 @@
+"""`offload-rt` commands: demo, generate."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import offload_rt
+from offload_rt.checkpoint import CheckpointError
+from offload_rt.demo import DEMO_NAME, make_demo_checkpoint
+from offload_rt.engine import GenerationResult, OffloadModel, RequestError
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "offload_rt"
+
+
+def _add_load_options(p: argparse.ArgumentParser, cache_experts: int | None) -> None:
+    p.add_argument("--prompt", default="The quick brown fox", help="text to continue")
+    p.add_argument(
+        "--token-ids", default=None, help="comma-separated prompt token ids (instead of --prompt)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--cache-experts",
+        type=int,
+        default=cache_experts,
+        help="most experts resident on the device at once (default: %(default)s; None: all)",
+    )
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="offload-rt", description=offload_rt.__doc__)
+    parser.add_argument("--version", action="version", version=offload_rt.__version__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="make a small random checkpoint once, then generate")
+    demo.add_argument("--cache-dir", type=Path, default=None, help="where the demo model lives")
+    _add_load_options(demo, cache_experts=8)
+    gen = sub.add_parser("generate", help="generate from a Hugging Face Mixtral checkpoint")
+    gen.add_argument("model_dir", type=Path)
+    _add_load_options(gen, cache_experts=None)
+    return parser
+
+
+def _load(args: argparse.Namespace, path: Path) -> OffloadModel:
+    return offload_rt.load(
+        path, device=args.device, dtype=args.dtype, cache_experts=args.cache_experts
+    )
+
+
+def _generate(model: OffloadModel, args: argparse.Namespace) -> tuple[GenerationResult, float]:
+    prompt = args.prompt
+    if args.token_ids is not None:
+        try:
+            prompt = [int(t) for t in args.token_ids.split(",")]
+        except ValueError as e:
+            raise RequestError(f"--token-ids must be comma-separated integers ({e})") from e
+    start = time.perf_counter()
+    result = model.generate(
+        prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    return result, time.perf_counter() - start
+
+
+def _report(model: OffloadModel, result: GenerationResult, seconds: float) -> None:
+    n = len(result.token_ids)
+    print(f"tokens: {n} new ({result.finish_reason}) in {seconds:.2f} s: {n / seconds:.1f} tok/s")
+    stats = model.stats()
+    print("expert cache: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    folder = (args.cache_dir or default_cache_dir()) / DEMO_NAME
+    print(f"demo checkpoint: {make_demo_checkpoint(folder)}")
+    with _load(args, folder) as model:
+        result, seconds = _generate(model, args)
+        print("note: the demo model has random weights, so its text is noise")
+        print(f"prompt: {args.prompt!r}")
+        print(f"text (random weights): {result.text!r}")
+        _report(model, result, seconds)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    with _load(args, args.model_dir) as model:
+        result, seconds = _generate(model, args)
+        print(result.text if result.text is not None else result.token_ids)
+        _report(model, result, seconds)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"demo": cmd_demo, "generate": cmd_generate}
+    try:
+        return commands[args.command](args)
+    except (CheckpointError, RequestError, ValueError) as e:
+        print(f"offload-rt: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Shared fixtures: random Mixtral checkpoints written by the transformers reference.
+
+transformers is a test-only dependency: it writes the checkpoints (in the classic per-expert
+layout of the real Mixtral releases) and is the reference for the model math.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=256,
+    # larger than the default 0.02 so that logits are spread and greedy choices are not near-ties
+    initializer_range=0.1,
+)
+
+
+def save_reference(folder: Path, seed: int = 0, max_shard_size: str | None = None, **overrides):
+    """Write a random transformers Mixtral to `folder`; returns the reference model (eval)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(MixtralConfig(**{**TINY, **overrides})).eval()
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(folder, **kwargs)
+    return model
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """(folder with one model.safetensors, the transformers model)."""
+    folder = tmp_path_factory.mktemp("tiny-mixtral")
+    return folder, save_reference(folder)
+
+
+@pytest.fixture(scope="session")
+def sharded_reference(tmp_path_factory):
+    """(folder with shards and model.safetensors.index.json, the transformers model)."""
+    folder = tmp_path_factory.mktemp("tiny-mixtral-sharded")
+    model = save_reference(folder, seed=1, max_shard_size="200KB")
+    assert (folder / "model.safetensors.index.json").is_file()
+    return folder, model
