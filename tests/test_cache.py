@@ -1,0 +1,177 @@
+"""Tier 1: the LRU slot cache and the local backend's tiers on scripted access sequences."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offload_rt.experts import ExpertStore, LocalExpertBackend, SlotCache
+from offload_rt.model import ExpertKey, expert_ffn
+
+D, F = 16, 24
+
+
+class FakeSource:
+    """Random experts held in memory, with a log of every read."""
+
+    def __init__(self, layers: int = 2, experts: int = 8, fail: set | None = None) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.weights = {
+            ExpertKey(layer, e): {
+                "w1": torch.randn(F, D, generator=gen),
+                "w2": torch.randn(D, F, generator=gen),
+                "w3": torch.randn(F, D, generator=gen),
+            }
+            for layer in range(layers)
+            for e in range(experts)
+        }
+        self.reads: list[ExpertKey] = []
+        self.fail = fail or set()
+
+    def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        key = ExpertKey(layer, expert)
+        if key in self.fail:
+            raise OSError(f"disk error reading {key}")
+        self.reads.append(key)
+        return self.weights[key]
+
+
+def make_backend(source: FakeSource, capacity: int, host: int | None = 0) -> LocalExpertBackend:
+    store = ExpertStore(source, D, F, torch.device("cpu"), torch.float32, capacity, host)
+    return LocalExpertBackend(store, SlotCache(capacity))
+
+
+def reference(source: FakeSource, key: ExpertKey, x: torch.Tensor) -> torch.Tensor:
+    w = source.weights[key]
+    return torch.nn.functional.linear(
+        torch.nn.functional.silu(x @ w["w1"].T) * (x @ w["w3"].T), w["w2"]
+    )
+
+
+def keys(*experts: int, layer: int = 0) -> list[ExpertKey]:
+    return [ExpertKey(layer, e) for e in experts]
+
+
+def test_lru_counts_on_a_scripted_sequence():
+    cache = SlotCache(2)
+    a, b, c = keys(0, 1, 2)
+    for key in (a, b, a, c, b, a):
+        if cache.lookup(key) is None:
+            assert cache.acquire(key, pinned=set()) is not None
+    # a miss, b miss, a hit, c miss (evicts b), b miss (evicts a), a miss (evicts c)
+    s = cache.stats
+    assert (s.hits, s.misses, s.evictions, s.resident, s.resident_max) == (1, 5, 3, 2, 2)
+    assert cache.resident_keys() == [b, a]
+
+
+def test_pinned_experts_are_never_evicted():
+    cache = SlotCache(2)
+    a, b, c = keys(0, 1, 2)
+    cache.acquire(a, set())
+    cache.acquire(b, set())
+    assert cache.acquire(c, pinned={a, b}) is None
+    assert cache.acquire(c, pinned={a}) is not None
+    assert cache.resident_keys() == [a, c]
+
+
+def test_capacity_must_be_positive():
+    with pytest.raises(ValueError, match="at least 1"):
+        SlotCache(0)
+
+
+@pytest.mark.parametrize("capacity", [1, 2, 3, 8])
+def test_backend_outputs_equal_direct_computation(capacity):
+    source = FakeSource()
+    backend = make_backend(source, capacity)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(6):
+        chosen = keys(*sorted({(step * 3) % 8, (step * 5 + 1) % 8, 7}), layer=step % 2)
+        groups = {k: torch.randn(3, D, generator=gen) for k in chosen}
+        out = backend.run(groups)
+        for k in chosen:
+            torch.testing.assert_close(out[k], reference(source, k, groups[k]))
+        assert backend.cache.stats.resident <= capacity
+    assert backend.stats()["resident_max"] <= capacity
+    backend.close()
+
+
+def test_backend_counts_on_scripted_layer_calls():
+    source = FakeSource()
+    backend = make_backend(source, capacity=3)
+    x = torch.ones(1, D)
+    script = [(0, 1), (1, 2), (0, 3), (0, 1), (4, 5)]
+    for experts in script:
+        backend.run({k: x for k in keys(*experts)})
+    s = backend.stats()
+    # LRU order, oldest first: (0,1) misses -> [0,1]; (1,2) hit 1, miss 2 -> [0,1,2];
+    # (0,3) hit 0, 3 evicts 1 -> [2,0,3]; (0,1) hit 0, 1 evicts 2 -> [3,0,1];
+    # (4,5) 4 evicts 3, 5 evicts 0 -> [1,4,5]
+    assert (s["hits"], s["misses"], s["evictions"]) == (3, 7, 4)
+    assert s["bytes_loaded"] == 7 * 3 * D * F * 4
+    assert source.reads == keys(0, 1, 2, 3, 1, 4, 5)
+    backend.close()
+
+
+def test_a_call_needing_more_experts_than_slots_still_completes():
+    source = FakeSource()
+    backend = make_backend(source, capacity=1)
+    x = torch.randn(2, D)
+    chosen = keys(0, 3, 5, 6)
+    out = backend.run({k: x for k in chosen})
+    for k in chosen:
+        torch.testing.assert_close(out[k], reference(source, k, x))
+    s = backend.stats()
+    assert (s["misses"], s["evictions"], s["resident_max"]) == (4, 3, 1)
+
+
+def test_resident_experts_run_before_missing_ones_load():
+    source = FakeSource()
+    backend = make_backend(source, capacity=4)
+    x = torch.ones(1, D)
+    backend.run({k: x for k in keys(2, 6)})
+    order: list[ExpertKey] = []
+    compute = backend._compute
+    backend._compute = lambda key, inp: order.append(key) or compute(key, inp)
+    backend.run({k: x for k in keys(0, 2, 5, 6)})
+    assert order == keys(2, 6, 0, 5)
+
+
+def test_host_tier_serves_reloads_without_touching_disk():
+    source = FakeSource()
+    backend = make_backend(source, capacity=1, host=None)
+    x = torch.randn(1, D)
+    for e in (0, 1, 0, 1):
+        out = backend.run({ExpertKey(0, e): x})
+        torch.testing.assert_close(out[ExpertKey(0, e)], reference(source, ExpertKey(0, e), x))
+    assert source.reads == keys(0, 1)  # the second round came from host RAM
+    assert backend.stats()["host_resident"] == 2
+    assert backend.stats()["misses"] == 4
+
+
+def test_host_tier_capacity_is_an_lru_too():
+    source = FakeSource()
+    backend = make_backend(source, capacity=1, host=1)
+    x = torch.randn(1, D)
+    for e in (0, 1, 0):
+        backend.run({ExpertKey(0, e): x})
+    assert source.reads == keys(0, 1, 0)
+    assert backend.stats()["host_resident"] == 1
+
+
+def test_a_failed_load_leaves_no_half_loaded_expert():
+    source = FakeSource(fail={ExpertKey(0, 3)})
+    backend = make_backend(source, capacity=2)
+    x = torch.randn(1, D)
+    with pytest.raises(OSError, match="layer 0 expert 3"):
+        backend.run({k: x for k in keys(1, 3)})
+    assert ExpertKey(0, 3) not in backend.cache
+    source.fail.clear()
+    out = backend.run({k: x for k in keys(1, 3)})
+    torch.testing.assert_close(out[ExpertKey(0, 3)], reference(source, ExpertKey(0, 3), x))
+
+
+def test_expert_ffn_matches_separate_projections():
+    w = FakeSource().weights[ExpertKey(0, 0)]
+    x = torch.randn(5, D)
+    w13 = torch.cat([w["w1"], w["w3"]])
+    torch.testing.assert_close(expert_ffn(x, w13, w["w2"]), reference(FakeSource(), ExpertKey(0, 0), x))
