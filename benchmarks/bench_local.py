@@ -21,6 +21,7 @@ Run from the repository root: `python benchmarks/bench_local.py` (about 3 minute
 from __future__ import annotations
 
 import argparse
+import inspect
 import shutil
 import statistics
 import time
@@ -108,17 +109,20 @@ def make_prompts(count: int, vocab: int) -> list[list[int]]:
 
 
 def hf_runner(model: torch.nn.Module) -> Runner:
+    # transformers 5.2x renamed `past_key_values` to `cache`; older 5.x knows only the former
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
     @torch.inference_mode()
     def run(prompts: list[list[int]], steps: int) -> DecodeRun:
         out = model(input_ids=torch.tensor(prompts), use_cache=True, logits_to_keep=1)
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        cache, logits = out[key], out.logits[:, -1]
         tokens: list[list[int]] = []
         start = time.perf_counter()
         for _ in range(steps):
             nxt = logits.argmax(-1)  # (B,)
             tokens.append(nxt.tolist())
-            out = model(input_ids=nxt[:, None], past_key_values=cache, use_cache=True)
-            cache, logits = out.past_key_values, out.logits[:, -1]
+            out = model(input_ids=nxt[:, None], use_cache=True, **{key: cache})
+            cache, logits = out[key], out.logits[:, -1]
         return DecodeRun(_by_row(tokens), time.perf_counter() - start, None)
 
     return run

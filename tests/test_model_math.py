@@ -1,0 +1,107 @@
+"""Tier 1: router and grouping properties, and the import layers of DESIGN.md."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from offload_rt.model import ExpertKey, route
+from offload_rt.model.moe import group_by_expert, moe_block
+
+PACKAGE = Path(__file__).resolve().parent.parent / "offload_rt"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 9), experts=st.integers(2, 10), k=st.integers(1, 4), seed=st.integers(0, 999)
+)
+def test_softmax_topk_renormalise_equals_topk_softmax(n, experts, k, seed):
+    k = min(k, experts)
+    gen = torch.Generator().manual_seed(seed)
+    x, router = torch.randn(n, 16, generator=gen), torch.randn(experts, 16, generator=gen)
+    weights, chosen = route(x, router, k)
+    logits = torch.nn.functional.linear(x, router).float()
+    top_logits, top_ids = torch.topk(logits, k, dim=-1)
+    assert torch.equal(chosen, top_ids)
+    torch.testing.assert_close(weights, torch.softmax(top_logits, dim=-1))
+    torch.testing.assert_close(weights.sum(-1), torch.ones(n))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 12), seed=st.integers(0, 999))
+def test_grouping_covers_every_token_choice_once(n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    chosen = torch.argsort(torch.rand(n, 8, generator=gen), dim=1)[:, :2]  # distinct per token
+    weights = torch.rand(n, 2, generator=gen)
+    routing = group_by_expert(3, weights, chosen)
+    assert routing.keys == sorted(routing.keys) and all(k.layer == 3 for k in routing.keys)
+    pairs = {
+        (int(r), k.expert, float(w))
+        for k, rows, ws in zip(routing.keys, routing.rows, routing.weights)
+        for r, w in zip(rows, ws)
+    }
+    want = {(t, int(chosen[t, j]), float(weights[t, j])) for t in range(n) for j in range(2)}
+    assert pairs == want
+
+
+class DenseBackend:
+    """Every expert computed from a dense tensor: the plainest possible backend."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        self.w = w  # (E, D, D): expert e is x @ w[e]
+        self.calls: list[list[ExpertKey]] = []
+
+    def run(self, groups):
+        self.calls.append(sorted(groups))
+        return {k: x @ self.w[k.expert] for k, x in groups.items()}
+
+
+def test_moe_block_is_the_weighted_sum_of_each_tokens_experts():
+    gen = torch.Generator().manual_seed(0)
+    x, router = torch.randn(5, 8, generator=gen), torch.randn(4, 8, generator=gen)
+    backend = DenseBackend(torch.randn(4, 8, 8, generator=gen))
+    out = moe_block(x, router, 2, layer=1, backend=backend)
+    weights, chosen = route(x, router, 2)
+    for t in range(5):
+        want = sum(weights[t, j] * (x[t] @ backend.w[chosen[t, j]]) for j in range(2))
+        torch.testing.assert_close(out[t], want)
+    assert len(backend.calls) == 1  # one backend call per layer, with every group in it
+
+
+LAYERS = {  # module -> the offload_rt modules it may import (DESIGN.md's table)
+    "config": set(),
+    "checkpoint": {"config"},
+    "model": {"config", "model"},
+    "experts": {"checkpoint", "model", "experts"},
+    "engine": {"config", "checkpoint", "model", "experts", "engine"},
+    "demo": {"config", "checkpoint"},
+}
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        found |= {n.split(".")[1] for n in names if n.startswith("offload_rt.")}
+    return found
+
+
+def test_imports_follow_the_layers():
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE)
+        top = rel.parts[0].removesuffix(".py")
+        if top in ("__init__", "cli"):
+            continue
+        allowed = LAYERS[top]
+        bad = _imports(path) - allowed
+        assert not bad, f"{rel} imports {sorted(bad)}; its layer may import {sorted(allowed)}"
+        if top in ("model", "config", "checkpoint"):
+            assert "ray" not in path.read_text(), f"{rel} must not use ray"
