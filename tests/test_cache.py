@@ -174,4 +174,6 @@ def test_expert_ffn_matches_separate_projections():
     w = FakeSource().weights[ExpertKey(0, 0)]
     x = torch.randn(5, D)
     w13 = torch.cat([w["w1"], w["w3"]])
-    torch.testing.assert_close(expert_ffn(x, w13, w["w2"]), reference(FakeSource(), ExpertKey(0, 0), x))
+    torch.testing.assert_close(
+        expert_ffn(x, w13, w["w2"]), reference(FakeSource(), ExpertKey(0, 0), x)
+    )

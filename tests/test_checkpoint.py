@@ -144,20 +144,38 @@ def test_config_reads_real_mixtral_fields():
     # the flat layout of Mixtral-8x7B's own config.json (rope_theta at top level, torch_dtype)
     cfg = ModelConfig.from_dict(
         {
-            "model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096,
-            "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-            "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
-            "rms_norm_eps": 1e-5, "rope_theta": 1e6, "max_position_embeddings": 32768,
-            "sliding_window": None, "tie_word_embeddings": False, "bos_token_id": 1,
-            "eos_token_id": 2, "torch_dtype": "bfloat16",
+            "model_type": "mixtral",
+            "vocab_size": 32000,
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "num_local_experts": 8,
+            "num_experts_per_tok": 2,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 1e6,
+            "max_position_embeddings": 32768,
+            "sliding_window": None,
+            "tie_word_embeddings": False,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "torch_dtype": "bfloat16",
         }
     )
     assert cfg.head_dim == 128
     assert cfg.rope_theta == 1e6 and cfg.dtype == "bfloat16" and cfg.eos_token_ids == (2,)
     assert cfg.expert_numel * 2 * cfg.num_experts_total / 1e9 == pytest.approx(90.2, rel=0.01)
     with pytest.raises(ConfigError, match="'eos_token_id'"):
-        ModelConfig.from_dict({**TINY, "model_type": "mixtral", "rms_norm_eps": 1e-5,
-                               "rope_theta": 1e4, "eos_token_id": "x"})
+        ModelConfig.from_dict(
+            {
+                **TINY,
+                "model_type": "mixtral",
+                "rms_norm_eps": 1e-5,
+                "rope_theta": 1e4,
+                "eos_token_id": "x",
+            }
+        )
 
 
 def test_load_rejects_bad_arguments(single):

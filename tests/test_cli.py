@@ -31,8 +31,16 @@ def test_demo_makes_its_checkpoint_once_and_generates(tmp_path):
 def test_generate_takes_a_model_dir_and_options(reference):
     folder, _ = reference
     out = offload_rt(
-        "generate", str(folder), "--token-ids", "1,5,9", "--max-new-tokens", "6",
-        "--cache-experts", "3", "--dtype", "float32",
+        "generate",
+        str(folder),
+        "--token-ids",
+        "1,5,9",
+        "--max-new-tokens",
+        "6",
+        "--cache-experts",
+        "3",
+        "--dtype",
+        "float32",
     )
     assert out.returncode == 0, out.stderr
     assert "tokens: 6 new" in out.stdout

@@ -23,9 +23,12 @@ def reference_greedy(hf, prompt: list[int], n: int) -> list[int]:
     eos = hf.config.eos_token_id
     with torch.no_grad():
         out = hf.generate(
-            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=eos,
+            torch.tensor([prompt]),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=eos,
             pad_token_id=0,
-        )[0, len(prompt):].tolist()
+        )[0, len(prompt) :].tolist()
     return out[: out.index(eos) + 1] if eos in out else out
 
 

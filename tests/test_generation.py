@@ -47,8 +47,14 @@ def test_sampled_batch_rows_equal_their_solo_runs(model):
 
 def test_top_k_one_and_tiny_top_p_are_greedy(model):
     greedy = model.generate(PROMPT, max_new_tokens=10).token_ids
-    assert model.generate(PROMPT, max_new_tokens=10, temperature=2.0, top_k=1, seed=1).token_ids == greedy
-    assert model.generate(PROMPT, max_new_tokens=10, temperature=2.0, top_p=1e-6, seed=1).token_ids == greedy
+    assert (
+        model.generate(PROMPT, max_new_tokens=10, temperature=2.0, top_k=1, seed=1).token_ids
+        == greedy
+    )
+    assert (
+        model.generate(PROMPT, max_new_tokens=10, temperature=2.0, top_p=1e-6, seed=1).token_ids
+        == greedy
+    )
 
 
 def test_top_p_keeps_the_smallest_nucleus():

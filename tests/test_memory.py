@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from offload_rt.demo import byte_level_tokenizer, demo_config_dict
 from offload_rt.checkpoint import write_checkpoint
+from offload_rt.demo import byte_level_tokenizer, demo_config_dict
 
 MEASURE = textwrap.dedent(
     """

@@ -1,0 +1,44 @@
+"""Tier 5: the CUDA paths (pinned host tier, load stream, device slots). Skipped without CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import offload_rt
+from tests.test_exactness import PROMPTS, reference_greedy
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("cache_experts, host_experts", [(None, None), (3, None), (1, 2), (5, 0)])
+def test_cuda_matches_the_reference(reference, cache_experts, host_experts):
+    folder, hf = reference
+    with offload_rt.load(
+        folder, device="cuda", cache_experts=cache_experts, host_experts=host_experts
+    ) as model:
+        assert model.device.type == "cuda"
+        with torch.no_grad():
+            ref = hf(torch.tensor([PROMPTS[0]])).logits[0]
+        assert (model.logits(PROMPTS[0]).cpu() - ref).abs().max().item() <= 1e-4
+        got = [r.token_ids for r in model.generate(PROMPTS, max_new_tokens=32)]
+        stats = model.stats()
+    assert got == [reference_greedy(hf, p, 32) for p in PROMPTS]
+    if cache_experts is not None:
+        assert stats["resident_max"] <= cache_experts
+        assert stats["evictions"] > 0
+
+
+def test_cuda_host_tier_is_pinned(reference):
+    with offload_rt.load(reference[0], device="cuda", cache_experts=2) as model:
+        model.generate(PROMPTS[0], max_new_tokens=4)
+        store = model.backend.store
+        assert store.host_resident() > 0
+        assert all(buf.is_pinned() for buf in store._host.values())
+        assert store.pool.device.type == "cuda"
+
+
+def test_cuda_bfloat16_runs(reference):
+    with offload_rt.load(reference[0], device="cuda", dtype="bfloat16", cache_experts=4) as m:
+        r = m.generate(PROMPTS[1], max_new_tokens=8)
+    assert len(r.token_ids) >= 1
