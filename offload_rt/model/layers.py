@@ -36,16 +36,21 @@ class RopeTables:
         emb = torch.cat((freqs, freqs), dim=-1)  # (P, Hd)
         return cls(emb.cos(), emb.sin())
 
+    def at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin at `positions` (B, T), shaped (B, 1, T, Hd) to broadcast over heads."""
+        return (
+            self.cos[positions].unsqueeze(1).to(dtype),
+            self.sin[positions].unsqueeze(1).to(dtype),
+        )
+
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, rope: RopeTables, positions: torch.Tensor) -> torch.Tensor:
-    """x: (B, heads, T, Hd); positions: (B, T)."""
-    cos = rope.cos[positions].unsqueeze(1).to(x.dtype)  # (B, 1, T, Hd)
-    sin = rope.sin[positions].unsqueeze(1).to(x.dtype)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, heads, T, Hd); cos, sin: (B, 1, T, Hd) from `RopeTables.at`."""
     return x * cos + _rotate_half(x) * sin
 
 
@@ -113,22 +118,23 @@ def attention(
     w: AttentionWeights,
     heads: int,
     kv_heads: int,
-    rope: RopeTables,
+    rope: tuple[torch.Tensor, torch.Tensor],
     positions: torch.Tensor,
     cache: KVCache,
     layer: int,
     kv_len: int,
     mask: torch.Tensor,
 ) -> torch.Tensor:
-    """x: (B, T, D) -> (B, T, D). Writes this step's keys/values into the cache first."""
+    """x: (B, T, D) -> (B, T, D). Writes this step's keys/values into the cache first.
+    rope: cos, sin at `positions`, from `RopeTables.at`."""
     b, t, _ = x.shape
     hd = w.wq.shape[0] // heads
     g = heads // kv_heads
     q = F.linear(x, w.wq).view(b, t, heads, hd).transpose(1, 2)  # (B, H, T, Hd)
     k = F.linear(x, w.wk).view(b, t, kv_heads, hd).transpose(1, 2)  # (B, K, T, Hd)
     v = F.linear(x, w.wv).view(b, t, kv_heads, hd).transpose(1, 2)
-    q = apply_rope(q, rope, positions)
-    k = apply_rope(k, rope, positions)
+    q = apply_rope(q, *rope)
+    k = apply_rope(k, *rope)
     cache.write(layer, positions, k, v)
     keys = cache.keys[layer][:, :, :kv_len]  # (B, K, S, Hd)
     values = cache.values[layer][:, :, :kv_len]

@@ -80,6 +80,7 @@ class MixtralModel:
         c = self.cfg
         h = F.embedding(tokens, self.weights.embed)  # (B, T, D)
         mask = attention_mask(positions, kv_len, c.sliding_window)
+        rope = self.rope.at(positions, h.dtype)  # shared by every layer
         live = None if token_mask is None or bool(token_mask.all()) else token_mask.reshape(-1)
         for i, lw in enumerate(self.weights.layers):
             a = rms_norm(h, lw.input_norm, c.rms_norm_eps)
@@ -88,7 +89,7 @@ class MixtralModel:
                 lw.attn,
                 c.num_attention_heads,
                 c.num_key_value_heads,
-                self.rope,
+                rope,
                 positions,
                 cache,
                 i,
