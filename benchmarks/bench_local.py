@@ -1,7 +1,8 @@
 """Decode throughput of the local backend against transformers, and against the bandwidth bound.
 
 Measures greedy decode tokens/s (decode steps only; prefill and a warm-up run are not timed) of
-  (a) transformers' `MixtralForCausalLM` (eager forward, its own DynamicCache),
+  (a) transformers' `MixtralForCausalLM` (uncompiled forward with its default attention and
+      experts kernels, named in the output; its own DynamicCache),
   (b) offload_rt's local backend on the CPU with every expert resident,
   (c) offload_rt with `cache_experts` a quarter of all experts (LRU hits and misses reported),
 at batch 1 and batch 8, on one random Mixtral checkpoint (hidden 1024, 8 layers, 8 experts,
@@ -11,8 +12,9 @@ is the median over repeats.
 
 The batch-1 bound: bytes of weights one decode token reads (attention, norms, router, 2 experts
 per layer, lm_head, one embedding row) divided by the bandwidth of a matrix-vector product
-(`F.linear` of a (1, K) vector with 256 MiB fp32 matrices, best of several). The matrices are
-cycled over 1 GiB so each is read from DRAM, as decode weights are, and not from a large L3.
+(`F.linear` of a (1, K) vector with four 256 MiB fp32 matrices in turn: 1 GiB per pass, best
+of 5 passes, measured before and after the decode runs and the better taken). Cycling over
+1 GiB reads each matrix from DRAM, as decode weights are, and not from a large L3 cache.
 
 Run from the repository root: `python benchmarks/bench_local.py` (about 3 minutes on 2 cores);
 `--quick` runs a 2-layer model with few steps as a smoke test.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import shutil
 import statistics
 import time
@@ -31,6 +34,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import MixtralConfig, MixtralForCausalLM
+from transformers.utils import logging as hf_logging
 
 import offload_rt
 from offload_rt import ExpertKey, ModelConfig, OffloadModel
@@ -88,8 +93,6 @@ def parse_options() -> Options:
 def checkpoint(workdir: Path, layers: int) -> Path:
     """The random checkpoint folder, written on first use (to a temporary name, then renamed,
     so an interrupted build is never reused)."""
-    from transformers import MixtralConfig, MixtralForCausalLM
-
     folder = workdir / f"mixtral-d{MODEL['hidden_size']}-l{layers}-e{MODEL['num_local_experts']}"
     if (folder / "config.json").is_file():
         return folder
@@ -179,19 +182,21 @@ def tokens_per_s(runs: list[DecodeRun]) -> float:
     return statistics.median(len(r.tokens) * len(r.tokens[0]) / r.seconds for r in runs)
 
 
-def matvec_bandwidth(matrix_mib: int = 256, total_mib: int = 1024, rounds: int = 4) -> float:
-    """Bytes/s of F.linear((1, K) vector, (N, K) fp32 matrix), best over every matrix read."""
+def matvec_bandwidth(matrix_mib: int = 256, total_mib: int = 1024, passes: int = 5) -> float:
+    """Bytes/s of F.linear((1, K) vector, (N, K) fp32 matrix), best of `passes` passes, each
+    over every matrix: a pass reads about as much as one decode token, and a matrix is read
+    again only after the others have flushed it from the cache."""
     k = 4096
     n = matrix_mib * MIB // (4 * k)
     mats = [torch.randn(n, k) for _ in range(total_mib // matrix_mib)]
     x = torch.randn(1, k)
     best = float("inf")
-    for _ in range(rounds):
-        for w in mats:  # the others pass through the cache between two reads of `w`
-            start = time.perf_counter()
+    for _ in range(passes):
+        start = time.perf_counter()
+        for w in mats:
             F.linear(x, w)
-            best = min(best, time.perf_counter() - start)
-    return matrix_mib * MIB / best
+        best = min(best, time.perf_counter() - start)
+    return len(mats) * matrix_mib * MIB / best
 
 
 def token_bytes(cfg: ModelConfig, itemsize: int) -> int:
@@ -208,8 +213,6 @@ def bench_full(
     folder: Path, prompts: list[list[int]], opts: Options
 ) -> dict[int, dict[str, list[DecodeRun]]]:
     """transformers and offload_rt (all experts resident), alternating, at each batch size."""
-    from transformers import MixtralForCausalLM
-
     hf = MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     print(
         f"transformers: attention {hf.config._attn_implementation}, "
@@ -283,26 +286,29 @@ def check_tokens(full: dict[int, dict[str, list[DecodeRun]]]) -> None:
 
 def main() -> None:
     opts = parse_options()
+    hf_logging.disable_progress_bar()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        f"{opts.steps} decode steps after a {PROMPT_LEN}-token prompt, {opts.repeats} repeats"
+        f"{opts.steps} decode steps after a {PROMPT_LEN}-token prompt, {opts.repeats} repeats; "
+        f"load average {os.getloadavg()[0]:.2f} (other work on the machine skews every figure)"
     )
     folder = checkpoint(opts.workdir, opts.layers)
     cfg = ModelConfig.from_folder(folder)
     prompts = make_prompts(max(BATCHES), cfg.vocab_size)
 
-    bandwidth = matvec_bandwidth()
-    nbytes = token_bytes(cfg, itemsize=4)
-    bound = bandwidth / nbytes
-    print(
-        f"matrix-vector bandwidth {bandwidth / 1e9:.2f} GB/s; one batch-1 token reads "
-        f"{nbytes / MIB:.1f} MiB of weights -> bound {bound:.2f} tokens/s",
-        flush=True,
-    )
-
+    before = matvec_bandwidth()
     full = bench_full(folder, prompts, opts)
     capacity = cfg.num_experts_total // 4
     quarter = bench_quarter(folder, prompts, opts, capacity)
+    after = matvec_bandwidth()
+    nbytes = token_bytes(cfg, itemsize=4)
+    bound = max(before, after) / nbytes
+    print(
+        f"\nmatrix-vector bandwidth {before / 1e9:.2f} GB/s before the runs, "
+        f"{after / 1e9:.2f} GB/s after; one batch-1 token reads {nbytes / MIB:.1f} MiB "
+        f"of weights -> bound {bound:.2f} tokens/s (at the better bandwidth)"
+    )
+    print(f"load average {os.getloadavg()[0]:.2f} at the end (this run adds about its threads)")
     check_tokens(full)
     report(full, quarter, bound, capacity, cfg.num_experts_total)
 
