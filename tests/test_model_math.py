@@ -77,7 +77,8 @@ LAYERS = {  # module -> the offload_rt modules it may import (DESIGN.md's table)
     "checkpoint": {"config"},
     "model": {"config", "model"},
     "experts": {"checkpoint", "model", "experts"},
-    "engine": {"config", "checkpoint", "model", "experts", "engine"},
+    "distributed": {"config", "checkpoint", "experts", "model", "distributed"},
+    "engine": {"config", "checkpoint", "model", "experts", "distributed", "engine"},
     "demo": {"config", "checkpoint"},
 }
 

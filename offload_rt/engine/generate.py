@@ -50,6 +50,7 @@ class BatchDecoder:
             self.cache,
             kv_len=width,
             token_mask=None if bool(mask.all()) else mask.to(self.device),
+            start=0,
         )
         last = hidden[torch.arange(len(self.prompts)), lengths.to(self.device) - 1]  # (B, D)
         return self.model.logits(last)
@@ -65,6 +66,7 @@ class BatchDecoder:
             self.cache,
             kv_len=kv_len,
             token_mask=None if all(live) else torch.tensor(live, device=self.device)[:, None],
+            start=positions[0] if len(set(positions)) == 1 else None,
         )
         self.lengths = [n + 1 if ok else n for n, ok in zip(self.lengths, live)]
         return self.model.logits(hidden[:, 0])

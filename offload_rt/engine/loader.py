@@ -52,12 +52,8 @@ def load_dense(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> De
     layers = []
     for i in range(ckpt.config.num_hidden_layers):
         p = f"model.layers.{i}."
-        attn = AttentionWeights(
-            wq=get(p + "self_attn.q_proj.weight"),
-            wk=get(p + "self_attn.k_proj.weight"),
-            wv=get(p + "self_attn.v_proj.weight"),
-            wo=get(p + "self_attn.o_proj.weight"),
-        )
+        qkv = [get(p + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")]
+        attn = AttentionWeights(wqkv=torch.cat(qkv), wo=get(p + "self_attn.o_proj.weight"))
         layers.append(
             LayerWeights(
                 input_norm=get(p + "input_layernorm.weight"),

@@ -70,6 +70,7 @@ class OffloadModel:
                 torch.arange(len(ids), device=self.device)[None],
                 self.model.new_cache(1, len(ids)),
                 kv_len=len(ids),
+                start=0,
             )
             return self.model.logits(hidden[0])
 

@@ -48,15 +48,18 @@ class ExpertStore:
         self.numel = 3 * hidden * intermediate
         self.nbytes = self.numel * dtype.itemsize
         self.pool = _allocate_pool(capacity, self.numel, device, dtype)  # (capacity, 3FD)
+        f, d = intermediate, hidden
+        # per slot: w13 (2F, D) and w2 (D, F) views, made once rather than on every use
+        self._views = [
+            (buf[: 2 * f * d].view(2 * f, d), buf[2 * f * d :].view(d, f)) for buf in self.pool
+        ]
         self.host_capacity = host_capacity  # None: unbounded; 0: no host tier
         self._host: OrderedDict[ExpertKey, torch.Tensor] = OrderedDict()
         self._pin = device.type == "cuda"
 
     def weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of one slot: w13 (2F, D) and w2 (D, F)."""
-        f, d = self.intermediate, self.hidden
-        buf = self.pool[slot]
-        return buf[: 2 * f * d].view(2 * f, d), buf[2 * f * d :].view(d, f)
+        return self._views[slot]
 
     def load(self, key: ExpertKey, slot: int) -> None:
         """Bring `key` into device slot `slot` (called from the loader thread)."""

@@ -86,30 +86,46 @@ class KVCache:
     def max_len(self) -> int:
         return self.keys[0].shape[2]
 
-    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: (B, K, T, Hd) for the tokens at `positions` (B, T)."""
+    def write(
+        self,
+        layer: int,
+        positions: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        start: int | None,
+    ) -> None:
+        """k, v: (B, K, T, Hd) for the tokens at `positions` (B, T). `start`: when every row
+        holds positions start .. start+T-1, one slice copy instead of a scatter."""
+        t = k.shape[2]
+        if start is not None:
+            self.keys[layer][:, :, start : start + t] = k
+            self.values[layer][:, :, start : start + t] = v
+            return
         rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
         self.keys[layer][rows, :, positions] = k.transpose(1, 2)
         self.values[layer][rows, :, positions] = v.transpose(1, 2)
 
 
 def attention_mask(
-    positions: torch.Tensor, kv_len: int, sliding_window: int | None
-) -> torch.Tensor:
-    """(B, 1, 1, T, S) True where the query at positions[b, t] may see key position s."""
+    positions: torch.Tensor, kv_len: int, sliding_window: int | None, start: int | None
+) -> torch.Tensor | None:
+    """(B, 1, T, S) True where the query at positions[b, t] may see key position s; None when
+    it may see every key, as in a decode step of rows all at position kv_len - 1."""
+    t = positions.shape[1]
+    window_open = sliding_window is None or kv_len <= sliding_window
+    if start is not None and t == 1 and start == kv_len - 1 and window_open:
+        return None
     keys = torch.arange(kv_len, device=positions.device)  # (S,)
     q = positions[:, :, None]  # (B, T, 1)
     mask = keys[None, None, :] <= q
     if sliding_window is not None:
         mask &= q - keys[None, None, :] < sliding_window
-    return mask[:, None, None]
+    return mask[:, None]
 
 
 @dataclass(frozen=True)
 class AttentionWeights:
-    wq: torch.Tensor  # (H * Hd, D)
-    wk: torch.Tensor  # (K * Hd, D)
-    wv: torch.Tensor  # (K * Hd, D)
+    wqkv: torch.Tensor  # (H * Hd + 2 * K * Hd, D): q, k and v projections stacked, one matmul
     wo: torch.Tensor  # (D, H * Hd)
 
 
@@ -123,27 +139,21 @@ def attention(
     cache: KVCache,
     layer: int,
     kv_len: int,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
+    start: int | None,
 ) -> torch.Tensor:
     """x: (B, T, D) -> (B, T, D). Writes this step's keys/values into the cache first.
-    rope: cos, sin at `positions`, from `RopeTables.at`."""
+    rope: cos, sin at `positions`, from `RopeTables.at`; mask from `attention_mask`."""
     b, t, _ = x.shape
-    hd = w.wq.shape[0] // heads
-    g = heads // kv_heads
-    q = F.linear(x, w.wq).view(b, t, heads, hd).transpose(1, 2)  # (B, H, T, Hd)
-    k = F.linear(x, w.wk).view(b, t, kv_heads, hd).transpose(1, 2)  # (B, K, T, Hd)
-    v = F.linear(x, w.wv).view(b, t, kv_heads, hd).transpose(1, 2)
-    q = apply_rope(q, *rope)
-    k = apply_rope(k, *rope)
-    cache.write(layer, positions, k, v)
+    hd = w.wo.shape[1] // heads
+    qkv = F.linear(x, w.wqkv).view(b, t, heads + 2 * kv_heads, hd).transpose(1, 2)
+    # rotate q and k in one go: (B, H + K, T, Hd)
+    qk = apply_rope(qkv[:, : heads + kv_heads], *rope)
+    q, k = qk.split([heads, kv_heads], dim=1)
+    v = qkv[:, heads + kv_heads :]  # (B, K, T, Hd)
+    cache.write(layer, positions, k, v, start)
     keys = cache.keys[layer][:, :, :kv_len]  # (B, K, S, Hd)
     values = cache.values[layer][:, :, :kv_len]
-    # each key/value head serves G consecutive query heads: fold them into the query axis
-    # instead of repeating keys and values G times
-    q = q.reshape(b, kv_heads, g * t, hd)
-    scores = torch.matmul(q, keys.transpose(2, 3)) * hd**-0.5  # (B, K, G*T, S)
-    scores = scores.view(b, kv_heads, g, t, kv_len).masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(probs.view(b, kv_heads, g * t, kv_len), values)  # (B, K, G*T, Hd)
-    out = out.view(b, heads, t, hd).transpose(1, 2).reshape(b, t, heads * hd)
-    return F.linear(out, w.wo)
+    # each key/value head serves H / K consecutive query heads, as the reference's repeat_kv
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+    return F.linear(out.transpose(1, 2).reshape(b, t, heads * hd), w.wo)

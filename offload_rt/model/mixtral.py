@@ -70,16 +70,19 @@ class MixtralModel:
         cache: KVCache,
         kv_len: int,
         token_mask: torch.Tensor | None = None,
+        start: int | None = None,
     ) -> torch.Tensor:
         """tokens, positions: (B, T); returns the final-normed hidden states (B, T, D).
 
         kv_len: one past the largest position (the caller knows it without a device sync).
         token_mask: (B, T) bool, False for padding and finished rows: their tokens still pass
         through attention (cheap) but are never sent to an expert.
+        start: given when every row holds positions start .. start+T-1 (a prefill from 0, a
+        decode step of rows of one length), which makes cache writes and masks cheaper.
         """
         c = self.cfg
         h = F.embedding(tokens, self.weights.embed)  # (B, T, D)
-        mask = attention_mask(positions, kv_len, c.sliding_window)
+        mask = attention_mask(positions, kv_len, c.sliding_window, start)
         rope = self.rope.at(positions, h.dtype)  # shared by every layer
         live = None if token_mask is None or bool(token_mask.all()) else token_mask.reshape(-1)
         for i, lw in enumerate(self.weights.layers):
@@ -95,6 +98,7 @@ class MixtralModel:
                 i,
                 kv_len,
                 mask,
+                start,
             )
             m = rms_norm(h, lw.post_attn_norm, c.rms_norm_eps).reshape(-1, c.hidden_size)
             h = h + self._moe(m, lw.router, i, live).view_as(h)

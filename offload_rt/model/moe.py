@@ -75,10 +75,26 @@ def moe_block(
 ) -> torch.Tensor:
     """x: (N, D) -> (N, D): the weighted sum of each token's top-k experts."""
     weights, experts = route(x, router, top_k)
+    if x.shape[0] == 1:
+        return _single_token(x, weights[0].tolist(), experts[0].tolist(), layer, backend)
     routing = group_by_expert(layer, weights, experts)
     outputs = backend.run({key: x[rows] for key, rows in zip(routing.keys, routing.rows)})
     out = torch.zeros_like(x)
     # ascending expert order, as the reference sums them
     for key, rows, w in zip(routing.keys, routing.rows, routing.weights):
         out.index_add_(0, rows, (outputs[key] * w[:, None]).to(x.dtype))
+    return out
+
+
+def _single_token(
+    x: torch.Tensor, weights: list[float], experts: list[int], layer: int, backend: ExpertBackend
+) -> torch.Tensor:
+    """The decode step of one sequence: no grouping, no scatter. The sum runs in ascending
+    expert order, each term rounded to x's dtype first, exactly as the general path's."""
+    pairs = sorted(zip(experts, weights))
+    outputs = backend.run({ExpertKey(layer, e): x for e, _ in pairs})
+    terms = [(outputs[ExpertKey(layer, e)] * w).to(x.dtype) for e, w in pairs]
+    out = terms[0]
+    for term in terms[1:]:
+        out = out + term
     return out

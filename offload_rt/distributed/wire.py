@@ -1,0 +1,288 @@
+"""Wire schema shared by the coordinator and the expert actors (issue 3).
+
+One message is a msgpack header followed by a tensor's raw bytes, as Petals does: msgpack for
+the structure, no pickling, and the element bytes copied as they are, so bfloat16 travels
+without a detour through numpy dtypes. The header is a map:
+
+    version  int               WIRE_VERSION; any other value is refused
+    kind     str               "request" | "response" | "tensor"
+    layer    int               decoder layer (request, response)
+    experts  [int, ...]        expert ids within the layer, one group each (request, response)
+    counts   [int, ...]        tokens in each group; they sum to shape[0] (request, response)
+    dtype    str               "float32" | "bfloat16" | "float16"
+    shape    [int, ...]        (N, D) for request and response; any rank for a bare tensor
+
+The tensor holds the groups concatenated in `experts` order: rows [0, counts[0]) belong to
+experts[0], and so on. Decoding treats the bytes as untrusted: sizes are bounded before
+anything is allocated, and every inconsistency raises `WireError` naming what is wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import torch
+
+from offload_rt.model.moe import ExpertKey
+
+WIRE_VERSION = 1
+MAX_HEADER_BYTES = 64 * 1024  # a header of 4096 experts is under 40 KiB
+MAX_GROUPS = 4096  # experts in one message; far above any MoE's experts per layer
+MAX_DIMS = 8  # rank of a bare tensor
+MAX_DIM_SIZE = 2**40  # one dimension; bounds the arithmetic on declared shapes
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+_KINDS = ("request", "response", "tensor")
+
+
+class WireError(ValueError):
+    """Bytes that are not a valid message of this wire version, or a message that cannot be sent."""
+
+
+@dataclass(frozen=True, eq=False)
+class ExpertRequest:
+    layer: int  # decoder layer of every expert in the request
+    experts: tuple[int, ...]  # expert ids within the layer, one token group each
+    counts: tuple[int, ...]  # tokens in each group, in `experts` order
+    hidden: torch.Tensor  # (N, D) the groups' hidden states concatenated, N = sum(counts)
+
+    @classmethod
+    def from_groups(cls, groups: Mapping[ExpertKey, torch.Tensor]) -> ExpertRequest:
+        return cls(*join_groups(groups))
+
+    def groups(self) -> dict[ExpertKey, torch.Tensor]:
+        """expert -> its tokens (n, D), views into `hidden`."""
+        return _keyed(self.layer, self.experts, split_groups(self.hidden, self.counts))
+
+
+@dataclass(frozen=True, eq=False)
+class ExpertResponse:
+    layer: int  # decoder layer, as in the request
+    experts: tuple[int, ...]  # expert ids, in the request's order
+    counts: tuple[int, ...]  # tokens in each group, as in the request
+    outputs: torch.Tensor  # (N, D) each group's expert output, concatenated
+
+    @classmethod
+    def from_groups(cls, groups: Mapping[ExpertKey, torch.Tensor]) -> ExpertResponse:
+        return cls(*join_groups(groups))
+
+    def groups(self) -> dict[ExpertKey, torch.Tensor]:
+        """expert -> its outputs (n, D), views into `outputs`."""
+        return _keyed(self.layer, self.experts, split_groups(self.outputs, self.counts))
+
+
+Message = ExpertRequest | ExpertResponse
+
+
+def join_groups(
+    groups: Mapping[ExpertKey, torch.Tensor],
+) -> tuple[int, tuple[int, ...], tuple[int, ...], torch.Tensor]:
+    """Groups of one layer -> (layer, expert ids, counts, tensor (N, D)), experts ascending."""
+    if not groups:
+        raise WireError("no expert groups to join: a message needs at least one expert")
+    keys = sorted(groups)
+    layers = {key.layer for key in keys}
+    if len(layers) != 1:
+        raise WireError(f"expert groups span layers {sorted(layers)}; a message carries one layer")
+    tensors = [groups[key] for key in keys]
+    counts = tuple(t.shape[0] for t in tensors)
+    return keys[0].layer, tuple(k.expert for k in keys), counts, torch.cat(tensors)  # (N, D)
+
+
+def split_groups(tensor: torch.Tensor, counts: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """(N, D) -> one view per group, (counts[i], D) each."""
+    if sum(counts) != tensor.shape[0]:
+        raise WireError(f"counts {list(counts)} sum to {sum(counts)}, tensor has {tensor.shape[0]}")
+    return tuple(tensor.split(list(counts)))
+
+
+def _keyed(layer: int, experts: tuple[int, ...], parts: tuple) -> dict[ExpertKey, torch.Tensor]:
+    return {ExpertKey(layer, e): part for e, part in zip(experts, parts)}
+
+
+# ---- encoding
+
+
+def encode(msg: Message) -> bytes:
+    kind = "request" if isinstance(msg, ExpertRequest) else "response"
+    tensor = msg.hidden if isinstance(msg, ExpertRequest) else msg.outputs
+    _check_groups(msg.layer, list(msg.experts), list(msg.counts), list(tensor.shape))
+    header = {"layer": msg.layer, "experts": list(msg.experts), "counts": list(msg.counts)}
+    return _encode(kind, header, tensor)
+
+
+def encode_tensor(tensor: torch.Tensor) -> bytes:
+    """A bare tensor of any rank up to MAX_DIMS (for weights or tests)."""
+    if tensor.dim() > MAX_DIMS:
+        raise WireError(f"tensor of rank {tensor.dim()} exceeds the wire's {MAX_DIMS} dimensions")
+    return _encode("tensor", {}, tensor)
+
+
+def _encode(kind: str, fields: dict[str, Any], tensor: torch.Tensor) -> bytes:
+    name = _DTYPE_NAMES.get(tensor.dtype)
+    if name is None:
+        raise WireError(f"dtype {tensor.dtype} cannot be sent; supported: {list(DTYPES)}")
+    header = {
+        "version": WIRE_VERSION,
+        "kind": kind,
+        **fields,
+        "dtype": name,
+        "shape": list(tensor.shape),
+    }
+    return msgpack.packb(header) + _tensor_bytes(tensor)
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    if tensor.numel() == 0:
+        return b""
+    # the uint8 view keeps bf16 bit patterns; numpy has no bfloat16 of its own
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+# ---- decoding
+
+
+def decode(data: bytes | bytearray | memoryview) -> Message:
+    header, payload = _split(data)
+    kind = header["kind"]
+    if kind == "tensor":
+        raise WireError("expected an expert request or response, got kind 'tensor'")
+    layer, experts, counts = _group_fields(header)
+    tensor = _tensor(header, payload)
+    cls = ExpertRequest if kind == "request" else ExpertResponse
+    return cls(layer, experts, counts, tensor)
+
+
+def decode_request(data: bytes | bytearray | memoryview) -> ExpertRequest:
+    return _expect(decode(data), ExpertRequest)
+
+
+def decode_response(data: bytes | bytearray | memoryview) -> ExpertResponse:
+    return _expect(decode(data), ExpertResponse)
+
+
+def decode_tensor(data: bytes | bytearray | memoryview) -> torch.Tensor:
+    header, payload = _split(data)
+    if header["kind"] != "tensor":
+        raise WireError(f"expected kind 'tensor', got {header['kind']!r}")
+    return _tensor(header, payload)
+
+
+def _expect(msg: Message, cls: type) -> Any:
+    if not isinstance(msg, cls):
+        want = "request" if cls is ExpertRequest else "response"
+        got = "request" if isinstance(msg, ExpertRequest) else "response"
+        raise WireError(f"expected kind {want!r}, got {got!r}")
+    return msg
+
+
+def _split(data: bytes | bytearray | memoryview) -> tuple[dict[str, Any], memoryview]:
+    """Bytes -> (checked header, payload view)."""
+    view = memoryview(data).cast("B")
+    unpacker = msgpack.Unpacker(
+        raw=False,
+        max_buffer_size=MAX_HEADER_BYTES,
+        max_str_len=64,
+        max_bin_len=0,
+        max_ext_len=0,
+        max_array_len=MAX_GROUPS,
+        max_map_len=16,
+    )
+    unpacker.feed(view[:MAX_HEADER_BYTES])
+    try:
+        header = unpacker.unpack()
+    except msgpack.OutOfData:
+        raise WireError(
+            f"header truncated or over {MAX_HEADER_BYTES} bytes (message is {len(view)} bytes)"
+        ) from None
+    except (msgpack.UnpackException, ValueError, TypeError) as e:
+        raise WireError(f"header is not valid msgpack within the wire's bounds: {e}") from None
+    _check_header(header)
+    return header, view[unpacker.tell() :]
+
+
+def _check_header(header: Any) -> None:
+    if not isinstance(header, dict):
+        raise WireError(f"header must be a map, got {type(header).__name__}")
+    if "version" not in header:
+        raise WireError(f"header has no 'version' field (keys {sorted(map(str, header))})")
+    version = header["version"]
+    if type(version) is not int or version != WIRE_VERSION:
+        raise WireError(
+            f"wire version {version!r} is not supported; this runtime speaks {WIRE_VERSION}"
+        )
+    if header.get("kind") not in _KINDS:
+        raise WireError(f"header kind {header.get('kind')!r} is not one of {list(_KINDS)}")
+
+
+def _group_fields(header: dict[str, Any]) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    layer = _field(header, "layer")
+    experts = _int_list(header, "experts")
+    counts = _int_list(header, "counts")
+    shape = _int_list(header, "shape")
+    _check_groups(layer, experts, counts, shape)
+    return layer, tuple(experts), tuple(counts)
+
+
+def _check_groups(layer: Any, experts: list, counts: list, shape: list) -> None:
+    if not _is_uint(layer):
+        raise WireError(f"layer must be a non-negative integer, got {layer!r}")
+    for name, values in (("experts", experts), ("counts", counts)):
+        bad = [v for v in values if not _is_uint(v)]
+        if bad:
+            raise WireError(f"{name} must be non-negative integers, got {bad[0]!r} in {values}")
+    if len(set(experts)) != len(experts):
+        raise WireError(f"expert ids repeat: {experts}")
+    if len(experts) != len(counts):
+        raise WireError(f"{len(experts)} experts but {len(counts)} counts ({experts}, {counts})")
+    if len(shape) != 2:
+        raise WireError(f"expert tensor must be (N, D), got shape {shape}")
+    if sum(counts) != shape[0]:
+        raise WireError(f"counts {counts} sum to {sum(counts)}, but the tensor has {shape[0]} rows")
+
+
+def _tensor(header: dict[str, Any], payload: memoryview) -> torch.Tensor:
+    name = _field(header, "dtype")
+    dtype = DTYPES.get(name) if isinstance(name, str) else None
+    if dtype is None:
+        raise WireError(f"dtype {name!r} is not one of {list(DTYPES)}")
+    shape = _int_list(header, "shape")
+    if len(shape) > MAX_DIMS or any(not _is_uint(d) or d > MAX_DIM_SIZE for d in shape):
+        raise WireError(f"shape {shape}: at most {MAX_DIMS} sizes of at most {MAX_DIM_SIZE} each")
+    numel = 1
+    for d in shape:
+        numel *= d
+    need = numel * dtype.itemsize
+    if len(payload) != need:
+        what = "truncated" if len(payload) < need else "oversized"
+        raise WireError(
+            f"payload {what}: {len(payload)} bytes, but shape {shape} of {name} needs {need}"
+        )
+    if need == 0:
+        return torch.empty(shape, dtype=dtype)
+    # a copy: the result owns aligned, writable memory, never a view of the caller's buffer
+    return torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+def _field(header: dict[str, Any], name: str) -> Any:
+    if name not in header:
+        raise WireError(f"{header['kind']} header has no {name!r} field")
+    return header[name]
+
+
+def _int_list(header: dict[str, Any], name: str) -> list[int]:
+    value = _field(header, name)
+    if not isinstance(value, list) or not all(_is_uint(v) for v in value):
+        raise WireError(f"{name} must be a list of non-negative integers, got {value!r}")
+    return value
+
+
+def _is_uint(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0

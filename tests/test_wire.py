@@ -1,0 +1,238 @@
+"""Tier 1: the wire schema: round trips of every dtype and shape, and refusal of bad bytes."""
+
+from __future__ import annotations
+
+import random
+
+import msgpack
+import pytest
+import torch
+
+from offload_rt.distributed.wire import (
+    MAX_HEADER_BYTES,
+    WIRE_VERSION,
+    ExpertRequest,
+    ExpertResponse,
+    WireError,
+    decode,
+    decode_request,
+    decode_response,
+    decode_tensor,
+    encode,
+    encode_tensor,
+    join_groups,
+    split_groups,
+)
+from offload_rt.model import ExpertKey
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+COUNTS = [(3,), (1, 2, 5), (0,), (0, 0), (4, 0, 2), (1,) * 8]
+
+
+def random_tensor(n: int, d: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Bit patterns, so that NaN and -0.0 compare exactly."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def request(counts: tuple[int, ...] = (2, 3), d: int = 16, dtype=torch.float32) -> ExpertRequest:
+    experts = tuple(range(1, 2 * len(counts), 2))
+    return ExpertRequest(5, experts, counts, random_tensor(sum(counts), d, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("counts", COUNTS)
+@pytest.mark.parametrize("d", [1, 16])
+@pytest.mark.parametrize("cls", [ExpertRequest, ExpertResponse])
+def test_message_round_trip(cls, d, counts, dtype):
+    tensor = random_tensor(sum(counts), d, dtype)
+    msg = cls(7, tuple(range(len(counts))), counts, tensor)
+    out = decode(encode(msg))
+    assert type(out) is cls
+    assert (out.layer, out.experts, out.counts) == (7, msg.experts, counts)
+    got = out.hidden if cls is ExpertRequest else out.outputs
+    assert got.dtype == dtype and got.shape == (sum(counts), d)
+    assert torch.equal(bits(got), bits(tensor))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_special_values_keep_their_bits(dtype):
+    tensor = torch.tensor([[float("nan"), float("inf"), -float("inf"), -0.0, 1e-3]], dtype=dtype)
+    out = decode_response(encode(ExpertResponse(0, (4,), (1,), tensor)))
+    assert torch.equal(bits(out.outputs), bits(tensor))
+
+
+def test_decoded_tensor_owns_writable_memory():
+    data = bytearray(encode(request()))
+    out = decode_request(data)
+    before = out.hidden.clone()
+    data[-8:] = b"\xff" * 8
+    assert torch.equal(out.hidden, before)
+    out.hidden.add_(1)  # writable: no warning, no error
+
+
+def test_non_contiguous_tensor_is_sent_by_value():
+    t = random_tensor(6, 4, torch.float32).T.contiguous().T  # (6, 4), column-major
+    assert not t.is_contiguous()
+    out = decode_request(encode(ExpertRequest(0, (0, 1), (2, 4), t)))
+    assert torch.equal(out.hidden, t)
+
+
+def test_groups_round_trip_in_ascending_expert_order():
+    groups = {ExpertKey(3, 6): random_tensor(2, 8, torch.bfloat16, 1)}
+    groups[ExpertKey(3, 1)] = random_tensor(0, 8, torch.bfloat16, 2)
+    groups[ExpertKey(3, 4)] = random_tensor(3, 8, torch.bfloat16, 3)
+    req = ExpertRequest.from_groups(groups)
+    assert (req.layer, req.experts, req.counts) == (3, (1, 4, 6), (0, 3, 2))
+    back = decode_request(encode(req)).groups()
+    assert list(back) == sorted(groups)
+    for key, t in groups.items():
+        assert torch.equal(bits(back[key]), bits(t))
+    resp = ExpertResponse.from_groups({k: v * 2 for k, v in back.items()})
+    assert decode_response(encode(resp)).groups().keys() == groups.keys()
+
+
+def test_join_and_split_refuse_inconsistent_groups():
+    with pytest.raises(WireError, match="at least one expert"):
+        join_groups({})
+    mixed = {ExpertKey(0, 1): torch.zeros(1, 4), ExpertKey(1, 2): torch.zeros(1, 4)}
+    with pytest.raises(WireError, match=r"span layers \[0, 1\]"):
+        join_groups(mixed)
+    with pytest.raises(WireError, match=r"sum to 3, tensor has 4"):
+        split_groups(torch.zeros(4, 2), (1, 2))
+
+
+@pytest.mark.parametrize(
+    "msg, match",
+    [
+        (ExpertRequest(0, (1,), (2,), torch.zeros(2, 4, dtype=torch.float64)), "float64"),
+        (ExpertRequest(0, (1,), (2,), torch.zeros(2, 4, 1)), r"\(N, D\)"),
+        (ExpertRequest(0, (1, 2), (2, 2), torch.zeros(3, 4)), "sum to 4"),
+        (ExpertRequest(0, (1,), (-1,), torch.zeros(0, 4)), "non-negative"),
+        (ExpertRequest(-1, (1,), (0,), torch.zeros(0, 4)), "layer"),
+        (ExpertResponse(0, (1, 1), (1, 1), torch.zeros(2, 4)), "repeat"),
+        (ExpertResponse(0, (1, 2), (2,), torch.zeros(2, 4)), "2 experts but 1 counts"),
+    ],
+)
+def test_encode_refuses_invalid_messages(msg, match):
+    with pytest.raises(WireError, match=match):
+        encode(msg)
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (5,), (2, 3, 4), (1, 0, 7)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bare_tensor_round_trip(shape, dtype):
+    t = torch.randn(shape).to(dtype)
+    out = decode_tensor(encode_tensor(t))
+    assert out.shape == t.shape and out.dtype == dtype
+    assert torch.equal(bits(out), bits(t))
+
+
+def test_kinds_are_not_confused():
+    req, resp = encode(request()), encode(ExpertResponse(0, (1,), (1,), torch.zeros(1, 2)))
+    with pytest.raises(WireError, match="expected kind 'response', got 'request'"):
+        decode_response(req)
+    with pytest.raises(WireError, match="expected kind 'request', got 'response'"):
+        decode_request(resp)
+    with pytest.raises(WireError, match="got kind 'tensor'"):
+        decode(encode_tensor(torch.zeros(2)))
+    with pytest.raises(WireError, match="expected kind 'tensor', got 'request'"):
+        decode_tensor(req)
+
+
+# ---- untrusted bytes
+
+
+def header_of(msg: ExpertRequest) -> dict:
+    return {
+        "version": WIRE_VERSION,
+        "kind": "request",
+        "layer": msg.layer,
+        "experts": list(msg.experts),
+        "counts": list(msg.counts),
+        "dtype": "float32",
+        "shape": list(msg.hidden.shape),
+    }
+
+
+def craft(payload: bytes | None = None, **changes) -> bytes:
+    """A request (counts (2, 3), D 16, float32) with header fields replaced or (None) removed."""
+    msg = request()
+    header = {**header_of(msg), **changes}
+    header = {k: v for k, v in header.items() if v is not None}
+    body = msg.hidden.numpy().tobytes() if payload is None else payload
+    return msgpack.packb(header) + body
+
+
+VALID = encode(request())
+HEADER_LEN = len(msgpack.packb(header_of(request())))
+CORRUPTIONS = {
+    # truncations anywhere: in the header, at its end, in the payload
+    **{f"truncated at {n}": (VALID[:n], "truncated") for n in (0, 1, 2, 9, 30, HEADER_LEN - 1)},
+    **{f"truncated at header+{n}": (VALID[: HEADER_LEN + n], "payload truncated") for n in (0, 3)},
+    "one byte short": (
+        VALID[:-1],
+        r"payload truncated: 319 bytes, but shape \[5, 16\] of float32 needs 320",
+    ),
+    "one byte over": (VALID + b"\0", "payload oversized: 321 bytes"),
+    "version 2": (craft(version=2), "wire version 2 is not supported; this runtime speaks 1"),
+    "version as bool": (craft(version=True), "wire version True"),
+    "version as str": (craft(version="1"), "wire version '1'"),
+    "no version": (craft(version=None), "no 'version' field"),
+    "unknown kind": (craft(kind="shutdown"), "kind 'shutdown' is not one of"),
+    "dtype float64": (craft(dtype="float64"), "dtype 'float64' is not one of"),
+    "dtype a list": (craft(dtype=["float32"]), r"dtype \['float32'\]"),
+    "no dtype": (craft(dtype=None), "no 'dtype' field"),
+    "counts short of N": (craft(counts=[2, 2]), r"counts \[2, 2\] sum to 4, but the tensor has 5"),
+    "negative count": (craft(counts=[-1, 6]), "counts must be a list of non-negative integers"),
+    "counts not a list": (craft(counts=5), "counts must be a list"),
+    "experts and counts differ": (craft(counts=[5]), "2 experts but 1 counts"),
+    "repeated expert": (craft(experts=[1, 1]), r"expert ids repeat: \[1, 1\]"),
+    "negative layer": (craft(layer=-3), "layer must be a non-negative integer, got -3"),
+    "no layer": (craft(layer=None), "no 'layer' field"),
+    "3-d shape": (craft(shape=[5, 4, 4]), r"must be \(N, D\), got shape \[5, 4, 4\]"),
+    "huge declared shape": (
+        craft(shape=[2**39, 2**39], counts=[2**39, 0]),
+        "payload truncated: 320 bytes, but shape",
+    ),
+    "dimension over bound": (craft(shape=[5, 2**60]), "sizes of at most"),
+    "header not a map": (
+        msgpack.packb([1, "request"]) + b"\0" * 8,
+        "header must be a map, got list",
+    ),
+    "header a bare int": (b"\x00" * 40, "header must be a map, got int"),
+    "long string": (craft(kind="x" * 1000), "within the wire's bounds"),
+    "binary field": (craft(dtype=b"float32"), "within the wire's bounds"),
+    "ext type": (craft(layer=msgpack.ExtType(5, b"xyz")), "within the wire's bounds"),
+    "too many experts": (craft(experts=list(range(5000))), "within the wire's bounds"),
+    "header over the size bound": (
+        craft(**{f"pad{i}": list(range(4000, 8000)) for i in range(8)}),
+        f"header truncated or over {MAX_HEADER_BYTES} bytes",
+    ),
+    "deep nesting": (b"\x91" * 10_000 + b"\x00", "within the wire's bounds|must be a map"),
+    "invalid utf-8": (b"\x81\xa2\xff\xfe\x01", "within the wire's bounds"),
+}
+
+
+@pytest.mark.parametrize("data, match", CORRUPTIONS.values(), ids=CORRUPTIONS.keys())
+def test_corrupt_bytes_raise_wire_error(data, match):
+    with pytest.raises(WireError, match=match):
+        decode(data)
+
+
+def test_random_bytes_and_mutations_never_escape_as_other_errors():
+    rng = random.Random(0)
+    samples = [rng.randbytes(rng.randrange(0, 200)) for _ in range(300)]
+    for _ in range(300):
+        data = bytearray(VALID)
+        data[rng.randrange(HEADER_LEN)] = rng.randrange(256)
+        samples.append(bytes(data))
+    for data in samples:
+        try:
+            msg = decode(data)
+        except WireError:
+            continue
+        assert sum(msg.counts) == msg.hidden.shape[0]  # whatever decodes is consistent
