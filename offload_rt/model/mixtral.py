@@ -19,6 +19,7 @@ from offload_rt.model.layers import (
     RopeTables,
     attention,
     attention_mask,
+    linear,
     rms_norm,
 )
 from offload_rt.model.moe import ExpertBackend, moe_block
@@ -115,5 +116,5 @@ class MixtralModel:
         return out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., D) final-normed hidden -> (..., V) logits."""
-        return F.linear(hidden, self.weights.lm_head)
+        """(N, D) final-normed hidden -> (N, V) logits."""
+        return linear(hidden, self.weights.lm_head)

@@ -15,6 +15,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from offload_rt.model.layers import linear
+
 
 @dataclass(frozen=True, order=True)
 class ExpertKey:
@@ -35,8 +37,8 @@ class ExpertBackend(Protocol):
 
 def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """w2(silu(w1 x) * w3 x) with w1 and w3 stacked into one (2F, D) matrix: one matmul, not two."""
-    gate, up = F.linear(x, w13).chunk(2, dim=-1)  # (n, F) each
-    return F.linear(F.silu(gate) * up, w2)  # (n, D)
+    gate, up = linear(x, w13).chunk(2, dim=-1)  # (n, F) each
+    return linear(F.silu(gate) * up, w2)  # (n, D)
 
 
 def route(x: torch.Tensor, router: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
