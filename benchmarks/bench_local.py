@@ -66,6 +66,7 @@ class Options:
     layers: int  # decoder layers of the checkpoint
     steps: int  # timed decode steps per run
     repeats: int  # timed runs per engine and batch; the median is reported
+    device: torch.device  # where both engines run
 
 
 @dataclass(frozen=True)
@@ -84,10 +85,12 @@ def parse_options() -> Options:
     p.add_argument("--steps", type=int, default=48, help="timed decode steps per run")
     p.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported")
     p.add_argument("--quick", action="store_true", help="2 layers, 8 steps, 1 repeat")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     a = p.parse_args()
+    device = torch.device(a.device)
     if a.quick:
-        return Options(a.workdir, layers=2, steps=8, repeats=1)
-    return Options(a.workdir, MODEL["num_hidden_layers"], a.steps, a.repeats)
+        return Options(a.workdir, layers=2, steps=8, repeats=1, device=device)
+    return Options(a.workdir, MODEL["num_hidden_layers"], a.steps, a.repeats, device)
 
 
 def checkpoint(workdir: Path, layers: int) -> Path:
@@ -117,7 +120,8 @@ def hf_runner(model: torch.nn.Module) -> Runner:
 
     @torch.inference_mode()
     def run(prompts: list[list[int]], steps: int) -> DecodeRun:
-        out = model(input_ids=torch.tensor(prompts), use_cache=True, logits_to_keep=1)
+        ids = torch.tensor(prompts, device=model.device)
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
         cache, logits = out[key], out.logits[:, -1]
         tokens: list[list[int]] = []
         start = time.perf_counter()
@@ -157,7 +161,8 @@ def _by_row(per_step: list[list[int]]) -> list[list[int]]:
 def warm_all_experts(model: OffloadModel) -> None:
     """Make every expert resident, through the backend's own `run`."""
     cfg = model.config
-    x = torch.zeros(1, cfg.hidden_size, dtype=model.model.weights.embed.dtype)
+    embed = model.model.weights.embed
+    x = torch.zeros(1, cfg.hidden_size, dtype=embed.dtype, device=embed.device)
     for layer in range(cfg.num_hidden_layers):
         model.backend.run({ExpertKey(layer, e): x for e in range(cfg.num_local_experts)})
     resident = model.stats()["resident"]
@@ -182,21 +187,30 @@ def tokens_per_s(runs: list[DecodeRun]) -> float:
     return statistics.median(len(r.tokens) * len(r.tokens[0]) / r.seconds for r in runs)
 
 
-def matvec_bandwidth(matrix_mib: int = 256, total_mib: int = 1024, passes: int = 5) -> float:
+def matvec_bandwidth(
+    device: torch.device, matrix_mib: int = 256, total_mib: int = 1024, passes: int = 5
+) -> float:
     """Bytes/s of F.linear((1, K) vector, (N, K) fp32 matrix), best of `passes` passes, each
     over every matrix: a pass reads about as much as one decode token, and a matrix is read
     again only after the others have flushed it from the cache."""
     k = 4096
     n = matrix_mib * MIB // (4 * k)
-    mats = [torch.randn(n, k) for _ in range(total_mib // matrix_mib)]
-    x = torch.randn(1, k)
+    mats = [torch.randn(n, k, device=device) for _ in range(total_mib // matrix_mib)]
+    x = torch.randn(1, k, device=device)
     best = float("inf")
     for _ in range(passes):
+        _sync(device)
         start = time.perf_counter()
         for w in mats:
             F.linear(x, w)
+        _sync(device)
         best = min(best, time.perf_counter() - start)
     return len(mats) * matrix_mib * MIB / best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def token_bytes(cfg: ModelConfig, itemsize: int) -> int:
@@ -213,13 +227,13 @@ def bench_full(
     folder: Path, prompts: list[list[int]], opts: Options
 ) -> dict[int, dict[str, list[DecodeRun]]]:
     """transformers and offload_rt (all experts resident), alternating, at each batch size."""
-    hf = MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    hf = MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().to(opts.device)
     print(
         f"transformers: attention {hf.config._attn_implementation}, "
         f"experts {getattr(hf.config, '_experts_implementation', 'eager')}",
         flush=True,
     )
-    with offload_rt.load(folder, device="cpu") as ort:
+    with offload_rt.load(folder, device=opts.device) as ort:
         warm_all_experts(ort)
         runners = {"transformers": hf_runner(hf), "offload_rt": ort_runner(ort)}
         return {b: measure(runners, prompts[:b], opts.steps, opts.repeats) for b in BATCHES}
@@ -228,7 +242,7 @@ def bench_full(
 def bench_quarter(
     folder: Path, prompts: list[list[int]], opts: Options, capacity: int
 ) -> dict[int, list[DecodeRun]]:
-    with offload_rt.load(folder, device="cpu", cache_experts=capacity) as ort:
+    with offload_rt.load(folder, device=opts.device, cache_experts=capacity) as ort:
         runner = {"quarter": ort_runner(ort)}
         return {
             b: measure(runner, prompts[:b], opts.steps, opts.repeats)["quarter"] for b in BATCHES
@@ -296,11 +310,13 @@ def main() -> None:
     cfg = ModelConfig.from_folder(folder)
     prompts = make_prompts(max(BATCHES), cfg.vocab_size)
 
-    before = matvec_bandwidth()
+    if opts.device.type == "cuda":
+        print(f"device: {torch.cuda.get_device_name(opts.device)}")
+    before = matvec_bandwidth(opts.device)
     full = bench_full(folder, prompts, opts)
     capacity = cfg.num_experts_total // 4
     quarter = bench_quarter(folder, prompts, opts, capacity)
-    after = matvec_bandwidth()
+    after = matvec_bandwidth(opts.device)
     nbytes = token_bytes(cfg, itemsize=4)
     bound = max(before, after) / nbytes
     print(
