@@ -3,14 +3,22 @@ tiered store. Every check that can fail runs before anything is allocated on the
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
 
 from offload_rt.checkpoint import Checkpoint, router_tensor_name
+from offload_rt.distributed.cluster import RayOptions
 from offload_rt.experts import ExpertStore, LocalExpertBackend, SlotCache
 from offload_rt.model import AttentionWeights, DenseWeights, LayerWeights
 
+if TYPE_CHECKING:
+    from offload_rt.distributed.backend import RayExpertBackend
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-BACKENDS = ("local",)
+BACKENDS = ("local", "ray")
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, ckpt: Checkpoint) -> torch.dtype:
@@ -79,3 +87,31 @@ def local_backend(
     host = 0 if device.type == "cpu" else host_experts
     store = ExpertStore(ckpt, cfg.hidden_size, cfg.intermediate_size, device, dtype, capacity, host)
     return LocalExpertBackend(store, SlotCache(capacity))
+
+
+def ray_backend(
+    ckpt: Checkpoint, dtype: torch.dtype, opts: RayOptions
+) -> tuple[RayExpertBackend, Callable[[], None] | None]:
+    """Expert actors placed over the Ray cluster; returns the backend and what closing the
+    model must do besides (disconnect from Ray when this call connected)."""
+    import ray
+
+    from offload_rt.distributed.backend import RayExpertBackend
+    from offload_rt.distributed.cluster import ExpertCluster, join_ray
+
+    connected = join_ray(opts.address)
+    cfg = ckpt.config
+    try:
+        cluster = ExpertCluster.start(
+            str(ckpt.folder.resolve()),
+            cfg.num_hidden_layers,
+            cfg.num_local_experts,
+            cfg.expert_numel * dtype.itemsize,
+            DTYPE_NAMES[dtype],
+            opts,
+        )
+    except BaseException:
+        if connected:
+            ray.shutdown()
+        raise
+    return RayExpertBackend(cluster), ray.shutdown if connected else None

@@ -2,27 +2,39 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from offload_rt.checkpoint import Checkpoint
+from offload_rt.distributed.cluster import RayOptions
 from offload_rt.engine.generate import GenerationResult, generate
 from offload_rt.engine.loader import (
     BACKENDS,
     load_dense,
     local_backend,
+    ray_backend,
     resolve_capacity,
     resolve_device,
     resolve_dtype,
 )
 from offload_rt.engine.sampling import RequestError, SamplingParams
 from offload_rt.engine.tokenizer import TextTokenizer
-from offload_rt.experts import LocalExpertBackend
 from offload_rt.model import MixtralModel, RopeTables
+from offload_rt.model.moe import ExpertBackend
 
 Prompt = str | Sequence[int]
+
+
+class ModelBackend(ExpertBackend, Protocol):
+    """An expert backend the model owns: counters to report, resources to release."""
+
+    def stats(self) -> dict[str, int]: ...
+
+    def close(self) -> None: ...
 
 
 class OffloadModel:
@@ -30,14 +42,16 @@ class OffloadModel:
         self,
         ckpt: Checkpoint,
         model: MixtralModel,
-        backend: LocalExpertBackend,
+        backend: ModelBackend,
         tokenizer: TextTokenizer | None,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self.checkpoint = ckpt
         self.config = ckpt.config
         self.model = model
         self.backend = backend
         self.tokenizer = tokenizer
+        self.on_close = on_close
         self.closed = False
 
     @property
@@ -112,6 +126,8 @@ class OffloadModel:
             self.closed = True
             self.backend.close()
             self.checkpoint.close()
+            if self.on_close is not None:
+                self.on_close()
 
     def _check_open(self) -> None:
         if self.closed:
@@ -138,11 +154,18 @@ def load(
     dtype: str | torch.dtype | None = None,
     cache_experts: int | None = None,
     host_experts: int | None = None,
+    ray_address: str | None = None,
+    expert_actors: int | None = None,
+    ray_options: RayOptions | None = None,
 ) -> OffloadModel:
     """Open a Hugging Face Mixtral checkpoint folder.
 
-    cache_experts: the most experts resident on the device at once, over all layers (None: all).
-    host_experts: packed experts kept in (pinned) host RAM when the device is a GPU (None: all).
+    backend: "local" (experts in this process) or "ray" (experts in Ray actors).
+    cache_experts: local backend: the most experts resident on the device at once, over all
+    layers (None: all). host_experts: packed experts kept in (pinned) host RAM when the device
+    is a GPU (None: all). ray_address: None starts or joins a local Ray, "auto" joins the
+    running cluster, or an address. expert_actors: None: one per GPU, or one per node without
+    GPUs. ray_options: timeouts, restarts, memory shares (`RayOptions`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; available: {BACKENDS}")
@@ -150,15 +173,27 @@ def load(
         raise ValueError(f"host_experts must be a non-negative integer, got {host_experts!r}")
     dev = resolve_device(device)
     ckpt = Checkpoint.open(path)
+    on_close = None
     try:
         cfg = ckpt.config
         dt = resolve_dtype(dtype, ckpt)
         capacity = resolve_capacity(cache_experts, cfg.num_experts_total)
         tokenizer = TextTokenizer.from_folder(ckpt.folder)
         weights = load_dense(ckpt, dev, dt)
-        experts = local_backend(ckpt, dev, dt, capacity, host_experts)
+        if backend == "local":
+            experts: ModelBackend = local_backend(ckpt, dev, dt, capacity, host_experts)
+        else:
+            opts = ray_options or RayOptions()
+            opts = replace(
+                opts,
+                address=ray_address if ray_address is not None else opts.address,
+                expert_actors=expert_actors if expert_actors is not None else opts.expert_actors,
+                host_experts=host_experts if host_experts is not None else opts.host_experts,
+            )
+            experts, on_close = ray_backend(ckpt, dt, opts)
     except BaseException:
         ckpt.close()
         raise
     rope = RopeTables.build(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, dev)
-    return OffloadModel(ckpt, MixtralModel(cfg, weights, experts, rope), experts, tokenizer)
+    model = MixtralModel(cfg, weights, experts, rope)
+    return OffloadModel(ckpt, model, experts, tokenizer, on_close)

@@ -1,0 +1,93 @@
+"""The expert actor: one process per GPU (or CPU slot) serving a set of experts.
+
+It hosts the same tiered store and LRU device cache as the local backend, reading experts from
+the checkpoint path on its own machine, and answers one wire-encoded request per layer call.
+It holds no state a retry could corrupt: a call is a pure function of its request, so the
+coordinator may resend it after a restart. Ray applies `ray.remote` to this class at spawn
+time (`distributed/cluster.py`); the class itself does not import ray.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from offload_rt.checkpoint import Checkpoint
+from offload_rt.distributed.wire import ExpertResponse, decode_request, encode
+from offload_rt.experts import ExpertStore, LocalExpertBackend, SlotCache
+from offload_rt.model.moe import ExpertKey
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ActorSpec:
+    """Everything an actor needs to (re)start: Ray passes it again on every restart."""
+
+    checkpoint: str  # checkpoint folder, as seen on the actor's node
+    device: str  # "cuda" or "cpu"
+    dtype: str  # compute dtype name
+    device_slots: int  # experts resident on the device at once (its LRU capacity)
+    host_experts: int | None  # packed experts kept in host RAM (GPU actors); None: all
+    threads: int  # torch intra-op threads: the CPUs Ray granted this actor
+
+
+class ExpertActor:
+    def __init__(self, spec: ActorSpec) -> None:
+        torch.set_num_threads(max(1, spec.threads))
+        self.spec = spec
+        self.checkpoint = Checkpoint.open(spec.checkpoint)
+        cfg = self.checkpoint.config
+        device = torch.device(spec.device)
+        host = 0 if device.type == "cpu" else spec.host_experts
+        store = ExpertStore(
+            self.checkpoint,
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            device,
+            DTYPES[spec.dtype],
+            spec.device_slots,
+            host,
+        )
+        self.backend = LocalExpertBackend(store, SlotCache(spec.device_slots))
+        self.device = device
+        self.calls = 0
+
+    def run(self, payload: bytes) -> bytes:
+        """One layer's groups for this actor's experts, wire-encoded in and out."""
+        request = decode_request(payload)
+        groups = {k: x.to(self.device) for k, x in request.groups().items()}
+        with torch.inference_mode():
+            outputs = self.backend.run(groups)
+        self.calls += 1
+        cpu = {k: outputs[k].to("cpu") for k in sorted(outputs)}
+        return encode(ExpertResponse.from_groups(cpu))
+
+    def warm(self, experts: list[tuple[int, int]]) -> int:
+        """Load these experts now (up to the device slots); returns how many are resident."""
+        hidden = self.checkpoint.config.hidden_size
+        x = torch.zeros(1, hidden, device=self.device, dtype=self.backend.store.dtype)
+        for layer, e in experts[: self.spec.device_slots]:
+            self.backend.run({ExpertKey(layer, e): x})
+        return self.backend.stats()["resident"]
+
+    def info(self) -> dict[str, object]:
+        """Identity for operators and tests: process, node, device, calls served."""
+        import ray  # only inside an actor, where ray is running
+
+        ctx = ray.get_runtime_context()
+        return {
+            "pid": os.getpid(),
+            "node_id": ctx.get_node_id(),
+            "device": str(self.device),
+            "calls": self.calls,
+            "restarts": ctx.was_current_actor_reconstructed,
+        }
+
+    def stats(self) -> dict[str, int]:
+        return self.backend.stats()
+
+    def ping(self) -> bool:
+        return True

@@ -1,0 +1,185 @@
+"""The expert actors of one model on a Ray cluster: join Ray, plan, spawn, recover, remove.
+
+Actors are named `expert-{i}` in the Ray namespace `offload_rt` (visible in `ray list actors`
+and the dashboard), pinned to their planned node with a hard node-affinity strategy, and
+restarted by Ray up to `max_restarts` times. When an actor cannot come back (its node is gone),
+its experts are placed again on the survivors (`placement.replan`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from offload_rt.distributed.actor import ActorSpec, ExpertActor
+from offload_rt.distributed.placement import (
+    DEFAULT_GPU_MEMORY_BYTES,
+    DEFAULT_HOST_FRACTION,
+    ActorPlan,
+    PlacementPlan,
+    nodes_from_ray,
+    plan_placement,
+    replan,
+)
+
+NAMESPACE = "offload_rt"
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    address: str | None = None  # None: start (or join) a local Ray; "auto": running cluster
+    expert_actors: int | None = None  # None: one per GPU, or one per node without GPUs
+    call_timeout_s: float = 60.0  # one actor call of one layer
+    start_timeout_s: float = 300.0  # actors' start, checkpoint opening included
+    restart_timeout_s: float = 60.0  # wait for a restarted actor before placing its experts again
+    max_restarts: int = 3  # Ray restarts of one actor before it counts as gone
+    max_attempts: int = 4  # tries of one layer call across restarts and re-placements
+    gpu_memory_bytes: int = DEFAULT_GPU_MEMORY_BYTES  # per GPU, usable for expert slots
+    host_fraction: float = DEFAULT_HOST_FRACTION  # share of a node's Ray memory for experts
+    host_experts: int | None = None  # packed experts in pinned RAM per GPU actor; None: all
+
+
+class ExpertCluster:
+    """Live actors by plan index; the plan changes when actors are gone for good."""
+
+    def __init__(
+        self, plan: PlacementPlan, handles: dict[int, object], spec: dict, opts: RayOptions
+    ) -> None:
+        self.plan = plan
+        self.handles = handles
+        self.specs = spec
+        self.opts = opts
+        self.replans = 0
+        self.recoveries = 0
+
+    @classmethod
+    def start(
+        cls,
+        checkpoint: str,
+        num_layers: int,
+        num_experts: int,
+        expert_bytes: int,
+        dtype: str,
+        opts: RayOptions,
+    ) -> ExpertCluster:
+        import ray
+
+        nodes = nodes_from_ray(ray.nodes(), opts.gpu_memory_bytes, opts.host_fraction)
+        plan = plan_placement(nodes, num_layers, num_experts, expert_bytes, opts.expert_actors)
+        specs = {a.index: _spec(a, checkpoint, dtype, opts) for a in plan.actors}
+        handles = {a.index: _spawn(a, specs[a.index], opts) for a in plan.actors}
+        cluster = cls(plan, handles, specs, opts)
+        try:
+            ray.get([h.ping.remote() for h in handles.values()], timeout=opts.start_timeout_s)
+        except Exception:
+            cluster.close()
+            raise
+        return cluster
+
+    def recover(self, failed: list[int]) -> None:
+        """After calls to `failed` actors failed: wait for those Ray restarts; place the experts
+        of the ones that do not come back on the survivors."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        gone = []
+        for i in failed:
+            try:
+                ray.get(self.handles[i].ping.remote(), timeout=self.opts.restart_timeout_s)
+                self.recoveries += 1
+            except (RayActorError, GetTimeoutError):
+                gone.append(i)
+        if gone:
+            self.remove(gone)
+
+    def remove(self, gone: list[int]) -> None:
+        import ray
+
+        survivors = [a.index for a in self.plan.actors if a.index not in gone]
+        self.plan = replan(self.plan, survivors)  # raises PlacementError naming an expert
+        self.replans += 1
+        for i in gone:
+            ray.kill(self.handles.pop(i), no_restart=True)
+
+    def stats(self) -> dict[str, int]:
+        import ray
+
+        totals: dict[str, int] = {}
+        per_actor = ray.get(
+            [h.stats.remote() for h in self.handles.values()], timeout=self.opts.call_timeout_s
+        )
+        for s in per_actor:
+            for k, v in s.items():
+                totals[k] = totals.get(k, 0) + v
+        return {
+            **totals,
+            "actors": len(self.handles),
+            "recoveries": self.recoveries,
+            "replans": self.replans,
+        }
+
+    def close(self) -> None:
+        import ray
+
+        for h in self.handles.values():
+            ray.kill(h, no_restart=True)
+        _wait_names_free([a.name for a in self.plan.actors])
+        self.handles.clear()
+
+
+def _spec(a: ActorPlan, checkpoint: str, dtype: str, opts: RayOptions) -> ActorSpec:
+    return ActorSpec(
+        checkpoint=checkpoint,
+        device=a.device,
+        dtype=dtype,
+        device_slots=max(1, a.device_slots),
+        host_experts=opts.host_experts,
+        threads=1,
+    )
+
+
+def _spawn(a: ActorPlan, spec: ActorSpec, opts: RayOptions):
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return (
+        ray.remote(ExpertActor)
+        .options(
+            name=a.name,
+            namespace=NAMESPACE,
+            num_cpus=spec.threads,
+            num_gpus=1 if a.device == "cuda" else 0,
+            max_restarts=opts.max_restarts,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(a.node_id, soft=False),
+        )
+        .remote(spec)
+    )
+
+
+def _wait_names_free(names: list[str], timeout_s: float = 30.0) -> None:
+    """ray.kill returns before the name is released; a new model may want the names at once."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    for name in names:
+        while time.monotonic() < deadline:
+            try:
+                ray.get_actor(name, namespace=NAMESPACE)
+            except ValueError:
+                break
+            time.sleep(0.05)
+
+
+def join_ray(address: str | None) -> bool:
+    """Connect this process to Ray: a running local instance or a new one (None), the running
+    cluster ("auto"), or an address. True when this call connected, so closing the model
+    disconnects (and, for a Ray it started, stops it); False when Ray was already up."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address is None:
+        ray.init(namespace=NAMESPACE, include_dashboard=False, logging_level="WARNING")
+    else:
+        ray.init(address=address, namespace=NAMESPACE, logging_level="WARNING")
+    return True
