@@ -83,7 +83,6 @@ class ExpertActor:
             "node_id": ctx.get_node_id(),
             "device": str(self.device),
             "calls": self.calls,
-            "restarts": ctx.was_current_actor_reconstructed,
         }
 
     def stats(self) -> dict[str, int]:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
-from offload_rt.distributed.cluster import ExpertCluster
+from offload_rt.distributed.cluster import ExpertCluster, actor_failures
 from offload_rt.distributed.wire import ExpertRequest, decode_response, encode
 from offload_rt.model.moe import ExpertKey
 
@@ -29,8 +29,6 @@ class RayExpertBackend:
         self.retries = 0
 
     def run(self, groups: Mapping[ExpertKey, torch.Tensor]) -> dict[ExpertKey, torch.Tensor]:
-        from ray.exceptions import GetTimeoutError, RayActorError
-
         todo = {k: x for k, x in groups.items()}
         device = next(iter(groups.values())).device if groups else torch.device("cpu")
         out: dict[ExpertKey, torch.Tensor] = {}
@@ -40,7 +38,7 @@ class RayExpertBackend:
             for actor, (keys, ref) in calls.items():
                 try:
                     payload = _get(ref, self.cluster.opts.call_timeout_s)
-                except (RayActorError, GetTimeoutError):
+                except actor_failures():
                     failed.append(actor)
                     continue
                 for key, y in decode_response(payload).groups().items():

@@ -79,18 +79,25 @@ class ExpertCluster:
     def recover(self, failed: list[int]) -> None:
         """After calls to `failed` actors failed: wait for those Ray restarts; place the experts
         of the ones that do not come back on the survivors."""
-        import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
-
-        gone = []
-        for i in failed:
-            try:
-                ray.get(self.handles[i].ping.remote(), timeout=self.opts.restart_timeout_s)
-                self.recoveries += 1
-            except (RayActorError, GetTimeoutError):
-                gone.append(i)
+        gone = [i for i in failed if not self._back(i)]
+        self.recoveries += len(failed) - len(gone)
         if gone:
             self.remove(gone)
+
+    def _back(self, i: int) -> bool:
+        """Whether actor i answers again within the restart timeout."""
+        import ray
+        from ray.exceptions import ActorUnavailableError
+
+        deadline = time.monotonic() + self.opts.restart_timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                return ray.get(self.handles[i].ping.remote(), timeout=left)
+            except ActorUnavailableError:  # restarting: ask again
+                time.sleep(0.1)
+            except actor_failures():  # dead for good, or its node is
+                return False
+        return False
 
     def remove(self, gone: list[int]) -> None:
         import ray
@@ -125,6 +132,13 @@ class ExpertCluster:
             ray.kill(h, no_restart=True)
         _wait_names_free([a.name for a in self.plan.actors])
         self.handles.clear()
+
+
+def actor_failures() -> tuple[type[Exception], ...]:
+    """What a call to an actor raises when the actor, its node or the call's time is gone."""
+    from ray.exceptions import ActorUnschedulableError, GetTimeoutError, RayActorError
+
+    return (RayActorError, ActorUnschedulableError, GetTimeoutError)
 
 
 def _spec(a: ActorPlan, checkpoint: str, dtype: str, opts: RayOptions) -> ActorSpec:

@@ -1,0 +1,76 @@
+"""Tier 3: the Ray backend on a 3-node simulated cluster against the local backend, with an
+actor killed in the middle of a generation."""
+
+from __future__ import annotations
+
+import pytest
+
+import offload_rt
+from tests.ray_helpers import (
+    FAST_RECOVERY,
+    NAMESPACE,
+    NEW,
+    PROMPTS,
+    actor_infos,
+    assert_same_as_local,
+    fault_at_call,
+    local_outputs_of,
+    ray,
+    shut_down_and_check,
+    start_cluster,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_ray_left_behind():
+    yield
+    shut_down_and_check()
+
+
+@pytest.fixture(scope="module")
+def local_outputs(reference):
+    return local_outputs_of(reference[0])
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c, _ = start_cluster()
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+def test_cluster_actors_on_distinct_nodes_match_local(cluster, reference, local_outputs):
+    with offload_rt.load(reference[0], backend="ray", ray_options=FAST_RECOVERY) as m:
+        plan = m.backend.cluster.plan
+        assert len(plan.actors) == 3
+        infos = actor_infos(m)
+        assert len({i["node_id"] for i in infos.values()}) == 3
+        assert {i["node_id"] for i in infos.values()} == {n["NodeID"] for n in ray.nodes()}
+        names = {
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == NAMESPACE
+        }
+        assert names == {"expert-0", "expert-1", "expert-2"}
+        assert_same_as_local(m, local_outputs)
+        stats = m.stats()
+        assert stats["actors"] == 3 and stats["retries"] == 0
+        assert sum(i["calls"] for i in actor_infos(m).values()) > 0
+    names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+    assert not names & {"expert-0", "expert-1", "expert-2"}  # close() removed the actors
+
+
+def test_killing_an_actor_mid_generation_changes_no_token(cluster, reference, local_outputs):
+    with offload_rt.load(reference[0], backend="ray", ray_options=FAST_RECOVERY) as m:
+        victim = 1
+        pid = actor_infos(m)[victim]["pid"]
+        handle = m.backend.cluster.handles[victim]
+        fired = fault_at_call(m, 9, lambda: ray.kill(handle, no_restart=False))
+        tokens = [r.token_ids for r in m.generate(PROMPTS, max_new_tokens=NEW)]
+        assert fired == [9]
+        assert tokens == local_outputs["batch"]
+        info = actor_infos(m)[victim]
+        assert info["pid"] != pid  # Ray restarted it, in a new process
+        stats = m.stats()
+        assert stats["retries"] >= 1 and stats["recoveries"] >= 1 and stats["replans"] == 0
