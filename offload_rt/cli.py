@@ -1,4 +1,4 @@
-"""`offload-rt` commands: demo, generate."""
+"""`offload-rt` commands: demo, generate, plan."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import offload_rt
-from offload_rt.checkpoint import CheckpointError
+from offload_rt.checkpoint import Checkpoint, CheckpointError
 from offload_rt.demo import DEMO_NAME, make_demo_checkpoint
 from offload_rt.engine import GenerationResult, OffloadModel, RequestError
 
@@ -37,6 +37,15 @@ def _add_load_options(p: argparse.ArgumentParser, cache_experts: int | None) -> 
     )
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    _add_ray_options(p)
+
+
+def _add_ray_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="local", choices=["local", "ray"])
+    p.add_argument(
+        "--address", default=None, help="Ray: none starts a local Ray; 'auto' joins the cluster"
+    )
+    p.add_argument("--expert-actors", type=int, default=None, help="Ray: actors (default: 1/GPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,12 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate from a Hugging Face Mixtral checkpoint")
     gen.add_argument("model_dir", type=Path)
     _add_load_options(gen, cache_experts=None)
+    plan = sub.add_parser("plan", help="print where the Ray backend would place each expert")
+    plan.add_argument("model_dir", type=Path)
+    plan.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    _add_ray_options(plan)
     return parser
 
 
 def _load(args: argparse.Namespace, path: Path) -> OffloadModel:
     return offload_rt.load(
-        path, device=args.device, dtype=args.dtype, cache_experts=args.cache_experts
+        path,
+        backend=args.backend,
+        device=args.device,
+        dtype=args.dtype,
+        cache_experts=args.cache_experts,
+        ray_address=args.address,
+        expert_actors=args.expert_actors,
     )
 
 
@@ -104,9 +123,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import ray
+
+    from offload_rt.distributed.cluster import RayOptions, join_ray, plan_for_cluster
+    from offload_rt.engine.loader import resolve_dtype
+
+    ckpt = Checkpoint.open(args.model_dir)
+    cfg = ckpt.config
+    expert_bytes = cfg.expert_numel * resolve_dtype(args.dtype, ckpt).itemsize
+    connected = join_ray(args.address)
+    try:
+        opts = RayOptions(address=args.address, expert_actors=args.expert_actors)
+        plan = plan_for_cluster(cfg.num_hidden_layers, cfg.num_local_experts, expert_bytes, opts)
+        print(plan.format())
+    finally:
+        if connected:
+            ray.shutdown()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"demo": cmd_demo, "generate": cmd_generate}
+    commands = {"demo": cmd_demo, "generate": cmd_generate, "plan": cmd_plan}
     try:
         return commands[args.command](args)
     except (CheckpointError, RequestError, ValueError) as e:

@@ -51,3 +51,27 @@ def test_generate_reports_a_broken_checkpoint_clearly(tmp_path):
     out = offload_rt("generate", str(tmp_path), "--prompt", "hi")
     assert out.returncode == 2
     assert "no config.json" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_plan_prints_each_actor_and_generate_runs_on_ray(reference):
+    folder, _ = reference
+    out = offload_rt("plan", str(folder), "--expert-actors", "2")
+    assert out.returncode == 0, out.stderr
+    assert "16 experts (2 layers x 8)" in out.stdout
+    assert "expert-0" in out.stdout and "expert-1" in out.stdout
+    local = offload_rt("generate", str(folder), "--token-ids", "1,5,9", "--max-new-tokens", "6")
+    remote = offload_rt(
+        "generate",
+        str(folder),
+        "--token-ids",
+        "1,5,9",
+        "--max-new-tokens",
+        "6",
+        "--backend",
+        "ray",
+        "--expert-actors",
+        "2",
+    )
+    assert remote.returncode == 0, remote.stderr
+    assert "actors=2" in remote.stdout
+    assert remote.stdout.splitlines()[0] == local.stdout.splitlines()[0]  # the same tokens

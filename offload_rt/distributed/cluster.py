@@ -64,8 +64,7 @@ class ExpertCluster:
     ) -> ExpertCluster:
         import ray
 
-        nodes = nodes_from_ray(ray.nodes(), opts.gpu_memory_bytes, opts.host_fraction)
-        plan = plan_placement(nodes, num_layers, num_experts, expert_bytes, opts.expert_actors)
+        plan = plan_for_cluster(num_layers, num_experts, expert_bytes, opts)
         specs = {a.index: _spec(a, checkpoint, dtype, opts) for a in plan.actors}
         handles = {a.index: _spawn(a, specs[a.index], opts) for a in plan.actors}
         cluster = cls(plan, handles, specs, opts)
@@ -132,6 +131,16 @@ class ExpertCluster:
             ray.kill(h, no_restart=True)
         _wait_names_free([a.name for a in self.plan.actors])
         self.handles.clear()
+
+
+def plan_for_cluster(
+    num_layers: int, num_experts: int, expert_bytes: int, opts: RayOptions
+) -> PlacementPlan:
+    """The placement of every expert over the nodes of the Ray this process is connected to."""
+    import ray
+
+    nodes = nodes_from_ray(ray.nodes(), opts.gpu_memory_bytes, opts.host_fraction)
+    return plan_placement(nodes, num_layers, num_experts, expert_bytes, opts.expert_actors)
 
 
 def actor_failures() -> tuple[type[Exception], ...]:
