@@ -37,6 +37,7 @@ class RayOptions:
     gpu_memory_bytes: int = DEFAULT_GPU_MEMORY_BYTES  # per GPU, usable for expert slots
     host_fraction: float = DEFAULT_HOST_FRACTION  # share of a node's Ray memory for experts
     host_experts: int | None = None  # packed experts in pinned RAM per GPU actor; None: all
+    namespace: str = NAMESPACE  # Ray namespace of the actors; one model per namespace
 
 
 class ExpertCluster:
@@ -66,9 +67,11 @@ class ExpertCluster:
 
         plan = plan_for_cluster(num_layers, num_experts, expert_bytes, opts)
         specs = {a.index: _spec(a, checkpoint, dtype, opts) for a in plan.actors}
-        handles = {a.index: _spawn(a, specs[a.index], opts) for a in plan.actors}
+        handles: dict[int, object] = {}
         cluster = cls(plan, handles, specs, opts)
         try:
+            for a in plan.actors:
+                handles[a.index] = _spawn(a, specs[a.index], opts)
             ray.get([h.ping.remote() for h in handles.values()], timeout=opts.start_timeout_s)
         except Exception:
             cluster.close()
@@ -129,7 +132,8 @@ class ExpertCluster:
 
         for h in self.handles.values():
             ray.kill(h, no_restart=True)
-        _wait_names_free([a.name for a in self.plan.actors])
+        ours = [a.name for a in self.plan.actors if a.index in self.handles]
+        _wait_names_free(ours, self.opts.namespace)
         self.handles.clear()
 
 
@@ -165,11 +169,21 @@ def _spawn(a: ActorPlan, spec: ActorSpec, opts: RayOptions):
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    try:
+        ray.get_actor(a.name, namespace=opts.namespace)
+    except ValueError:
+        pass  # the name is free
+    else:
+        raise RuntimeError(
+            f"an actor named {a.name!r} already runs in Ray namespace {opts.namespace!r}: "
+            "another offload_rt model holds this cluster's experts; close it, or give this "
+            "model another namespace (RayOptions.namespace)"
+        )
     return (
         ray.remote(ExpertActor)
         .options(
             name=a.name,
-            namespace=NAMESPACE,
+            namespace=opts.namespace,
             num_cpus=spec.threads,
             num_gpus=1 if a.device == "cuda" else 0,
             max_restarts=opts.max_restarts,
@@ -179,7 +193,7 @@ def _spawn(a: ActorPlan, spec: ActorSpec, opts: RayOptions):
     )
 
 
-def _wait_names_free(names: list[str], timeout_s: float = 30.0) -> None:
+def _wait_names_free(names: list[str], namespace: str, timeout_s: float = 30.0) -> None:
     """ray.kill returns before the name is released; a new model may want the names at once."""
     import ray
 
@@ -187,7 +201,7 @@ def _wait_names_free(names: list[str], timeout_s: float = 30.0) -> None:
     for name in names:
         while time.monotonic() < deadline:
             try:
-                ray.get_actor(name, namespace=NAMESPACE)
+                ray.get_actor(name, namespace=namespace)
             except ValueError:
                 break
             time.sleep(0.05)
