@@ -36,7 +36,7 @@ class RayOptions:
     max_attempts: int = 4  # tries of one layer call across restarts and re-placements
     gpu_memory_bytes: int = DEFAULT_GPU_MEMORY_BYTES  # per GPU, usable for expert slots
     host_fraction: float = DEFAULT_HOST_FRACTION  # share of a node's Ray memory for experts
-    host_experts: int | None = None  # packed experts in pinned RAM per GPU actor; None: all
+    host_experts: int | None = None  # packed experts in pinned RAM per GPU actor; None: as planned
     namespace: str = NAMESPACE  # Ray namespace of the actors; one model per namespace
 
 
@@ -160,7 +160,8 @@ def _spec(a: ActorPlan, checkpoint: str, dtype: str, opts: RayOptions) -> ActorS
         device=a.device,
         dtype=dtype,
         device_slots=max(1, a.device_slots),
-        host_experts=opts.host_experts,
+        # the planner budgets host RAM for the experts beyond the device slots, no more
+        host_experts=opts.host_experts if opts.host_experts is not None else a.host_slots,
         threads=1,
     )
 
