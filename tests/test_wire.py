@@ -19,6 +19,7 @@ from offload_rt.distributed.wire import (
     decode_response,
     decode_tensor,
     encode,
+    encode_groups,
     encode_tensor,
     join_groups,
     split_groups,
@@ -236,3 +237,31 @@ def test_random_bytes_and_mutations_never_escape_as_other_errors():
         except WireError:
             continue
         assert sum(msg.counts) == msg.hidden.shape[0]  # whatever decodes is consistent
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("counts", [(1,), (2, 1), (0, 3, 1), (5, 0)])
+def test_encode_groups_equals_the_two_step_encoding(dtype, counts):
+    gen = torch.Generator().manual_seed(sum(counts))
+    groups = {
+        ExpertKey(2, e): torch.randn(n, 16, generator=gen).to(dtype)
+        for e, n in zip((6, 1, 4), counts)
+    }
+    assert bytes(encode_groups("request", groups)) == encode(ExpertRequest.from_groups(groups))
+    assert bytes(encode_groups("response", groups)) == encode(ExpertResponse.from_groups(groups))
+    back = decode_response(encode_groups("response", groups)).groups()
+    assert all(torch.equal(back[k], groups[k]) for k in groups)
+
+
+def test_encode_groups_refuses_what_cannot_be_sent():
+    x = torch.zeros(1, 4)
+    with pytest.raises(WireError, match="at least one expert"):
+        encode_groups("request", {})
+    with pytest.raises(WireError, match="span layers"):
+        encode_groups("request", {ExpertKey(0, 1): x, ExpertKey(1, 1): x})
+    with pytest.raises(WireError, match="kind"):
+        encode_groups("tensor", {ExpertKey(0, 1): x})
+    with pytest.raises(WireError, match="one D"):
+        encode_groups("request", {ExpertKey(0, 1): x, ExpertKey(0, 2): torch.zeros(1, 5)})
+    with pytest.raises(WireError, match="dtypes"):
+        encode_groups("request", {ExpertKey(0, 1): x, ExpertKey(0, 2): x.double()})

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from offload_rt.checkpoint import Checkpoint
-from offload_rt.distributed.wire import ExpertResponse, decode_request, encode
+from offload_rt.distributed.wire import decode_request, encode_groups
 from offload_rt.experts import ExpertStore, LocalExpertBackend, SlotCache
 from offload_rt.model.moe import ExpertKey
 
@@ -55,15 +55,14 @@ class ExpertActor:
         self.device = device
         self.calls = 0
 
-    def run(self, payload: bytes) -> bytes:
+    def run(self, payload: bytes) -> bytearray:
         """One layer's groups for this actor's experts, wire-encoded in and out."""
         request = decode_request(payload)
         groups = {k: x.to(self.device) for k, x in request.groups().items()}
         with torch.inference_mode():
             outputs = self.backend.run(groups)
         self.calls += 1
-        cpu = {k: outputs[k].to("cpu") for k in sorted(outputs)}
-        return encode(ExpertResponse.from_groups(cpu))
+        return encode_groups("response", outputs)
 
     def warm(self, experts: list[tuple[int, int]]) -> int:
         """Load these experts now (up to the device slots); returns how many are resident."""

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 
 from offload_rt.distributed.cluster import ExpertCluster, actor_failures
-from offload_rt.distributed.wire import ExpertRequest, decode_response, encode
+from offload_rt.distributed.wire import decode_response, encode_groups
 from offload_rt.model.moe import ExpertKey
 
 
@@ -59,9 +59,8 @@ class RayExpertBackend:
         """One request per actor, all submitted before any is awaited."""
         calls = {}
         for actor, keys in sorted(self.cluster.plan.group_by_actor(todo).items()):
-            request = ExpertRequest.from_groups({k: todo[k].cpu() for k in keys})
-            handle = self.cluster.handles[actor]
-            calls[actor] = (keys, handle.run.remote(encode(request)))
+            request = encode_groups("request", {k: todo[k] for k in keys})
+            calls[actor] = (keys, self.cluster.handles[actor].run.remote(request))
         return calls
 
     def stats(self) -> dict[str, int]:
