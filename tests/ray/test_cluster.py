@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import offload_rt
-from tests.ray_helpers import (
+from tests.ray.helpers import (
     FAST_RECOVERY,
     NAMESPACE,
     NEW,
@@ -14,22 +14,9 @@ from tests.ray_helpers import (
     actor_infos,
     assert_same_as_local,
     fault_at_call,
-    local_outputs_of,
     ray,
-    shut_down_and_check,
     start_cluster,
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_ray_left_behind():
-    yield
-    shut_down_and_check()
-
-
-@pytest.fixture(scope="module")
-def local_outputs(reference):
-    return local_outputs_of(reference[0])
 
 
 @pytest.fixture(scope="module")

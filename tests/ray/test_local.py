@@ -8,28 +8,15 @@ import pytest
 import offload_rt
 from offload_rt.distributed.cluster import RayOptions
 from offload_rt.distributed.placement import PlacementError
-from tests.ray_helpers import (
+from tests.ray.helpers import (
     FAST_RECOVERY,
     NEW,
     PROMPTS,
     assert_same_as_local,
     fault_at_call,
-    local_outputs_of,
     ray,
-    shut_down_and_check,
     start_cluster,
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_ray_left_behind():
-    yield
-    shut_down_and_check()
-
-
-@pytest.fixture(scope="module")
-def local_outputs(reference):
-    return local_outputs_of(reference[0])
 
 
 def test_removing_a_node_mid_generation_changes_no_token(reference, local_outputs):
