@@ -1,4 +1,4 @@
-"""`offload-rt` commands: demo, generate, plan."""
+"""`offload-rt` commands: demo, generate, plan, cache-sim."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import offload_rt
+from offload_rt import cli_cachesim
 from offload_rt.checkpoint import Checkpoint, CheckpointError
 from offload_rt.demo import DEMO_NAME, make_demo_checkpoint
 from offload_rt.engine import GenerationResult, OffloadModel, RequestError
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("model_dir", type=Path)
     plan.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     _add_ray_options(plan)
+    cli_cachesim.add_parser(sub)
     return parser
 
 
@@ -145,7 +147,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"demo": cmd_demo, "generate": cmd_generate, "plan": cmd_plan}
+    commands = {
+        "demo": cmd_demo,
+        "generate": cmd_generate,
+        "plan": cmd_plan,
+        "cache-sim": cli_cachesim.run,
+    }
     try:
         return commands[args.command](args)
     except (CheckpointError, RequestError, ValueError) as e:

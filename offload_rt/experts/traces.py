@@ -48,6 +48,15 @@ class RoutingTrace:
     def decode_passes(self) -> int:
         return len(self.passes) - len(self.prompt_passes)
 
+    def step(self, index: int, layer: int) -> int:
+        """The clock of the simulator and the policies: one tick per (pass, layer)."""
+        return index * self.num_layers + layer
+
+    def without_prompts(self) -> RoutingTrace:
+        """The decode passes alone, as if the cache started empty after the prompt."""
+        passes = tuple(p for i, p in enumerate(self.passes) if not self.is_prompt(i))
+        return RoutingTrace(self.num_layers, self.num_experts, passes, frozenset())
+
     def keys(self, index: int, layer: int) -> tuple[ExpertKey, ...]:
         """The experts pass `index` used in `layer`, as typed keys."""
         return tuple(ExpertKey(layer, e) for e in self.passes[index][layer])
