@@ -13,6 +13,8 @@ from offload_rt import cli_cachesim
 from offload_rt.checkpoint import Checkpoint, CheckpointError
 from offload_rt.demo import DEMO_NAME, make_demo_checkpoint
 from offload_rt.engine import GenerationResult, OffloadModel, RequestError
+from offload_rt.experts.recorder import RoutingRecorder
+from offload_rt.experts.traces import write_trace
 
 
 def default_cache_dir() -> Path:
@@ -58,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_options(demo, cache_experts=8)
     gen = sub.add_parser("generate", help="generate from a Hugging Face Mixtral checkpoint")
     gen.add_argument("model_dir", type=Path)
+    gen.add_argument("--trace", type=Path, default=None, help="write the routing trace (msgpack)")
     _add_load_options(gen, cache_experts=None)
     plan = sub.add_parser("plan", help="print where the Ray backend would place each expert")
     plan.add_argument("model_dir", type=Path)
@@ -119,9 +122,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     with _load(args, args.model_dir) as model:
+        recorder = None
+        if args.trace is not None:
+            cfg = model.config
+            recorder = RoutingRecorder(
+                model.model.backend, cfg.num_hidden_layers, cfg.num_local_experts
+            )
+            model.model.backend = recorder
         result, seconds = _generate(model, args)
         print(result.text if result.text is not None else result.token_ids)
         _report(model, result, seconds)
+        if recorder is not None:
+            trace = recorder.trace()
+            write_trace(args.trace, trace)
+            print(f"routing trace: {len(trace.passes)} passes -> {args.trace}")
     return 0
 
 
