@@ -170,11 +170,7 @@ def _spawn(a: ActorPlan, spec: ActorSpec, opts: RayOptions):
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    try:
-        ray.get_actor(a.name, namespace=opts.namespace)
-    except ValueError:
-        pass  # the name is free
-    else:
+    if _name_taken(a.name, opts.namespace):
         raise RuntimeError(
             f"an actor named {a.name!r} already runs in Ray namespace {opts.namespace!r}: "
             "another offload_rt model holds this cluster's experts; close it, or give this "
@@ -196,16 +192,21 @@ def _spawn(a: ActorPlan, spec: ActorSpec, opts: RayOptions):
 
 def _wait_names_free(names: list[str], namespace: str, timeout_s: float = 30.0) -> None:
     """ray.kill returns before the name is released; a new model may want the names at once."""
-    import ray
 
     deadline = time.monotonic() + timeout_s
     for name in names:
-        while time.monotonic() < deadline:
-            try:
-                ray.get_actor(name, namespace=namespace)
-            except ValueError:
-                break
+        while _name_taken(name, namespace) and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+def _name_taken(name: str, namespace: str) -> bool:
+    import ray
+
+    try:
+        ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return False
+    return True
 
 
 def join_ray(address: str | None) -> bool:
