@@ -40,6 +40,9 @@ def _add_load_options(p: argparse.ArgumentParser, cache_experts: int | None) -> 
     )
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--link-gbps", type=float, default=None, help="simulate a host->device link of this GB/s"
+    )
     _add_ray_options(p)
 
 
@@ -79,6 +82,7 @@ def _load(args: argparse.Namespace, path: Path) -> OffloadModel:
         cache_experts=args.cache_experts,
         ray_address=args.address,
         expert_actors=args.expert_actors,
+        link_gbps=args.link_gbps,
     )
 
 

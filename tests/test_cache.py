@@ -177,3 +177,21 @@ def test_expert_ffn_matches_separate_projections():
     torch.testing.assert_close(
         expert_ffn(x, w13, w["w2"]), reference(FakeSource(), ExpertKey(0, 0), x)
     )
+
+
+def test_simulated_link_charges_every_move_and_changes_nothing():
+    from offload_rt.experts.store import SimulatedLink
+
+    source = FakeSource()
+    link = SimulatedLink(bytes_per_s=1e9)
+    store = ExpertStore(source, D, F, torch.device("cpu"), torch.float32, 2, None, link)
+    backend = LocalExpertBackend(store, SlotCache(2))
+    x = torch.randn(1, D)
+    for e in (0, 1, 2, 0, 1, 2):
+        key = ExpertKey(0, e)
+        torch.testing.assert_close(backend.run({key: x})[key], reference(source, key, x))
+    s = backend.stats()
+    assert s["misses"] == 6 and source.reads == keys(0, 1, 2)  # re-loads come from host RAM
+    assert s["link_seconds"] == pytest.approx(6 * 3 * D * F * 4 / 1e9)
+    with pytest.raises(ValueError, match="positive bandwidth"):
+        SimulatedLink(0)

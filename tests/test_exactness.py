@@ -127,3 +127,14 @@ def test_bfloat16_stays_close_to_float32(reference):
         ref = hf(torch.tensor([PROMPTS[0]])).logits[0]
     # bfloat16 keeps 8 bits of mantissa: agreement to a few hundredths, not to 1e-4
     assert (ours - ref).abs().max().item() < 0.1
+
+
+def test_simulated_link_gives_identical_outputs(reference):
+    folder, _ = reference
+    with offload_rt.load(folder) as full:
+        want = [r.token_ids for r in full.generate(PROMPTS, max_new_tokens=NEW_TOKENS)]
+    with offload_rt.load(folder, cache_experts=3, link_gbps=16) as model:
+        got = [r.token_ids for r in model.generate(PROMPTS, max_new_tokens=NEW_TOKENS)]
+        stats = model.stats()
+    assert got == want
+    assert stats["host_resident"] == 16 and stats["link_seconds"] > 0

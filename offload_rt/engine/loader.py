@@ -11,6 +11,7 @@ import torch
 from offload_rt.checkpoint import Checkpoint, router_tensor_name
 from offload_rt.distributed.cluster import RayOptions
 from offload_rt.experts import ExpertStore, LocalExpertBackend, SlotCache
+from offload_rt.experts.store import SimulatedLink
 from offload_rt.model import AttentionWeights, DenseWeights, LayerWeights
 
 if TYPE_CHECKING:
@@ -81,11 +82,16 @@ def local_backend(
     dtype: torch.dtype,
     capacity: int,
     host_experts: int | None,
+    link_gbps: float | None = None,
 ) -> LocalExpertBackend:
     cfg = ckpt.config
-    # on a CPU device the slots are host RAM already: a host tier would hold every expert twice
-    host = 0 if device.type == "cpu" else host_experts
-    store = ExpertStore(ckpt, cfg.hidden_size, cfg.intermediate_size, device, dtype, capacity, host)
+    # on a CPU device the slots are host RAM already: a host tier would hold every expert twice,
+    # except where a simulated link plays the bus between host RAM and a device
+    host = 0 if device.type == "cpu" and link_gbps is None else host_experts
+    link = None if link_gbps is None else SimulatedLink(link_gbps * 1e9)
+    store = ExpertStore(
+        ckpt, cfg.hidden_size, cfg.intermediate_size, device, dtype, capacity, host, link
+    )
     return LocalExpertBackend(store, SlotCache(capacity))
 
 

@@ -157,6 +157,7 @@ def load(
     ray_address: str | None = None,
     expert_actors: int | None = None,
     ray_options: RayOptions | None = None,
+    link_gbps: float | None = None,
 ) -> OffloadModel:
     """Open a Hugging Face Mixtral checkpoint folder.
 
@@ -165,10 +166,17 @@ def load(
     layers (None: all). host_experts: packed experts kept in (pinned) host RAM when the device
     is a GPU (None: all). ray_address: None starts or joins a local Ray, "auto" joins the
     running cluster, or an address. expert_actors: None: one per GPU, or one per node without
-    GPUs. ray_options: timeouts, restarts, memory shares (`RayOptions`).
+    GPUs. ray_options: timeouts, restarts, memory shares (`RayOptions`). link_gbps: local
+    backend: hold every host->device expert move to bytes / (link_gbps GB/s) and keep a host
+    tier even on a CPU device — a PCIe link simulated on a machine without a GPU.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; available: {BACKENDS}")
+    if backend == "ray" and (cache_experts is not None or link_gbps is not None):
+        raise ValueError(
+            "cache_experts and link_gbps apply to the local backend; the ray backend sizes each "
+            "actor's cache from the placement plan (see `offload-rt plan`)"
+        )
     if host_experts is not None and (not isinstance(host_experts, int) or host_experts < 0):
         raise ValueError(f"host_experts must be a non-negative integer, got {host_experts!r}")
     dev = resolve_device(device)
@@ -181,7 +189,7 @@ def load(
         tokenizer = TextTokenizer.from_folder(ckpt.folder)
         weights = load_dense(ckpt, dev, dt)
         if backend == "local":
-            experts: ModelBackend = local_backend(ckpt, dev, dt, capacity, host_experts)
+            experts: ModelBackend = local_backend(ckpt, dev, dt, capacity, host_experts, link_gbps)
         else:
             opts = ray_options or RayOptions()
             opts = replace(

@@ -62,8 +62,14 @@ class LocalExpertBackend:
             self.store.load(key, slot)
         stream.synchronize()
 
-    def stats(self) -> dict[str, int]:
-        return {**self.cache.stats.as_dict(), "host_resident": self.store.host_resident()}
+    def stats(self) -> dict[str, int | float]:
+        out: dict[str, int | float] = {
+            **self.cache.stats.as_dict(),
+            "host_resident": self.store.host_resident(),
+        }
+        if self.store.link is not None:
+            out["link_seconds"] = self.store.link.seconds
+        return out
 
     def close(self) -> None:
         self._loader.shutdown(wait=True)

@@ -4,12 +4,15 @@ Each expert is packed into one contiguous buffer `[w1 | w3 | w2]` of the compute
 move between tiers is one copy and w1, w3 read as one stacked (2F, D) matrix. The device tier is
 a fixed pool of `capacity` such buffers, allocated once. The host tier (pinned RAM when the
 device is a GPU) keeps packed buffers so that a re-load skips the disk and the dtype conversion;
-on a CPU device it is off, since the device slots already are host RAM.
+on a CPU device it is off, since the device slots already are host RAM — unless a
+`SimulatedLink` stands in for a PCIe bus, to measure offloading on a machine without a GPU.
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -23,6 +26,27 @@ class ExpertSource(Protocol):
     def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         """w1 (F, D), w2 (D, F), w3 (F, D) as stored."""
         ...
+
+
+@dataclass
+class SimulatedLink:
+    """A host->device link of `bytes_per_s`: every move into a device slot lasts at least
+    bytes / bytes_per_s, so a CPU-only machine shows what a PCIe-bound GPU would."""
+
+    bytes_per_s: float  # e.g. 16e9 for a PCIe 4.0 x16 link in practice
+    seconds: float = 0.0  # transfer time charged so far
+
+    def __post_init__(self) -> None:
+        if not self.bytes_per_s > 0:
+            raise ValueError(f"a simulated link needs a positive bandwidth, got {self.bytes_per_s}")
+
+    def hold(self, nbytes: int, since: float) -> None:
+        """Sleep until a move of `nbytes` begun at perf_counter() `since` has taken its time."""
+        need = nbytes / self.bytes_per_s
+        self.seconds += need
+        left = need - (time.perf_counter() - since)
+        if left > 0:
+            time.sleep(left)
 
 
 class StoreError(RuntimeError):
@@ -39,6 +63,7 @@ class ExpertStore:
         dtype: torch.dtype,
         capacity: int,
         host_capacity: int | None,
+        link: SimulatedLink | None = None,
     ) -> None:
         self.source = source
         self.hidden = hidden
@@ -56,6 +81,7 @@ class ExpertStore:
         self.host_capacity = host_capacity  # None: unbounded; 0: no host tier
         self._host: OrderedDict[ExpertKey, torch.Tensor] = OrderedDict()
         self._pin = device.type == "cuda"
+        self.link = link
 
     def weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of one slot: w13 (2F, D) and w2 (D, F)."""
@@ -66,7 +92,11 @@ class ExpertStore:
         if self.host_capacity == 0:
             self._pack(key, self.pool[slot])
             return
-        self.pool[slot].copy_(self._host_buffer(key), non_blocking=self._pin)
+        host = self._host_buffer(key)
+        start = time.perf_counter()
+        self.pool[slot].copy_(host, non_blocking=self._pin)
+        if self.link is not None:
+            self.link.hold(self.nbytes, start)
 
     def _host_buffer(self, key: ExpertKey) -> torch.Tensor:
         buf = self._host.get(key)

@@ -55,3 +55,10 @@ def test_no_room_names_the_expert(reference):
     with pytest.raises(PlacementError, match=r"layer \d+ expert \d+"):
         offload_rt.load(reference[0], backend="ray", ray_options=tiny)
     assert not ray.is_initialized()  # a failed load disconnects what it connected
+
+
+def test_local_only_options_are_refused_for_ray(reference):
+    for kwargs in ({"cache_experts": 4}, {"link_gbps": 16.0}):
+        with pytest.raises(ValueError, match="apply to the local backend"):
+            offload_rt.load(reference[0], backend="ray", **kwargs)
+    assert not ray.is_initialized()
