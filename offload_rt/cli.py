@@ -16,6 +16,8 @@ from offload_rt.engine import GenerationResult, OffloadModel, RequestError
 from offload_rt.experts.recorder import RoutingRecorder
 from offload_rt.experts.traces import write_trace
 
+DEMO_CACHE_EXPERTS = 8  # of the demo's 32: a quarter on the device, so the cache works
+
 
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -60,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="make a small random checkpoint once, then generate")
     demo.add_argument("--cache-dir", type=Path, default=None, help="where the demo model lives")
-    _add_load_options(demo, cache_experts=8)
+    _add_load_options(demo, cache_experts=None)
     gen = sub.add_parser("generate", help="generate from a Hugging Face Mixtral checkpoint")
     gen.add_argument("model_dir", type=Path)
     gen.add_argument("--trace", type=Path, default=None, help="write the routing trace (msgpack)")
@@ -115,6 +117,8 @@ def _report(model: OffloadModel, result: GenerationResult, seconds: float) -> No
 def cmd_demo(args: argparse.Namespace) -> int:
     folder = (args.cache_dir or default_cache_dir()) / DEMO_NAME
     print(f"demo checkpoint: {make_demo_checkpoint(folder)}")
+    if args.backend == "local" and args.cache_experts is None:
+        args.cache_experts = DEMO_CACHE_EXPERTS
     with _load(args, folder) as model:
         result, seconds = _generate(model, args)
         print("note: the demo model has random weights, so its text is noise")

@@ -75,3 +75,12 @@ def test_plan_prints_each_actor_and_generate_runs_on_ray(reference):
     assert remote.returncode == 0, remote.stderr
     assert "actors=2" in remote.stdout
     assert remote.stdout.splitlines()[0] == local.stdout.splitlines()[0]  # the same tokens
+
+
+def test_demo_on_a_local_ray(tmp_path):
+    out = offload_rt(
+        "demo", "--backend", "ray", "--cache-dir", str(tmp_path), "--max-new-tokens", "6"
+    )
+    assert out.returncode == 0, out.stderr
+    assert "random weights" in out.stdout and "tokens: 6 new" in out.stdout
+    assert "actors=1" in out.stdout and "hits=" in out.stdout
