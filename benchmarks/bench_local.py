@@ -43,7 +43,7 @@ from transformers import MixtralConfig, MixtralForCausalLM
 from transformers.utils import logging as hf_logging
 
 import offload_rt
-from offload_rt import ExpertKey, ModelConfig, OffloadModel
+from offload_rt import ModelConfig, OffloadModel
 from offload_rt.engine import BatchDecoder
 
 MODEL = dict(
@@ -164,15 +164,10 @@ def _by_row(per_step: list[list[int]]) -> list[list[int]]:
 
 
 def warm_all_experts(model: OffloadModel) -> None:
-    """Make every expert resident, through the backend's own `run`."""
-    cfg = model.config
-    embed = model.model.weights.embed
-    x = torch.zeros(1, cfg.hidden_size, dtype=embed.dtype, device=embed.device)
-    for layer in range(cfg.num_hidden_layers):
-        model.backend.run({ExpertKey(layer, e): x for e in range(cfg.num_local_experts)})
-    resident = model.stats()["resident"]
-    if resident != cfg.num_experts_total:
-        raise RuntimeError(f"warm-up left {resident} of {cfg.num_experts_total} experts resident")
+    """Every expert resident (`OffloadModel.warm`), or an error saying how many are not."""
+    resident, total = model.warm(), model.config.num_experts_total
+    if resident != total:
+        raise RuntimeError(f"warm-up left {resident} of {total} experts resident")
 
 
 def measure(

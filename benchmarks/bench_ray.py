@@ -614,14 +614,10 @@ def on_one_thread_runner(run: Runner) -> Runner:
 
 
 def warm_all_experts(model: OffloadModel) -> None:
-    """Every expert resident, through the backend's own `run` (local or ray)."""
-    cfg = model.config
-    x = torch.zeros(1, cfg.hidden_size, dtype=model.model.weights.embed.dtype)
-    for layer in range(cfg.num_hidden_layers):
-        model.backend.run({ExpertKey(layer, e): x for e in range(cfg.num_local_experts)})
-    resident = model.stats()["resident"]
-    if resident != cfg.num_experts_total:
-        raise RuntimeError(f"warm-up left {resident} of {cfg.num_experts_total} experts resident")
+    """Every expert resident (`OffloadModel.warm`), or an error saying how many are not."""
+    resident, total = model.warm(), model.config.num_experts_total
+    if resident != total:
+        raise RuntimeError(f"warm-up left {resident} of {total} experts resident")
 
 
 def measure(

@@ -153,3 +153,12 @@ def test_closed_model_refuses_work(reference):
         pass
     with pytest.raises(RuntimeError, match="closed"):
         m.generate(PROMPT)
+
+
+def test_warm_loads_every_expert_once(reference):
+    with offload_rt.load(reference[0]) as m:
+        assert m.warm() == 16 and m.stats()["misses"] == 16
+        m.generate(PROMPT, max_new_tokens=4)
+        assert m.stats()["misses"] == 16  # nothing left to load
+    with offload_rt.load(reference[0], cache_experts=3) as m:
+        assert m.warm() == 3 and m.stats()["resident_max"] == 3

@@ -17,7 +17,6 @@ import torch
 from offload_rt.checkpoint import Checkpoint
 from offload_rt.distributed.wire import decode_request, encode_groups
 from offload_rt.experts import ExpertStore, LocalExpertBackend, SlotCache
-from offload_rt.model.moe import ExpertKey
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,14 +62,6 @@ class ExpertActor:
             outputs = self.backend.run(groups)
         self.calls += 1
         return encode_groups("response", outputs)
-
-    def warm(self, experts: list[tuple[int, int]]) -> int:
-        """Load these experts now (up to the device slots); returns how many are resident."""
-        hidden = self.checkpoint.config.hidden_size
-        x = torch.zeros(1, hidden, device=self.device, dtype=self.backend.store.dtype)
-        for layer, e in experts[: self.spec.device_slots]:
-            self.backend.run({ExpertKey(layer, e): x})
-        return self.backend.stats()["resident"]
 
     def info(self) -> dict[str, object]:
         """Identity for operators and tests: process, node, device, calls served."""

@@ -44,11 +44,15 @@ class ExpertCluster:
     """Live actors by plan index; the plan changes when actors are gone for good."""
 
     def __init__(
-        self, plan: PlacementPlan, handles: dict[int, object], spec: dict, opts: RayOptions
+        self,
+        plan: PlacementPlan,
+        handles: dict[int, object],
+        specs: dict[int, ActorSpec],
+        opts: RayOptions,
     ) -> None:
         self.plan = plan
         self.handles = handles
-        self.specs = spec
+        self.specs = specs  # per actor index: what Ray restarts it with
         self.opts = opts
         self.replans = 0
         self.recoveries = 0

@@ -24,7 +24,7 @@ from offload_rt.engine.loader import (
 from offload_rt.engine.sampling import RequestError, SamplingParams
 from offload_rt.engine.tokenizer import TextTokenizer
 from offload_rt.model import MixtralModel, RopeTables
-from offload_rt.model.moe import ExpertBackend
+from offload_rt.model.moe import ExpertBackend, ExpertKey
 
 Prompt = str | Sequence[int]
 
@@ -117,6 +117,19 @@ class OffloadModel:
             self.model, prompts, [params] * len(prompts), self.config.eos_token_ids, decode
         )
         return results if batch else results[0]
+
+    def warm(self) -> int:
+        """Load every expert once through the backend (one zero token each), so the first
+        tokens do not pay for the loads; with a capped cache the last ones used stay resident.
+        Returns the experts resident afterwards."""
+        self._check_open()
+        cfg = self.config
+        embed = self.model.weights.embed
+        x = torch.zeros(1, cfg.hidden_size, dtype=embed.dtype, device=embed.device)
+        with torch.inference_mode():
+            for layer in range(cfg.num_hidden_layers):
+                self.backend.run({ExpertKey(layer, e): x for e in range(cfg.num_local_experts)})
+        return int(self.stats()["resident"])
 
     def stats(self) -> dict[str, int]:
         return self.backend.stats()
