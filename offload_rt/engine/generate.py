@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from offload_rt.engine.sampling import RequestError, Sampler, SamplingParams
+from offload_rt.model.layers import KVCache
 from offload_rt.model.mixtral import MixtralModel
 
 
@@ -33,6 +34,29 @@ class BatchDecoder:
         self.prompts = prompts
         self.cache = model.new_cache(len(prompts), max_len)
         self.device = model.weights.embed.device
+
+    @classmethod
+    def empty(cls, model: MixtralModel, rows: int, max_len: int) -> BatchDecoder:
+        """`rows` free rows, each filled later by `prefill_row` (continuous batching)."""
+        return cls(model, [[] for _ in range(rows)], max_len)
+
+    @torch.inference_mode()
+    def prefill_row(self, row: int, prompt: list[int]) -> torch.Tensor:
+        """Prefill one prompt alone into `row`, as a solo run would; returns its logits (1, V)."""
+        n = len(prompt)
+        view = KVCache(
+            [k[row : row + 1] for k in self.cache.keys],
+            [v[row : row + 1] for v in self.cache.values],
+        )
+        hidden = self.model.forward(
+            torch.tensor([prompt], dtype=torch.long, device=self.device),
+            torch.arange(n, device=self.device)[None],
+            view,
+            kv_len=n,
+            start=0,
+        )
+        self.lengths[row] = n
+        return self.model.logits(hidden[:, -1])
 
     @torch.inference_mode()
     def prefill(self) -> torch.Tensor:
@@ -57,23 +81,28 @@ class BatchDecoder:
 
     @torch.inference_mode()
     def step(self, tokens: list[int], live: list[bool]) -> torch.Tensor:
-        """Feed one token per row (ignored where not live); returns logits (B, V)."""
-        positions = [n if ok else 0 for n, ok in zip(self.lengths, live)]
+        """Feed one token to each of the first len(tokens) rows (ignored where not live);
+        returns their logits (len(tokens), V). Rows past them are left alone."""
+        n = len(tokens)
+        positions = [p if ok else 0 for p, ok in zip(self.lengths[:n], live)]
         kv_len = max(positions) + 1
+        cache = self.cache
+        if n < len(self.lengths):
+            cache = KVCache([k[:n] for k in cache.keys], [v[:n] for v in cache.values])
         hidden = self.model.forward(
             torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None],
             torch.tensor(positions, dtype=torch.long, device=self.device)[:, None],
-            self.cache,
+            cache,
             kv_len=kv_len,
             token_mask=None if all(live) else torch.tensor(live, device=self.device)[:, None],
             start=positions[0] if len(set(positions)) == 1 else None,
         )
-        self.lengths = [n + 1 if ok else n for n, ok in zip(self.lengths, live)]
+        self.lengths[:n] = [p + 1 if ok else p for p, ok in zip(self.lengths[:n], live)]
         return self.model.logits(hidden[:, 0])
 
 
 @dataclass
-class _Row:
+class SequenceState:
     params: SamplingParams
     sampler: Sampler
     stop_ids: frozenset[int]
@@ -93,38 +122,43 @@ def generate(
     """Generate for every prompt together; each row stops on its own."""
     context = model.cfg.max_position_embeddings
     for i, p in enumerate(prompts):
-        if not p:
-            raise RequestError(f"prompt {i} is empty: give at least one token")
-        if len(p) >= context:
-            raise RequestError(
-                f"prompt {i} has {len(p)} tokens; the context length is {context}, "
-                "which leaves no room for a new token"
-            )
-    vocab = model.cfg.vocab_size
-    if any(t < 0 or t >= vocab for p in prompts for t in p):
-        raise RequestError(f"prompt token ids must lie in [0, {vocab})")
+        check_prompt(p, context, model.cfg.vocab_size, f"prompt {i}")
     rows = [
-        _Row(sp, Sampler(sp), frozenset(eos_ids) | frozenset(sp.stop_token_ids), len(p))
+        SequenceState(sp, Sampler(sp), frozenset(eos_ids) | frozenset(sp.stop_token_ids), len(p))
         for p, sp in zip(prompts, params)
     ]
     budget = [min(sp.max_new_tokens, context - len(p)) for p, sp in zip(prompts, params)]
     if max(budget) == 0:
-        return [_result(r, decode) for r in rows]
+        return [to_result(r, decode) for r in rows]
     decoder = BatchDecoder(model, prompts, max(len(p) + b for p, b in zip(prompts, budget)))
     logits = decoder.prefill()
     while True:
         live = [r.finish_reason is None for r in rows]
-        _sample_rows(rows, logits, live)
+        sample_rows(rows, logits, live)
         for r, b in zip(rows, budget):
             if r.finish_reason is None:
-                _check_finished(r, b, decode)
+                check_finished(r, b, decode)
         live = [r.finish_reason is None for r in rows]
         if not any(live):
-            return [_result(r, decode) for r in rows]
+            return [to_result(r, decode) for r in rows]
         logits = decoder.step([r.tokens[-1] if r.tokens else 0 for r in rows], live)
 
 
-def _sample_rows(rows: list[_Row], logits: torch.Tensor, live: list[bool]) -> None:
+def check_prompt(prompt: list[int], context: int, vocab: int, what: str = "the prompt") -> None:
+    """A prompt must leave room for one new token and hold only ids of the vocabulary."""
+    if not prompt:
+        raise RequestError(f"{what} is empty: give at least one token")
+    if len(prompt) >= context:
+        raise RequestError(
+            f"{what} has {len(prompt)} tokens; the context length is {context}, "
+            "which leaves no room for a new token"
+        )
+    bad = [t for t in prompt if t < 0 or t >= vocab]
+    if bad:
+        raise RequestError(f"{what}: token ids must lie in [0, {vocab}), got {bad[0]}")
+
+
+def sample_rows(rows: list[SequenceState], logits: torch.Tensor, live: list[bool]) -> None:
     greedy = torch.argmax(logits, dim=-1).tolist()
     sampled = [i for i, r in enumerate(rows) if live[i] and not r.params.greedy]
     cpu = logits[sampled].float().cpu() if sampled else None
@@ -137,7 +171,9 @@ def _sample_rows(rows: list[_Row], logits: torch.Tensor, live: list[bool]) -> No
             r.tokens.append(r.sampler.sample(cpu[sampled.index(i)]))
 
 
-def _check_finished(r: _Row, budget: int, decode: Callable[[list[int]], str] | None) -> None:
+def check_finished(
+    r: SequenceState, budget: int, decode: Callable[[list[int]], str] | None
+) -> None:
     if r.tokens[-1] in r.stop_ids:
         r.finish_reason = "stop"
         return
@@ -151,7 +187,7 @@ def _check_finished(r: _Row, budget: int, decode: Callable[[list[int]], str] | N
         r.finish_reason = "length"
 
 
-def _result(r: _Row, decode: Callable[[list[int]], str] | None) -> GenerationResult:
+def to_result(r: SequenceState, decode: Callable[[list[int]], str] | None) -> GenerationResult:
     text = r.text
     if text is None and decode is not None:
         text = decode(r.tokens)

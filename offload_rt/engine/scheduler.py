@@ -1,0 +1,263 @@
+"""Continuous batching: requests join the running batch at step boundaries and leave when done.
+
+One thread owns the model. Each running request holds one row of a KV cache of `max_batch`
+rows. A new request is prefilled alone into a free row, so its keys and values are those of its
+solo run; then every step decodes one token for all running rows together, each with its own
+sampling parameters and stopping rules. A finished or cancelled request frees its row at the
+next step boundary; waiting requests take free rows in arrival order; when `max_queue` requests
+already wait, `submit` refuses with `QueueFull`.
+
+Events reach each request's `on_event` callback on the scheduler's thread: one per new token
+(its id and the text that is safe to send), the last one carrying the result or an error.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from offload_rt.engine.generate import (
+    BatchDecoder,
+    GenerationResult,
+    SequenceState,
+    check_finished,
+    check_prompt,
+    sample_rows,
+    to_result,
+)
+from offload_rt.engine.sampling import Sampler, SamplingParams
+from offload_rt.engine.textstream import TextStream
+from offload_rt.model.mixtral import MixtralModel
+
+log = logging.getLogger(__name__)
+
+Decode = Callable[[list[int]], str]
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch: int = 16  # requests decoded together; each holds one KV-cache row
+    max_len: int | None = None  # KV positions per row (prompt + new tokens); None: the context
+    max_queue: int = 64  # requests waiting for a row; one more is refused (HTTP 429)
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_queue"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"SchedulerConfig.{name} must be an integer >= 1, got {v!r}")
+        if self.max_len is not None and (not isinstance(self.max_len, int) or self.max_len < 2):
+            raise ValueError(f"SchedulerConfig.max_len must be an integer >= 2, got {self.max_len}")
+
+
+class QueueFull(RuntimeError):
+    """Every row is busy and the waiting queue is full: try again later."""
+
+
+@dataclass
+class Event:
+    token_ids: list[int]  # the tokens this event adds (one per step; none in the last event)
+    text: str  # the text that is safe to send now ("" without a tokenizer)
+    result: GenerationResult | None = None  # set on the last event of a completed request
+    error: str | None = None  # set on the last event of a request that failed on the server
+
+
+@dataclass(eq=False)
+class Request:
+    id: int
+    prompt: list[int]
+    budget: int  # most new tokens: max_new_tokens, cut to what the row can hold
+    state: SequenceState
+    on_event: Callable[[Event], None]
+    stream: TextStream | None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """Drop the request at the next step boundary (a client went away); no more events."""
+        self.cancelled.set()
+
+
+@dataclass
+class SchedulerStats:
+    submitted: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    refused: int = 0
+    generated_tokens: int = 0
+    steps: int = 0  # batched decode steps
+    step_rows: int = 0  # running requests summed over steps (/ steps: the mean batch)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        model: MixtralModel,
+        eos_ids: tuple[int, ...],
+        decode: Decode | None,
+        config: SchedulerConfig | None = None,
+    ) -> None:
+        self.model = model
+        self.eos_ids = eos_ids
+        self.decode = decode
+        self.config = config or SchedulerConfig()
+        context = model.cfg.max_position_embeddings
+        self.max_len = min(self.config.max_len or context, context)
+        self.decoder = BatchDecoder.empty(model, self.config.max_batch, self.max_len)
+        self.rows: list[Request | None] = [None] * self.config.max_batch
+        self.waiting: deque[Request] = deque()
+        self.stats = SchedulerStats()
+        self._ids = itertools.count()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name="offload-rt-scheduler", daemon=True)
+        self._thread.start()
+
+    # ---- called from any thread ----
+
+    def submit(
+        self, prompt: list[int], params: SamplingParams, on_event: Callable[[Event], None]
+    ) -> Request:
+        """Queue a request; raises RequestError for a prompt that cannot be served and
+        QueueFull when the queue is full. Events then arrive on the scheduler's thread."""
+        check_prompt(prompt, self.max_len, self.model.cfg.vocab_size)
+        stops = frozenset(self.eos_ids) | frozenset(params.stop_token_ids)
+        state = SequenceState(params, Sampler(params), stops, len(prompt))
+        stream = TextStream(self.decode, params.stop_strings) if self.decode else None
+        budget = min(params.max_new_tokens, self.max_len - len(prompt))
+        req = Request(next(self._ids), list(prompt), budget, state, on_event, stream)
+        if budget == 0:  # nothing to generate: answer at once, without the model
+            on_event(Event([], "", result=to_result(state, self.decode)))
+            return req
+        with self._cond:
+            if self._closing:
+                raise RuntimeError("the scheduler is closed")
+            if len(self.waiting) >= self.config.max_queue:
+                self.stats.refused += 1
+                raise QueueFull(
+                    f"{self.config.max_batch} requests are running and {len(self.waiting)} "
+                    "are waiting, the most this server queues: try again later"
+                )
+            self.stats.submitted += 1
+            self.waiting.append(req)
+            self._cond.notify()
+        return req
+
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    def running(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop after the current step; waiting and running requests end with an error."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    # ---- the scheduler's thread ----
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closing and not self.waiting and self.running() == 0:
+                    self._cond.wait()
+                if self._closing:
+                    break
+                admitted = self._admit()
+            for row, req in admitted:
+                self._guard([row], self._prefill, row, req)
+            self._drop_cancelled()
+            if self.running():
+                self._guard(self._occupied(), self._step)
+        self._fail_all("the server is shutting down")
+
+    def _admit(self) -> list[tuple[int, Request]]:
+        admitted = []
+        while self.waiting:
+            req = self.waiting[0]
+            if req.cancelled.is_set():
+                self.waiting.popleft()
+                self.stats.cancelled += 1
+                continue
+            free = next((i for i, r in enumerate(self.rows) if r is None), None)
+            if free is None:
+                break
+            self.waiting.popleft()
+            self.rows[free] = req
+            admitted.append((free, req))
+        return admitted
+
+    def _occupied(self) -> list[int]:
+        return [i for i, r in enumerate(self.rows) if r is not None]
+
+    def _guard(self, rows: list[int], fn: Callable[..., None], *args: object) -> None:
+        """Run a model call; when it fails (a dead actor past its retries, out of memory),
+        the requests it served end with the error and the scheduler goes on with the rest."""
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - any failure ends these requests, not the server
+            log.exception("model step failed")
+            for i in rows:
+                req = self.rows[i]
+                if req is not None:
+                    self.rows[i] = None
+                    self.stats.failed += 1
+                    req.on_event(Event([], "", error=f"{type(e).__name__}: {e}"))
+
+    def _prefill(self, row: int, req: Request) -> None:
+        logits = self.decoder.prefill_row(row, req.prompt)
+        sample_rows([req.state], logits, [True])
+        self._advance(row, req)
+
+    def _step(self) -> None:
+        n = max(self._occupied()) + 1  # rows past the last running one are skipped
+        live = [r is not None for r in self.rows[:n]]
+        tokens = [r.state.tokens[-1] if r is not None else 0 for r in self.rows[:n]]
+        start = time.perf_counter()
+        logits = self.decoder.step(tokens, live)
+        self.stats.steps += 1
+        self.stats.step_rows += sum(live)
+        log.debug("step of %d rows in %.1f ms", sum(live), 1e3 * (time.perf_counter() - start))
+        states = [r.state if r is not None else None for r in self.rows[:n]]
+        sample_rows(states, logits, live)  # type: ignore[arg-type]
+        for i in range(n):
+            req = self.rows[i]
+            if req is not None:
+                self._advance(i, req)
+
+    def _advance(self, row: int, req: Request) -> None:
+        """After a new token: send it, and free the row when the request is done."""
+        self.stats.generated_tokens += 1
+        if req.cancelled.is_set():
+            return
+        state = req.state
+        check_finished(state, req.budget, self.decode)
+        if state.finish_reason is None:
+            piece = req.stream.piece(state.tokens) if req.stream else ""
+            req.on_event(Event([state.tokens[-1]], piece))
+            return
+        self.rows[row] = None
+        self.stats.completed += 1
+        result = to_result(state, self.decode)
+        piece = req.stream.finish(result.text or "") if req.stream else ""
+        req.on_event(Event([state.tokens[-1]], piece, result=result))
+
+    def _drop_cancelled(self) -> None:
+        for i, req in enumerate(self.rows):
+            if req is not None and req.cancelled.is_set():
+                self.rows[i] = None
+                self.stats.cancelled += 1
+
+    def _fail_all(self, message: str) -> None:
+        with self._cond:
+            pending = [r for r in self.rows if r is not None] + list(self.waiting)
+            self.rows = [None] * len(self.rows)
+            self.waiting.clear()
+        for req in pending:
+            req.on_event(Event([], "", error=message))
