@@ -1,4 +1,4 @@
-"""`offload-rt` commands: demo, generate, plan, cache-sim."""
+"""`offload-rt` commands: demo, generate, plan, cache-sim, serve."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import offload_rt
-from offload_rt import cli_cachesim
+from offload_rt import cli_cachesim, cli_serve
 from offload_rt.checkpoint import Checkpoint, CheckpointError
 from offload_rt.demo import DEMO_NAME, make_demo_checkpoint
 from offload_rt.engine import GenerationResult, OffloadModel, RequestError
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     _add_ray_options(plan)
     cli_cachesim.add_parser(sub)
+    cli_serve.add_parser(sub)
     return parser
 
 
@@ -174,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         "generate": cmd_generate,
         "plan": cmd_plan,
         "cache-sim": cli_cachesim.run,
+        "serve": cli_serve.run,
     }
     try:
         return commands[args.command](args)

@@ -6,6 +6,7 @@ megabytes. Its weights are random: the text it generates is noise, and is labell
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -23,8 +24,18 @@ from offload_rt.checkpoint import (
 )
 from offload_rt.config import ModelConfig
 
-DEMO_NAME = "demo-mixtral-v1"  # bump when the demo's shape changes, so old caches are not reused
+DEMO_NAME = "demo-mixtral-v2"  # bump when the demo's shape changes, so old caches are not reused
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
+# Mixtral-Instruct's chat template: [INST] user [/INST] answer</s>, roles alternating
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}"
+    "{% endif %}{% endfor %}"
+)
 
 
 def demo_config_dict(vocab_size: int) -> dict[str, object]:
@@ -65,6 +76,15 @@ def byte_level_tokenizer() -> Tokenizer:
     return tok
 
 
+def tokenizer_config() -> dict[str, object]:
+    return {
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "chat_template": CHAT_TEMPLATE,
+    }
+
+
 def _random_tensors(cfg: ModelConfig, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     shapes = {**dense_tensor_shapes(cfg), **expert_tensor_shapes(cfg)}
@@ -88,6 +108,7 @@ def make_demo_checkpoint(folder: Path, seed: int = 0) -> Path:
         cfg = ModelConfig.from_dict(config)
         write_checkpoint(tmp, config, _random_tensors(cfg, seed), max_shard_bytes=8 << 20)
         tok.save(str(tmp / "tokenizer.json"))
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2))
         os.replace(tmp, folder)
     except OSError:
         if (folder / INDEX_FILE).is_file():  # another process won the race

@@ -37,6 +37,8 @@ class SamplingParams:
             raise RequestError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0)
+            if self.seed >= 2**63:  # what a torch generator takes
+                raise RequestError(f"seed must be below 2**63, got {self.seed}")
         if not all(isinstance(s, str) and s for s in self.stop_strings):
             raise RequestError(f"stop strings must be non-empty strings, got {self.stop_strings!r}")
 

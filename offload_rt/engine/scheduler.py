@@ -111,6 +111,7 @@ class Scheduler:
         self.rows: list[Request | None] = [None] * self.config.max_batch
         self.waiting: deque[Request] = deque()
         self.stats = SchedulerStats()
+        self._token_times: deque[float] = deque(maxlen=8192)  # when recent tokens came out
         self._ids = itertools.count()
         self._cond = threading.Condition()
         self._closing = False
@@ -152,6 +153,11 @@ class Scheduler:
 
     def running(self) -> int:
         return sum(r is not None for r in self.rows)
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        """Tokens generated over the last `window` seconds, per second, all requests together."""
+        since = time.monotonic() - window
+        return sum(t > since for t in list(self._token_times)) / window
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop after the current step; waiting and running requests end with an error."""
@@ -208,7 +214,7 @@ class Scheduler:
                 if req is not None:
                     self.rows[i] = None
                     self.stats.failed += 1
-                    req.on_event(Event([], "", error=f"{type(e).__name__}: {e}"))
+                    self._emit(req, Event([], "", error=f"{type(e).__name__}: {e}"))
 
     def _prefill(self, row: int, req: Request) -> None:
         logits = self.decoder.prefill_row(row, req.prompt)
@@ -234,19 +240,29 @@ class Scheduler:
     def _advance(self, row: int, req: Request) -> None:
         """After a new token: send it, and free the row when the request is done."""
         self.stats.generated_tokens += 1
+        self._token_times.append(time.monotonic())
         if req.cancelled.is_set():
             return
         state = req.state
         check_finished(state, req.budget, self.decode)
         if state.finish_reason is None:
             piece = req.stream.piece(state.tokens) if req.stream else ""
-            req.on_event(Event([state.tokens[-1]], piece))
+            self._emit(req, Event([state.tokens[-1]], piece))
             return
         self.rows[row] = None
         self.stats.completed += 1
         result = to_result(state, self.decode)
         piece = req.stream.finish(result.text or "") if req.stream else ""
-        req.on_event(Event([state.tokens[-1]], piece, result=result))
+        self._emit(req, Event([state.tokens[-1]], piece, result=result))
+
+    def _emit(self, req: Request, event: Event) -> None:
+        """A listener that fails (its connection closed under it) loses its request, and
+        nothing else: the batch goes on."""
+        try:
+            req.on_event(event)
+        except Exception:  # noqa: BLE001 - whatever a listener raises must not stop the batch
+            log.exception("request %d: its listener failed; cancelling it", req.id)
+            req.cancel()
 
     def _drop_cancelled(self) -> None:
         for i, req in enumerate(self.rows):
@@ -260,4 +276,4 @@ class Scheduler:
             self.rows = [None] * len(self.rows)
             self.waiting.clear()
         for req in pending:
-            req.on_event(Event([], "", error=message))
+            self._emit(req, Event([], "", error=message))

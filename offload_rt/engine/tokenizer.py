@@ -23,9 +23,10 @@ class TextTokenizer:
         except Exception as e:  # the tokenizers package raises a bare Exception on bad files
             raise ValueError(f"{path}: not a readable tokenizer ({e})") from e
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids with the tokenizer's own special tokens (Mixtral's: a leading <s>)."""
-        return self.tokenizer.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids with the tokenizer's own special tokens (Mixtral's: a leading <s>);
+        without them for text that spells its own, as a rendered chat template does."""
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -1,0 +1,67 @@
+"""`offload-rt serve MODEL_DIR`: the HTTP server (OpenAI-compatible + native msgpack)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+API_KEY_ENV = "OFFLOAD_RT_API_KEY"  # read here, at the edge: keeps the key out of `ps`
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a checkpoint over HTTP (OpenAI API + msgpack)")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--backend", default="local", choices=["local", "ray"])
+    p.add_argument(
+        "--address", default=None, help="Ray: none starts a local Ray; 'auto' joins the cluster"
+    )
+    p.add_argument("--expert-actors", type=int, default=None, help="Ray: actors (default: 1/GPU)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key", default=None, help=f"require this bearer token (or set ${API_KEY_ENV})"
+    )
+    p.add_argument("--served-model-name", default=None, help="model id in the API (default: dir)")
+    p.add_argument("--cache-experts", type=int, default=None, help="local: experts on the device")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    p.add_argument(
+        "--max-model-len", type=int, default=None, help="positions per request (default: context)"
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    import offload_rt
+    from offload_rt.engine.scheduler import SchedulerConfig
+    from offload_rt.server import ServerConfig, build_app
+
+    scheduler = SchedulerConfig(
+        max_batch=args.max_batch, max_len=args.max_model_len, max_queue=args.max_queue
+    )
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        served_model_name=args.served_model_name,
+        scheduler=scheduler,
+    )
+    with offload_rt.load(
+        args.model_dir,
+        backend=args.backend,
+        device=args.device,
+        dtype=args.dtype,
+        cache_experts=args.cache_experts,
+        ray_address=args.address,
+        expert_actors=args.expert_actors,
+    ) as model:
+        app = build_app(model, config)
+        auth = "bearer token required" if config.api_key else "no API key"
+        print(f"serving {args.model_dir} on http://{args.host}:{args.port} ({auth})", flush=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
