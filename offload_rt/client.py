@@ -106,9 +106,14 @@ class RemoteModel:
 
     def stream(self, prompt: Prompt, **kw: Any) -> Iterator[str]:
         """Text pieces as the server makes them; their concatenation is the result's text."""
+        for _, text in self.stream_tokens(prompt, **kw):
+            yield text
+
+    def stream_tokens(self, prompt: Prompt, **kw: Any) -> Iterator[tuple[list[int], str]]:
+        """(new token ids, new text) as the server makes them."""
         for frame in self._frames(prompt, kw, stream=True):
             if _final(frame) is None:
-                yield frame["text"]
+                yield frame["token_ids"], frame["text"]
 
     def health(self) -> dict[str, Any]:
         try:
@@ -158,9 +163,15 @@ class AsyncRemoteModel:
         return list(await asyncio.gather(*(self._one(p, kw) for p in prompt)))  # type: ignore[union-attr]
 
     async def stream(self, prompt: Prompt, **kw: Any) -> AsyncIterator[str]:
+        async for _, text in self.stream_tokens(prompt, **kw):
+            yield text
+
+    async def stream_tokens(
+        self, prompt: Prompt, **kw: Any
+    ) -> AsyncIterator[tuple[list[int], str]]:
         async for frame in self._frames(prompt, kw, stream=True):
             if _final(frame) is None:
-                yield frame["text"]
+                yield frame["token_ids"], frame["text"]
 
     async def _one(self, prompt: Prompt, kw: dict[str, Any]) -> GenerationResult:
         async for frame in self._frames(prompt, kw, stream=False):

@@ -25,6 +25,12 @@ async def generate(request: Request) -> Response:
         prompt = _prompt(s.engine.model, req.pop("prompt"))
         stream = bool(req.pop("stream", False))
         params = SamplingParams.with_stop(req.pop("stop", None), **req)
+        if params.max_new_tokens > s.engine.scheduler.max_len:  # clipped to the room left,
+            # as locally, unless past anything this server could ever produce
+            raise RequestError(
+                f"max_new_tokens must be at most {s.engine.scheduler.max_len} (this server's "
+                f"positions per request), got {params.max_new_tokens}"
+            )
         events = await s.engine.stream(prompt, params)
     except (protocol.ProtocolError, RequestError) as e:
         return error_response(400, str(e))
