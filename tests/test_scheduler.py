@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from types import SimpleNamespace
 
 import pytest
 
@@ -186,3 +187,15 @@ def test_close_ends_waiting_requests_with_an_error(model):
     while not events.empty():
         last = events.get()
     assert last is not None and last.error and "shutting down" in last.error
+
+
+def test_prefill_groups_keep_within_the_token_budget():
+    from offload_rt.engine.scheduler import _prefill_groups
+
+    def req(n: int):
+        return SimpleNamespace(prompt=[1] * n)
+
+    admitted = [(i, req(n)) for i, n in enumerate([3, 5, 2, 40, 4, 4])]
+    groups = _prefill_groups(admitted, budget=16)
+    assert [[row for row, _ in g] for g in groups] == [[0, 1, 2], [3], [4, 5]]
+    assert all(max(len(r.prompt) for _, r in g) * len(g) <= 16 for g in groups if len(g) > 1)

@@ -37,26 +37,25 @@ class BatchDecoder:
 
     @classmethod
     def empty(cls, model: MixtralModel, rows: int, max_len: int) -> BatchDecoder:
-        """`rows` free rows, each filled later by `prefill_row` (continuous batching)."""
+        """`rows` free rows, each filled later by `prefill_rows` (continuous batching)."""
         return cls(model, [[] for _ in range(rows)], max_len)
 
     @torch.inference_mode()
-    def prefill_row(self, row: int, prompt: list[int]) -> torch.Tensor:
-        """Prefill one prompt alone into `row`, as a solo run would; returns its logits (1, V)."""
-        n = len(prompt)
-        view = KVCache(
-            [k[row : row + 1] for k in self.cache.keys],
-            [v[row : row + 1] for v in self.cache.values],
-        )
-        hidden = self.model.forward(
-            torch.tensor([prompt], dtype=torch.long, device=self.device),
-            torch.arange(n, device=self.device)[None],
-            view,
-            kv_len=n,
-            start=0,
-        )
-        self.lengths[row] = n
-        return self.model.logits(hidden[:, -1])
+    def prefill_rows(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Prefill prompts together, as `prefill` does a static batch, into the given free
+        rows; returns their logits after each last prompt token (len(rows), V)."""
+        batch = BatchDecoder(self.model, prompts, max(len(p) for p in prompts))
+        logits = batch.prefill()
+        index = torch.tensor(rows, device=self.device)
+        for mine, theirs in (
+            (self.cache.keys, batch.cache.keys),
+            (self.cache.values, batch.cache.values),
+        ):
+            for layer, t in zip(mine, theirs):  # (B, K, S, Hd) <- (k, K, width, Hd)
+                layer[index, :, : t.shape[2]] = t
+        for row, p in zip(rows, prompts):
+            self.lengths[row] = len(p)
+        return logits
 
     @torch.inference_mode()
     def prefill(self) -> torch.Tensor:

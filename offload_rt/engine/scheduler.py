@@ -1,11 +1,12 @@
 """Continuous batching: requests join the running batch at step boundaries and leave when done.
 
 One thread owns the model. Each running request holds one row of a KV cache of `max_batch`
-rows. A new request is prefilled alone into a free row, so its keys and values are those of its
-solo run; then every step decodes one token for all running rows together, each with its own
-sampling parameters and stopping rules. A finished or cancelled request frees its row at the
-next step boundary; waiting requests take free rows in arrival order; when `max_queue` requests
-already wait, `submit` refuses with `QueueFull`.
+rows. Requests that arrive together are prefilled together into free rows (each row keeps its
+own positions, so its keys and values are those of its solo run); then every step decodes one
+token for all running rows together, each with its own sampling parameters and stopping rules.
+A finished or cancelled request frees its row at the next step boundary; waiting requests take
+free rows in arrival order; when `max_queue` requests already wait, `submit` refuses with
+`QueueFull`.
 
 Events reach each request's `on_event` callback on the scheduler's thread: one per new token
 (its id and the text that is safe to send), the last one carrying the result or an error.
@@ -44,9 +45,10 @@ class SchedulerConfig:
     max_batch: int = 16  # requests decoded together; each holds one KV-cache row
     max_len: int | None = None  # KV positions per row (prompt + new tokens); None: the context
     max_queue: int = 64  # requests waiting for a row; one more is refused (HTTP 429)
+    prefill_tokens: int = 4096  # most padded prompt tokens prefilled together in one forward
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue"):
+        for name in ("max_batch", "max_queue", "prefill_tokens"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"SchedulerConfig.{name} must be an integer >= 1, got {v!r}")
@@ -176,8 +178,8 @@ class Scheduler:
                 if self._closing:
                     break
                 admitted = self._admit()
-            for row, req in admitted:
-                self._guard([row], self._prefill, row, req)
+            for group in _prefill_groups(admitted, self.config.prefill_tokens):
+                self._guard([row for row, _ in group], self._prefill, group)
             self._drop_cancelled()
             if self.running():
                 self._guard(self._occupied(), self._step)
@@ -216,10 +218,12 @@ class Scheduler:
                     self.stats.failed += 1
                     self._emit(req, Event([], "", error=f"{type(e).__name__}: {e}"))
 
-    def _prefill(self, row: int, req: Request) -> None:
-        logits = self.decoder.prefill_row(row, req.prompt)
-        sample_rows([req.state], logits, [True])
-        self._advance(row, req)
+    def _prefill(self, group: list[tuple[int, Request]]) -> None:
+        rows = [row for row, _ in group]
+        logits = self.decoder.prefill_rows(rows, [req.prompt for _, req in group])
+        sample_rows([req.state for _, req in group], logits, [True] * len(group))
+        for row, req in group:
+            self._advance(row, req)
 
     def _step(self) -> None:
         n = max(self._occupied()) + 1  # rows past the last running one are skipped
@@ -277,3 +281,21 @@ class Scheduler:
             self.waiting.clear()
         for req in pending:
             self._emit(req, Event([], "", error=message))
+
+
+def _prefill_groups(
+    admitted: list[tuple[int, Request]], budget: int
+) -> list[list[tuple[int, Request]]]:
+    """Requests joining at one step boundary, in groups prefilled together: one forward reads
+    each expert once for the group, instead of once per prompt. A group's padded size
+    (prompts x longest) stays within `budget` tokens; a longer prompt goes alone."""
+    groups: list[list[tuple[int, Request]]] = []
+    for item in admitted:
+        group = groups[-1] if groups else None
+        if group is not None:
+            width = max(len(item[1].prompt), *(len(r.prompt) for _, r in group))
+            if width * (len(group) + 1) <= budget:
+                group.append(item)
+                continue
+        groups.append([item])
+    return groups

@@ -36,6 +36,7 @@ class EngineCollector(Collector):
             outcomes.add_metric([outcome], getattr(s, outcome))
         yield outcomes
         yield _counter("decode_steps", "batched decode steps", s.steps)
+        yield _counter("decode_step_rows", "requests summed over decode steps", s.step_rows)
         yield from self._cache()
 
     def _cache(self) -> Iterator[Metric]:

@@ -131,3 +131,25 @@ def test_a_client_that_disconnects_has_its_request_cancelled(live):
             break
         done.wait(0.05)
     assert done.is_set(), "the disconnected request kept its row"
+
+
+def test_metrics_report_requests_tokens_queue_and_the_cache_hit_rate(live, client, demo_model):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client.completions.create(model=MODEL_NAME, prompt="Hello", max_tokens=3, temperature=0)
+    text = httpx.get(live.url + "/metrics").text
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    ok = ("offload_rt_http_requests_total", (("path", "/v1/completions"), ("status", "200")))
+    assert samples[ok] >= 1
+    assert (
+        samples[("offload_rt_generated_tokens_total", ())] == live.scheduler.stats.generated_tokens
+    )
+    assert samples[("offload_rt_queue_depth", ())] == 0
+    stats = demo_model.stats()
+    rate = samples[("offload_rt_expert_cache_hit_rate", ())]
+    assert rate == pytest.approx(stats["hits"] / (stats["hits"] + stats["misses"]), abs=0.05)
+    assert 0 < rate < 1  # the demo model runs with a capped cache: some hits, some misses

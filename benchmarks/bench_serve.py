@@ -1,0 +1,133 @@
+"""Serving throughput: N concurrent streaming clients against one, through `offload-rt serve`.
+
+The server runs as its own process (as users run it); the clients stream through the native
+msgpack endpoint with the async Python client, all from this process. Printed side by side:
+tokens/s of one stream alone, of N concurrent streams (all tokens / wall time), their ratio,
+the mean batch the scheduler ran, and the in-process `generate` at batch 1 as the reference
+for what HTTP and streaming cost.
+
+    python benchmarks/bench_serve.py                      # the demo checkpoint
+    python benchmarks/bench_serve.py --model-dir DIR      # e.g. bench_local.py's checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+import offload_rt
+from offload_rt.demo import DEMO_NAME, make_demo_checkpoint
+
+START_TIMEOUT_S = 300
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-dir", type=Path, default=None, help="default: the demo checkpoint")
+    p.add_argument("--streams", type=int, default=16, help="concurrent streams")
+    p.add_argument("--tokens", type=int, default=48, help="new tokens per stream")
+    p.add_argument("--cache-experts", type=int, default=None, help="server's device cache")
+    p.add_argument("--backend", default="local", choices=["local", "ray"])
+    return p.parse_args()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: argparse.Namespace, folder: Path, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "offload_rt.cli", "serve", str(folder), "--port", str(port),
+           "--backend", args.backend, "--max-batch", str(args.streams),
+           "--log-level", "warning"]  # fmt: skip
+    if args.cache_experts is not None:
+        cmd += ["--cache-experts", str(args.cache_experts)]
+    proc = subprocess.Popen(cmd)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("the server did not start")
+
+
+def prompts(n: int) -> list[list[int]]:
+    """Token ids (every checkpoint takes them, with or without a tokenizer), 8 to 12 each."""
+    return [[1] + [3 + (7 * i + 13 * j) % 250 for j in range(7 + i % 5)] for i in range(n)]
+
+
+async def run_streams(url: str, texts: list[list[int]], tokens: int) -> tuple[int, float]:
+    """All streams at once; returns (tokens received, seconds from first send to last token)."""
+
+    async def one(m, prompt: list[int]) -> int:
+        n = 0
+        async for ids, _ in m.stream_tokens(prompt, max_new_tokens=tokens, stop=[]):
+            n += len(ids)
+        return n
+
+    async with offload_rt.connect_async(url) as m:
+        await m.generate([1, 2, 3], max_new_tokens=2)
+        start = time.perf_counter()
+        counts = await asyncio.gather(*(one(m, p) for p in texts))
+        return sum(counts), time.perf_counter() - start
+
+
+def batch_counters(url: str) -> tuple[float, float]:
+    """(rows summed over decode steps, decode steps) so far, from the server's /metrics."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    rows = float(re.search(r"^offload_rt_decode_step_rows_total (\S+)$", text, re.M).group(1))
+    steps = float(re.search(r"^offload_rt_decode_steps_total (\S+)$", text, re.M).group(1))
+    return rows, steps
+
+
+def in_process(folder: Path, args: argparse.Namespace) -> float:
+    kw = {} if args.backend == "ray" else {"cache_experts": args.cache_experts}
+    with offload_rt.load(folder, backend=args.backend, **kw) as m:
+        m.generate(prompts(1)[0], max_new_tokens=2)
+        start = time.perf_counter()
+        r = m.generate(prompts(1)[0], max_new_tokens=args.tokens, stop=[])
+        return len(r.token_ids) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    args = parse_args()
+    folder = args.model_dir or make_demo_checkpoint(Path("/tmp/offload_rt_bench") / DEMO_NAME)
+    local = in_process(folder, args)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(args, folder, port)
+    try:
+        one_n, one_s = asyncio.run(run_streams(url, prompts(1), args.tokens))
+        rows0, steps0 = batch_counters(url)
+        many_n, many_s = asyncio.run(run_streams(url, prompts(args.streams), args.tokens))
+        rows1, steps1 = batch_counters(url)
+        batch = (rows1 - rows0) / max(steps1 - steps0, 1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    single, many = one_n / one_s, many_n / many_s
+    print(f"model: {folder}  backend: {args.backend}  tokens per stream: {args.tokens}")
+    print(f"in-process generate, batch 1:  {local:8.1f} tok/s")
+    print(f"server, 1 stream:              {single:8.1f} tok/s  ({single / local:.2f}x in-process)")
+    print(
+        f"server, {args.streams:2d} streams at once:  {many:8.1f} tok/s  (mean batch {batch:.1f})"
+    )
+    print(f"ratio {args.streams} streams / 1 stream: {many / single:8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
