@@ -97,7 +97,8 @@ def batch_counters(url: str) -> tuple[float, float]:
 def in_process(folder: Path, args: argparse.Namespace) -> float:
     kw = {} if args.backend == "ray" else {"cache_experts": args.cache_experts}
     with offload_rt.load(folder, backend=args.backend, **kw) as m:
-        m.generate(prompts(1)[0], max_new_tokens=2)
+        m.warm()  # every expert loaded once, as the server is warm after its first requests
+        m.generate(prompts(1)[0], max_new_tokens=args.tokens, stop=[])
         start = time.perf_counter()
         r = m.generate(prompts(1)[0], max_new_tokens=args.tokens, stop=[])
         return len(r.token_ids) / (time.perf_counter() - start)
