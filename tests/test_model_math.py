@@ -80,6 +80,9 @@ LAYERS = {  # module -> the offload_rt modules it may import (DESIGN.md's table)
     "distributed": {"config", "checkpoint", "experts", "model", "distributed"},
     "engine": {"config", "checkpoint", "model", "experts", "distributed", "engine"},
     "demo": {"config", "checkpoint"},
+    "protocol": {"engine"},
+    "server": {"engine", "protocol", "server"},
+    "client": {"engine", "protocol"},  # nothing of the server
 }
 
 
@@ -87,7 +90,9 @@ def _imports(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         names = []
-        if isinstance(node, ast.ImportFrom) and node.module:
+        if isinstance(node, ast.ImportFrom) and node.module == "offload_rt":
+            names = [f"offload_rt.{a.name}" for a in node.names]  # from offload_rt import x
+        elif isinstance(node, ast.ImportFrom) and node.module:
             names = [node.module]
         elif isinstance(node, ast.Import):
             names = [a.name for a in node.names]
