@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from offload_rt.demo import DEMO_NAME
+
 
 def offload_rt(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -18,7 +20,7 @@ def test_demo_makes_its_checkpoint_once_and_generates(tmp_path):
     assert "random weights" in first.stdout
     assert "tokens: 8 new" in first.stdout and "tok/s" in first.stdout
     assert "hits=" in first.stdout and "resident_max=" in first.stdout
-    folder = tmp_path / "demo-mixtral-v1"
+    folder = tmp_path / DEMO_NAME
     stamp = (folder / "config.json").stat().st_mtime_ns
     second = offload_rt("demo", "--cache-dir", str(tmp_path), "--max-new-tokens", "8")
     assert second.returncode == 0, second.stderr
