@@ -153,3 +153,18 @@ def test_metrics_report_requests_tokens_queue_and_the_cache_hit_rate(live, clien
     rate = samples[("offload_rt_expert_cache_hit_rate", ())]
     assert rate == pytest.approx(stats["hits"] / (stats["hits"] + stats["misses"]), abs=0.05)
     assert 0 < rate < 1  # the demo model runs with a capped cache: some hits, some misses
+
+
+def test_a_non_streaming_client_that_goes_away_has_its_request_cancelled(live):
+    sched = live.scheduler
+    before = sched.stats.cancelled
+    body = {"prompt": "Hello", "max_tokens": 2000, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+        httpx.post(live.url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
+    done = threading.Event()
+    for _ in range(200):
+        if sched.stats.cancelled > before and sched.running() == 0:
+            done.set()
+            break
+        done.wait(0.05)
+    assert done.is_set(), "the abandoned request kept its row"
