@@ -1,4 +1,4 @@
-"""`offload-rt` commands: demo, generate, plan, cache-sim, serve."""
+"""`offload-rt` commands: demo, generate, plan, cache-sim, serve, convert."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import offload_rt
-from offload_rt import cli_cachesim, cli_serve
+from offload_rt import cli_cachesim, cli_convert, cli_serve
 from offload_rt.checkpoint import Checkpoint, CheckpointError
 from offload_rt.demo import DEMO_NAME, make_demo_checkpoint
 from offload_rt.engine import GenerationResult, OffloadModel, RequestError
@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ray_options(plan)
     cli_cachesim.add_parser(sub)
     cli_serve.add_parser(sub)
+    cli_convert.add_parser(sub)
     return parser
 
 
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         "plan": cmd_plan,
         "cache-sim": cli_cachesim.run,
         "serve": cli_serve.run,
+        "convert": cli_convert.run,
     }
     try:
         return commands[args.command](args)

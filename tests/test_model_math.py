@@ -83,6 +83,7 @@ LAYERS = {  # module -> the offload_rt modules it may import (DESIGN.md's table)
     "protocol": {"engine"},
     "server": {"engine", "protocol", "server"},
     "client": {"engine", "protocol"},  # nothing of the server
+    "convert": {"config", "checkpoint", "convert"},  # the checkpoint layer's converter
 }
 
 
