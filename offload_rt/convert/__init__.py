@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -57,6 +58,18 @@ class ConvertReport:
     notes: tuple[str, ...]  # what the user should know (no tokenizer, defaults filled ...)
 
 
+@dataclass
+class _Job:
+    """What a conversion writes, all checked before any byte is."""
+
+    sources: Sources  # the original tensors, memory-mapped
+    config: dict[str, Any]  # config.json
+    cfg: ModelConfig  # the same, parsed
+    dtype: torch.dtype  # of the written tensors
+    spm_path: Path | None  # tokenizer.model; None: SRC has none
+    notes: list[str]  # for the user
+
+
 def convert_checkpoint(
     src: str | Path,
     out: str | Path,
@@ -71,41 +84,57 @@ def convert_checkpoint(
     an empty folder.
     """
     src, out = Path(src), Path(out)
-    if not src.is_dir():
-        raise ConvertError(f"{src}: source folder does not exist")
     _check_out(out)
-    params_path = src / PARAMS_FILE
-    params = read_params(params_path)
-    spm_path = src / SPM_FILE
-    spm = _read_spm(spm_path)
-    sources = Sources.open(src)
-    torch_dtype = _output_dtype(dtype, sources)
-    dtype_name = str(torch_dtype).removeprefix("torch.")
-    bos = spm.bos_id if spm is not None else DEFAULT_BOS
-    eos = spm.eos_id if spm is not None else DEFAULT_EOS
-    config = config_from_params(params, params_path, bos, eos, dtype_name)
-    cfg = ModelConfig.from_dict(config)
-    sources.check(cfg, params_path)
-    notes = _param_notes(params, params_path)
-
+    job = _prepare(src, dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        written = _write_weights(sources, cfg, torch_dtype, config, tmp, max_shard_bytes, progress)
-        has_json = False
-        if spm is None:
-            notes.append(f"{spm_path} not found: no tokenizer written; generate from token ids")
-        else:
-            _, has_json, why = write_tokenizer_files(spm_path, tmp, cfg.max_position_embeddings)
-            if not has_json:
-                notes.append(f"no tokenizer.json: {why}. See docs/operations-cluster.md")
+        tensors, nbytes = _write_weights(job, tmp, max_shard_bytes, progress)
+        has_json = _write_tokenizer(job, tmp)
         _verify(tmp)
         if out.exists():
             out.rmdir()  # checked empty above
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return ConvertReport(out, written[0], written[1], dtype_name, has_json, tuple(notes))
+    dtype_name = str(job.dtype).removeprefix("torch.")
+    return ConvertReport(out, tensors, nbytes, dtype_name, has_json, tuple(job.notes))
+
+
+def _prepare(src: Path, dtype: str | None) -> _Job:
+    if not src.is_dir():
+        raise ConvertError(f"{src}: source folder does not exist")
+    params_path = src / PARAMS_FILE
+    params = read_params(params_path)
+    spm_path = src / SPM_FILE
+    spm = _read_spm(spm_path)
+    sources = Sources.open(src)
+    torch_dtype = _output_dtype(dtype, sources)
+    # a model without these pieces has a bos/eos id of -1
+    bos, eos = (spm.bos_id, spm.eos_id) if spm is not None else (DEFAULT_BOS, DEFAULT_EOS)
+    config = config_from_params(
+        params,
+        params_path,
+        bos if bos >= 0 else None,
+        eos if eos >= 0 else None,
+        str(torch_dtype).removeprefix("torch."),
+    )
+    cfg = ModelConfig.from_dict(config)
+    sources.check(cfg, params_path)
+    notes = _param_notes(params, params_path)
+    if spm is None:
+        notes.append(f"{spm_path} not found: no tokenizer written; generate from token ids")
+    return _Job(sources, config, cfg, torch_dtype, spm_path if spm else None, notes)
+
+
+def _write_tokenizer(job: _Job, folder: Path) -> bool:
+    """Tokenizer files into `folder`; whether tokenizer.json is among them."""
+    if job.spm_path is None:
+        return False
+    _, has_json, why = write_tokenizer_files(job.spm_path, folder, job.cfg.max_position_embeddings)
+    if not has_json:
+        job.notes.append(f"no tokenizer.json: {why}. See cluster/README.md (convert)")
+    return has_json
 
 
 def _check_out(out: Path) -> None:
@@ -145,13 +174,7 @@ def _param_notes(params: dict, path: Path) -> list[str]:
 
 
 def _write_weights(
-    sources: Sources,
-    cfg: ModelConfig,
-    dtype: torch.dtype,
-    config: dict,
-    folder: Path,
-    max_shard_bytes: int,
-    progress: bool,
+    job: _Job, folder: Path, max_shard_bytes: int, progress: bool
 ) -> tuple[int, int]:
     """Write config.json and the shards; returns (tensors, bytes) written."""
     written = [0, 0]
@@ -162,17 +185,17 @@ def _write_weights(
             written[1] += t.numel() * t.element_size()
             yield name, t
 
-    bar = tqdm(
-        total=sources.nbytes(),
+    total = job.sources.nbytes()
+    with tqdm(
+        total=total,
         unit="B",
         unit_scale=True,
         desc="convert",
         disable=not progress,
         file=sys.stderr,
-    )
-    with bar:
-        tensors = counted(hf_tensors(sources, cfg, dtype, bar.update))
-        write_checkpoint(folder, config, tensors, max_shard_bytes)
+    ) as bar:
+        tensors = counted(hf_tensors(job.sources, job.cfg, job.dtype, bar.update))
+        write_checkpoint(folder, job.config, tensors, max_shard_bytes)
     return written[0], written[1]
 
 

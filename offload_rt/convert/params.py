@@ -57,7 +57,11 @@ def read_params(path: Path) -> dict[str, Any]:
 
 
 def config_from_params(
-    params: dict[str, Any], source: Path, bos_token_id: int, eos_token_id: int, dtype: str
+    params: dict[str, Any],
+    source: Path,
+    bos_token_id: int | None,
+    eos_token_id: int | None,
+    dtype: str,
 ) -> dict[str, Any]:
     """The config.json of the converted checkpoint; every error names the params.json field."""
     unknown = sorted(set(params) - KNOWN_FIELDS)
