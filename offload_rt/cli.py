@@ -11,6 +11,7 @@ from pathlib import Path
 import offload_rt
 from offload_rt import cli_cachesim, cli_convert, cli_serve
 from offload_rt.checkpoint import Checkpoint, CheckpointError
+from offload_rt.cli_options import add_ray_options, ray_options
 from offload_rt.demo import DEMO_NAME, make_demo_checkpoint
 from offload_rt.engine import GenerationResult, OffloadModel, RequestError
 from offload_rt.experts.recorder import RoutingRecorder
@@ -45,15 +46,7 @@ def _add_load_options(p: argparse.ArgumentParser, cache_experts: int | None) -> 
     p.add_argument(
         "--link-gbps", type=float, default=None, help="simulate a host->device link of this GB/s"
     )
-    _add_ray_options(p)
-
-
-def _add_ray_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="local", choices=["local", "ray"])
-    p.add_argument(
-        "--address", default=None, help="Ray: none starts a local Ray; 'auto' joins the cluster"
-    )
-    p.add_argument("--expert-actors", type=int, default=None, help="Ray: actors (default: 1/GPU)")
+    add_ray_options(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="print where the Ray backend would place each expert")
     plan.add_argument("model_dir", type=Path)
     plan.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    _add_ray_options(plan)
+    add_ray_options(plan)
     cli_cachesim.add_parser(sub)
     cli_serve.add_parser(sub)
     cli_convert.add_parser(sub)
@@ -84,8 +77,7 @@ def _load(args: argparse.Namespace, path: Path) -> OffloadModel:
         device=args.device,
         dtype=args.dtype,
         cache_experts=args.cache_experts,
-        ray_address=args.address,
-        expert_actors=args.expert_actors,
+        ray_options=ray_options(args) if args.backend == "ray" else None,
         link_gbps=args.link_gbps,
     )
 
@@ -152,7 +144,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     import ray
 
-    from offload_rt.distributed.cluster import RayOptions, join_ray, plan_for_cluster
+    from offload_rt.distributed.cluster import join_ray, plan_for_cluster
     from offload_rt.engine.loader import resolve_dtype
 
     ckpt = Checkpoint.open(args.model_dir)
@@ -160,7 +152,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     expert_bytes = cfg.expert_numel * resolve_dtype(args.dtype, ckpt).itemsize
     connected = join_ray(args.address)
     try:
-        opts = RayOptions(address=args.address, expert_actors=args.expert_actors)
+        opts = ray_options(args)
         plan = plan_for_cluster(cfg.num_hidden_layers, cfg.num_local_experts, expert_bytes, opts)
         print(plan.format())
     finally:

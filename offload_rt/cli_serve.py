@@ -6,17 +6,15 @@ import argparse
 import os
 from pathlib import Path
 
+from offload_rt.cli_options import add_ray_options, ray_options
+
 API_KEY_ENV = "OFFLOAD_RT_API_KEY"  # read here, at the edge: keeps the key out of `ps`
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a checkpoint over HTTP (OpenAI API + msgpack)")
     p.add_argument("model_dir", type=Path)
-    p.add_argument("--backend", default="local", choices=["local", "ray"])
-    p.add_argument(
-        "--address", default=None, help="Ray: none starts a local Ray; 'auto' joins the cluster"
-    )
-    p.add_argument("--expert-actors", type=int, default=None, help="Ray: actors (default: 1/GPU)")
+    add_ray_options(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
@@ -57,8 +55,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         cache_experts=args.cache_experts,
-        ray_address=args.address,
-        expert_actors=args.expert_actors,
+        ray_options=ray_options(args) if args.backend == "ray" else None,
     ) as model:
         app = build_app(model, config)
         auth = "bearer token required" if config.api_key else "no API key"

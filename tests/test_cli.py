@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from offload_rt.demo import DEMO_NAME
 
 
@@ -86,3 +88,14 @@ def test_demo_on_a_local_ray(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "random weights" in out.stdout and "tokens: 6 new" in out.stdout
     assert "actors=1" in out.stdout and "hits=" in out.stdout
+
+
+def test_gpu_memory_option_reaches_the_placement(reference):
+    from offload_rt.cli import build_parser
+    from offload_rt.cli_options import ray_options
+
+    args = build_parser().parse_args(["plan", str(reference[0]), "--gpu-memory-gb", "20"])
+    assert ray_options(args).gpu_memory_bytes == 20 * 2**30
+    args = build_parser().parse_args(["serve", str(reference[0]), "--gpu-memory-gb", "-1"])
+    with pytest.raises(ValueError, match="--gpu-memory-gb must be positive"):
+        ray_options(args)

@@ -67,7 +67,6 @@ class ExpertCluster:
         dtype: str,
         opts: RayOptions,
     ) -> ExpertCluster:
-        import ray
 
         plan = plan_for_cluster(num_layers, num_experts, expert_bytes, opts)
         specs = {a.index: _spec(a, checkpoint, dtype, opts) for a in plan.actors}
@@ -76,7 +75,7 @@ class ExpertCluster:
         try:
             for a in plan.actors:
                 handles[a.index] = _spawn(a, specs[a.index], opts)
-            ray.get([h.ping.remote() for h in handles.values()], timeout=opts.start_timeout_s)
+            _wait_ready(list(handles.values()), opts.start_timeout_s)
         except Exception:
             cluster.close()
             raise
@@ -192,6 +191,26 @@ def _spawn(a: ActorPlan, spec: ActorSpec, opts: RayOptions):
         )
         .remote(spec)
     )
+
+
+def _wait_ready(handles: list[object], timeout_s: float) -> None:
+    """Every actor answering (its checkpoint opened), with a progress bar on a terminal; an
+    actor that failed to start raises its error here."""
+    import ray
+    from tqdm import tqdm
+
+    pending = [h.ping.remote() for h in handles]  # type: ignore[attr-defined]
+    deadline = time.monotonic() + timeout_s
+    with tqdm(total=len(pending), desc="expert actors ready", unit="actor", disable=None) as bar:
+        while pending:
+            left = deadline - time.monotonic()
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(left, 0))
+            if not ready:
+                raise ray.exceptions.GetTimeoutError(
+                    f"{len(pending)} of {len(handles)} expert actors not ready after {timeout_s} s"
+                )
+            ray.get(ready, timeout=max(left, 1))
+            bar.update(len(ready))
 
 
 def _wait_names_free(names: list[str], namespace: str, timeout_s: float = 30.0) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from tqdm import tqdm
 
 from offload_rt.checkpoint import Checkpoint
 from offload_rt.distributed.cluster import RayOptions
@@ -126,8 +127,11 @@ class OffloadModel:
         cfg = self.config
         embed = self.model.weights.embed
         x = torch.zeros(1, cfg.hidden_size, dtype=embed.dtype, device=embed.device)
+        layers = tqdm(
+            range(cfg.num_hidden_layers), desc="loading experts", unit="layer", disable=None
+        )
         with torch.inference_mode():
-            for layer in range(cfg.num_hidden_layers):
+            for layer in layers:
                 self.backend.run({ExpertKey(layer, e): x for e in range(cfg.num_local_experts)})
         return int(self.stats()["resident"])
 
