@@ -28,6 +28,9 @@ DTYPES = {
     "F16": torch.float16,
     "BF16": torch.bfloat16,
 }
+# a quantized expert's parts (`offload_rt/experts/quant.py`) and their dtypes as stored
+QUANT_PARTS = {"qweight": torch.uint8, "scales": torch.float16, "offsets": torch.float16}
+STORED_DTYPES = {**DTYPES, "U8": torch.uint8}
 
 
 class CheckpointError(ValueError):
@@ -36,6 +39,11 @@ class CheckpointError(ValueError):
 
 def expert_tensor_name(layer: int, expert: int, projection: str) -> str:
     return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{projection}.weight"
+
+
+def quantized_tensor_name(layer: int, expert: int, projection: str, part: str) -> str:
+    """`part` of a quantized projection: qweight, scales or offsets (replacing its `weight`)."""
+    return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{projection}.{part}"
 
 
 def router_tensor_name(layer: int) -> str:
@@ -65,14 +73,35 @@ def dense_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def expert_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(out, in) of each expert projection."""
     d, f = cfg.hidden_size, cfg.intermediate_size
-    per_projection = {"w1": (f, d), "w2": (d, f), "w3": (f, d)}
+    return {"w1": (f, d), "w2": (d, f), "w3": (f, d)}
+
+
+def expert_parts(cfg: ModelConfig, layer: int, expert: int) -> dict[str, tuple[str, tuple]]:
+    """One expert's tensors: key ("w1", or "w1.qweight" when quantized) -> (name, shape)."""
+    quant = cfg.quantization
+    parts = {}
+    for proj, (rows, cols) in projection_shapes(cfg).items():
+        if quant is None:
+            parts[proj] = (expert_tensor_name(layer, expert, proj), (rows, cols))
+            continue
+        for part in QUANT_PARTS:
+            shape = quant.codes_shape(rows, cols) if part == "qweight" else None
+            parts[f"{proj}.{part}"] = (
+                quantized_tensor_name(layer, expert, proj, part),
+                shape or quant.groups_shape(rows, cols),
+            )
+    return parts
+
+
+def expert_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {
-        expert_tensor_name(layer, expert, proj): shape
+        name: shape
         for layer in range(cfg.num_hidden_layers)
         for expert in range(cfg.num_local_experts)
-        for proj, shape in per_projection.items()
+        for name, shape in expert_parts(cfg, layer, expert).values()
     }
 
 
@@ -133,8 +162,10 @@ class Checkpoint:
             raise CheckpointError(f"{info.file}: cannot read tensor {name!r}: {e}") from e
 
     def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        """One expert's w1, w2, w3 as stored."""
-        return {p: self.get(expert_tensor_name(layer, expert, p)) for p in EXPERT_PROJECTIONS}
+        """One expert's w1, w2, w3 as stored; in a quantized checkpoint, each projection's
+        parts instead ("w1.qweight", "w1.scales", "w1.offsets", ...)."""
+        parts = expert_parts(self.config, layer, expert)
+        return {key: self.get(name) for key, (name, _) in parts.items()}
 
     def expert_nbytes(self) -> int:
         return sum(
@@ -194,10 +225,11 @@ def _read_infos(handle, path: Path, names: list[str] | None) -> dict[str, Tensor
         if name not in present:
             raise CheckpointError(f"{path}: index lists tensor {name!r} but the file lacks it")
         sl = handle.get_slice(name)
-        dtype = DTYPES.get(sl.get_dtype())
+        dtype = STORED_DTYPES.get(sl.get_dtype())
         if dtype is None:
             raise CheckpointError(
-                f"{path}: tensor {name!r} has dtype {sl.get_dtype()}; supported: {sorted(DTYPES)}"
+                f"{path}: tensor {name!r} has dtype {sl.get_dtype()}; "
+                f"supported: {sorted(STORED_DTYPES)}"
             )
         infos[name] = TensorInfo(path, tuple(sl.get_shape()), dtype)
     return infos
@@ -214,6 +246,19 @@ def _check_tensors(tensors: Mapping[str, TensorInfo], cfg: ModelConfig) -> None:
                 f"{info.file}: tensor {name!r} has shape {list(info.shape)}, "
                 f"config.json implies {list(shape)}"
             )
+        want = _expected_dtypes(name)
+        if info.dtype not in want:
+            raise CheckpointError(
+                f"{info.file}: tensor {name!r} has dtype {info.dtype}, expected one of "
+                f"{[str(d) for d in want]}"
+            )
+
+
+def _expected_dtypes(name: str) -> tuple[torch.dtype, ...]:
+    part = name.rsplit(".", 1)[-1]
+    if ".block_sparse_moe.experts." in name and part in QUANT_PARTS:
+        return (QUANT_PARTS[part],)
+    return tuple(DTYPES.values())
 
 
 def write_checkpoint(

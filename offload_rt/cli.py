@@ -1,4 +1,4 @@
-"""`offload-rt` commands: demo, generate, plan, cache-sim, serve, convert."""
+"""`offload-rt` commands: demo, generate, plan, cache-sim, serve, convert, quantize."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import time
 from pathlib import Path
 
 import offload_rt
-from offload_rt import cli_cachesim, cli_convert, cli_serve
+from offload_rt import cli_cachesim, cli_convert, cli_quantize, cli_serve
 from offload_rt.checkpoint import Checkpoint, CheckpointError
 from offload_rt.cli_options import add_ray_options, ray_options
 from offload_rt.demo import DEMO_NAME, make_demo_checkpoint
 from offload_rt.engine import GenerationResult, OffloadModel, RequestError
+from offload_rt.experts.quant import expert_nbytes
 from offload_rt.experts.recorder import RoutingRecorder
 from offload_rt.experts.traces import write_trace
 
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_cachesim.add_parser(sub)
     cli_serve.add_parser(sub)
     cli_convert.add_parser(sub)
+    cli_quantize.add_parser(sub)
     return parser
 
 
@@ -149,7 +151,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     ckpt = Checkpoint.open(args.model_dir)
     cfg = ckpt.config
-    expert_bytes = cfg.expert_numel * resolve_dtype(args.dtype, ckpt).itemsize
+    expert_bytes = expert_nbytes(cfg, resolve_dtype(args.dtype, ckpt))
     connected = join_ray(args.address)
     try:
         opts = ray_options(args)
@@ -170,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         "cache-sim": cli_cachesim.run,
         "serve": cli_serve.run,
         "convert": cli_convert.run,
+        "quantize": cli_quantize.run,
     }
     try:
         return commands[args.command](args)

@@ -7,16 +7,89 @@ one written by `MixtralForCausalLM.save_pretrained` are read as they are.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("mixtral",)
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+QUANT_METHOD = "offload_rt"  # quantization_config.quant_method of `offload-rt quantize` output
+QUANT_VERSION = 1  # bumped when the tensor layout of quantized experts changes
+QUANT_BITS = (8, 4)
+# MLX's and HQQ's default: at 4 bits, a float16 scale and offset per 64 weights add 0.5 bits
+# per weight, and groups of 128 (GPTQ's default) lose more accuracy than the 0.25 bits they save
+DEFAULT_GROUP_SIZE = 64
 
 
 class ConfigError(ValueError):
     """A config.json that cannot describe a model this runtime runs."""
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Group-wise affine quantization of the expert weights (`quantization_config` in
+    config.json; `offload_rt/experts/quant.py` gives the format). Everything else stays float."""
+
+    bits: int  # bits per weight code: 8, or 4 (two codes per byte)
+    group_size: int  # consecutive input columns sharing one float16 scale and one offset
+
+    def __post_init__(self) -> None:
+        if self.bits not in QUANT_BITS:
+            raise ConfigError(f"quantization bits must be one of {QUANT_BITS}, got {self.bits!r}")
+        g = self.group_size
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1 or (self.bits == 4 and g % 2):
+            raise ConfigError(
+                f"quantization group_size must be a positive integer (even for 4 bits), got {g!r}"
+            )
+
+    def codes_shape(self, rows: int, cols: int) -> tuple[int, int]:
+        """Shape of the uint8 `qweight` of a (rows, cols) weight."""
+        return rows, cols * self.bits // 8
+
+    def groups_shape(self, rows: int, cols: int) -> tuple[int, int]:
+        """Shape of its `scales` and `offsets` (float16)."""
+        return rows, cols // self.group_size
+
+    def nbytes(self, rows: int, cols: int) -> int:
+        """Bytes of one quantized (rows, cols) weight: codes, scales and offsets."""
+        return rows * cols * self.bits // 8 + 2 * 2 * rows * (cols // self.group_size)
+
+    def check_widths(self, hidden: int, intermediate: int, source: str) -> None:
+        """Groups split the input columns: w1, w3 have `hidden`, w2 `intermediate`."""
+        for name, width in (("hidden_size", hidden), ("intermediate_size", intermediate)):
+            if width % self.group_size:
+                raise ConfigError(
+                    f"{source}: quantization group_size {self.group_size} does not divide "
+                    f"{name} {width} (an expert weight's input columns); use a divisor of "
+                    f"{math.gcd(hidden, intermediate)}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quant_method": QUANT_METHOD,
+            "version": QUANT_VERSION,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "scheme": "affine",  # w = offset + code * scale, per group
+            "modules": "experts",  # only the expert FFN weights; the rest is float
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str) -> QuantConfig:
+        where = f"{source} quantization_config"
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: must be an object, got {d!r}")
+        if d.get("quant_method") != QUANT_METHOD or d.get("version") != QUANT_VERSION:
+            raise ConfigError(
+                f"{where}: quant_method {d.get('quant_method')!r} version {d.get('version')!r} "
+                f"is not supported; offload_rt reads {QUANT_METHOD!r} version {QUANT_VERSION} "
+                "(written by `offload-rt quantize`)"
+            )
+        try:
+            return cls(bits=d.get("bits"), group_size=d.get("group_size"))  # type: ignore[arg-type]
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -38,6 +111,7 @@ class ModelConfig:
     bos_token_id: int | None  # token prepended by the tokenizer, if any
     eos_token_ids: tuple[int, ...]  # tokens that end generation
     dtype: str | None  # checkpoint's dtype name ("bfloat16", ...); None: read from the tensors
+    quantization: QuantConfig | None = None  # quantized experts; None: float experts
 
     @property
     def expert_numel(self) -> int:
@@ -96,6 +170,7 @@ class ModelConfig:
             bos_token_id=r.optional_int("bos_token_id"),
             eos_token_ids=r.token_ids("eos_token_id"),
             dtype=r.dtype_name(),
+            quantization=_quantization(d, source, hidden, r),
         )
 
     @classmethod
@@ -110,6 +185,14 @@ class ModelConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
         return cls.from_dict(d, source=str(path))
+
+
+def _quantization(d: dict[str, Any], source: str, hidden: int, r: _Reader) -> QuantConfig | None:
+    if d.get("quantization_config") is None:
+        return None
+    quant = QuantConfig.from_dict(d["quantization_config"], source)
+    quant.check_widths(hidden, r.positive_int("intermediate_size"), source)
+    return quant
 
 
 class _Reader:

@@ -76,7 +76,7 @@ LAYERS = {  # module -> the offload_rt modules it may import (DESIGN.md's table)
     "config": set(),
     "checkpoint": {"config"},
     "model": {"config", "model"},
-    "experts": {"checkpoint", "model", "experts"},
+    "experts": {"config", "checkpoint", "model", "experts"},
     "distributed": {"config", "checkpoint", "experts", "model", "distributed"},
     "engine": {"config", "checkpoint", "model", "experts", "distributed", "engine"},
     "demo": {"config", "checkpoint"},

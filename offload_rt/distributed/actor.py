@@ -49,6 +49,7 @@ class ExpertActor:
             DTYPES[spec.dtype],
             spec.device_slots,
             host,
+            quant=cfg.quantization,
         )
         self.backend = LocalExpertBackend(store, SlotCache(spec.device_slots))
         self.device = device

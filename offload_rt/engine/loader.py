@@ -11,6 +11,7 @@ import torch
 from offload_rt.checkpoint import Checkpoint, router_tensor_name
 from offload_rt.distributed.cluster import RayOptions
 from offload_rt.experts import ExpertStore, LocalExpertBackend, SlotCache
+from offload_rt.experts.quant import expert_nbytes
 from offload_rt.experts.store import SimulatedLink
 from offload_rt.model import AttentionWeights, DenseWeights, LayerWeights
 
@@ -90,7 +91,15 @@ def local_backend(
     host = 0 if device.type == "cpu" and link_gbps is None else host_experts
     link = None if link_gbps is None else SimulatedLink(link_gbps * 1e9)
     store = ExpertStore(
-        ckpt, cfg.hidden_size, cfg.intermediate_size, device, dtype, capacity, host, link
+        ckpt,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        device,
+        dtype,
+        capacity,
+        host,
+        link,
+        cfg.quantization,
     )
     return LocalExpertBackend(store, SlotCache(capacity))
 
@@ -112,7 +121,7 @@ def ray_backend(
             str(ckpt.folder.resolve()),
             cfg.num_hidden_layers,
             cfg.num_local_experts,
-            cfg.expert_numel * dtype.itemsize,
+            expert_nbytes(cfg, dtype),
             DTYPE_NAMES[dtype],
             opts,
         )

@@ -1,8 +1,10 @@
 """The memory of the expert tiers: disk (memory-mapped safetensors), host RAM, device slots.
 
 Each expert is packed into one contiguous buffer `[w1 | w3 | w2]` of the compute dtype, so a
-move between tiers is one copy and w1, w3 read as one stacked (2F, D) matrix. The device tier is
-a fixed pool of `capacity` such buffers, allocated once. The host tier (pinned RAM when the
+move between tiers is one copy and w1, w3 read as one stacked (2F, D) matrix. With quantized
+experts (`quant`), the buffer holds their uint8 codes, scales and offsets instead (`ExpertCodec`
+in `quant.py`): every tier holds and moves the quantized bytes, dequantized on use. The device
+tier is a fixed pool of `capacity` such buffers, allocated once. The host tier (pinned RAM when the
 device is a GPU) keeps packed buffers so that a re-load skips the disk and the dtype conversion;
 on a CPU device it is off, since the device slots already are host RAM — unless a
 `SimulatedLink` stands in for a PCIe bus, to measure offloading on a machine without a GPU.
@@ -17,6 +19,8 @@ from typing import Protocol
 
 import torch
 
+from offload_rt.config import QuantConfig
+from offload_rt.experts.quant import ExpertCodec
 from offload_rt.model.moe import ExpertKey
 
 
@@ -24,7 +28,7 @@ class ExpertSource(Protocol):
     """Where experts are read from: a checkpoint."""
 
     def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        """w1 (F, D), w2 (D, F), w3 (F, D) as stored."""
+        """w1 (F, D), w2 (D, F), w3 (F, D) as stored (or their quantized parts)."""
         ...
 
 
@@ -64,19 +68,28 @@ class ExpertStore:
         capacity: int,
         host_capacity: int | None,
         link: SimulatedLink | None = None,
+        quant: QuantConfig | None = None,
     ) -> None:
         self.source = source
         self.hidden = hidden
         self.intermediate = intermediate
         self.device = device
-        self.dtype = dtype
-        self.numel = 3 * hidden * intermediate
-        self.nbytes = self.numel * dtype.itemsize
-        self.pool = _allocate_pool(capacity, self.numel, device, dtype)  # (capacity, 3FD)
+        self.dtype = dtype  # the compute dtype
+        self.codec = (
+            None if quant is None else ExpertCodec(hidden, intermediate, quant, device, dtype)
+        )
+        # a packed expert: numel elements of storage_dtype, nbytes in all
+        self.storage_dtype = dtype if self.codec is None else torch.uint8
+        self.numel = 3 * hidden * intermediate if self.codec is None else self.codec.nbytes
+        self.nbytes = self.numel * self.storage_dtype.itemsize
+        self.pool = _allocate_pool(capacity, self.numel, device, self.storage_dtype)
         f, d = intermediate, hidden
-        # per slot: w13 (2F, D) and w2 (D, F) views, made once rather than on every use
+        # per slot: w13 (2F, D) and w2 (D, F) views (quantized: its parts), made once
         self._views = [
-            (buf[: 2 * f * d].view(2 * f, d), buf[2 * f * d :].view(d, f)) for buf in self.pool
+            (buf[: 2 * f * d].view(2 * f, d), buf[2 * f * d :].view(d, f))
+            if self.codec is None
+            else self.codec.views(buf)
+            for buf in self.pool
         ]
         self.host_capacity = host_capacity  # None: unbounded; 0: no host tier
         self._host: OrderedDict[ExpertKey, torch.Tensor] = OrderedDict()
@@ -84,7 +97,10 @@ class ExpertStore:
         self.link = link
 
     def weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of one slot: w13 (2F, D) and w2 (D, F)."""
+        """Views of one slot: w13 (2F, D) and w2 (D, F). Quantized: the slot dequantized into
+        the codec's scratch, valid until the next call."""
+        if self.codec is not None:
+            return self.codec.dequantize(self._views[slot])
         return self._views[slot]
 
     def load(self, key: ExpertKey, slot: int) -> None:
@@ -103,7 +119,7 @@ class ExpertStore:
         if buf is not None:
             self._host.move_to_end(key)
             return buf
-        buf = torch.empty(self.numel, dtype=self.dtype, pin_memory=self._pin)
+        buf = torch.empty(self.numel, dtype=self.storage_dtype, pin_memory=self._pin)
         self._pack(key, buf)
         if self.host_capacity is not None and len(self._host) >= self.host_capacity:
             self._host.popitem(last=False)
@@ -113,6 +129,9 @@ class ExpertStore:
     def _pack(self, key: ExpertKey, out: torch.Tensor) -> None:
         """Read one expert from disk into `out` (3FD,), converting to the compute dtype."""
         w = self.source.expert(key.layer, key.expert)
+        if self.codec is not None:
+            self.codec.pack(w, out)
+            return
         fd = self.hidden * self.intermediate
         out[:fd].copy_(w["w1"].reshape(-1))
         out[fd : 2 * fd].copy_(w["w3"].reshape(-1))

@@ -1,0 +1,67 @@
+"""`offload-rt quantize`: write a copy of a checkpoint with int8 or int4 experts.
+
+    offload-rt quantize MODEL_DIR OUT_DIR --bits 8|4 [--group-size G] [--max-shard-gb S]
+
+`offload_rt.load(OUT_DIR)` reads the result; `offload_rt/experts/quant.py` gives the format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from offload_rt.config import DEFAULT_GROUP_SIZE, QUANT_BITS
+from offload_rt.experts.quant_writer import DEFAULT_SHARD_BYTES, quantize_checkpoint
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `quantize` on the `offload-rt` subcommands; returns its parser."""
+    p = subparsers.add_parser("quantize", help="write a checkpoint with int8 or int4 experts")
+    p.add_argument("model_dir", type=Path, help="Hugging Face Mixtral checkpoint folder")
+    p.add_argument("out_dir", type=Path, help="new folder for the quantized checkpoint")
+    p.add_argument("--bits", type=int, required=True, choices=list(QUANT_BITS))
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=DEFAULT_GROUP_SIZE,
+        help="input columns per scale and offset; must divide hidden and intermediate sizes "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-shard-gb",
+        type=float,
+        default=DEFAULT_SHARD_BYTES / 2**30,
+        help="largest safetensors file in GiB (default: %(default)s)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `quantize`; bad input raises ValueError (CheckpointError, ConfigError) naming it."""
+    if not args.max_shard_gb > 0:
+        raise ValueError(f"--max-shard-gb must be positive, got {args.max_shard_gb}")
+    start = time.perf_counter()
+    report = quantize_checkpoint(
+        args.model_dir,
+        args.out_dir,
+        args.bits,
+        args.group_size,
+        max_shard_bytes=int(args.max_shard_gb * 2**30),
+        progress=not args.no_progress,
+    )
+    ratio = report.quant_nbytes / report.float_nbytes
+    print(
+        f"{report.experts} experts quantized to {args.bits} bits (groups of {args.group_size}) "
+        f"in {time.perf_counter() - start:.1f} s -> {report.folder}"
+    )
+    print(
+        f"bytes per expert: {report.float_nbytes} as stored -> {report.quant_nbytes} "
+        f"({ratio:.4f}, scales and offsets included)"
+    )
+    print(
+        f"weight error: max |W - W_q| {report.max_abs_error:.3g}, "
+        f"relative RMS {report.relative_rms_error:.3g}"
+    )
+    return 0

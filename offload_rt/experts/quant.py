@@ -1,0 +1,207 @@
+"""Group-wise int8 / int4 expert weights: quantization, int4 packing, and dequantization on use.
+
+The format (`quantization_config` version 1 in config.json), for one weight W (out, in) of an
+expert, groups of G consecutive input columns of a row:
+
+    W[o, j] ≈ offsets[o, g] + qweight[o, j] · scales[o, g],      g = j // G
+    offsets: the group's minimum rounded down to float16            (out, in / G) float16
+    scales:  (max − offset) / (2^bits − 1) rounded up to float16    (out, in / G) float16
+    codes:   round((W − offset) / scale), in 0 .. 2^bits − 1
+    8 bits: qweight (out, in) uint8, one code per byte
+    4 bits: qweight (out, in / 2) uint8; byte j of a row holds column j in its low nibble and
+            column j + in/2 in its high nibble (the row's two halves, not neighbours, so that
+            unpacking writes two contiguous runs)
+
+Because the offset is rounded down and the scale up, the grid covers the whole group and no code
+is clamped: |W − Ŵ| ≤ scale / 2. Asymmetric (an offset per group, not only a scale) because a
+group's minimum and maximum differ in size: a symmetric grid spans ±max|w| and leaves part of
+its codes unused on the smaller side, which at 16 levels costs accuracy that the 2 bytes of an
+offset per group (0.25 bits per weight at G = 64) buy back. The offset is kept in weight units
+(as MLX's `biases`), not as an integer zero point, so the group's minimum lies on the grid and
+dequantization is one multiply and one add.
+
+On the device an expert's parts sit in one packed uint8 buffer (`ExpertCodec`), so a move is one
+copy of the quantized bytes; `ExpertCodec.dequantize` expands a slot into float scratch matrices
+allocated once, right before the expert FFN uses them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from offload_rt.config import ModelConfig, QuantConfig
+
+F16 = torch.float16
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    qweight: torch.Tensor  # (out, in) uint8 at 8 bits; (out, in / 2) at 4 bits
+    scales: torch.Tensor  # (out, in / G) float16
+    offsets: torch.Tensor  # (out, in / G) float16
+
+
+def quantize(w: torch.Tensor, quant: QuantConfig, name: str = "weight") -> QuantizedTensor:
+    """w (out, in) of any float dtype -> codes, scales and offsets of the format above.
+    `name` labels errors (the checkpoint tensor being quantized)."""
+    rows, cols = w.shape
+    if cols % quant.group_size:
+        raise ValueError(
+            f"{name}: group size {quant.group_size} does not divide its {cols} input columns"
+        )
+    x = w.float().reshape(rows, cols // quant.group_size, quant.group_size)  # (out, n, G)
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name}: holds inf or nan; it cannot be quantized")
+    levels = 2**quant.bits - 1
+    offsets = _round_to_f16(x.amin(dim=-1), down=True)  # (out, n)
+    scales = _round_to_f16((x.amax(dim=-1) - offsets.float()) / levels, down=False)
+    if not (torch.isfinite(offsets).all() and torch.isfinite(scales).all()):
+        raise ValueError(f"{name}: values beyond float16's range; its groups cannot be stored")
+    step = torch.where(scales > 0, scales.float(), 1.0)  # a constant group: every code 0
+    codes = torch.round((x - offsets.float()[..., None]) / step[..., None])
+    codes = codes.clamp_(0, levels).to(torch.uint8).reshape(rows, cols)
+    qweight = pack_int4(codes) if quant.bits == 4 else codes
+    return QuantizedTensor(qweight, scales, offsets)
+
+
+def _round_to_f16(x: torch.Tensor, down: bool) -> torch.Tensor:
+    """float32 -> float16, rounded towards -inf (down) or +inf, never to nearest."""
+    h = x.to(F16)
+    wrong = h.float() > x if down else h.float() < x
+    toward = torch.full_like(h, float("-inf") if down else float("inf"))
+    return torch.where(wrong, torch.nextafter(h, toward), h)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """(rows, cols) uint8 codes < 16 -> (rows, cols / 2): the row's first half in the low
+    nibbles, its second half in the high nibbles."""
+    half = codes.shape[-1] // 2
+    return codes[..., :half] | (codes[..., half:] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(rows, cols / 2) -> (rows, cols) uint8 codes, into `out` when given."""
+    rows, half = packed.shape
+    if out is None:
+        out = torch.empty(rows, 2 * half, dtype=torch.uint8, device=packed.device)
+    torch.bitwise_and(packed, 15, out=out[:, :half])
+    torch.bitwise_right_shift(packed, 4, out=out[:, half:])
+    return out
+
+
+def dequantize(
+    q: QuantizedTensor, quant: QuantConfig, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The (out, in) weight the codes stand for, in a new tensor of `dtype`."""
+    codes = unpack_int4(q.qweight) if quant.bits == 4 else q.qweight
+    out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
+    _expand(codes, q.scales, q.offsets, out)
+    return out
+
+
+def _expand(
+    codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor
+) -> None:
+    """out (out, in) = offsets + codes · scales per group, in place: no allocation. The float16
+    scales are widened inside the ops, so a float32 `out` gets q·s exactly and one rounding."""
+    rows, groups = scales.shape
+    grouped = out.view(rows, groups, -1)  # (out, n, G)
+    out.copy_(codes)
+    grouped.mul_(scales[..., None])
+    grouped.add_(offsets[..., None])
+
+
+def expert_nbytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of one packed expert: quantized parts, or w1, w3, w2 in `dtype`."""
+    if cfg.quantization is None:
+        return cfg.expert_numel * dtype.itemsize
+    return _Layout(cfg.hidden_size, cfg.intermediate_size, cfg.quantization).nbytes
+
+
+@dataclass(frozen=True)
+class _Part:
+    start: int  # byte offset in the packed buffer
+    shape: tuple[int, int]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.shape[1] * self.dtype.itemsize
+
+    def view(self, buf: torch.Tensor) -> torch.Tensor:
+        return buf[self.start : self.start + self.nbytes].view(self.dtype).view(self.shape)
+
+
+class _Layout:
+    """Where each part of w13 = [w1; w3] (2F, D) and w2 (D, F) sits in the packed uint8 buffer:
+    float16 scales and offsets first (2-byte aligned at every slot start), codes after."""
+
+    def __init__(self, hidden: int, intermediate: int, quant: QuantConfig) -> None:
+        f, d = intermediate, hidden
+        self.matrices = {"w13": (2 * f, d), "w2": (d, f)}
+        order = [(m, part) for part in ("scales", "offsets", "qweight") for m in self.matrices]
+        self.parts: dict[tuple[str, str], _Part] = {}
+        start = 0
+        for m, part in order:
+            rows, cols = self.matrices[m]
+            if part == "qweight":
+                shape, dtype = quant.codes_shape(rows, cols), torch.uint8
+            else:
+                shape, dtype = quant.groups_shape(rows, cols), F16
+            self.parts[(m, part)] = _Part(start, shape, dtype)
+            start += self.parts[(m, part)].nbytes
+        self.nbytes = start + start % 2  # keeps the next slot's float16 parts aligned
+
+
+class ExpertCodec:
+    """One store's quantized experts: packing a checkpoint's parts into a slot's bytes, and
+    dequantizing a slot into float scratch (w13 (2F, D), w2 (D, F)) reused by every call."""
+
+    def __init__(
+        self,
+        hidden: int,
+        intermediate: int,
+        quant: QuantConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.quant = quant
+        self.layout = _Layout(hidden, intermediate, quant)
+        self.nbytes = self.layout.nbytes
+        shapes = self.layout.matrices
+        self._scratch = {m: torch.empty(s, dtype=dtype, device=device) for m, s in shapes.items()}
+        self._codes = (
+            {m: torch.empty(s, dtype=torch.uint8, device=device) for m, s in shapes.items()}
+            if quant.bits == 4
+            else {}
+        )
+
+    def views(self, buf: torch.Tensor) -> dict[tuple[str, str], torch.Tensor]:
+        """Each part of the expert packed in `buf` (nbytes,) uint8, as a typed view."""
+        return {key: part.view(buf) for key, part in self.layout.parts.items()}
+
+    def pack(self, tensors: Mapping[str, torch.Tensor], out: torch.Tensor) -> None:
+        """Copy a checkpoint expert's parts ("w1.qweight", ...) into `out` (nbytes,) uint8:
+        the bytes as stored, w1's rows above w3's."""
+        for (m, part), view in self.views(out).items():
+            if m == "w2":
+                view.copy_(tensors[f"w2.{part}"])
+                continue
+            f = view.shape[0] // 2
+            view[:f].copy_(tensors[f"w1.{part}"])
+            view[f:].copy_(tensors[f"w3.{part}"])
+
+    def dequantize(
+        self, views: Mapping[tuple[str, str], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """w13 (2F, D) and w2 (D, F) of one slot in the compute dtype. They are the codec's
+        scratch: valid until the next call, so one thread computes with them at a time."""
+        for m, out in self._scratch.items():
+            codes = views[(m, "qweight")]
+            if self.quant.bits == 4:
+                codes = unpack_int4(codes, self._codes[m])
+            _expand(codes, views[(m, "scales")], views[(m, "offsets")], out)
+        return self._scratch["w13"], self._scratch["w2"]
