@@ -70,7 +70,7 @@ class PlacementPlan:
     actors: tuple[ActorPlan, ...]  # ascending index; after a replan, only the survivors
     num_layers: int  # decoder layers with experts
     num_experts: int  # experts per layer
-    expert_bytes: int  # bytes of one expert in the compute dtype
+    expert_bytes: int  # bytes of one packed expert (compute dtype, or its quantized parts)
 
     @cached_property
     def _owners(self) -> dict[ExpertKey, ActorPlan]:
