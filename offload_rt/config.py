@@ -17,8 +17,8 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 QUANT_METHOD = "offload_rt"  # quantization_config.quant_method of `offload-rt quantize` output
 QUANT_VERSION = 1  # bumped when the tensor layout of quantized experts changes
 QUANT_BITS = (8, 4)
-# MLX's and HQQ's default: at 4 bits, a float16 scale and offset per 64 weights add 0.5 bits
-# per weight, and groups of 128 (GPTQ's default) lose more accuracy than the 0.25 bits they save
+# MLX's and HQQ's default (GPTQ's is 128): a smaller group spans a smaller range, so a finer
+# step, for 32 bits of float16 scale and offset per group: 0.5 bits per weight at 64
 DEFAULT_GROUP_SIZE = 64
 
 

@@ -1,0 +1,278 @@
+"""Quantized experts against float32: bytes per expert, logits error, greedy agreement, speed.
+
+For fp32 (the baseline) and its int8 and int4 copies written by `quantize_checkpoint`, prints
+side by side:
+  - bytes of one packed expert, and its ratio to the float32 expert and to a 16-bit one
+    (scales and offsets included);
+  - the logits error: each prompt decoded greedily by fp32 for --new tokens, then every variant
+    decoded along the same tokens (teacher-forced), max |logits - fp32 logits| over all steps;
+  - greedy agreement: each variant's own greedy tokens against fp32's, how many prompts agree
+    on all --new tokens, and per prompt where they first part and why (fp32's top-2 logit gap
+    at that step, and whether the variant routed that step's token to other experts);
+  - batch-1 decode tokens/s (median of --repeats, the variants alternating run by run) with
+    every expert resident, and with `cache_experts` a quarter of the experts behind a simulated
+    --link-gbps host->device link (the offloading case: misses move the packed bytes).
+
+The model: bench_local.py's random checkpoint (hidden 1024, 8 layers, 8 experts, fp32),
+reused from --workdir, or any float checkpoint given with --checkpoint. Run from the repository
+root: `python benchmarks/bench_quant.py` (about 5 minutes on 2 cores); `--quick` runs the
+2-layer model with fewer prompts and steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from bench_local import MODEL, checkpoint, make_prompts
+
+import offload_rt
+from offload_rt import OffloadModel
+from offload_rt.config import DEFAULT_GROUP_SIZE, ModelConfig, QuantConfig
+from offload_rt.engine import BatchDecoder
+from offload_rt.experts.quant_writer import quantize_checkpoint
+from offload_rt.experts.recorder import RoutingRecorder
+
+VARIANTS = ("fp32", "int8", "int4")
+
+
+@dataclass(frozen=True)
+class Options:
+    folder: Path | None  # a float checkpoint given by the user; None: bench_local's
+    workdir: Path  # where checkpoints are cached
+    layers: int  # of bench_local's checkpoint
+    group_size: int  # quantization group
+    prompts: int  # prompts for accuracy
+    new: int  # greedy tokens per prompt
+    steps: int  # timed decode steps per run
+    repeats: int  # timed runs per variant
+    link_gbps: float  # simulated link of the capped-cache runs
+
+
+@dataclass
+class Decode:
+    tokens: list[int]  # greedy (or forced) tokens
+    logits: torch.Tensor  # (steps, V): the logits each token was chosen from
+    routing: tuple  # per forward pass: per layer, the experts used
+
+
+def parse_options() -> Options:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/offload_rt_bench"))
+    p.add_argument("--checkpoint", type=Path, default=None, help="a float checkpoint folder")
+    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--new", type=int, default=32, help="greedy tokens compared per prompt")
+    p.add_argument("--steps", type=int, default=32, help="timed decode steps per run")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--link-gbps", type=float, default=16.0)
+    p.add_argument("--quick", action="store_true", help="2 layers, 3 prompts, 8 steps, 1 repeat")
+    a = p.parse_args()
+    if a.quick:
+        return Options(a.checkpoint, a.workdir, 2, a.group_size, 3, a.new, 8, 1, a.link_gbps)
+    layers = MODEL["num_hidden_layers"]
+    return Options(
+        a.checkpoint,
+        a.workdir,
+        layers,
+        a.group_size,
+        a.prompts,
+        a.new,
+        a.steps,
+        a.repeats,
+        a.link_gbps,
+    )
+
+
+def quantized(folder: Path, workdir: Path, bits: int, group: int) -> Path:
+    """The int8 / int4 copy of `folder`, written on first use and reused after."""
+    out = workdir / f"{folder.name}-int{bits}-g{group}"
+    if (out / "config.json").is_file():
+        return out
+    start = time.perf_counter()
+    shutil.rmtree(out, ignore_errors=True)
+    report = quantize_checkpoint(folder, out, bits, group, progress=False)
+    print(
+        f"quantized to int{bits} in {time.perf_counter() - start:.1f} s: weight error max "
+        f"{report.max_abs_error:.3g}, relative RMS {report.relative_rms_error:.4f}",
+        flush=True,
+    )
+    return out
+
+
+def decode(model: OffloadModel, prompt: list[int], n: int, forced: list[int] | None) -> Decode:
+    """Batch-1 greedy decode of n tokens (never stopping at EOS), or along `forced` tokens."""
+    cfg = model.config
+    rec = RoutingRecorder(model.model.backend, cfg.num_hidden_layers, cfg.num_local_experts)
+    model.model.backend = rec
+    try:
+        decoder = BatchDecoder(model.model, [prompt], len(prompt) + n)
+        logits = [decoder.prefill()[0]]
+        tokens = []
+        for i in range(n):
+            tokens.append(int(logits[-1].argmax()) if forced is None else forced[i])
+            if i + 1 < n:
+                logits.append(decoder.step([tokens[-1]], [True])[0])
+    finally:
+        model.model.backend = rec.inner
+    return Decode(tokens, torch.stack(logits), rec.trace().passes)
+
+
+def accuracy(folders: dict[str, Path], prompts: list[list[int]], n: int) -> dict[str, dict]:
+    """Per variant: max logits error, fp32 logits' std, prompts in full agreement, partings.
+    "bf16" is the fp32 checkpoint run wholly in bfloat16: the error of a precision in common
+    use, for scale."""
+    with offload_rt.load(folders["fp32"]) as m:
+        base = [decode(m, p, n, None) for p in prompts]
+    spread = statistics.mean(float(d.logits.std()) for d in base)
+    out = {"fp32": {"err": 0.0, "spread": spread, "agree": len(prompts), "parts": []}}
+    others = [(name, folders[name], None) for name in VARIANTS[1:]]
+    for name, folder, dtype in [*others, ("bf16", folders["fp32"], "bfloat16")]:
+        with offload_rt.load(folder, dtype=dtype) as m:
+            forced = [decode(m, p, n, b.tokens) for p, b in zip(prompts, base)]
+            free = [decode(m, p, n, None) for p in prompts]
+        err = max(float((f.logits.float() - b.logits).abs().max()) for f, b in zip(forced, base))
+        parts = [part_of(b, f, g) for b, f, g in zip(base, forced, free)]
+        agree = sum(p is None for p in parts)
+        out[name] = {"err": err, "spread": spread, "agree": agree, "parts": parts}
+    return out
+
+
+def part_of(base: Decode, forced: Decode, free: Decode) -> tuple | None:
+    """Where `free` first parts from `base`: (step, fp32's top-2 gap there, the variant's logits
+    error there, whether it routed that step to other experts); None if it never does."""
+    i = next((i for i, (a, b) in enumerate(zip(base.tokens, free.tokens)) if a != b), None)
+    if i is None:
+        return None
+    top2 = base.logits[i].topk(2).values
+    err = float((forced.logits[i].float() - base.logits[i]).abs().max())
+    return i, float(top2[0] - top2[1]), err, base.routing[i] != forced.routing[i]
+
+
+def decode_seconds(model: OffloadModel, prompt: list[int], steps: int) -> tuple[float, dict]:
+    """Wall time of `steps` batch-1 greedy decode steps (prefill untimed), and the counters
+    gained over them."""
+    decoder = BatchDecoder(model.model, [prompt], len(prompt) + steps + 1)
+    logits = decoder.prefill()
+    before = model.stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        logits = decoder.step([int(logits[0].argmax())], [True])
+    seconds = time.perf_counter() - start
+    after = model.stats()
+    return seconds, {k: after[k] - before[k] for k in ("misses", "bytes_loaded")}
+
+
+def speed(
+    folders: dict[str, Path], prompt: list[int], opts: Options, **load: object
+) -> dict[str, tuple[float, float]]:
+    """Median tokens/s per variant and bytes moved per decode token; runs alternate."""
+    models = {name: offload_rt.load(folder, **load) for name, folder in folders.items()}
+    try:
+        for m in models.values():
+            m.warm()
+            decode_seconds(m, prompt, min(4, opts.steps))
+        runs: dict[str, list] = {name: [] for name in models}
+        for _ in range(opts.repeats):
+            for name, m in models.items():
+                runs[name].append(decode_seconds(m, prompt, opts.steps))
+    finally:
+        for m in models.values():
+            m.close()
+    return {
+        name: (
+            statistics.median(opts.steps / s for s, _ in r),
+            statistics.mean(g["bytes_loaded"] for _, g in r) / opts.steps,
+        )
+        for name, r in runs.items()
+    }
+
+
+def expert_bytes(folders: dict[str, Path]) -> dict[str, int]:
+    out = {}
+    for name, folder in folders.items():
+        with offload_rt.load(folder, cache_experts=1) as m:
+            out[name] = m.backend.store.nbytes
+    return out
+
+
+def report(
+    cfg: ModelConfig, nbytes: dict, acc: dict, resident: dict, capped: dict, opts: Options
+) -> None:
+    cached = f"{cfg.num_experts_total // 4}/{cfg.num_experts_total}"
+    head = ["", "bytes/expert", "/fp32", "/16-bit", "max|dlogit|", "/std", "greedy ="]
+    head += ["tok/s all", f"tok/s {cached}", "MB/token"]
+    rows = [head]
+    for name in VARIANTS:
+        a, ratio = acc[name], nbytes[name] / nbytes["fp32"]
+        rows.append(
+            [name, str(nbytes[name]), f"{ratio:.4f}", f"{2 * ratio:.4f}", f"{a['err']:.4f}"]
+            + [f"{a['err'] / a['spread']:.3f}", f"{a['agree']}/{opts.prompts}"]
+            + [f"{resident[name][0]:.2f}", f"{capped[name][0]:.2f}", f"{capped[name][1] / 1e6:.2f}"]
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    print()
+    for r in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    bf16 = acc["bf16"]
+    print(
+        f"for scale, the fp32 model run wholly in bfloat16: max|dlogit| {bf16['err']:.4f} "
+        f"(/std {bf16['err'] / bf16['spread']:.3f}), greedy = {bf16['agree']}/{opts.prompts}"
+    )
+    print(
+        f"(bytes/expert: one packed expert, scales and offsets included; /16-bit: against the "
+        f"same expert in bfloat16; max|dlogit|: over {opts.prompts} prompts x {opts.new} steps "
+        f"teacher-forced on fp32's tokens; /std: over the fp32 logits' std; greedy =: prompts "
+        f"whose {opts.new} greedy tokens all equal fp32's; tok/s: batch-1 decode, median of "
+        f"{opts.repeats}, every expert resident / {cached} cached behind a {opts.link_gbps:g} "
+        "GB/s simulated link; MB/token: bytes moved per decode token in the capped runs)"
+    )
+    for name in (*VARIANTS[1:], "bf16"):
+        for i, part in enumerate(acc[name]["parts"]):
+            if part is not None:
+                step, gap, err, flipped = part
+                why = "differs (an expert choice flipped)" if flipped else "the same"
+                print(
+                    f"{name} prompt {i}: parts from fp32 at step {step}: fp32 top-2 gap "
+                    f"{gap:.4f}, {name} logits error there {err:.4f}, routing {why}"
+                )
+
+
+def main() -> None:
+    opts = parse_options()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; load average "
+        f"{os.getloadavg()[0]:.2f} (other work on the machine skews the tokens/s figures)",
+        flush=True,
+    )
+    folder = opts.folder or checkpoint(opts.workdir, opts.layers)
+    cfg = ModelConfig.from_folder(folder)
+    folders = {
+        "fp32": folder,
+        "int8": quantized(folder, opts.workdir, 8, opts.group_size),
+        "int4": quantized(folder, opts.workdir, 4, opts.group_size),
+    }
+    print(f"model {folder}: groups of {QuantConfig(8, opts.group_size).group_size}", flush=True)
+    prompts = make_prompts(opts.prompts, cfg.vocab_size)
+    nbytes = expert_bytes(folders)
+    acc = accuracy(folders, prompts, opts.new)
+    resident = speed(folders, prompts[0], opts)
+    capped = speed(
+        folders,
+        prompts[0],
+        opts,
+        cache_experts=cfg.num_experts_total // 4,
+        link_gbps=opts.link_gbps,
+    )
+    report(cfg, nbytes, acc, resident, capped, opts)
+    print(f"load average {os.getloadavg()[0]:.2f} at the end")
+
+
+if __name__ == "__main__":
+    main()
