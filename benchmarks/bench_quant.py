@@ -52,7 +52,8 @@ class Options:
     new: int  # greedy tokens per prompt
     steps: int  # timed decode steps per run
     repeats: int  # timed runs per variant
-    link_gbps: float  # simulated link of the capped-cache runs
+    link_gbps: float  # simulated link of the capped-cache runs (on a CPU device)
+    device: torch.device  # where every variant runs
 
 
 @dataclass
@@ -73,9 +74,11 @@ def parse_options() -> Options:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--link-gbps", type=float, default=16.0)
     p.add_argument("--quick", action="store_true", help="2 layers, 3 prompts, 8 steps, 1 repeat")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ... (cuda: the real link)")
     a = p.parse_args()
+    dev = torch.device(a.device)
     if a.quick:
-        return Options(a.checkpoint, a.workdir, 2, a.group_size, 3, a.new, 8, 1, a.link_gbps)
+        return Options(a.checkpoint, a.workdir, 2, a.group_size, 3, a.new, 8, 1, a.link_gbps, dev)
     layers = MODEL["num_hidden_layers"]
     return Options(
         a.checkpoint,
@@ -87,6 +90,7 @@ def parse_options() -> Options:
         a.steps,
         a.repeats,
         a.link_gbps,
+        dev,
     )
 
 
@@ -124,17 +128,19 @@ def decode(model: OffloadModel, prompt: list[int], n: int, forced: list[int] | N
     return Decode(tokens, torch.stack(logits), rec.trace().passes)
 
 
-def accuracy(folders: dict[str, Path], prompts: list[list[int]], n: int) -> dict[str, dict]:
+def accuracy(
+    folders: dict[str, Path], prompts: list[list[int]], n: int, device: torch.device
+) -> dict[str, dict]:
     """Per variant: max logits error, fp32 logits' std, prompts in full agreement, partings.
     "bf16" is the fp32 checkpoint run wholly in bfloat16: the error of a precision in common
     use, for scale."""
-    with offload_rt.load(folders["fp32"]) as m:
+    with offload_rt.load(folders["fp32"], device=device) as m:
         base = [decode(m, p, n, None) for p in prompts]
     spread = statistics.mean(float(d.logits.std()) for d in base)
     out = {"fp32": {"err": 0.0, "spread": spread, "agree": len(prompts), "parts": []}}
     others = [(name, folders[name], None) for name in VARIANTS[1:]]
     for name, folder, dtype in [*others, ("bf16", folders["fp32"], "bfloat16")]:
-        with offload_rt.load(folder, dtype=dtype) as m:
+        with offload_rt.load(folder, device=device, dtype=dtype) as m:
             forced = [decode(m, p, n, b.tokens) for p, b in zip(prompts, base)]
             free = [decode(m, p, n, None) for p in prompts]
         err = max(float((f.logits.float() - b.logits).abs().max()) for f, b in zip(forced, base))
@@ -173,7 +179,10 @@ def speed(
     folders: dict[str, Path], prompt: list[int], opts: Options, **load: object
 ) -> dict[str, tuple[float, float]]:
     """Median tokens/s per variant and bytes moved per decode token; runs alternate."""
-    models = {name: offload_rt.load(folder, **load) for name, folder in folders.items()}
+    models = {
+        name: offload_rt.load(folder, device=opts.device, **load)
+        for name, folder in folders.items()
+    }
     try:
         for m in models.values():
             m.warm()
@@ -246,6 +255,8 @@ def report(
 
 def main() -> None:
     opts = parse_options()
+    if opts.device.type == "cuda":
+        print(f"device: {torch.cuda.get_device_name(opts.device)} (capped runs: the real link)")
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; load average "
         f"{os.getloadavg()[0]:.2f} (other work on the machine skews the tokens/s figures)",
@@ -261,14 +272,14 @@ def main() -> None:
     print(f"model {folder}: groups of {QuantConfig(8, opts.group_size).group_size}", flush=True)
     prompts = make_prompts(opts.prompts, cfg.vocab_size)
     nbytes = expert_bytes(folders)
-    acc = accuracy(folders, prompts, opts.new)
+    acc = accuracy(folders, prompts, opts.new, opts.device)
     resident = speed(folders, prompts[0], opts)
     capped = speed(
         folders,
         prompts[0],
         opts,
         cache_experts=cfg.num_experts_total // 4,
-        link_gbps=opts.link_gbps,
+        link_gbps=opts.link_gbps if opts.device.type == "cpu" else None,
     )
     report(cfg, nbytes, acc, resident, capped, opts)
     print(f"load average {os.getloadavg()[0]:.2f} at the end")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA checks of a lent GPU machine, in one run: the CUDA tests and the exactness tests on
-# the GPU's own torch build, then bench_local.py on the GPU. Logs go to $OUT (or ./gpu-out).
+# the GPU's own torch build, then bench_local.py and bench_quant.py on the GPU. Logs go to $OUT
+# (or ./gpu-out).
 # Usage, from the repository root: bash benchmarks/gpu_check.sh
 set -uo pipefail
 out="${OUT:-gpu-out}"
@@ -10,5 +11,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_exactness.py \
     tests/test_cache.py tests/test_generation.py 2>&1 | tee "$out/cuda_tests.log"
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_quant_model.py -k cuda 2>&1 \
+    | tee -a "$out/cuda_tests.log"
 timeout 300 python3 benchmarks/bench_local.py --device cuda --workdir /tmp/offload_rt_bench \
     --steps 64 --repeats 3 2>&1 | tee "$out/bench_cuda.log"
+timeout 300 python3 benchmarks/bench_quant.py --device cuda --workdir /tmp/offload_rt_bench \
+    2>&1 | tee "$out/bench_quant_cuda.log"

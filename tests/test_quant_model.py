@@ -227,3 +227,19 @@ def test_scales_are_read_as_float16_groups(quantized):
     with safe_open(str(qs[8] / "model.safetensors"), framework="pt") as f:
         assert f.get_slice(name).get_dtype() == "F16"
         assert f.get_slice(name).get_shape() == [96, 64 // GROUP]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cuda_quantized_equals_cpu(quantized, bits):
+    _, qs = quantized[0]
+    with offload_rt.load(qs[bits]) as m:
+        logits = m.logits(PROMPTS[0])
+        want = [r.token_ids for r in m.generate(PROMPTS, max_new_tokens=16)]
+    with offload_rt.load(qs[bits], device="cuda", cache_experts=3, host_experts=4) as m:
+        assert m.backend.store.pool.device.type == "cuda"
+        assert (m.logits(PROMPTS[0]).cpu() - logits).abs().max().item() <= 1e-4
+        assert [r.token_ids for r in m.generate(PROMPTS, max_new_tokens=16)] == want
+        assert all(
+            buf.is_pinned() and buf.dtype == torch.uint8 for buf in m.backend.store._host.values()
+        )
