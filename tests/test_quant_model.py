@@ -60,6 +60,19 @@ def test_quantized_checkpoint_holds_the_parts_and_the_rest_as_stored(quantized):
     assert not (qs[4].parent / "model.partial").exists()
 
 
+def test_quantize_report(reference, tmp_path):
+    folder, _ = reference
+    report = quantize_checkpoint(folder, tmp_path / "q8", 8, GROUP, progress=False)
+    q = Checkpoint.open(tmp_path / "q8")
+    scales = [t for n, t in ((n, q.get(n)) for n in q.tensors) if n.endswith(".scales")]
+    half_step = max(float(s.float().max()) for s in scales) / 2
+    assert 0.5 * half_step < report.max_abs_error <= half_step  # within half a step, not less
+    assert report.experts == 16 and report.float_nbytes == 3 * 64 * 96 * 4
+    assert report.quant_nbytes == expert_nbytes(q.config, torch.float32)
+    # a step is about a group's range / 255, and rounding's RMS error a step / sqrt(12)
+    assert 0.001 < report.relative_rms_error < 0.01
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_checkpoint_loads_and_generates(quantized, bits):
     _, qs = quantized[1]  # the sharded one

@@ -29,7 +29,7 @@ from offload_rt.checkpoint import (
     write_checkpoint,
 )
 from offload_rt.config import DEFAULT_GROUP_SIZE, QuantConfig
-from offload_rt.experts.quant import dequantize, quantize
+from offload_rt.experts.quant import QuantizedTensor, dequantize, quantize
 
 DEFAULT_SHARD_BYTES = 4 << 30  # as Hugging Face's writers: a few GB per file
 
@@ -141,11 +141,13 @@ def _tensors(
                 bar.update(1)
 
 
-def _measure(w: torch.Tensor, q, quant: QuantConfig, report: QuantizeReport) -> None:
-    err = dequantize(q, quant) - w.float()
+def _measure(
+    w: torch.Tensor, q: QuantizedTensor, quant: QuantConfig, report: QuantizeReport
+) -> None:
+    err = dequantize(q, quant).sub_(w)
     report.max_abs_error = max(report.max_abs_error, float(err.abs().max()))
-    report.sum_sq_error += float(err.double().square().sum())
-    report.sum_sq_weight += float(w.double().square().sum())
+    report.sum_sq_error += float(torch.linalg.vector_norm(err)) ** 2
+    report.sum_sq_weight += float(torch.linalg.vector_norm(w.float())) ** 2
 
 
 def _copy_side_files(src: Path, dst: Path) -> None:
