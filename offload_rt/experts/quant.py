@@ -53,11 +53,12 @@ def quantize(w: torch.Tensor, quant: QuantConfig, name: str = "weight") -> Quant
             f"{name}: group size {quant.group_size} does not divide its {cols} input columns"
         )
     x = w.float().reshape(rows, cols // quant.group_size, quant.group_size)  # (out, n, G)
-    if not torch.isfinite(x).all():
+    lo, hi = x.amin(dim=-1), x.amax(dim=-1)  # (out, n); nan propagates into both
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
         raise ValueError(f"{name}: holds inf or nan; it cannot be quantized")
     levels = 2**quant.bits - 1
-    offsets = _round_to_f16(x.amin(dim=-1), down=True)  # (out, n)
-    scales = _round_to_f16((x.amax(dim=-1) - offsets.float()) / levels, down=False)
+    offsets = _round_to_f16(lo, down=True)
+    scales = _round_to_f16((hi - offsets.float()) / levels, down=False)
     if not (torch.isfinite(offsets).all() and torch.isfinite(scales).all()):
         raise ValueError(f"{name}: values beyond float16's range; its groups cannot be stored")
     step = torch.where(scales > 0, scales.float(), 1.0)  # a constant group: every code 0
