@@ -15,7 +15,8 @@ side by side:
 
 The model: bench_local.py's random checkpoint (hidden 1024, 8 layers, 8 experts, fp32),
 reused from --workdir, or any float checkpoint given with --checkpoint. Run from the repository
-root: `python benchmarks/bench_quant.py` (about 5 minutes on 2 cores); `--quick` runs the
+root: `python benchmarks/bench_quant.py` (10-15 minutes on 2 cores, the first run quantizing
+the checkpoint twice); `--quick` runs the
 2-layer model with fewer prompts and steps.
 """
 
@@ -34,10 +35,13 @@ from bench_local import MODEL, checkpoint, make_prompts
 
 import offload_rt
 from offload_rt import OffloadModel
+from offload_rt.checkpoint import Checkpoint
 from offload_rt.config import DEFAULT_GROUP_SIZE, ModelConfig, QuantConfig
 from offload_rt.engine import BatchDecoder
+from offload_rt.experts.quant import QuantizedTensor, dequantize
 from offload_rt.experts.quant_writer import quantize_checkpoint
 from offload_rt.experts.recorder import RoutingRecorder
+from offload_rt.model.moe import expert_ffn
 
 VARIANTS = ("fp32", "int8", "int4")
 
@@ -161,6 +165,45 @@ def part_of(base: Decode, forced: Decode, free: Decode) -> tuple | None:
     return i, float(top2[0] - top2[1]), err, base.routing[i] != forced.routing[i]
 
 
+def expert_output_error(folders: dict[str, Path], tokens: int = 16) -> dict[str, float]:
+    """Relative RMS error of every expert's output against fp32's on the same random input
+    (rows of unit RMS, as the post-attention RMSNorm hands them over): the quantization error
+    of one expert, before the layers compound it. "bf16": fp32 weights rounded to bfloat16."""
+    fp = Checkpoint.open(folders["fp32"])
+    quantized = {name: Checkpoint.open(folders[name]) for name in VARIANTS[1:]}
+    cfg, gen = fp.config, torch.Generator().manual_seed(0)
+    sq = {name: 0.0 for name in (*VARIANTS[1:], "bf16")}
+    ref_sq = 0.0
+    for layer in range(cfg.num_hidden_layers):
+        for expert in range(cfg.num_local_experts):
+            x = torch.randn(tokens, cfg.hidden_size, generator=gen)
+            w = {k: v.float() for k, v in fp.expert(layer, expert).items()}
+            ref = ffn(x, w)
+            ref_sq += float(ref.square().sum())
+            sq["bf16"] += float(
+                (ffn(x, {k: v.bfloat16().float() for k, v in w.items()}) - ref).square().sum()
+            )
+            for name, ckpt in quantized.items():
+                sq[name] += float((ffn(x, dequantized(ckpt, layer, expert)) - ref).square().sum())
+    return {name: (e / ref_sq) ** 0.5 for name, e in sq.items()}
+
+
+def ffn(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+    return expert_ffn(x, torch.cat([w["w1"], w["w3"]]), w["w2"])
+
+
+def dequantized(ckpt: Checkpoint, layer: int, expert: int) -> dict[str, torch.Tensor]:
+    parts, quant = ckpt.expert(layer, expert), ckpt.config.quantization
+    assert quant is not None
+    return {
+        proj: dequantize(
+            QuantizedTensor(*(parts[f"{proj}.{p}"] for p in ("qweight", "scales", "offsets"))),
+            quant,
+        )
+        for proj in ("w1", "w2", "w3")
+    }
+
+
 def decode_seconds(model: OffloadModel, prompt: list[int], steps: int) -> tuple[float, dict]:
     """Wall time of `steps` batch-1 greedy decode steps (prefill untimed), and the counters
     gained over them."""
@@ -212,16 +255,24 @@ def expert_bytes(folders: dict[str, Path]) -> dict[str, int]:
 
 
 def report(
-    cfg: ModelConfig, nbytes: dict, acc: dict, resident: dict, capped: dict, opts: Options
+    cfg: ModelConfig,
+    nbytes: dict,
+    expert_err: dict,
+    acc: dict,
+    resident: dict,
+    capped: dict,
+    opts: Options,
 ) -> None:
     cached = f"{cfg.num_experts_total // 4}/{cfg.num_experts_total}"
-    head = ["", "bytes/expert", "/fp32", "/16-bit", "max|dlogit|", "/std", "greedy ="]
+    head = ["", "bytes/expert", "/fp32", "/16-bit", "expert err", "max|dlogit|", "/std"]
+    head += ["greedy ="]
     head += ["tok/s all", f"tok/s {cached}", "MB/token"]
     rows = [head]
     for name in VARIANTS:
         a, ratio = acc[name], nbytes[name] / nbytes["fp32"]
         rows.append(
-            [name, str(nbytes[name]), f"{ratio:.4f}", f"{2 * ratio:.4f}", f"{a['err']:.4f}"]
+            [name, str(nbytes[name]), f"{ratio:.4f}", f"{2 * ratio:.4f}"]
+            + [f"{expert_err.get(name, 0.0):.5f}", f"{a['err']:.4f}"]
             + [f"{a['err'] / a['spread']:.3f}", f"{a['agree']}/{opts.prompts}"]
             + [f"{resident[name][0]:.2f}", f"{capped[name][0]:.2f}", f"{capped[name][1] / 1e6:.2f}"]
         )
@@ -231,12 +282,14 @@ def report(
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
     bf16 = acc["bf16"]
     print(
-        f"for scale, the fp32 model run wholly in bfloat16: max|dlogit| {bf16['err']:.4f} "
+        f"for scale, fp32 weights rounded to bfloat16: expert err {expert_err['bf16']:.5f}; "
+        f"the fp32 model run wholly in bfloat16: max|dlogit| {bf16['err']:.4f} "
         f"(/std {bf16['err'] / bf16['spread']:.3f}), greedy = {bf16['agree']}/{opts.prompts}"
     )
     print(
         f"(bytes/expert: one packed expert, scales and offsets included; /16-bit: against the "
-        f"same expert in bfloat16; max|dlogit|: over {opts.prompts} prompts x {opts.new} steps "
+        f"same expert in bfloat16; expert err: relative RMS error of each expert's output on "
+        f"random unit-RMS rows; max|dlogit|: over {opts.prompts} prompts x {opts.new} steps "
         f"teacher-forced on fp32's tokens; /std: over the fp32 logits' std; greedy =: prompts "
         f"whose {opts.new} greedy tokens all equal fp32's; tok/s: batch-1 decode, median of "
         f"{opts.repeats}, every expert resident / {cached} cached behind a {opts.link_gbps:g} "
@@ -272,6 +325,7 @@ def main() -> None:
     print(f"model {folder}: groups of {QuantConfig(8, opts.group_size).group_size}", flush=True)
     prompts = make_prompts(opts.prompts, cfg.vocab_size)
     nbytes = expert_bytes(folders)
+    expert_err = expert_output_error(folders)
     acc = accuracy(folders, prompts, opts.new, opts.device)
     resident = speed(folders, prompts[0], opts)
     capped = speed(
@@ -281,7 +335,7 @@ def main() -> None:
         cache_experts=cfg.num_experts_total // 4,
         link_gbps=opts.link_gbps if opts.device.type == "cpu" else None,
     )
-    report(cfg, nbytes, acc, resident, capped, opts)
+    report(cfg, nbytes, expert_err, acc, resident, capped, opts)
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
 
