@@ -16,8 +16,7 @@ side by side:
 The model: bench_local.py's random checkpoint (hidden 1024, 8 layers, 8 experts, fp32),
 reused from --workdir, or any float checkpoint given with --checkpoint. Run from the repository
 root: `python benchmarks/bench_quant.py` (10-15 minutes on 2 cores, the first run quantizing
-the checkpoint twice); `--quick` runs the
-2-layer model with fewer prompts and steps.
+the checkpoint twice); `--quick` runs the 2-layer model with fewer prompts and steps.
 """
 
 from __future__ import annotations
