@@ -52,6 +52,7 @@ class Options:
     layers: int  # of bench_local's checkpoint
     group_size: int  # quantization group
     prompts: int  # prompts for accuracy
+    token_ids: list[list[int]] | None  # given prompts instead of random ones
     new: int  # greedy tokens per prompt
     steps: int  # timed decode steps per run
     repeats: int  # timed runs per variant
@@ -78,17 +79,29 @@ def parse_options() -> Options:
     p.add_argument("--link-gbps", type=float, default=16.0)
     p.add_argument("--quick", action="store_true", help="2 layers, 3 prompts, 8 steps, 1 repeat")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (cuda: the real link)")
+    p.add_argument(
+        "--token-ids",
+        action="append",
+        default=None,
+        help="a prompt as comma-separated ids (repeat for more) instead of random prompts",
+    )
     a = p.parse_args()
     dev = torch.device(a.device)
+    ids = None if a.token_ids is None else [[int(t) for t in p.split(",")] for p in a.token_ids]
     if a.quick:
-        return Options(a.checkpoint, a.workdir, 2, a.group_size, 3, a.new, 8, 1, a.link_gbps, dev)
+        n = 3 if ids is None else len(ids)
+        return Options(
+            a.checkpoint, a.workdir, 2, a.group_size, n, ids, a.new, 8, 1, a.link_gbps, dev
+        )
+    prompts = a.prompts if ids is None else len(ids)
     layers = MODEL["num_hidden_layers"]
     return Options(
         a.checkpoint,
         a.workdir,
         layers,
         a.group_size,
-        a.prompts,
+        prompts,
+        ids,
         a.new,
         a.steps,
         a.repeats,
@@ -322,7 +335,7 @@ def main() -> None:
         "int4": quantized(folder, opts.workdir, 4, opts.group_size),
     }
     print(f"model {folder}: groups of {QuantConfig(8, opts.group_size).group_size}", flush=True)
-    prompts = make_prompts(opts.prompts, cfg.vocab_size)
+    prompts = opts.token_ids or make_prompts(opts.prompts, cfg.vocab_size)
     nbytes = expert_bytes(folders)
     expert_err = expert_output_error(folders)
     acc = accuracy(folders, prompts, opts.new, opts.device)
