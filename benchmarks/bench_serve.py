@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import re
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ import offload_rt
 from offload_rt.demo import DEMO_NAME, make_demo_checkpoint
 
 START_TIMEOUT_S = 300
+WARMUP = 2  # runs of each kind before the measured ones
 
 
 def parse_args() -> argparse.Namespace:
@@ -36,6 +38,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=48, help="new tokens per stream")
     p.add_argument("--cache-experts", type=int, default=None, help="server's device cache")
     p.add_argument("--backend", default="local", choices=["local", "ray"])
+    p.add_argument("--repeats", type=int, default=3, help="measured runs; medians are printed")
     return p.parse_args()
 
 
@@ -80,7 +83,6 @@ async def run_streams(url: str, texts: list[list[int]], tokens: int) -> tuple[in
         return n
 
     async with offload_rt.connect_async(url) as m:
-        await m.generate([1, 2, 3], max_new_tokens=2)
         start = time.perf_counter()
         counts = await asyncio.gather(*(one(m, p) for p in texts))
         return sum(counts), time.perf_counter() - start
@@ -94,40 +96,62 @@ def batch_counters(url: str) -> tuple[float, float]:
     return rows, steps
 
 
-def in_process(folder: Path, args: argparse.Namespace) -> float:
+def in_process(folder: Path, args: argparse.Namespace) -> tuple[float, float]:
+    """Median tok/s of `generate` in this process, after the same warm-up: at batch 1, and
+    for the N prompts as one static batch (the engine's own batching: the server's ceiling)."""
     kw = {} if args.backend == "ray" else {"cache_experts": args.cache_experts}
     with offload_rt.load(folder, backend=args.backend, **kw) as m:
         m.warm()  # every expert loaded once, as the server is warm after its first requests
-        m.generate(prompts(1)[0], max_new_tokens=args.tokens, stop=[])
-        start = time.perf_counter()
-        r = m.generate(prompts(1)[0], max_new_tokens=args.tokens, stop=[])
-        return len(r.token_ids) / (time.perf_counter() - start)
+        rates: dict[int, list[float]] = {1: [], args.streams: []}
+        for _ in range(WARMUP + args.repeats):
+            for n in rates:
+                start = time.perf_counter()
+                rs = m.generate(prompts(n), max_new_tokens=args.tokens, stop=[])
+                tokens = sum(len(r.token_ids) for r in rs)
+                rates[n].append(tokens / (time.perf_counter() - start))
+        return tuple(statistics.median(r[WARMUP:]) for r in rates.values())  # type: ignore[return-value]
+
+
+def serve_rates(url: str, args: argparse.Namespace) -> tuple[float, float, float]:
+    """Median tok/s of 1 stream and of N streams (runs alternating, after warm-up runs of
+    both: Ray actors and the allocator settle over the first runs), and the mean batch."""
+    one, many, rows, steps = [], [], 0.0, 0.0
+    for i in range(WARMUP + args.repeats):
+        n, s = asyncio.run(run_streams(url, prompts(1), args.tokens))
+        rows0, steps0 = batch_counters(url)
+        n_many, s_many = asyncio.run(run_streams(url, prompts(args.streams), args.tokens))
+        rows1, steps1 = batch_counters(url)
+        if i >= WARMUP:
+            one.append(n / s)
+            many.append(n_many / s_many)
+            rows, steps = rows + rows1 - rows0, steps + steps1 - steps0
+    return statistics.median(one), statistics.median(many), rows / max(steps, 1)
 
 
 def main() -> None:
     args = parse_args()
     folder = args.model_dir or make_demo_checkpoint(Path("/tmp/offload_rt_bench") / DEMO_NAME)
-    local = in_process(folder, args)
+    local, local_many = in_process(folder, args)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = start_server(args, folder, port)
     try:
-        one_n, one_s = asyncio.run(run_streams(url, prompts(1), args.tokens))
-        rows0, steps0 = batch_counters(url)
-        many_n, many_s = asyncio.run(run_streams(url, prompts(args.streams), args.tokens))
-        rows1, steps1 = batch_counters(url)
-        batch = (rows1 - rows0) / max(steps1 - steps0, 1)
+        single, many, batch = serve_rates(url, args)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    single, many = one_n / one_s, many_n / many_s
-    print(f"model: {folder}  backend: {args.backend}  tokens per stream: {args.tokens}")
-    print(f"in-process generate, batch 1:  {local:8.1f} tok/s")
-    print(f"server, 1 stream:              {single:8.1f} tok/s  ({single / local:.2f}x in-process)")
     print(
-        f"server, {args.streams:2d} streams at once:  {many:8.1f} tok/s  (mean batch {batch:.1f})"
+        f"model: {folder}  backend: {args.backend}  tokens per stream: {args.tokens}  "
+        f"(medians of {args.repeats} runs after {WARMUP} warm-up runs)"
     )
-    print(f"ratio {args.streams} streams / 1 stream: {many / single:8.2f}x")
+    n = args.streams
+    print(f"in-process generate, batch 1:  {local:8.1f} tok/s")
+    print(f"in-process generate, batch {n:2d}: {local_many:8.1f} tok/s  "
+          f"({local_many / local:.2f}x: the engine's batching, the server's ceiling)")  # fmt: skip
+    print(f"server, 1 stream:              {single:8.1f} tok/s  ({single / local:.2f}x in-process)")
+    print(f"server, {n:2d} streams at once:  {many:8.1f} tok/s  (mean batch {batch:.1f}, "
+          f"{many / local_many:.2f}x in-process batch {n})")  # fmt: skip
+    print(f"ratio {n} streams / 1 stream: {many / single:8.2f}x")
 
 
 if __name__ == "__main__":
