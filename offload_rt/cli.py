@@ -17,6 +17,7 @@ from offload_rt.engine import GenerationResult, OffloadModel, RequestError
 from offload_rt.experts.quant import expert_nbytes
 from offload_rt.experts.recorder import RoutingRecorder
 from offload_rt.experts.traces import write_trace
+from offload_rt.model.mixtral import PREDICT_FROM
 
 DEMO_CACHE_EXPERTS = 8  # of the demo's 32: a quarter on the device, so the cache works
 
@@ -47,7 +48,29 @@ def _add_load_options(p: argparse.ArgumentParser, cache_experts: int | None) -> 
     p.add_argument(
         "--link-gbps", type=float, default=None, help="simulate a host->device link of this GB/s"
     )
+    _add_offload_options(p)
     add_ray_options(p)
+
+
+def _add_offload_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-prefetch",
+        dest="prefetch",
+        action="store_false",
+        default=None,
+        help="do not load the next layer's predicted experts ahead (default: on when capped)",
+    )
+    p.add_argument(
+        "--prefetch-from",
+        default="both",
+        choices=list(PREDICT_FROM),
+        help="where the next layer's experts are guessed (default: %(default)s)",
+    )
+    p.add_argument(
+        "--compute-on-miss",
+        action="store_true",
+        help="run a missing expert on the CPU from host RAM when that beats copying it",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +104,9 @@ def _load(args: argparse.Namespace, path: Path) -> OffloadModel:
         cache_experts=args.cache_experts,
         ray_options=ray_options(args) if args.backend == "ray" else None,
         link_gbps=args.link_gbps,
+        prefetch=args.prefetch,
+        prefetch_from=args.prefetch_from,
+        compute_on_miss=args.compute_on_miss,
     )
 
 
@@ -107,7 +133,11 @@ def _report(model: OffloadModel, result: GenerationResult, seconds: float) -> No
     n = len(result.token_ids)
     print(f"tokens: {n} new ({result.finish_reason}) in {seconds:.2f} s: {n / seconds:.1f} tok/s")
     stats = model.stats()
-    print("expert cache: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
+    print("expert cache: " + ", ".join(f"{k}={_figure(v)}" for k, v in stats.items()))
+
+
+def _figure(v: int | float) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ import torch
 
 from offload_rt.checkpoint import Checkpoint, router_tensor_name
 from offload_rt.distributed.cluster import RayOptions
-from offload_rt.experts import ExpertStore, LocalExpertBackend, SlotCache
+from offload_rt.experts import ExpertStore, LocalExpertBackend, OffloadOptions, SlotCache
 from offload_rt.experts.quant import expert_nbytes
 from offload_rt.experts.store import SimulatedLink
 from offload_rt.model import AttentionWeights, DenseWeights, LayerWeights
@@ -84,11 +84,19 @@ def local_backend(
     capacity: int,
     host_experts: int | None,
     link_gbps: float | None = None,
+    options: OffloadOptions | None = None,
 ) -> LocalExpertBackend:
     cfg = ckpt.config
+    options = options or OffloadOptions()
     # on a CPU device the slots are host RAM already: a host tier would hold every expert twice,
     # except where a simulated link plays the bus between host RAM and a device
     host = 0 if device.type == "cpu" and link_gbps is None else host_experts
+    if options.compute_on_miss and (host == 0 or (device.type == "cpu" and link_gbps is None)):
+        raise ValueError(
+            "compute_on_miss runs missing experts on the CPU from the host tier: it needs a "
+            f"device behind a link (a GPU, or link_gbps on a CPU) and host_experts != 0; got "
+            f"device {device}, link_gbps {link_gbps}, host_experts {host_experts}"
+        )
     link = None if link_gbps is None else SimulatedLink(link_gbps * 1e9)
     store = ExpertStore(
         ckpt,
@@ -101,7 +109,7 @@ def local_backend(
         link,
         cfg.quantization,
     )
-    return LocalExpertBackend(store, SlotCache(capacity))
+    return LocalExpertBackend(store, SlotCache(capacity), options)
 
 
 def ray_backend(

@@ -24,7 +24,9 @@ from offload_rt.engine.loader import (
 )
 from offload_rt.engine.sampling import RequestError, SamplingParams
 from offload_rt.engine.tokenizer import TextTokenizer
+from offload_rt.experts import LocalExpertBackend, OffloadOptions
 from offload_rt.model import MixtralModel, RopeTables
+from offload_rt.model.mixtral import PREDICT_FROM
 from offload_rt.model.moe import ExpertBackend, ExpertKey
 
 Prompt = str | Sequence[int]
@@ -33,7 +35,7 @@ Prompt = str | Sequence[int]
 class ModelBackend(ExpertBackend, Protocol):
     """An expert backend the model owns: counters to report, resources to release."""
 
-    def stats(self) -> dict[str, int]: ...
+    def stats(self) -> dict[str, int | float]: ...
 
     def close(self) -> None: ...
 
@@ -135,7 +137,7 @@ class OffloadModel:
                 self.backend.run({ExpertKey(layer, e): x for e in range(cfg.num_local_experts)})
         return int(self.stats()["resident"])
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int | float]:
         return self.backend.stats()
 
     def close(self) -> None:
@@ -175,6 +177,9 @@ def load(
     expert_actors: int | None = None,
     ray_options: RayOptions | None = None,
     link_gbps: float | None = None,
+    prefetch: bool | None = None,
+    prefetch_from: str = "both",
+    compute_on_miss: bool = False,
 ) -> OffloadModel:
     """Open a Hugging Face Mixtral checkpoint folder.
 
@@ -186,14 +191,29 @@ def load(
     GPUs. ray_options: timeouts, restarts, memory shares (`RayOptions`). link_gbps: local
     backend: hold every host->device expert move to bytes / (link_gbps GB/s) and keep a host
     tier even on a CPU device — a PCIe link simulated on a machine without a GPU.
+    prefetch: local backend: while layer L runs, apply layer L+1's router to the hidden state
+    and start loading the experts it picks (None: on when the cache is capped);
+    prefetch_from: where that guess is made, "attention" (after L's attention), "moe" (after
+    L's MoE output) or "both". compute_on_miss: local backend behind a link (a GPU, or
+    link_gbps): run a missing expert on the CPU from host RAM when a cost model says that
+    beats copying it. None of these changes an output.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; available: {BACKENDS}")
-    if backend == "ray" and (cache_experts is not None or link_gbps is not None):
+    local_only = {
+        "cache_experts": cache_experts is not None,
+        "link_gbps": link_gbps is not None,
+        "prefetch": bool(prefetch),
+        "compute_on_miss": compute_on_miss,
+    }
+    if backend == "ray" and any(local_only.values()):
+        named = ", ".join(k for k, v in local_only.items() if v)
         raise ValueError(
-            "cache_experts and link_gbps apply to the local backend; the ray backend sizes each "
-            "actor's cache from the placement plan (see `offload-rt plan`)"
+            f"{named}: local backend options; the ray backend sizes each actor's cache from "
+            "the placement plan (see `offload-rt plan`)"
         )
+    if prefetch_from not in PREDICT_FROM:
+        raise ValueError(f"prefetch_from must be one of {PREDICT_FROM}, got {prefetch_from!r}")
     if host_experts is not None and (not isinstance(host_experts, int) or host_experts < 0):
         raise ValueError(f"host_experts must be a non-negative integer, got {host_experts!r}")
     dev = resolve_device(device)
@@ -205,8 +225,13 @@ def load(
         capacity = resolve_capacity(cache_experts, cfg.num_experts_total)
         tokenizer = TextTokenizer.from_folder(ckpt.folder)
         weights = load_dense(ckpt, dev, dt)
+        if prefetch is None:
+            prefetch = backend == "local" and capacity < cfg.num_experts_total
         if backend == "local":
-            experts: ModelBackend = local_backend(ckpt, dev, dt, capacity, host_experts, link_gbps)
+            options = OffloadOptions(prefetch=prefetch, compute_on_miss=compute_on_miss)
+            experts: ModelBackend = local_backend(
+                ckpt, dev, dt, capacity, host_experts, link_gbps, options
+            )
         else:
             opts = ray_options or RayOptions()
             opts = replace(
@@ -220,5 +245,6 @@ def load(
         ckpt.close()
         raise
     rope = RopeTables.build(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, dev)
-    model = MixtralModel(cfg, weights, experts, rope)
+    prefetcher = experts if prefetch and isinstance(experts, LocalExpertBackend) else None
+    model = MixtralModel(cfg, weights, experts, rope, prefetcher, prefetch_from)
     return OffloadModel(ckpt, model, experts, tokenizer, on_close)

@@ -1,59 +1,174 @@
 """The local expert backend: experts computed on this machine's device from the tiered store.
 
-Per layer call: experts already resident run first while the missing ones load on a loader
-thread (and, on CUDA, on their own stream), each into a slot freed by LRU eviction. An expert
-needed by this call is pinned until it has run, so a call never evicts its own experts; with
-fewer slots than experts in the call, loads wait for earlier experts of the call to finish.
+Per layer call: experts already resident run first while the missing ones load over the link
+(`LinkLoader`: one worker thread; on CUDA each copy runs on its own stream from a pinned
+buffer), each into a slot freed by LRU eviction. An expert needed by this call is pinned until
+it has run, so a call never evicts its own experts; with fewer slots than experts in the call,
+loads wait for earlier experts of the call to finish.
+
+Options (`OffloadOptions`):
+- prefetch: the model hands over its prediction of the next layer's experts
+  (`prefetch(layer, ranked)`) while the current layer runs; their loads queue behind the
+  demand loads, into slots of neither the predicted layer nor the one running.
+- compute_on_miss: a missing expert held in the host tier is run on the CPU instead when the
+  cost model (`MissCost`) says that finishes before its copy would.
+Neither changes a result: every expert runs the same `expert_ffn` on the same rows, and the
+MoE block sums the outputs in a fixed order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+import concurrent.futures
+import time
+from collections.abc import Container, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from offload_rt.experts.cache import SlotCache
+from offload_rt.experts.loader import LinkLoader
+from offload_rt.experts.misscost import MissCost
+from offload_rt.experts.prefetch import PrefetchTracker
 from offload_rt.experts.store import ExpertStore
 from offload_rt.model.moe import ExpertKey, expert_ffn
 
+HostWeights = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class OffloadOptions:
+    prefetch: bool = False  # load the experts the model predicts for the next layer
+    compute_on_miss: bool = False  # run a missing expert on the CPU when that is faster
+
+
+@dataclass(frozen=True)
+class _Guard:
+    """Experts a new load may not evict: some keys, and every expert of some layers."""
+
+    keys: Container[ExpertKey]
+    layers: Container[int] = ()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys or (isinstance(key, ExpertKey) and key.layer in self.layers)
+
 
 class LocalExpertBackend:
-    def __init__(self, store: ExpertStore, cache: SlotCache) -> None:
+    def __init__(
+        self, store: ExpertStore, cache: SlotCache, options: OffloadOptions = OffloadOptions()
+    ) -> None:
         self.store = store
         self.cache = cache
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-rt-loader")
+        self.options = options
+        self.loader = LinkLoader(None if store.link is None else store.link.bytes_per_s)
         cuda = store.device.type == "cuda"
         self._load_stream = torch.cuda.Stream(store.device) if cuda else None
+        self.loads: dict[ExpertKey, Future] = {}  # loads whose end no layer call has seen
+        self.tracker = PrefetchTracker() if options.prefetch else None
+        self.miss_cost = MissCost(device_is_host=not cuda) if options.compute_on_miss else None
+        self.wait_seconds = 0.0  # time layer calls spent waiting for loads
+        self.host_computed = 0  # missing experts run on the CPU instead of loaded
 
     def run(self, groups: Mapping[ExpertKey, torch.Tensor]) -> dict[ExpertKey, torch.Tensor]:
         keys = sorted(groups)
-        resident = [k for k in keys if self.cache.lookup(k) is not None]
-        missing = [k for k in keys if k not in resident]
-        call = _Call(self, set(resident), missing)
-        call.start_loads()
-        out = {}
-        for key in resident:
-            out[key] = self._compute(key, groups[key])
-            call.done(key)
-        for key in missing:
-            call.wait(key)
-            out[key] = self._compute(key, groups[key])
-            call.done(key)
-        return out
+        if self.tracker is not None and keys:
+            self._settle(keys[0].layer, set(keys))
+        self._reap()
+        return _Call(self, groups, keys).execute()
+
+    def prefetch(self, layer: int, ranked: Sequence[int], fetch: int | None = None) -> None:
+        """The model's prediction for `layer`, most likely expert first: start loading the
+        first `fetch` (None: all) not resident, never evicting a predicted expert or one of
+        the layer now running."""
+        if self.tracker is None:
+            return
+        self.tracker.predicted(layer, ranked)
+        self._reap()
+        wanted = {ExpertKey(layer, e) for e in ranked}
+        for key, load in self.tracker.pending(layer).items():
+            if key not in wanted and self._cancel(key, load):
+                self.tracker.dropped(key)  # an earlier prediction this one overrides
+        # the layer's own residents the guess leaves out go first: the layer is about to
+        # run without them, while other layers' residents may still serve their next use
+        stale = [k for k in self.cache.resident_keys() if k.layer == layer and k not in wanted]
+        guard = _Guard(self._in_flight() | wanted, layers=(layer - 1,))
+        for key in wanted:
+            self.cache.touch(key)
+        for e in ranked[:fetch]:
+            key = ExpertKey(layer, e)
+            if key in self.cache:
+                continue
+            slot = self.cache.acquire(key, guard, prefer=stale)
+            if slot is None:
+                return
+            self.loads[key] = self._submit(key, slot, urgent=False)
+            self.tracker.issued(key, self.loads[key])
+
+    def settle(self) -> None:
+        """Wait until every load in flight has finished (their experts stay resident)."""
+        concurrent.futures.wait(list(self.loads.values()))
+        self._reap()
+
+    def _settle(self, layer: int, used: set[ExpertKey]) -> None:
+        assert self.tracker is not None
+        for key, load in self.tracker.settle(layer, used):
+            cancelled = self._cancel(key, load)
+            self.tracker.unused(cancelled)
+            if not cancelled:
+                self.cache.demote(key)  # loaded for nothing: the first to make room
+
+    def _cancel(self, key: ExpertKey, load: Future) -> bool:
+        """Drop a prefetch load that has not started, and its slot."""
+        if not self.loader.cancel(load):
+            return False
+        self.loads.pop(key, None)
+        self.cache.discard(key)
+        self.cache.stats.bytes_loaded -= self.store.nbytes
+        return True
+
+    def _reap(self) -> None:
+        """Forget finished loads; a failed one leaves its expert missing, to be loaded again."""
+        for key, load in list(self.loads.items()):
+            if load.done():
+                del self.loads[key]
+                if load.cancelled() or load.exception() is not None:
+                    self.cache.discard(key)
+
+    def _in_flight(self) -> set[ExpertKey]:
+        return {key for key, load in self.loads.items() if not load.done()}
 
     def _compute(self, key: ExpertKey, x: torch.Tensor) -> torch.Tensor:
         w13, w2 = self.store.weights(self.cache.slot_of(key))
         return expert_ffn(x, w13, w2)
 
-    def _submit(self, key: ExpertKey, slot: int) -> Future:
+    def _host_choice(
+        self, key: ExpertKey, rows: int, load: Future | None, copies_ahead: int = 0
+    ) -> HostWeights | None:
+        """The expert's host weights when computing it on the CPU beats waiting for its copy
+        (`load` in flight, or a new one queued after `copies_ahead` more); None to copy."""
+        if self.miss_cost is None:
+            return None
+        weights = self.store.host_weights(key)
+        if weights is None:
+            return None
+        wait = self.loader.eta(load, nbytes=(copies_ahead + 1) * self.store.nbytes)
+        return weights if self.miss_cost.prefer_host(rows, wait, lambda: weights) else None
+
+    def _compute_on_host(self, x: torch.Tensor, weights: HostWeights) -> torch.Tensor:
+        w13, w2 = weights
+        self.host_computed += 1
+        return expert_ffn(x.to(w13.device), w13, w2).to(x.device)
+
+    def _submit(self, key: ExpertKey, slot: int, urgent: bool) -> Future:
         self.cache.stats.bytes_loaded += self.store.nbytes
+        nbytes = self.store.nbytes
         if self._load_stream is None:
-            return self._loader.submit(self.store.load, key, slot)
+            return self.loader.submit(partial(self.store.load, key, slot), nbytes, urgent)
         # the slot may have just been freed by an expert whose compute is still queued
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(self.store.device))
-        return self._loader.submit(self._load_on_stream, key, slot, ready)
+        return self.loader.submit(partial(self._load_on_stream, key, slot, ready), nbytes, urgent)
 
     def _load_on_stream(self, key: ExpertKey, slot: int, ready: torch.cuda.Event) -> None:
         stream = self._load_stream
@@ -62,45 +177,109 @@ class LocalExpertBackend:
             self.store.load(key, slot)
         stream.synchronize()
 
+    def _wait(self, key: ExpertKey) -> None:
+        load = self.loads[key]
+        start = time.perf_counter()
+        try:
+            load.result()
+        except BaseException:
+            self.loads.pop(key, None)
+            self.cache.discard(key)  # its slot holds a partial copy
+            raise
+        finally:
+            self.wait_seconds += time.perf_counter() - start
+        self.loads.pop(key, None)
+
+    def _wait_any(self) -> None:
+        """Block until some load in flight ends (its slot can then be taken)."""
+        in_flight = [self.loads[k] for k in self._in_flight()]
+        if not in_flight:
+            raise RuntimeError("no expert slot can be freed: every slot is pinned by this call")
+        concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
+
     def stats(self) -> dict[str, int | float]:
         out: dict[str, int | float] = {
             **self.cache.stats.as_dict(),
             "host_resident": self.store.host_resident(),
+            "load_wait_seconds": self.wait_seconds,
         }
         if self.store.link is not None:
             out["link_seconds"] = self.store.link.seconds
+        if self.tracker is not None:
+            out.update(self.tracker.stats.as_dict())
+        if self.miss_cost is not None:
+            out["host_computed"] = self.host_computed
         return out
 
     def close(self) -> None:
-        self._loader.shutdown(wait=True)
+        self.loader.close()
 
 
 class _Call:
-    """Loads of one layer call: started as slots allow, waited for in order."""
+    """One layer call: its experts sorted into resident, on their way (prefetched), to run
+    on the CPU, and to load (as slots allow, in order); each computed once it is there."""
 
-    def __init__(self, backend: LocalExpertBackend, pinned: set[ExpertKey], missing: list) -> None:
-        self.backend = backend
-        self.pinned = pinned
-        self.pending = list(missing)  # not yet given a slot, in order
-        self.loads: dict[ExpertKey, Future] = {}
+    def __init__(
+        self, backend: LocalExpertBackend, groups: Mapping[ExpertKey, torch.Tensor], keys: list
+    ) -> None:
+        self.b = backend
+        self.groups = groups
+        self.ready: list[ExpertKey] = []
+        self.coming: list[ExpertKey] = []
+        self.host: dict[ExpertKey, HostWeights] = {}
+        self.pending: list[ExpertKey] = []  # to load, not yet given a slot, in order
+        for key in keys:
+            if backend.cache.lookup(key) is not None:
+                (self.coming if key in backend.loads else self.ready).append(key)
+                continue
+            rows = groups[key].shape[0]
+            weights = backend._host_choice(key, rows, None, copies_ahead=len(self.pending))
+            if weights is None:
+                self.pending.append(key)
+            else:
+                self.host[key] = weights
+        self.loading = list(self.pending)
+        self.pinned = set(keys)
+
+    def execute(self) -> dict[ExpertKey, torch.Tensor]:
+        b, groups = self.b, self.groups
+        self.start_loads()
+        for key in self.coming:
+            b.loader.promote(b.loads[key])
+        out = {}
+        for key in self.ready:
+            out[key] = b._compute(key, groups[key])
+            self.done(key)
+        for key, weights in self.host.items():
+            out[key] = b._compute_on_host(groups[key], weights)
+        for key in self.coming:
+            weights = b._host_choice(key, groups[key].shape[0], b.loads[key])
+            if weights is None:  # the load goes on either way: the expert lands in its slot
+                b._wait(key)
+            out[key] = self._run(key, weights)
+        for key in self.loading:
+            while key not in b.loads:
+                self.start_loads()
+                if key not in b.loads:
+                    b._wait_any()
+            b._wait(key)
+            out[key] = self._run(key, None)
+        return out
+
+    def _run(self, key: ExpertKey, host: HostWeights | None) -> torch.Tensor:
+        x = self.groups[key]
+        out = self.b._compute(key, x) if host is None else self.b._compute_on_host(x, host)
+        self.done(key)
+        return out
 
     def start_loads(self) -> None:
+        b = self.b
         while self.pending:
-            slot = self.backend.cache.acquire(self.pending[0], self.pinned)
+            slot = b.cache.acquire(self.pending[0], _Guard(self.pinned | b._in_flight()))
             if slot is None:
                 return
             key = self.pending.pop(0)
-            self.pinned.add(key)
-            self.loads[key] = self.backend._submit(key, slot)
-
-    def wait(self, key: ExpertKey) -> None:
-        if key not in self.loads:
-            self.start_loads()
-        try:
-            self.loads.pop(key).result()
-        except BaseException:
-            self.backend.cache.discard(key)  # its slot holds a partial copy
-            raise
+            b.loads[key] = b._submit(key, slot, urgent=True)
 
     def done(self, key: ExpertKey) -> None:
         self.pinned.discard(key)

@@ -7,8 +7,9 @@ expert goes to and which resident expert leaves to make room.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Set
+from collections.abc import Container, Iterable
 from dataclasses import asdict, dataclass
+from itertools import chain
 
 from offload_rt.model.moe import ExpertKey
 
@@ -53,13 +54,27 @@ class SlotCache:
     def slot_of(self, key: ExpertKey) -> int:
         return self._order[key]
 
-    def acquire(self, key: ExpertKey, pinned: Set[ExpertKey]) -> int | None:
-        """A slot for `key`, evicting the least recently used expert not in `pinned`;
-        None when every slot holds a pinned expert."""
+    def touch(self, key: ExpertKey) -> None:
+        """Make a resident `key` the most recent without counting a use (it is predicted)."""
+        if key in self._order:
+            self._order.move_to_end(key)
+
+    def demote(self, key: ExpertKey) -> None:
+        """Make a resident `key` the first to go (it was loaded for a use that did not come)."""
+        if key in self._order:
+            self._order.move_to_end(key, last=False)
+
+    def acquire(
+        self, key: ExpertKey, pinned: Container[ExpertKey], prefer: Iterable[ExpertKey] = ()
+    ) -> int | None:
+        """A slot for `key`: a free one, else evicting the first resident expert of `prefer`
+        not in `pinned`, else the least recently used not in `pinned`; None when every slot
+        holds a pinned expert."""
         if self._free:
             slot = self._free.pop()
         else:
-            victim = next((k for k in self._order if k not in pinned), None)
+            victims = chain((k for k in prefer if k in self._order), self._order)
+            victim = next((k for k in victims if k not in pinned), None)
             if victim is None:
                 return None
             slot = self._order.pop(victim)

@@ -83,18 +83,17 @@ class ExpertStore:
         self.numel = 3 * hidden * intermediate if self.codec is None else self.codec.nbytes
         self.nbytes = self.numel * self.storage_dtype.itemsize
         self.pool = _allocate_pool(capacity, self.numel, device, self.storage_dtype)
-        f, d = intermediate, hidden
         # per slot: w13 (2F, D) and w2 (D, F) views (quantized: its parts), made once
-        self._views = [
-            (buf[: 2 * f * d].view(2 * f, d), buf[2 * f * d :].view(d, f))
-            if self.codec is None
-            else self.codec.views(buf)
-            for buf in self.pool
-        ]
+        self._views = [self._split(buf) for buf in self.pool]
         self.host_capacity = host_capacity  # None: unbounded; 0: no host tier
         self._host: OrderedDict[ExpertKey, torch.Tensor] = OrderedDict()
         self._pin = device.type == "cuda"
         self.link = link
+        # a simulated link on a CPU device stands for a DMA engine, which costs link time but
+        # no CPU: the slot takes the host buffer itself, where a memcpy would compete with
+        # compute for the same cores and memory bandwidth (a 35 MB copy takes longer than
+        # 16 GB/s allows on the CI machine, and slows a concurrent expert FFN 4x)
+        self._bind = link is not None and device.type == "cpu"
 
     def weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of one slot: w13 (2F, D) and w2 (D, F). Quantized: the slot dequantized into
@@ -107,12 +106,30 @@ class ExpertStore:
         """Bring `key` into device slot `slot` (called from the loader thread)."""
         if self.host_capacity == 0:
             self._pack(key, self.pool[slot])
+            self._views[slot] = self._split(self.pool[slot])
             return
         host = self._host_buffer(key)
         start = time.perf_counter()
-        self.pool[slot].copy_(host, non_blocking=self._pin)
+        if self._bind:
+            self._views[slot] = self._split(host)
+        else:
+            self.pool[slot].copy_(host, non_blocking=self._pin)
         if self.link is not None:
             self.link.hold(self.nbytes, start)
+
+    def host_weights(self, key: ExpertKey) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """w13, w2 of an unquantized `key` in the host tier, or None when it is not there
+        (read from the compute thread while the loader may change the tier: one dict lookup,
+        no reordering)."""
+        buf = self._host.get(key)
+        return None if buf is None or self.codec is not None else self._split(buf)
+
+    def _split(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | dict:
+        """A packed buffer's views: w13 (2F, D) and w2 (D, F); quantized, the codec's parts."""
+        if self.codec is not None:
+            return self.codec.views(buf)
+        f, d = self.intermediate, self.hidden
+        return buf[: 2 * f * d].view(2 * f, d), buf[2 * f * d :].view(d, f)
 
     def _host_buffer(self, key: ExpertKey) -> torch.Tensor:
         buf = self._host.get(key)

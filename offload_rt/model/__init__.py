@@ -2,13 +2,14 @@
 
 from offload_rt.model.layers import AttentionWeights, KVCache, RopeTables
 from offload_rt.model.mixtral import DenseWeights, LayerWeights, MixtralModel
-from offload_rt.model.moe import ExpertBackend, ExpertKey, expert_ffn, route
+from offload_rt.model.moe import ExpertBackend, ExpertKey, ExpertPrefetcher, expert_ffn, route
 
 __all__ = [
     "AttentionWeights",
     "DenseWeights",
     "ExpertBackend",
     "ExpertKey",
+    "ExpertPrefetcher",
     "KVCache",
     "LayerWeights",
     "MixtralModel",

@@ -8,7 +8,7 @@ E experts per layer, k experts per token, F expert width.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -35,6 +35,15 @@ class ExpertBackend(Protocol):
         ...
 
 
+class ExpertPrefetcher(Protocol):
+    """Takes the model's guess of a layer's experts ahead of time (a backend with a cache)."""
+
+    def prefetch(self, layer: int, ranked: Sequence[int], fetch: int | None = None) -> None:
+        """Experts of `layer` the current tokens are likely to use, most likely first; load
+        the first `fetch` of them (None: all) and keep the rest if they are resident."""
+        ...
+
+
 def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """w2(silu(w1 x) * w3 x) with w1 and w3 stacked into one (2F, D) matrix: one matmul, not two."""
     gate, up = linear(x, w13).chunk(2, dim=-1)  # (n, F) each
@@ -47,6 +56,20 @@ def route(x: torch.Tensor, router: torch.Tensor, top_k: int) -> tuple[torch.Tens
     probs = torch.softmax(F.linear(x, router).float(), dim=-1)  # (N, E)
     weights, experts = torch.topk(probs, top_k, dim=-1)
     return weights / weights.sum(dim=-1, keepdim=True), experts
+
+
+def predict_experts(x: torch.Tensor, router: torch.Tensor, top_k: int) -> list[int]:
+    """The experts some token of x (N, D) would pick among its top-k under `router` (E, D),
+    the largest summed routing weight first: what a layer's router makes of a hidden state
+    it will see only later, after it has changed a little. One device-to-host sync."""
+    weights, experts = route(x, router, top_k)  # (N, k) each
+    if x.shape[0] == 1:
+        return experts[0].tolist()  # topk sorts by weight already
+    mass = torch.zeros(router.shape[0], dtype=weights.dtype, device=x.device)  # (E,)
+    mass.index_add_(0, experts.reshape(-1), weights.reshape(-1))
+    order = torch.argsort(mass, descending=True, stable=True)
+    ids, picked = torch.stack((order.to(mass.dtype), mass[order])).tolist()
+    return [int(e) for e, m in zip(ids, picked) if m > 0]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,71 @@
+"""Compute on a miss: serve a missing expert by copying it to the device, or by running it on
+the CPU from the host tier, whichever the measured rates say finishes first.
+
+A copy costs the link's wait (loads ahead of it, then bytes / bandwidth) and then the device's
+compute; the CPU costs its own compute: about bytes / host memory bandwidth at a few rows,
+growing with rows × flops / CPU throughput. Both CPU terms are measured once, on the first
+miss considered, by timing the expert FFN on the missing expert's own host buffer at 1 and at
+`CALIBRATION_ROWS` rows. A GPU's compute is taken as free beside a copy (microseconds against
+milliseconds). On a CPU device the "device" is this CPU: the same compute follows either
+choice, so the CPU wins whenever the link has any wait at all.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from offload_rt.model.moe import expert_ffn
+
+CALIBRATION_ROWS = 16  # enough rows to see the per-row cost past the weight-reading cost
+CALIBRATION_REPEATS = 3  # best of: the first run also warms the CPU's caches and BLAS
+
+
+@dataclass
+class MissCost:
+    device_is_host: bool  # a CPU device: the copy's compute costs what the CPU's would
+    host_fixed_s: float | None = None  # CPU seconds of one expert at 1 row (None: unmeasured)
+    host_row_s: float = 0.0  # CPU seconds per row beyond the first
+
+    def prefer_host(
+        self,
+        rows: int,
+        link_wait_s: float | None,
+        weights: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    ) -> bool:
+        """True when computing `rows` rows on the CPU beats a copy that would finish in
+        `link_wait_s` (None: the link's speed is not known yet, so copy and learn it).
+        `weights` gives the expert's host w13, w2, for the one-time calibration."""
+        if link_wait_s is None:
+            return False
+        if self.device_is_host:
+            return link_wait_s > 0.0
+        if self.host_fixed_s is None:
+            self.calibrate(*weights())
+        return self.host_seconds(rows) < link_wait_s
+
+    def host_seconds(self, rows: int) -> float:
+        if self.host_fixed_s is None:
+            raise RuntimeError("the CPU's expert throughput has not been measured yet")
+        return self.host_fixed_s + (rows - 1) * self.host_row_s
+
+    def calibrate(self, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        """Time the expert FFN on the CPU on these weights (w13 (2F, D), w2 (D, F))."""
+        one = _best_seconds(w13, w2, 1)
+        many = _best_seconds(w13, w2, CALIBRATION_ROWS)
+        self.host_fixed_s = one
+        self.host_row_s = max(0.0, (many - one) / (CALIBRATION_ROWS - 1))
+
+
+def _best_seconds(w13: torch.Tensor, w2: torch.Tensor, rows: int) -> float:
+    x = torch.randn(rows, w13.shape[1], dtype=w13.dtype, device=w13.device)  # (rows, D)
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(CALIBRATION_REPEATS):
+            start = time.perf_counter()
+            expert_ffn(x, w13, w2)
+            best = min(best, time.perf_counter() - start)
+    return best
