@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA checks of a lent GPU machine, in one run: the CUDA tests and the exactness tests on
-# the GPU's own torch build, then bench_local.py and bench_quant.py on the GPU. Logs go to $OUT
-# (or ./gpu-out).
+# the GPU's own torch build, then bench_local.py, bench_quant.py and bench_offload.py (quick:
+# capped cache, prefetch, compute on a miss over the real PCIe link) on the GPU. Logs go to
+# $OUT (or ./gpu-out).
 # Usage, from the repository root: bash benchmarks/gpu_check.sh
 set -uo pipefail
 out="${OUT:-gpu-out}"
@@ -17,3 +18,5 @@ timeout 300 python3 benchmarks/bench_local.py --device cuda --workdir /tmp/offlo
     --steps 64 --repeats 3 2>&1 | tee "$out/bench_cuda.log"
 timeout 300 python3 benchmarks/bench_quant.py --device cuda --workdir /tmp/offload_rt_bench \
     2>&1 | tee "$out/bench_quant_cuda.log"
+timeout 120 python3 benchmarks/bench_offload.py --device cuda --workdir /tmp/offload_rt_bench \
+    --quick 2>&1 | tee "$out/bench_offload_cuda.log"

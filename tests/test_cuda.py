@@ -42,3 +42,27 @@ def test_cuda_bfloat16_runs(reference):
     with offload_rt.load(reference[0], device="cuda", dtype="bfloat16", cache_experts=4) as m:
         r = m.generate(PROMPTS[1], max_new_tokens=8)
     assert len(r.token_ids) >= 1
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(prefetch=True), dict(prefetch=True, compute_on_miss=True), dict(compute_on_miss=True)],
+)
+def test_cuda_prefetch_and_compute_on_miss_match_the_reference(reference, options):
+    """Loads on the copy stream, prefetches and misses run by the CPU from pinned RAM: the
+    CPU's kernels differ from the GPU's, so logits are held to 1e-4, tokens exactly."""
+    folder, hf = reference
+    with offload_rt.load(folder, device="cuda", cache_experts=3, **options) as model:
+        if model.backend.miss_cost is not None:
+            model.backend.miss_cost.host_fixed_s = 0.0  # the CPU taken as free: every miss
+            # whose copy would wait runs there, so the path is exercised whatever the timing
+        with torch.no_grad():
+            ref = hf(torch.tensor([PROMPTS[0]])).logits[0]
+        assert (model.logits(PROMPTS[0]).cpu() - ref).abs().max().item() <= 1e-4
+        got = [r.token_ids for r in model.generate(PROMPTS, max_new_tokens=32)]
+        stats = model.stats()
+    assert got == [reference_greedy(hf, p, 32) for p in PROMPTS]
+    if options.get("compute_on_miss"):
+        assert stats["host_computed"] > 0
+    if options.get("prefetch"):
+        assert stats["prefetch_loads"] > 0

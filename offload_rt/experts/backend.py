@@ -243,9 +243,9 @@ class _Call:
 
     def execute(self) -> dict[ExpertKey, torch.Tensor]:
         b, groups = self.b, self.groups
-        self.start_loads()
-        for key in self.coming:
+        for key in self.coming:  # queued before this call's misses: they go first
             b.loader.promote(b.loads[key])
+        self.start_loads()
         out = {}
         for key in self.ready:
             out[key] = b._compute(key, groups[key])

@@ -71,8 +71,8 @@ class LinkLoader:
             return True
 
     def eta(self, future: Future | None = None, nbytes: int = 0) -> float | None:
-        """Seconds until `future` finishes (None: until a new load of `nbytes` queued now as
-        urgent would); None while the link's bandwidth is unknown."""
+        """Seconds until `future` finishes (None: until a new urgent load of `nbytes` would,
+        behind the running load and the demand queue); None while the bandwidth is unknown."""
         with self._cv:
             if self.bytes_per_s is None:
                 return None
@@ -84,13 +84,13 @@ class LinkLoader:
                 ahead = max(0.0, self._running.nbytes / self.bytes_per_s - took)
                 if self._running.future is future:
                     return ahead
-            for job in (*self._demand, *self._spec):
+            for job in (*self._demand, *(self._spec if future is not None else ())):
                 ahead += job.nbytes / self.bytes_per_s
                 if job.future is future:
                     return ahead
             if future is not None:
                 return 0.0  # not queued here: already finished
-            return ahead if nbytes == 0 else ahead + nbytes / self.bytes_per_s
+            return ahead + nbytes / self.bytes_per_s
 
     def close(self) -> None:
         """Cancel queued loads, let the running one finish, stop the worker."""
