@@ -89,9 +89,12 @@ class LocalExpertBackend:
         for key, load in self.tracker.pending(layer).items():
             if key not in wanted and self._cancel(key, load):
                 self.tracker.dropped(key)  # an earlier prediction this one overrides
-        # the layer's own residents the guess leaves out go first: the layer is about to
-        # run without them, while other layers' residents may still serve their next use
-        stale = [k for k in self.cache.resident_keys() if k.layer == layer and k not in wanted]
+        # the layer's own residents the guess leaves out go first: the layer is about to run
+        # without them; then other layers', least recent first; layer 0's last: no guess
+        # covers layer 0, so its experts come back only by having stayed resident
+        resident = self.cache.resident_keys()
+        stale = [k for k in resident if k.layer == layer and k not in wanted]
+        others = [k for k in resident if k.layer not in (0, layer)]
         guard = _Guard(self._in_flight() | wanted, layers=(layer - 1,))
         for key in wanted:
             self.cache.touch(key)
@@ -99,7 +102,7 @@ class LocalExpertBackend:
             key = ExpertKey(layer, e)
             if key in self.cache:
                 continue
-            slot = self.cache.acquire(key, guard, prefer=stale)
+            slot = self.cache.acquire(key, guard, prefer=stale + others)
             if slot is None:
                 return
             self.loads[key] = self._submit(key, slot, urgent=False)
