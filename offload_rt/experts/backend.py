@@ -89,6 +89,11 @@ class LocalExpertBackend:
         for key, load in self.tracker.pending(layer).items():
             if key not in wanted and self._cancel(key, load):
                 self.tracker.dropped(key)  # an earlier prediction this one overrides
+        for e in ranked:
+            self.cache.touch(ExpertKey(layer, e))
+        fetch_keys = [ExpertKey(layer, e) for e in ranked[:fetch]]
+        if all(key in self.cache for key in fetch_keys):
+            return
         # the layer's own residents the guess leaves out go first: the layer is about to run
         # without them; then other layers', least recent first; layer 0's last: no guess
         # covers layer 0, so its experts come back only by having stayed resident
@@ -96,10 +101,7 @@ class LocalExpertBackend:
         stale = [k for k in resident if k.layer == layer and k not in wanted]
         others = [k for k in resident if k.layer not in (0, layer)]
         guard = _Guard(self._in_flight() | wanted, layers=(layer - 1,))
-        for key in wanted:
-            self.cache.touch(key)
-        for e in ranked[:fetch]:
-            key = ExpertKey(layer, e)
+        for key in fetch_keys:
             if key in self.cache:
                 continue
             slot = self.cache.acquire(key, guard, prefer=stale + others)

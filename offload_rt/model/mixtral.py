@@ -66,6 +66,10 @@ class MixtralModel:
         self.rope = rope
         self.prefetcher = prefetcher  # None: no guesses of the next layer's experts
         self.predict_from = predict_from
+        # per layer, the router with its MoE input norm's weight folded in (E, D): a single
+        # token's guess is then one matrix-vector product, since the norm's 1/rms factor and
+        # the softmax are monotonic and leave the order of the router's logits unchanged
+        self._guess_routers = [lw.router * lw.post_attn_norm for lw in weights.layers]
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         c = self.cfg
@@ -123,19 +127,25 @@ class MixtralModel:
         return rms_norm(h, self.weights.norm, c.rms_norm_eps)
 
     def _predict(self, h: torch.Tensor, layer: int, live: torch.Tensor | None, at: str) -> None:
-        """Hand the prefetcher layer `layer`'s router's choice on h (B, T, D), normed as that
-        layer will norm its MoE input. Reads h, changes nothing."""
+        """Hand the prefetcher layer `layer`'s router's choice on h (B, T, D), as that layer
+        would make it with h as its MoE input. Reads h, changes nothing."""
         if self.prefetcher is None or self.predict_from not in (at, "both"):
             return
         if layer >= len(self.weights.layers):
             return
-        lw = self.weights.layers[layer]
-        x = rms_norm(h, lw.post_attn_norm, self.cfg.rms_norm_eps).reshape(-1, self.cfg.hidden_size)
+        c = self.cfg
+        x = h.reshape(-1, c.hidden_size)  # (N, D)
         if live is not None:
             x = x[live]
-        if not x.shape[0]:
+        if x.shape[0] == 1:
+            logits = F.linear(x, self._guess_routers[layer])  # (1, E)
+            ranked = torch.topk(logits, c.num_experts_per_tok).indices[0].tolist()
+        elif x.shape[0]:
+            lw = self.weights.layers[layer]
+            normed = rms_norm(x, lw.post_attn_norm, c.rms_norm_eps)
+            ranked = predict_experts(normed, lw.router, c.num_experts_per_tok)
+        else:
             return
-        ranked = predict_experts(x, lw.router, self.cfg.num_experts_per_tok)
         # the early guess of "both" fetches only the likelier half of what it names (on the
         # benchmark model a token's first choice is right 3 times in 4, its second 1 in 2):
         # a wrong load that has started cannot be taken back when the later guess corrects it
