@@ -259,3 +259,20 @@ def test_cli_prints_the_prefetch_counters_and_takes_the_options(reference):
     assert "prefetch_recall=" not in off.stdout and "host_computed=" in off.stdout
     # the generated tokens (the first line) are the same either way
     assert on.stdout.splitlines()[0] == off.stdout.splitlines()[0]
+
+
+def test_set_offload_switches_the_options_between_requests(reference):
+    folder, _ = reference
+    with offload_rt.load(folder, cache_experts=5, link_gbps=SLOW_LINK, prefetch=False) as model:
+        plain = model.generate(PROMPTS, max_new_tokens=12)
+        assert "prefetch_recall" not in model.stats()
+        model.set_offload(prefetch=True, prefetch_from="moe", compute_on_miss=True)
+        switched = model.generate(PROMPTS, max_new_tokens=12)
+        stats = model.stats()
+        assert stats["prefetch_loads"] > 0 and stats["host_computed"] > 0
+        with pytest.raises(ValueError, match="prefetch_from"):
+            model.set_offload(prefetch=True, prefetch_from="router")
+    assert [r.token_ids for r in switched] == [r.token_ids for r in plain]
+    with offload_rt.load(folder, cache_experts=5) as model:
+        with pytest.raises(ValueError, match="compute_on_miss"):
+            model.set_offload(prefetch=True, compute_on_miss=True)

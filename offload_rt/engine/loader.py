@@ -87,16 +87,9 @@ def local_backend(
     options: OffloadOptions | None = None,
 ) -> LocalExpertBackend:
     cfg = ckpt.config
-    options = options or OffloadOptions()
     # on a CPU device the slots are host RAM already: a host tier would hold every expert twice,
     # except where a simulated link plays the bus between host RAM and a device
     host = 0 if device.type == "cpu" and link_gbps is None else host_experts
-    if options.compute_on_miss and (host == 0 or (device.type == "cpu" and link_gbps is None)):
-        raise ValueError(
-            "compute_on_miss runs missing experts on the CPU from the host tier: it needs a "
-            f"device behind a link (a GPU, or link_gbps on a CPU) and host_experts != 0; got "
-            f"device {device}, link_gbps {link_gbps}, host_experts {host_experts}"
-        )
     link = None if link_gbps is None else SimulatedLink(link_gbps * 1e9)
     store = ExpertStore(
         ckpt,
@@ -109,7 +102,7 @@ def local_backend(
         link,
         cfg.quantization,
     )
-    return LocalExpertBackend(store, SlotCache(capacity), options)
+    return LocalExpertBackend(store, SlotCache(capacity), options or OffloadOptions())
 
 
 def ray_backend(

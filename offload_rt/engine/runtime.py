@@ -137,6 +137,19 @@ class OffloadModel:
                 self.backend.run({ExpertKey(layer, e): x for e in range(cfg.num_local_experts)})
         return int(self.stats()["resident"])
 
+    def set_offload(
+        self, prefetch: bool, prefetch_from: str = "both", compute_on_miss: bool = False
+    ) -> None:
+        """Switch speculative prefetch and compute on a miss (local backend) between requests,
+        as `load` takes them; no output changes either way."""
+        self._check_open()
+        if not isinstance(self.backend, LocalExpertBackend):
+            raise ValueError("prefetch and compute_on_miss are local backend options")
+        _check_predict_from(prefetch_from)
+        self.backend.set_options(OffloadOptions(prefetch, compute_on_miss))
+        self.model.prefetcher = self.backend if prefetch else None
+        self.model.predict_from = prefetch_from
+
     def stats(self) -> dict[str, int | float]:
         return self.backend.stats()
 
@@ -157,6 +170,11 @@ class OffloadModel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_predict_from(prefetch_from: str) -> None:
+    if prefetch_from not in PREDICT_FROM:
+        raise ValueError(f"prefetch_from must be one of {PREDICT_FROM}, got {prefetch_from!r}")
 
 
 def _is_batch(prompt: object) -> bool:
@@ -212,8 +230,7 @@ def load(
             f"{named}: local backend options; the ray backend sizes each actor's cache from "
             "the placement plan (see `offload-rt plan`)"
         )
-    if prefetch_from not in PREDICT_FROM:
-        raise ValueError(f"prefetch_from must be one of {PREDICT_FROM}, got {prefetch_from!r}")
+    _check_predict_from(prefetch_from)
     if host_experts is not None and (not isinstance(host_experts, int) or host_experts < 0):
         raise ValueError(f"host_experts must be a non-negative integer, got {host_experts!r}")
     dev = resolve_device(device)

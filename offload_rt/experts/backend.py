@@ -54,21 +54,43 @@ class _Guard:
         return key in self.keys or (isinstance(key, ExpertKey) and key.layer in self.layers)
 
 
+def _check(options: OffloadOptions, store: ExpertStore) -> None:
+    behind_link = store.device.type != "cpu" or store.link is not None
+    if options.compute_on_miss and not (behind_link and store.host_capacity != 0):
+        raise ValueError(
+            "compute_on_miss runs missing experts on the CPU from the host tier: it needs a "
+            "device behind a link (a GPU, or link_gbps on a CPU) and host_experts != 0; got "
+            f"device {store.device}, link {store.link}, host_experts {store.host_capacity}"
+        )
+
+
 class LocalExpertBackend:
     def __init__(
         self, store: ExpertStore, cache: SlotCache, options: OffloadOptions = OffloadOptions()
     ) -> None:
+        _check(options, store)
         self.store = store
         self.cache = cache
-        self.options = options
         self.loader = LinkLoader(None if store.link is None else store.link.bytes_per_s)
         cuda = store.device.type == "cuda"
         self._load_stream = torch.cuda.Stream(store.device) if cuda else None
         self.loads: dict[ExpertKey, Future] = {}  # loads whose end no layer call has seen
-        self.tracker = PrefetchTracker() if options.prefetch else None
-        self.miss_cost = MissCost(device_is_host=not cuda) if options.compute_on_miss else None
+        self.tracker: PrefetchTracker | None = None
+        self.miss_cost: MissCost | None = None
         self.wait_seconds = 0.0  # time layer calls spent waiting for loads
         self.host_computed = 0  # missing experts run on the CPU instead of loaded
+        self.set_options(options)
+
+    def set_options(self, options: OffloadOptions) -> None:
+        """Turn prefetch and compute on a miss on or off (between forward passes: loads in
+        flight finish first); counters carry on."""
+        _check(options, self.store)
+        self.settle()
+        self.options = options
+        self.tracker = (self.tracker or PrefetchTracker()) if options.prefetch else None
+        device_is_host = self.store.device.type == "cpu"
+        cost = self.miss_cost or MissCost(device_is_host=device_is_host)
+        self.miss_cost = cost if options.compute_on_miss else None
 
     def run(self, groups: Mapping[ExpertKey, torch.Tensor]) -> dict[ExpertKey, torch.Tensor]:
         keys = sorted(groups)
