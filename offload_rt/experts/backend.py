@@ -106,16 +106,20 @@ class LocalExpertBackend:
         if self.tracker is None:
             return
         self.tracker.predicted(layer, ranked)
-        self._reap()
-        wanted = {ExpertKey(layer, e) for e in ranked}
+        if self.loads:
+            self._reap()
+        named = [ExpertKey(layer, e) for e in ranked]
+        wanted = set(named)
         for key, load in self.tracker.pending(layer).items():
             if key not in wanted and self._cancel(key, load):
                 self.tracker.dropped(key)  # an earlier prediction this one overrides
-        for e in ranked:
-            self.cache.touch(ExpertKey(layer, e))
-        fetch_keys = [ExpertKey(layer, e) for e in ranked[:fetch]]
-        if all(key in self.cache for key in fetch_keys):
-            return
+        for key in named:
+            self.cache.touch(key)
+        missing = [key for key in named[:fetch] if key not in self.cache]
+        if missing:
+            self._start_prefetches(layer, missing, wanted)
+
+    def _start_prefetches(self, layer: int, missing: list[ExpertKey], wanted: set) -> None:
         # the layer's own residents the guess leaves out go first: the layer is about to run
         # without them; then other layers', least recent first; layer 0's last: no guess
         # covers layer 0, so its experts come back only by having stayed resident
@@ -123,9 +127,7 @@ class LocalExpertBackend:
         stale = [k for k in resident if k.layer == layer and k not in wanted]
         others = [k for k in resident if k.layer not in (0, layer)]
         guard = _Guard(self._in_flight() | wanted, layers=(layer - 1,))
-        for key in fetch_keys:
-            if key in self.cache:
-                continue
+        for key in missing:
             slot = self.cache.acquire(key, guard, prefer=stale + others)
             if slot is None:
                 return
