@@ -101,8 +101,8 @@ class LocalExpertBackend:
 
     def prefetch(self, layer: int, ranked: Sequence[int], fetch: int | None = None) -> None:
         """The model's prediction for `layer`, most likely expert first: start loading the
-        first `fetch` (None: all) not resident, never evicting a predicted expert or one of
-        the layer now running."""
+        first `fetch` (None: all) not resident, never evicting a predicted expert, one of the
+        layer now running, or one of layer 0."""
         if self.tracker is None:
             return
         self.tracker.predicted(layer, ranked)
@@ -121,14 +121,12 @@ class LocalExpertBackend:
 
     def _start_prefetches(self, layer: int, missing: list[ExpertKey], wanted: set) -> None:
         # the layer's own residents the guess leaves out go first: the layer is about to run
-        # without them; then other layers', least recent first; layer 0's last: no guess
+        # without them; then the least recent of other layers, but never layer 0's: no guess
         # covers layer 0, so its experts come back only by having stayed resident
-        resident = self.cache.resident_keys()
-        stale = [k for k in resident if k.layer == layer and k not in wanted]
-        others = [k for k in resident if k.layer not in (0, layer)]
-        guard = _Guard(self._in_flight() | wanted, layers=(layer - 1,))
+        stale = [k for k in self.cache.resident_keys() if k.layer == layer and k not in wanted]
+        guard = _Guard(self._in_flight() | wanted, layers=(0, layer - 1))
         for key in missing:
-            slot = self.cache.acquire(key, guard, prefer=stale + others)
+            slot = self.cache.acquire(key, guard, prefer=stale)
             if slot is None:
                 return
             self.loads[key] = self._submit(key, slot, urgent=False)
@@ -163,6 +161,13 @@ class LocalExpertBackend:
                 del self.loads[key]
                 if load.cancelled() or load.exception() is not None:
                     self.cache.discard(key)
+
+    def _cheap_victims(self) -> list[ExpertKey]:
+        """With prefetch on, residents of layers past the first, least recent first: a
+        guess brings them back ahead of their use, while layer 0's only stay resident."""
+        if self.tracker is None:
+            return []
+        return [k for k in self.cache.resident_keys() if k.layer != 0]
 
     def _in_flight(self) -> set[ExpertKey]:
         return {key for key, load in self.loads.items() if not load.done()}
@@ -304,7 +309,8 @@ class _Call:
     def start_loads(self) -> None:
         b = self.b
         while self.pending:
-            slot = b.cache.acquire(self.pending[0], _Guard(self.pinned | b._in_flight()))
+            guard = _Guard(self.pinned | b._in_flight())
+            slot = b.cache.acquire(self.pending[0], guard, prefer=b._cheap_victims())
             if slot is None:
                 return
             key = self.pending.pop(0)
