@@ -91,7 +91,7 @@ class ExpertStore:
         self.link = link
         # a simulated link on a CPU device stands for a DMA engine, which costs link time but
         # no CPU: the slot takes the host buffer itself, where a memcpy would compete with
-        # compute for the same cores and memory bandwidth (a 35 MB copy takes 1.9-4 ms on the
+        # compute for the same cores and memory bandwidth (a 35 MB copy takes 1.5-4 ms on the
         # CI machine, about the 2.2 ms 16 GB/s allows, and slows a concurrent expert FFN 4x)
         self._bind = link is not None and device.type == "cpu"
 
