@@ -276,3 +276,20 @@ def test_set_offload_switches_the_options_between_requests(reference):
     with offload_rt.load(folder, cache_experts=5) as model:
         with pytest.raises(ValueError, match="compute_on_miss"):
             model.set_offload(prefetch=True, compute_on_miss=True)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_prefetch_with_quantized_experts_changes_no_output(reference, tmp_path, bits):
+    """Quantized slots hold the codec's bytes (bound to the host buffer behind a simulated
+    link); prefetch moves them as it moves float ones. compute_on_miss is refused."""
+    from offload_rt.experts.quant_writer import quantize_checkpoint
+
+    folder = tmp_path / f"q{bits}"
+    quantize_checkpoint(reference[0], folder, bits, 32, progress=False)
+    opts = dict(cache_experts=5, link_gbps=SLOW_LINK)
+    base = outputs(folder, **opts, prefetch=False)
+    got = outputs(folder, **opts, prefetch=True)
+    assert torch.equal(got[0], base[0]) and torch.equal(got[1], base[1])
+    assert got[2] == base[2] and got[3]["prefetch_loads"] > 0
+    with pytest.raises(ValueError, match="quantized"):
+        offload_rt.load(folder, **opts, compute_on_miss=True)

@@ -55,6 +55,11 @@ class _Guard:
 
 
 def _check(options: OffloadOptions, store: ExpertStore) -> None:
+    if options.compute_on_miss and store.codec is not None:
+        raise ValueError(
+            "compute_on_miss is not supported with quantized experts: they are dequantized "
+            "into device scratch on use, not on the CPU"
+        )
     behind_link = store.device.type != "cpu" or store.link is not None
     if options.compute_on_miss and not (behind_link and store.host_capacity != 0):
         raise ValueError(
