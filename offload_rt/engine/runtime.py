@@ -227,8 +227,8 @@ def load(
     if backend == "ray" and any(local_only.values()):
         named = ", ".join(k for k, v in local_only.items() if v)
         raise ValueError(
-            f"{named}: local backend options; the ray backend sizes each actor's cache from "
-            "the placement plan (see `offload-rt plan`)"
+            f"{named}: these apply to the local backend; the ray backend sizes each actor's "
+            "cache from the placement plan (see `offload-rt plan`)"
         )
     _check_predict_from(prefetch_from)
     if host_experts is not None and (not isinstance(host_experts, int) or host_experts < 0):
