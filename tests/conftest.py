@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import offload_rt
+from offload_rt.demo import make_demo_checkpoint
+
 TINY = dict(
     vocab_size=128,
     hidden_size=64,
@@ -51,3 +54,18 @@ def sharded_reference(tmp_path_factory):
     model = save_reference(folder, seed=1, max_shard_size="200KB")
     assert (folder / "model.safetensors.index.json").is_file()
     return folder, model
+
+
+@pytest.fixture(scope="module")
+def model(reference):
+    """The reference checkpoint loaded with 6 of its 16 experts on the device."""
+    with offload_rt.load(reference[0], cache_experts=6) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The demo checkpoint (a tokenizer and a chat template), every expert resident."""
+    folder = make_demo_checkpoint(tmp_path_factory.mktemp("demo") / "demo")
+    with offload_rt.load(folder) as m:
+        yield m

@@ -9,24 +9,10 @@ import pytest
 import torch
 
 import offload_rt
-from offload_rt.demo import make_demo_checkpoint
 from offload_rt.engine import RequestError, SamplingParams
 from offload_rt.engine.sampling import Sampler
 
 PROMPT = [1, 17, 42, 99, 5, 63]
-
-
-@pytest.fixture(scope="module")
-def model(reference):
-    with offload_rt.load(reference[0], cache_experts=6) as m:
-        yield m
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    folder = make_demo_checkpoint(tmp_path_factory.mktemp("demo") / "demo")
-    with offload_rt.load(folder) as m:
-        yield m
 
 
 def test_seeded_sampling_is_reproducible_and_seed_dependent(model):

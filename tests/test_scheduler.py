@@ -9,8 +9,6 @@ from types import SimpleNamespace
 
 import pytest
 
-import offload_rt
-from offload_rt.demo import make_demo_checkpoint
 from offload_rt.engine import RequestError, SamplingParams
 from offload_rt.engine.scheduler import Event, QueueFull, Scheduler, SchedulerConfig
 from offload_rt.engine.textstream import TextStream
@@ -35,19 +33,6 @@ class Collector:
     def wait(self) -> list[Event]:
         assert self.done.wait(TIMEOUT), "the request did not finish"
         return self.events
-
-
-@pytest.fixture(scope="module")
-def model(reference):
-    with offload_rt.load(reference[0], cache_experts=6) as m:
-        yield m
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    folder = make_demo_checkpoint(tmp_path_factory.mktemp("demo") / "demo")
-    with offload_rt.load(folder) as m:
-        yield m
 
 
 def _scheduler(m, **kw) -> Scheduler:
