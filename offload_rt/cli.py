@@ -11,13 +11,12 @@ from pathlib import Path
 import offload_rt
 from offload_rt import cli_cachesim, cli_convert, cli_quantize, cli_serve
 from offload_rt.checkpoint import Checkpoint, CheckpointError
-from offload_rt.cli_options import add_ray_options, ray_options
+from offload_rt.cli_options import add_offload_options, add_ray_options, ray_options
 from offload_rt.demo import DEMO_NAME, make_demo_checkpoint
 from offload_rt.engine import GenerationResult, OffloadModel, RequestError
 from offload_rt.experts.quant import expert_nbytes
 from offload_rt.experts.recorder import RoutingRecorder
 from offload_rt.experts.traces import write_trace
-from offload_rt.model.mixtral import PREDICT_FROM
 
 DEMO_CACHE_EXPERTS = 8  # of the demo's 32: a quarter on the device, so the cache works
 
@@ -48,29 +47,8 @@ def _add_load_options(p: argparse.ArgumentParser, cache_experts: int | None) -> 
     p.add_argument(
         "--link-gbps", type=float, default=None, help="simulate a host->device link of this GB/s"
     )
-    _add_offload_options(p)
+    add_offload_options(p)
     add_ray_options(p)
-
-
-def _add_offload_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--no-prefetch",
-        dest="prefetch",
-        action="store_false",
-        default=None,
-        help="do not load the next layer's predicted experts ahead (default: on when capped)",
-    )
-    p.add_argument(
-        "--prefetch-from",
-        default="both",
-        choices=list(PREDICT_FROM),
-        help="where the next layer's experts are guessed (default: %(default)s)",
-    )
-    p.add_argument(
-        "--compute-on-miss",
-        action="store_true",
-        help="run a missing expert on the CPU from host RAM when that beats copying it",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""Command-line options shared by several `offload-rt` commands."""
+"""Command-line options shared by several `offload-rt` commands (Ray, offloading)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 from dataclasses import replace
 
 from offload_rt.distributed.cluster import RayOptions
+from offload_rt.model.mixtral import PREDICT_FROM
 
 GIB = 1 << 30
 
@@ -33,3 +34,24 @@ def ray_options(args: argparse.Namespace) -> RayOptions:
     if args.gpu_memory_gb <= 0:
         raise ValueError(f"--gpu-memory-gb must be positive, got {args.gpu_memory_gb}")
     return replace(opts, gpu_memory_bytes=int(args.gpu_memory_gb * GIB))
+
+
+def add_offload_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-prefetch",
+        dest="prefetch",
+        action="store_false",
+        default=None,
+        help="do not load the next layer's predicted experts ahead (default: on when capped)",
+    )
+    p.add_argument(
+        "--prefetch-from",
+        default="both",
+        choices=list(PREDICT_FROM),
+        help="where the next layer's experts are guessed (default: %(default)s)",
+    )
+    p.add_argument(
+        "--compute-on-miss",
+        action="store_true",
+        help="run a missing expert on the CPU from host RAM when that beats copying it",
+    )

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from offload_rt.cli_options import add_ray_options, ray_options
+from offload_rt.cli_options import add_offload_options, add_ray_options, ray_options
 
 API_KEY_ENV = "OFFLOAD_RT_API_KEY"  # read here, at the edge: keeps the key out of `ps`
 
@@ -15,6 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a checkpoint over HTTP (OpenAI API + msgpack)")
     p.add_argument("model_dir", type=Path)
     add_ray_options(p)
+    add_offload_options(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
@@ -56,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         cache_experts=args.cache_experts,
         ray_options=ray_options(args) if args.backend == "ray" else None,
+        prefetch=args.prefetch,
+        prefetch_from=args.prefetch_from,
+        compute_on_miss=args.compute_on_miss,
     ) as model:
         app = build_app(model, config)
         auth = "bearer token required" if config.api_key else "no API key"
