@@ -11,7 +11,7 @@ from pathlib import Path
 import offload_rt
 from offload_rt import cli_cachesim, cli_convert, cli_quantize, cli_serve
 from offload_rt.checkpoint import Checkpoint, CheckpointError
-from offload_rt.cli_options import add_offload_options, add_ray_options, ray_options
+from offload_rt.cli_options import add_model_options, add_ray_options, load_model, ray_options
 from offload_rt.demo import DEMO_NAME, make_demo_checkpoint
 from offload_rt.engine import GenerationResult, OffloadModel, RequestError
 from offload_rt.experts.quant import expert_nbytes
@@ -36,19 +36,7 @@ def _add_load_options(p: argparse.ArgumentParser, cache_experts: int | None) -> 
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument(
-        "--cache-experts",
-        type=int,
-        default=cache_experts,
-        help="most experts resident on the device at once (default: %(default)s; None: all)",
-    )
-    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument(
-        "--link-gbps", type=float, default=None, help="simulate a host->device link of this GB/s"
-    )
-    add_offload_options(p)
-    add_ray_options(p)
+    add_model_options(p, cache_experts)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,21 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
     cli_convert.add_parser(sub)
     cli_quantize.add_parser(sub)
     return parser
-
-
-def _load(args: argparse.Namespace, path: Path) -> OffloadModel:
-    return offload_rt.load(
-        path,
-        backend=args.backend,
-        device=args.device,
-        dtype=args.dtype,
-        cache_experts=args.cache_experts,
-        ray_options=ray_options(args) if args.backend == "ray" else None,
-        link_gbps=args.link_gbps,
-        prefetch=args.prefetch,
-        prefetch_from=args.prefetch_from,
-        compute_on_miss=args.compute_on_miss,
-    )
 
 
 def _generate(model: OffloadModel, args: argparse.Namespace) -> tuple[GenerationResult, float]:
@@ -123,7 +96,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo checkpoint: {make_demo_checkpoint(folder)}")
     if args.backend == "local" and args.cache_experts is None:
         args.cache_experts = DEMO_CACHE_EXPERTS
-    with _load(args, folder) as model:
+    with load_model(args, folder) as model:
         result, seconds = _generate(model, args)
         print("note: the demo model has random weights, so its text is noise")
         print(f"prompt: {args.prompt!r}")
@@ -133,7 +106,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    with _load(args, args.model_dir) as model:
+    with load_model(args, args.model_dir) as model:
         recorder = None
         if args.trace is not None:
             cfg = model.config

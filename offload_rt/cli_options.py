@@ -1,11 +1,14 @@
-"""Command-line options shared by several `offload-rt` commands (Ray, offloading)."""
+"""Command-line options shared by several `offload-rt` commands: the model's device, its
+offloading and the Ray backend, and loading the model from them."""
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from pathlib import Path
 
 from offload_rt.distributed.cluster import RayOptions
+from offload_rt.engine import OffloadModel, load
 from offload_rt.model.mixtral import PREDICT_FROM
 
 GIB = 1 << 30
@@ -54,4 +57,37 @@ def add_offload_options(p: argparse.ArgumentParser) -> None:
         "--compute-on-miss",
         action="store_true",
         help="run a missing expert on the CPU from host RAM when that beats copying it",
+    )
+
+
+def add_model_options(p: argparse.ArgumentParser, cache_experts: int | None) -> None:
+    """Where the model runs and how its experts are offloaded: what `load_model` reads."""
+    p.add_argument(
+        "--cache-experts",
+        type=int,
+        default=cache_experts,
+        help="most experts resident on the device at once (default: %(default)s; None: all)",
+    )
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--link-gbps", type=float, default=None, help="simulate a host->device link of this GB/s"
+    )
+    add_offload_options(p)
+    add_ray_options(p)
+
+
+def load_model(args: argparse.Namespace, path: Path) -> OffloadModel:
+    """`offload_rt.load` with what `add_model_options` parsed."""
+    return load(
+        path,
+        backend=args.backend,
+        device=args.device,
+        dtype=args.dtype,
+        cache_experts=args.cache_experts,
+        ray_options=ray_options(args) if args.backend == "ray" else None,
+        link_gbps=args.link_gbps,
+        prefetch=args.prefetch,
+        prefetch_from=args.prefetch_from,
+        compute_on_miss=args.compute_on_miss,
     )

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from offload_rt.cli_options import add_offload_options, add_ray_options, ray_options
+from offload_rt.cli_options import add_model_options, load_model
 
 API_KEY_ENV = "OFFLOAD_RT_API_KEY"  # read here, at the edge: keeps the key out of `ps`
 
@@ -14,17 +14,13 @@ API_KEY_ENV = "OFFLOAD_RT_API_KEY"  # read here, at the edge: keeps the key out 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a checkpoint over HTTP (OpenAI API + msgpack)")
     p.add_argument("model_dir", type=Path)
-    add_ray_options(p)
-    add_offload_options(p)
+    add_model_options(p, cache_experts=None)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
         "--api-key", default=None, help=f"require this bearer token (or set ${API_KEY_ENV})"
     )
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: dir)")
-    p.add_argument("--cache-experts", type=int, default=None, help="local: experts on the device")
-    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     p.add_argument(
@@ -36,7 +32,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    import offload_rt
     from offload_rt.engine.scheduler import SchedulerConfig
     from offload_rt.server import ServerConfig, build_app
 
@@ -50,17 +45,7 @@ def run(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name,
         scheduler=scheduler,
     )
-    with offload_rt.load(
-        args.model_dir,
-        backend=args.backend,
-        device=args.device,
-        dtype=args.dtype,
-        cache_experts=args.cache_experts,
-        ray_options=ray_options(args) if args.backend == "ray" else None,
-        prefetch=args.prefetch,
-        prefetch_from=args.prefetch_from,
-        compute_on_miss=args.compute_on_miss,
-    ) as model:
+    with load_model(args, args.model_dir) as model:
         app = build_app(model, config)
         auth = "bearer token required" if config.api_key else "no API key"
         print(f"serving {args.model_dir} on http://{args.host}:{args.port} ({auth})", flush=True)
