@@ -99,17 +99,21 @@ def parse_options() -> Options:
 
 
 def checkpoint(workdir: Path, layers: int) -> Path:
-    """The random checkpoint folder, written on first use (to a temporary name, then renamed,
-    so an interrupted build is never reused)."""
+    """This benchmark's random checkpoint folder with `layers` layers, written on first use."""
     folder = workdir / f"mixtral-d{MODEL['hidden_size']}-l{layers}-e{MODEL['num_local_experts']}"
+    return write_random(folder, {**MODEL, "num_hidden_layers": layers})
+
+
+def write_random(folder: Path, model: dict) -> Path:
+    """A random float32 Mixtral of config `model` in `folder`, unless already there (written
+    to a temporary name, then renamed, so an interrupted build is never reused)."""
     if (folder / "config.json").is_file():
         return folder
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     print(f"writing a random checkpoint to {folder} ...", flush=True)
     torch.manual_seed(0)
-    cfg = MixtralConfig(**{**MODEL, "num_hidden_layers": layers}, dtype="float32")
-    MixtralForCausalLM(cfg).save_pretrained(partial)
+    MixtralForCausalLM(MixtralConfig(**model, dtype="float32")).save_pretrained(partial)
     partial.rename(folder)
     return folder
 

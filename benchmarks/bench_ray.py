@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import time
@@ -63,10 +62,10 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
+from bench_local import write_random
 from ray.actor import ActorHandle
 from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-from transformers import MixtralConfig, MixtralForCausalLM
 from transformers.utils import logging as hf_logging
 
 import offload_rt
@@ -144,19 +143,11 @@ def parse_options() -> Options:
 
 
 def checkpoint(workdir: Path, model: dict) -> Path:
-    """The random checkpoint folder, written on first use (to a temporary name, then renamed,
-    so an interrupted build is never reused)."""
+    """The random checkpoint folder of config `model`, written on first use."""
     name = f"mixtral-d{model['hidden_size']}-f{model['intermediate_size']}"
-    folder = workdir / f"{name}-l{model['num_hidden_layers']}-v{model['vocab_size']}"
-    if (folder / "config.json").is_file():
-        return folder
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    print(f"writing a random checkpoint to {folder} ...", flush=True)
-    torch.manual_seed(0)
-    MixtralForCausalLM(MixtralConfig(**model, dtype="float32")).save_pretrained(partial)
-    partial.rename(folder)
-    return folder
+    return write_random(
+        workdir / f"{name}-l{model['num_hidden_layers']}-v{model['vocab_size']}", model
+    )
 
 
 def start_cluster() -> Cluster:
