@@ -176,15 +176,22 @@ class ModelConfig:
     @classmethod
     def from_folder(cls, folder: str | Path) -> ModelConfig:
         path = Path(folder) / "config.json"
-        if not path.is_file():
-            raise ConfigError(f"{path}: no config.json in the model folder")
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from e
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
+        d = read_json_object(path, "no config.json in the model folder", ConfigError)
         return cls.from_dict(d, source=str(path))
+
+
+def read_json_object(path: Path, missing: str, error: type[Exception]) -> dict[str, Any]:
+    """The JSON object in `path`; `error` naming the file when it is absent (`missing` says
+    what it should be), not JSON, or not an object."""
+    if not path.is_file():
+        raise error(f"{path}: {missing}")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise error(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 def _quantization(d: dict[str, Any], source: str, hidden: int, r: _Reader) -> QuantConfig | None:

@@ -10,11 +10,10 @@ The torrent's params.json reads
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from offload_rt.config import ConfigError, ModelConfig
+from offload_rt.config import ConfigError, ModelConfig, read_json_object
 
 
 class ConvertError(ValueError):
@@ -45,15 +44,8 @@ KNOWN_FIELDS = frozenset({*_REQUIRED, *_OPTIONAL, *_FLOATS, "moe", *_IGNORED})
 
 
 def read_params(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConvertError(f"{path}: no params.json (the original release's model description)")
-    try:
-        params = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConvertError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(params, dict):
-        raise ConvertError(f"{path}: expected a JSON object, got {type(params).__name__}")
-    return params
+    missing = "no params.json (the original release's model description)"
+    return read_json_object(path, missing, ConvertError)
 
 
 def config_from_params(
