@@ -19,6 +19,7 @@ import offload_rt
 from offload_rt.checkpoint import router_tensor_name
 from offload_rt.engine import BatchDecoder
 from offload_rt.experts import ExpertStore, LocalExpertBackend, OffloadOptions, SlotCache
+from offload_rt.experts import backend as backend_module
 from offload_rt.experts.store import SimulatedLink
 from tests.conftest import save_reference
 from tests.test_cache import D, F, FakeSource, keys, reference
@@ -90,9 +91,9 @@ def test_loads_run_while_resident_experts_compute():
     started = {k: threading.Event() for k in [*keys(1), *keys(2, layer=1)]}
     load, compute = backend.store.load, backend._compute
 
-    def traced_load(key, slot):
+    def traced_load(key, slot, *landed):
         started[key].set()
-        load(key, slot)
+        load(key, slot, *landed)
 
     def blocking_compute(key, inp):
         if key == keys(0)[0]:
@@ -293,3 +294,34 @@ def test_prefetch_with_quantized_experts_changes_no_output(reference, tmp_path, 
     assert got[2] == base[2] and got[3]["prefetch_loads"] > 0
     with pytest.raises(ValueError, match="quantized"):
         offload_rt.load(folder, **opts, compute_on_miss=True)
+
+
+def test_an_arriving_expert_starts_on_w13_before_its_w2_lands():
+    """Behind a slow link, a missing expert's w13 matmul runs while its w2 (a third of its
+    bytes) still moves; the w2 matmul waits for the whole load. The output is unchanged."""
+    source = FakeSource()
+    store = ExpertStore(source, D, F, torch.device("cpu"), torch.float32, 2, None, slow_link())
+    backend = LocalExpertBackend(store, SlotCache(2))
+    seen = []
+    up, down = backend_module.expert_up, backend_module.expert_down
+
+    loads = []
+
+    def traced(name, fn, key):
+        def run(*args):
+            loads.extend([backend.loads[key]] if not loads else [])  # gone once it has ended
+            seen.append((name, loads[0].done()))
+            return fn(*args)
+
+        return run
+
+    key = keys(3)[0]
+    x = torch.randn(2, D)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(backend_module, "expert_up", traced("up", up, key))
+        mp.setattr(backend_module, "expert_down", traced("down", down, key))
+        out = backend.run({key: x})
+    torch.testing.assert_close(out[key], reference(source, key, x), rtol=0, atol=0)
+    assert seen == [("up", False), ("down", True)]
+    assert 0.19 < backend.stats()["load_wait_seconds"] < 0.6  # w13's 0.13 s, then w2's 0.07 s
+    backend.close()

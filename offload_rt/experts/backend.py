@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
@@ -32,7 +32,7 @@ from offload_rt.experts.loader import LinkLoader
 from offload_rt.experts.misscost import MissCost
 from offload_rt.experts.prefetch import PrefetchTracker
 from offload_rt.experts.store import ExpertStore
-from offload_rt.model.moe import ExpertKey, expert_ffn
+from offload_rt.model.moe import ExpertKey, expert_down, expert_ffn, expert_up
 
 HostWeights = tuple[torch.Tensor, torch.Tensor]
 
@@ -80,6 +80,7 @@ class LocalExpertBackend:
         cuda = store.device.type == "cuda"
         self._load_stream = torch.cuda.Stream(store.device) if cuda else None
         self.loads: dict[ExpertKey, Future] = {}  # loads whose end no layer call has seen
+        self.landed: dict[ExpertKey, Future] = {}  # per load in `loads`: its w13 is in place
         self.tracker: PrefetchTracker | None = None
         self.miss_cost: MissCost | None = None
         self.wait_seconds = 0.0  # time layer calls spent waiting for loads
@@ -154,16 +155,20 @@ class LocalExpertBackend:
         """Drop a prefetch load that has not started, and its slot."""
         if not self.loader.cancel(load):
             return False
-        self.loads.pop(key, None)
+        self._forget(key)
         self.cache.discard(key)
         self.cache.stats.bytes_loaded -= self.store.nbytes
         return True
+
+    def _forget(self, key: ExpertKey) -> None:
+        self.loads.pop(key, None)
+        self.landed.pop(key, None)
 
     def _reap(self) -> None:
         """Forget finished loads; a failed one leaves its expert missing, to be loaded again."""
         for key, load in list(self.loads.items()):
             if load.done():
-                del self.loads[key]
+                self._forget(key)
                 if load.cancelled() or load.exception() is not None:
                     self.cache.discard(key)
 
@@ -180,6 +185,22 @@ class LocalExpertBackend:
     def _compute(self, key: ExpertKey, x: torch.Tensor) -> torch.Tensor:
         w13, w2 = self.store.weights(self.cache.slot_of(key))
         return expert_ffn(x, w13, w2)
+
+    def _compute_arriving(self, key: ExpertKey, x: torch.Tensor) -> torch.Tensor:
+        """An expert whose load is in flight: its w13 matmul runs as soon as w13 has landed,
+        while w2 still moves (a third of the expert's bytes), then its w2 matmul. The same
+        two matmuls as `_compute`, so the same result."""
+        landed = self.landed.get(key)
+        if landed is None or self.store.codec is not None:
+            self._wait(key)
+            return self._compute(key, x)
+        self._wait_for([landed, self.loads[key]])
+        if not landed.done():  # the load ended without landing w13: failed or cancelled
+            self._wait(key)  # raises
+        slot = self.cache.slot_of(key)
+        h = expert_up(x, self.store.weights(slot)[0])
+        self._wait(key)
+        return expert_down(h, self.store.weights(slot)[1])
 
     def _host_choice(
         self, key: ExpertKey, rows: int, load: Future | None, copies_ahead: int = 0
@@ -202,18 +223,24 @@ class LocalExpertBackend:
     def _submit(self, key: ExpertKey, slot: int, urgent: bool) -> Future:
         self.cache.stats.bytes_loaded += self.store.nbytes
         nbytes = self.store.nbytes
+        landed: Future = Future()
+        self.landed[key] = landed
+        mark = partial(landed.set_result, None)
         if self._load_stream is None:
-            return self.loader.submit(partial(self.store.load, key, slot), nbytes, urgent)
+            return self.loader.submit(partial(self.store.load, key, slot, mark), nbytes, urgent)
         # the slot may have just been freed by an expert whose compute is still queued
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(self.store.device))
-        return self.loader.submit(partial(self._load_on_stream, key, slot, ready), nbytes, urgent)
+        job = partial(self._load_on_stream, key, slot, ready, mark)
+        return self.loader.submit(job, nbytes, urgent)
 
-    def _load_on_stream(self, key: ExpertKey, slot: int, ready: torch.cuda.Event) -> None:
+    def _load_on_stream(
+        self, key: ExpertKey, slot: int, ready: torch.cuda.Event, landed: Callable[[], None]
+    ) -> None:
         stream = self._load_stream
         stream.wait_event(ready)
         with torch.cuda.stream(stream):
-            self.store.load(key, slot)
+            self.store.load(key, slot, landed)
         stream.synchronize()
 
     def _wait(self, key: ExpertKey) -> None:
@@ -222,12 +249,18 @@ class LocalExpertBackend:
         try:
             load.result()
         except BaseException:
-            self.loads.pop(key, None)
+            self._forget(key)
             self.cache.discard(key)  # its slot holds a partial copy
             raise
         finally:
             self.wait_seconds += time.perf_counter() - start
-        self.loads.pop(key, None)
+        self._forget(key)
+
+    def _wait_for(self, futures: list[Future]) -> None:
+        """Block until the first of `futures` is done, counted as waiting for loads."""
+        start = time.perf_counter()
+        concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
+        self.wait_seconds += time.perf_counter() - start
 
     def _wait_any(self) -> None:
         """Block until some load in flight ends (its slot can then be taken)."""
@@ -292,22 +325,24 @@ class _Call:
         for key, weights in self.host.items():
             out[key] = b._compute_on_host(groups[key], weights)
         for key in self.coming:
+            # on the CPU or not, the load goes on: the expert lands in its slot
             weights = b._host_choice(key, groups[key].shape[0], b.loads[key])
-            if weights is None:  # the load goes on either way: the expert lands in its slot
-                b._wait(key)
             out[key] = self._run(key, weights)
         for key in self.loading:
             while key not in b.loads:
                 self.start_loads()
                 if key not in b.loads:
                     b._wait_any()
-            b._wait(key)
             out[key] = self._run(key, None)
         return out
 
     def _run(self, key: ExpertKey, host: HostWeights | None) -> torch.Tensor:
+        """A coming or loading expert: on the CPU from `host`, or in its slot once there."""
         x = self.groups[key]
-        out = self.b._compute(key, x) if host is None else self.b._compute_on_host(x, host)
+        if host is None:
+            out = self.b._compute_arriving(key, x)
+        else:
+            out = self.b._compute_on_host(x, host)
         self.done(key)
         return out
 

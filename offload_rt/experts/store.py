@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -53,6 +54,10 @@ class SimulatedLink:
             time.sleep(left)
 
 
+def _nothing() -> None:
+    return None
+
+
 class StoreError(RuntimeError):
     """The tiers cannot be set up as asked (device memory, capacity)."""
 
@@ -82,6 +87,7 @@ class ExpertStore:
         self.storage_dtype = dtype if self.codec is None else torch.uint8
         self.numel = 3 * hidden * intermediate if self.codec is None else self.codec.nbytes
         self.nbytes = self.numel * self.storage_dtype.itemsize
+        self.w13_numel = 2 * hidden * intermediate  # of an unquantized packed expert
         self.pool = _allocate_pool(capacity, self.numel, device, self.storage_dtype)
         # per slot: w13 (2F, D) and w2 (D, F) views (quantized: its parts), made once
         self._views = [self._split(buf) for buf in self.pool]
@@ -102,20 +108,39 @@ class ExpertStore:
             return self.codec.dequantize(self._views[slot])
         return self._views[slot]
 
-    def load(self, key: ExpertKey, slot: int) -> None:
-        """Bring `key` into device slot `slot` (called from the loader thread)."""
+    def load(self, key: ExpertKey, slot: int, landed: Callable[[], None] = _nothing) -> None:
+        """Bring `key` into device slot `slot` (called from the loader thread). Unquantized,
+        w13 moves first and `landed()` is called once it is in the slot (`sync()` first, for
+        a copy still running on a device stream), so its matmul can start while w2 moves;
+        quantized, `landed()` comes with the whole."""
         if self.host_capacity == 0:
             self._pack(key, self.pool[slot])
             self._views[slot] = self._split(self.pool[slot])
+            landed()
             return
         host = self._host_buffer(key)
+        first = self.nbytes if self.codec is not None else self.w13_numel * self.dtype.itemsize
         start = time.perf_counter()
         if self._bind:
             self._views[slot] = self._split(host)
         else:
-            self.pool[slot].copy_(host, non_blocking=self._pin)
+            n = first // self.storage_dtype.itemsize
+            self.pool[slot, :n].copy_(host[:n], non_blocking=self._pin)
+        self._landed(first, start, landed)
+        if first < self.nbytes:
+            start = time.perf_counter()
+            if not self._bind:
+                self.pool[slot, n:].copy_(host[n:], non_blocking=self._pin)
+            if self.link is not None:
+                self.link.hold(self.nbytes - first, start)
+
+    def _landed(self, nbytes: int, start: float, landed: Callable[[], None]) -> None:
+        """The first `nbytes` of a move begun at `start` are in place: say so."""
         if self.link is not None:
-            self.link.hold(self.nbytes, start)
+            self.link.hold(nbytes, start)
+        if self._pin:
+            torch.cuda.current_stream(self.device).synchronize()
+        landed()
 
     def host_weights(self, key: ExpertKey) -> tuple[torch.Tensor, torch.Tensor] | None:
         """w13, w2 of an unquantized `key` in the host tier, or None when it is not there
@@ -128,8 +153,8 @@ class ExpertStore:
         """A packed buffer's views: w13 (2F, D) and w2 (D, F); quantized, the codec's parts."""
         if self.codec is not None:
             return self.codec.views(buf)
-        f, d = self.intermediate, self.hidden
-        return buf[: 2 * f * d].view(2 * f, d), buf[2 * f * d :].view(d, f)
+        f, d, n = self.intermediate, self.hidden, self.w13_numel
+        return buf[:n].view(2 * f, d), buf[n:].view(d, f)
 
     def _host_buffer(self, key: ExpertKey) -> torch.Tensor:
         buf = self._host.get(key)

@@ -46,8 +46,19 @@ class ExpertPrefetcher(Protocol):
 
 def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """w2(silu(w1 x) * w3 x) with w1 and w3 stacked into one (2F, D) matrix: one matmul, not two."""
+    return expert_down(expert_up(x, w13), w2)
+
+
+def expert_up(x: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
+    """The first half of `expert_ffn`: silu(w1 x) * w3 x, (n, D) -> (n, F). Split out so that
+    an expert still arriving can start on w13 before its w2 has landed."""
     gate, up = linear(x, w13).chunk(2, dim=-1)  # (n, F) each
-    return linear(F.silu(gate) * up, w2)  # (n, D)
+    return F.silu(gate) * up
+
+
+def expert_down(h: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """The second half of `expert_ffn`: w2 h, (n, F) -> (n, D)."""
+    return linear(h, w2)
 
 
 def route(x: torch.Tensor, router: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
