@@ -130,8 +130,9 @@ def test_resident_experts_run_before_missing_ones_load():
     x = torch.ones(1, D)
     backend.run({k: x for k in keys(2, 6)})
     order: list[ExpertKey] = []
-    compute = backend._compute
+    compute, arriving = backend._compute, backend._compute_arriving
     backend._compute = lambda key, inp: order.append(key) or compute(key, inp)
+    backend._compute_arriving = lambda key, inp: order.append(key) or arriving(key, inp)
     backend.run({k: x for k in keys(0, 2, 5, 6)})
     assert order == keys(2, 6, 0, 5)
 

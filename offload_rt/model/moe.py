@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +18,11 @@ import torch.nn.functional as F
 from offload_rt.model.layers import linear
 
 
-@dataclass(frozen=True, order=True)
-class ExpertKey:
+class ExpertKey(NamedTuple):
+    """One expert of one layer. A named tuple, not a dataclass: keys are hashed and compared
+    thousands of times a token in the cache and prefetch bookkeeping, and a tuple does both
+    in C (3x faster); ordering is (layer, expert) either way."""
+
     layer: int  # decoder layer index
     expert: int  # expert index within the layer
 
