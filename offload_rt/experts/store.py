@@ -110,13 +110,13 @@ class ExpertStore:
 
     def load(self, key: ExpertKey, slot: int, landed: Callable[[], None] = _nothing) -> None:
         """Bring `key` into device slot `slot` (called from the loader thread). Unquantized,
-        w13 moves first and `landed()` is called once it is in the slot (`sync()` first, for
-        a copy still running on a device stream), so its matmul can start while w2 moves;
-        quantized, `landed()` comes with the whole."""
+        w13 moves first and `landed()` is called once it is in the slot (on CUDA after the
+        loader's stream has synchronised), so its matmul can start while w2 moves; quantized,
+        or packed straight from disk, `landed()` comes with the whole."""
         if self.host_capacity == 0:
             self._pack(key, self.pool[slot])
             self._views[slot] = self._split(self.pool[slot])
-            landed()
+            self._landed(0, time.perf_counter(), landed)
             return
         host = self._host_buffer(key)
         first = self.nbytes if self.codec is not None else self.w13_numel * self.dtype.itemsize
@@ -136,7 +136,7 @@ class ExpertStore:
 
     def _landed(self, nbytes: int, start: float, landed: Callable[[], None]) -> None:
         """The first `nbytes` of a move begun at `start` are in place: say so."""
-        if self.link is not None:
+        if self.link is not None and nbytes:
             self.link.hold(nbytes, start)
         if self._pin:
             torch.cuda.current_stream(self.device).synchronize()
