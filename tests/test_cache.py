@@ -196,3 +196,37 @@ def test_simulated_link_charges_every_move_and_changes_nothing():
     assert s["link_seconds"] == pytest.approx(6 * 3 * D * F * 4 / 1e9)
     with pytest.raises(ValueError, match="positive bandwidth"):
         SimulatedLink(0)
+
+
+class OvershootingClock:
+    """perf_counter/sleep for the store module: every sleep lasts `late` seconds too long,
+    as real sleeps do (about 70 µs on the CI machine)."""
+
+    def __init__(self, late: float) -> None:
+        self.now, self.late = 100.0, late
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds + self.late
+
+
+def test_simulated_link_keeps_its_rate_when_sleeps_overshoot(monkeypatch):
+    """Moves queued back to back end at the exact link's times, whatever each sleep adds:
+    a late wake-up delays that move's end as seen, not the next move's start. A move asked
+    for while the link is idle starts when it is asked for."""
+    from offload_rt.experts import store as store_module
+
+    clock = OvershootingClock(late=0.5e-3)
+    monkeypatch.setattr(store_module, "time", clock)
+    link = store_module.SimulatedLink(bytes_per_s=1e6)  # 1 ms per 1000 bytes
+    queued = clock.now
+    for _ in range(10):
+        link.hold(1000, queued)  # ten moves queued at once
+    assert link.free_at == pytest.approx(queued + 10e-3)
+    assert clock.now == pytest.approx(queued + 10e-3 + 0.5e-3)  # only the last one is late
+    clock.now += 1.0  # the link idles; a move asked for now starts now
+    link.hold(2000, clock.now)
+    assert link.free_at == pytest.approx(clock.now - 0.5e-3)
+    assert link.seconds == pytest.approx(12e-3)

@@ -226,22 +226,28 @@ class LocalExpertBackend:
         nbytes = self.store.nbytes
         landed: Future = Future()
         self.landed[key] = landed
-        mark = partial(landed.set_result, None)
+        mark, queued = partial(landed.set_result, None), time.perf_counter()
         if self._load_stream is None:
-            return self.loader.submit(partial(self.store.load, key, slot, mark), nbytes, urgent)
+            job = partial(self.store.load, key, slot, mark, queued)
+            return self.loader.submit(job, nbytes, urgent)
         # the slot may have just been freed by an expert whose compute is still queued
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(self.store.device))
-        job = partial(self._load_on_stream, key, slot, ready, mark)
+        job = partial(self._load_on_stream, key, slot, ready, mark, queued)
         return self.loader.submit(job, nbytes, urgent)
 
     def _load_on_stream(
-        self, key: ExpertKey, slot: int, ready: torch.cuda.Event, landed: Callable[[], None]
+        self,
+        key: ExpertKey,
+        slot: int,
+        ready: torch.cuda.Event,
+        landed: Callable[[], None],
+        queued: float,
     ) -> None:
         stream = self._load_stream
         stream.wait_event(ready)
         with torch.cuda.stream(stream):
-            self.store.load(key, slot, landed)
+            self.store.load(key, slot, landed, queued)
         stream.synchronize()
 
     def _wait(self, key: ExpertKey) -> None:

@@ -40,16 +40,22 @@ class SimulatedLink:
 
     bytes_per_s: float  # e.g. 16e9 for a PCIe 4.0 x16 link in practice
     seconds: float = 0.0  # transfer time charged so far
+    free_at: float = 0.0  # perf_counter() when the exact link ends the moves it was given
 
     def __post_init__(self) -> None:
         if not self.bytes_per_s > 0:
             raise ValueError(f"a simulated link needs a positive bandwidth, got {self.bytes_per_s}")
 
-    def hold(self, nbytes: int, since: float) -> None:
-        """Sleep until a move of `nbytes` begun at perf_counter() `since` has taken its time."""
+    def hold(self, nbytes: int, ready: float) -> None:
+        """Sleep until a move of `nbytes`, whose data was ready at perf_counter() `ready`,
+        ends on an exact link: one that starts it once it is ready and the link has ended its
+        previous move. A sleep overshoots (about 70 µs on the CI machine) and the worker
+        takes a while to pick up the next move: both delay this move's end as seen, but not
+        the exact link's clock, so moves queued back to back keep the link's rate."""
         need = nbytes / self.bytes_per_s
         self.seconds += need
-        left = need - (time.perf_counter() - since)
+        self.free_at = max(ready, self.free_at) + need
+        left = self.free_at - time.perf_counter()
         if left > 0:
             time.sleep(left)
 
@@ -108,36 +114,45 @@ class ExpertStore:
             return self.codec.dequantize(self._views[slot])
         return self._views[slot]
 
-    def load(self, key: ExpertKey, slot: int, landed: Callable[[], None] = _nothing) -> None:
-        """Bring `key` into device slot `slot` (called from the loader thread). Unquantized,
-        w13 moves first and `landed()` is called once it is in the slot (on CUDA after the
-        loader's stream has synchronised), so its matmul can start while w2 moves; quantized,
-        or packed straight from disk, `landed()` comes with the whole."""
+    def load(
+        self,
+        key: ExpertKey,
+        slot: int,
+        landed: Callable[[], None] = _nothing,
+        queued: float | None = None,
+    ) -> None:
+        """Bring `key` into device slot `slot` (called from the loader thread; `queued`: the
+        perf_counter() when the load was asked for). Unquantized, w13 moves first and
+        `landed()` is called once it is in the slot (on CUDA after the loader's stream has
+        synchronised), so its matmul can start while w2 moves; quantized, or packed straight
+        from disk, `landed()` comes with the whole."""
         if self.host_capacity == 0:
             self._pack(key, self.pool[slot])
             self._views[slot] = self._split(self.pool[slot])
-            self._landed(0, time.perf_counter(), landed)
+            self._landed(0, 0.0, landed)
             return
+        cached = queued is not None and key in self._host
         host = self._host_buffer(key)
+        # a simulated link may start the move once the host buffer is ready: at once when
+        # it was already in RAM, else after reading the disk
+        ready = queued if cached else time.perf_counter()
         first = self.nbytes if self.codec is not None else self.w13_numel * self.dtype.itemsize
-        start = time.perf_counter()
         if self._bind:
             self._views[slot] = self._split(host)
         else:
             n = first // self.storage_dtype.itemsize
             self.pool[slot, :n].copy_(host[:n], non_blocking=self._pin)
-        self._landed(first, start, landed)
+        self._landed(first, ready, landed)
         if first < self.nbytes:
-            start = time.perf_counter()
             if not self._bind:
                 self.pool[slot, n:].copy_(host[n:], non_blocking=self._pin)
             if self.link is not None:
-                self.link.hold(self.nbytes - first, start)
+                self.link.hold(self.nbytes - first, ready)
 
-    def _landed(self, nbytes: int, start: float, landed: Callable[[], None]) -> None:
-        """The first `nbytes` of a move begun at `start` are in place: say so."""
+    def _landed(self, nbytes: int, ready: float, landed: Callable[[], None]) -> None:
+        """The first `nbytes` of a move whose data was ready at `ready` are in place: say so."""
         if self.link is not None and nbytes:
-            self.link.hold(nbytes, start)
+            self.link.hold(nbytes, ready)
         if self._pin:
             torch.cuda.current_stream(self.device).synchronize()
         landed()
