@@ -71,16 +71,10 @@ from transformers.utils import logging as hf_logging
 import offload_rt
 from offload_rt import ExpertKey, OffloadModel
 from offload_rt.distributed.actor import ActorSpec, ExpertActor
-from offload_rt.distributed.backend import RayExpertBackend
+from offload_rt.distributed.backend import RayExpertBackend, frame_count
 from offload_rt.distributed.cluster import NAMESPACE, RayOptions
 from offload_rt.distributed.placement import PlacementPlan
-from offload_rt.distributed.wire import (
-    ExpertRequest,
-    ExpertResponse,
-    decode_request,
-    decode_response,
-    encode,
-)
+from offload_rt.distributed.wire import decode_groups, pack_groups
 from offload_rt.engine import BatchDecoder
 from offload_rt.model.moe import group_by_expert
 
@@ -182,12 +176,14 @@ def node_with(resource: str) -> str:
 class Echo:
     """A bare actor: Ray's round trip with none of the expert backend in it."""
 
-    def echo(self, obj: object) -> object:
-        return obj
+    def echo(self, *objs: object) -> object:
+        """Its arguments back, as many return values (the caller's num_returns)."""
+        return objs[0] if len(objs) == 1 else objs
 
-    def echo_wire(self, payload: bytes) -> bytes:
-        """What an expert actor does to the bytes, less the compute."""
-        return encode(ExpertResponse.from_groups(decode_request(payload).groups()))
+    def echo_wire(self, *frames: bytes) -> bytes | tuple[bytes, ...]:
+        """What an expert actor does to the frames, less the compute."""
+        out = pack_groups("response", decode_groups("request", frames)).frames(len(frames))
+        return out[0] if len(out) == 1 else tuple(out)
 
 
 def spawn_echo(node_id: str) -> ActorHandle:
@@ -200,6 +196,20 @@ def spawn_echo(node_id: str) -> ActorHandle:
 
 def _get(refs: object) -> object:
     return ray.get(refs, timeout=TIMEOUT_S)
+
+
+def submit(handle: ActorHandle, method: str, frames: list) -> list:
+    """`handle.method(*frames)` with a return value per frame, as `RayExpertBackend` calls."""
+    fn = getattr(handle, method)
+    if len(frames) == 1:
+        return [fn.remote(frames[0])]
+    return fn.options(num_returns=len(frames)).remote(*frames)
+
+
+def framed(x: torch.Tensor, frames: int | None = None) -> list[bytes]:
+    """The request of one expert's tokens x, in `frames` frames (None: as the runtime cuts)."""
+    packed = pack_groups("request", {ExpertKey(0, 0): x})
+    return packed.frames(frames or frame_count(packed.nbytes, RAY_OPTIONS))
 
 
 # ---- timing
@@ -253,8 +263,7 @@ def on_one_thread(fn: Callable[[], object]) -> Callable[[], object]:
 
 
 def wire_trips(echo: ActorHandle, x: torch.Tensor) -> dict[str, Callable[[], object]]:
-    key = ExpertKey(0, 0)
-    fixed = encode(ExpertRequest.from_groups({key: x}))
+    fixed, cut = framed(x, 1), framed(x)
 
     def torch_trip() -> torch.Tensor:
         return _get(echo.echo.remote(x))
@@ -262,19 +271,20 @@ def wire_trips(echo: ActorHandle, x: torch.Tensor) -> dict[str, Callable[[], obj
     def numpy_trip() -> torch.Tensor:
         return torch.from_numpy(np.array(_get(echo.echo.remote(x.numpy()))))
 
-    def wire_trip() -> torch.Tensor:
-        payload = encode(ExpertRequest.from_groups({key: x}))
-        return decode_response(_get(echo.echo_wire.remote(payload))).outputs
+    def wire_trip(frames: int | None) -> Callable[[], object]:
+        def trip() -> object:
+            refs = submit(echo, "echo_wire", framed(x, frames))
+            return decode_groups("response", _get(refs))
 
-    def bytes_trip() -> object:
-        return _get(echo.echo.remote(fixed))
+        return trip
 
     return {
         "torch": torch_trip,
         "numpy": numpy_trip,
-        "wire": wire_trip,
-        "bytes": bytes_trip,
-        "wire_1t": on_one_thread(wire_trip),
+        "wire": wire_trip(1),
+        "bytes": lambda: _get(echo.echo.remote(fixed[0])),
+        "wire_frames": wire_trip(None),
+        "bytes_frames": lambda: _get(submit(echo, "echo", cut)),
     }
 
 
@@ -294,17 +304,19 @@ def report_wire(figures: dict[int, dict[str, float]]) -> None:
     print("\n== 1. wire encoding: round trip to a bare echo actor on a worker node (µs) ==")
     print(
         f"{'shape':>10} {'KiB':>4} {'(a) torch':>10} {'(b) numpy':>10} {'(c) wire':>9} "
-        f"{'c/a':>6} {'c/b':>6}  {'(d) bytes':>10} {'(c1) wire 1t':>13}  fastest of a-c"
+        f"{'c/a':>6} {'c/b':>6}  {'(d) bytes':>10}  {'(e) frames':>10} {'(f) bytes':>10}"
     )
     for rows, f in figures.items():
         kib = rows * WIDE["hidden_size"] * 4 // 1024
-        best = min(("torch", "numpy", "wire"), key=lambda k: f[k])
         print(
             f"{f'[{rows}, 4096]':>10} {kib:>4} {f['torch']:>10.0f} {f['numpy']:>10.0f} "
             f"{f['wire']:>9.0f} {f['wire'] / f['torch']:>5.2f}x {f['wire'] / f['numpy']:>5.2f}x  "
-            f"{f['bytes']:>10.0f} {f['wire_1t']:>13.0f}  {best}"
+            f"{f['bytes']:>10.0f}  {f['wire_frames']:>10.0f} {f['bytes_frames']:>10.0f}"
         )
-    print("the runtime uses (c): wire.py bytes (msgpack header + raw tensor bytes)")
+    print(
+        "the runtime uses (e): wire.py bytes (msgpack header + raw tensor bytes) in frames of "
+        f"at most {RAY_OPTIONS.frame_bytes // 1024} KiB"
+    )
 
 
 # ---- 2. dispatch overhead
@@ -328,8 +340,8 @@ class TimedExpertActor(ExpertActor):
 
         return timed
 
-    def run(self, payload: bytes) -> bytes:
-        return self._timed(super().run, "run")(payload)
+    def run(self, *frames: bytes) -> bytes | tuple[bytes, ...]:
+        return self._timed(super().run, "run")(*frames)
 
     def medians_us(self) -> dict[str, float]:
         """Median µs of `run` and of its compute since the last call; starts afresh."""
@@ -351,6 +363,7 @@ def spawn_twin(spec: ActorSpec, node_id: str) -> ActorHandle:
 class Dispatch:
     actors: list[int]  # expert actors the layer call goes to
     request_bytes: list[int]  # bytes of each actor's request
+    frames: list[int]  # frames of each actor's request
     us: dict[str, float]  # median µs of each way of making the call (see `dispatch_ways`)
     compute_us: float  # in the actor with the most: its expert compute
     actor_wire_us: float  # in that actor: the rest of its `run` (decode, encode)
@@ -381,51 +394,57 @@ def layer_groups(plan: PlacementPlan, batch: int) -> dict[ExpertKey, torch.Tenso
     return {key: x[rows] for key, rows in zip(routing.keys, routing.rows)}
 
 
-def requests(plan: PlacementPlan, groups: Mapping[ExpertKey, torch.Tensor]) -> dict[int, bytes]:
-    """The bytes `RayExpertBackend._send` sends: one request per actor."""
-    return {
-        actor: encode(ExpertRequest.from_groups({k: groups[k].cpu() for k in keys}))
-        for actor, keys in sorted(plan.group_by_actor(groups).items())
-    }
+Frames = dict[int, list[bytes]]  # actor -> its request (or response) frames
 
 
-def decode_all(responses: Mapping[int, bytes]) -> dict[ExpertKey, torch.Tensor]:
+def requests(plan: PlacementPlan, groups: Mapping[ExpertKey, torch.Tensor]) -> Frames:
+    """The frames `RayExpertBackend._send` sends: one request per actor."""
     out = {}
-    for payload in responses.values():
-        out.update(decode_response(payload).groups())
+    for actor, keys in sorted(plan.group_by_actor(groups).items()):
+        packed = pack_groups("request", {k: groups[k] for k in keys})
+        out[actor] = packed.frames(frame_count(packed.nbytes, RAY_OPTIONS))
+    return out
+
+
+def decode_all(responses: Frames) -> dict[ExpertKey, torch.Tensor]:
+    out = {}
+    for frames in responses.values():
+        out.update(decode_groups("response", frames))
     return out
 
 
 def calls_to(
-    handles: Mapping[int, ActorHandle], method: str, payloads: dict[int, bytes]
-) -> Callable[[], object]:
-    """All calls in flight, then one ray.get of them all."""
-    return lambda: _get([getattr(handles[i], method).remote(p) for i, p in payloads.items()])
+    handles: Mapping[int, ActorHandle], method: str, payloads: Frames
+) -> Callable[[], Frames]:
+    """All calls in flight, then one ray.get of them all; the response frames by actor."""
+
+    def call() -> Frames:
+        refs = {i: submit(handles[i], method, frames) for i, frames in payloads.items()}
+        values = iter(_get([r for rs in refs.values() for r in rs]))
+        return {i: [next(values) for _ in rs] for i, rs in refs.items()}
+
+    return call
 
 
 def dispatch_ways(
     backend: RayExpertBackend,
     groups: dict[ExpertKey, torch.Tensor],
-    payloads: dict[int, bytes],
+    payloads: Frames,
     echoes: dict[int, ActorHandle],
     twins: dict[int, ActorHandle],
 ) -> dict[str, Callable[[], object]]:
-    def bare_per_ref() -> object:
-        return [_get(r) for r in [echoes[i].echo.remote(p) for i, p in payloads.items()]]
+    whole = {i: [b"".join(frames)] for i, frames in payloads.items()}
 
     def direct_wire() -> object:
-        plan, handles = backend.cluster.plan, backend.cluster.handles
-        sent = requests(plan, groups)
-        return decode_all(
-            dict(zip(sent, _get([handles[i].run.remote(p) for i, p in sent.items()])))
-        )
+        handles = backend.cluster.handles
+        return decode_all(calls_to(handles, "run", requests(backend.cluster.plan, groups))())
 
     def run() -> object:
         return backend.run(groups)
 
     return {
         "bare": calls_to(echoes, "echo", payloads),
-        "bare_per_ref": bare_per_ref,
+        "bare_whole": calls_to(echoes, "echo", whole),
         "direct": calls_to(backend.cluster.handles, "run", payloads),
         "twin": calls_to(twins, "run", payloads),
         "direct_wire": direct_wire,
@@ -443,7 +462,7 @@ def bench_dispatch_batch(
     nodes = {a.index: a.node_id for a in cluster.plan.actors}
     twins = {i: spawn_twin(cluster.specs[i], nodes[i]) for i in payloads}
     try:
-        calls = scaled(calls, max(len(p) for p in payloads.values()))
+        calls = scaled(calls, max(len(b"".join(p)) for p in payloads.values()))
         ways = dispatch_ways(backend, groups, payloads, echoes, twins)
         ways["twin"]()  # the twins load their experts
         _get([t.medians_us.remote() for t in twins.values()])
@@ -453,13 +472,14 @@ def bench_dispatch_batch(
         for t in twins.values():
             ray.kill(t)
     slowest = max(inside, key=lambda m: m["compute"])
-    responses = dict(zip(payloads, ways["direct"]()))
+    responses = ways["direct"]()
     alone = interleaved(
         {"encode": lambda: requests(cluster.plan, groups), "decode": lambda: decode_all(responses)},
         calls,
     )
     return Dispatch(
         list(payloads),
+        [sum(map(len, p)) for p in payloads.values()],
         [len(p) for p in payloads.values()],
         us,
         slowest["compute"],
@@ -472,8 +492,9 @@ def bench_dispatch_batch(
 DISPATCH_ROWS: list[tuple[str, Callable[[Dispatch], str]]] = [
     ("actors called", lambda d: ",".join(map(str, d.actors))),
     ("request KiB per actor", lambda d: "/".join(f"{n / 1024:.0f}" for n in d.request_bytes)),
-    ("bare echo, all in flight, one ray.get", lambda d: f"{d.us['bare']:.0f}"),
-    ("bare echo, one ray.get per ref", lambda d: f"{d.us['bare_per_ref']:.0f}"),
+    ("frames per request", lambda d: "/".join(map(str, d.frames))),
+    ("bare echo, the same frames, one ray.get", lambda d: f"{d.us['bare']:.0f}"),
+    ("bare echo, one object per actor", lambda d: f"{d.us['bare_whole']:.0f}"),
     ("expert actors' run, called directly", lambda d: f"{d.us['direct']:.0f}"),
     ("  their timed twins, called alike", lambda d: f"{d.us['twin']:.0f}"),
     ("  in the actor: expert compute (slowest)", lambda d: f"{d.compute_us:.0f}"),
@@ -508,7 +529,8 @@ def bench_compiled(
     handles: Mapping[int, ActorHandle], payloads: dict[int, bytes], calls: int
 ) -> dict[str, float] | str:
     """µs per layer call: `.remote()` before, compiled graph, `.remote()` after teardown.
-    Returns the reason instead when the graph cannot be compiled or run here."""
+    Returns the reason instead when the graph cannot be compiled or run here. One frame per
+    request (a batch-1 request is one)."""
     from ray.dag import InputNode, MultiOutputNode
 
     def normal() -> object:
@@ -562,7 +584,7 @@ def bench_wide(folder: Path, opts: Options) -> None:
             for h in echoes.values():
                 ray.kill(h)
         report_dispatch(figures)
-        payloads = requests(plan, layer_groups(plan, 1))
+        payloads = {i: frames[0] for i, frames in requests(plan, layer_groups(plan, 1)).items()}
         report_compiled(
             bench_compiled(backend.cluster.handles, payloads, opts.calls), len(payloads)
         )

@@ -15,6 +15,7 @@ from offload_rt.distributed.wire import (
     ExpertResponse,
     WireError,
     decode,
+    decode_groups,
     decode_request,
     decode_response,
     decode_tensor,
@@ -22,6 +23,7 @@ from offload_rt.distributed.wire import (
     encode_groups,
     encode_tensor,
     join_groups,
+    pack_groups,
     split_groups,
 )
 from offload_rt.model import ExpertKey
@@ -239,18 +241,65 @@ def test_random_bytes_and_mutations_never_escape_as_other_errors():
         assert sum(msg.counts) == msg.hidden.shape[0]  # whatever decodes is consistent
 
 
+def some_groups(counts: tuple[int, ...], dtype: torch.dtype, d: int = 16) -> dict:
+    gen = torch.Generator().manual_seed(sum(counts))
+    return {
+        ExpertKey(2, e): torch.randn(n, d, generator=gen).to(dtype)
+        for e, n in zip((6, 1, 4), counts)
+    }
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("counts", [(1,), (2, 1), (0, 3, 1), (5, 0)])
 def test_encode_groups_equals_the_two_step_encoding(dtype, counts):
-    gen = torch.Generator().manual_seed(sum(counts))
-    groups = {
-        ExpertKey(2, e): torch.randn(n, 16, generator=gen).to(dtype)
-        for e, n in zip((6, 1, 4), counts)
-    }
-    assert bytes(encode_groups("request", groups)) == encode(ExpertRequest.from_groups(groups))
-    assert bytes(encode_groups("response", groups)) == encode(ExpertResponse.from_groups(groups))
+    groups = some_groups(counts, dtype)
+    assert encode_groups("request", groups) == encode(ExpertRequest.from_groups(groups))
+    assert encode_groups("response", groups) == encode(ExpertResponse.from_groups(groups))
     back = decode_response(encode_groups("response", groups)).groups()
     assert all(torch.equal(back[k], groups[k]) for k in groups)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transposed_outputs_are_sent_row_major(dtype):
+    # experts' outputs of 4+ rows are transposed views (model.layers.linear)
+    groups = {ExpertKey(0, e): torch.randn(5, n).to(dtype).T for e, n in enumerate((6, 0, 4))}
+    assert not groups[ExpertKey(0, 0)].is_contiguous()
+    contiguous = {k: v.contiguous() for k, v in groups.items()}
+    assert encode_groups("response", groups) == encode(ExpertResponse.from_groups(contiguous))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 40, 500])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frames_cut_the_message_and_decode_back(n, dtype):
+    groups = some_groups((2, 0, 3), dtype)
+    packed = pack_groups("request", groups)
+    frames = packed.frames(n)
+    whole = encode_groups("request", groups)
+    assert len(frames) == n and b"".join(frames) == whole and packed.nbytes == len(whole)
+    assert all(type(f) is bytes for f in frames)  # Ray passes bytes without pickling
+    assert max(map(len, frames)) == -(-len(whole) // n)  # none over its share: Ray's limit
+    back = decode_groups("request", frames)
+    assert list(back) == sorted(groups)
+    assert all(torch.equal(bits(back[k]), bits(groups[k])) for k in groups)
+    back[ExpertKey(2, 4)].add_(1)  # owns writable memory
+
+
+def test_decode_groups_refuses_bad_frames():
+    frames = pack_groups("request", some_groups((2, 3), torch.float32)).frames(4)
+    with pytest.raises(WireError, match="expected kind 'response', got 'request'"):
+        decode_groups("response", frames)
+    with pytest.raises(WireError, match="payload truncated"):
+        decode_groups("request", frames[:-1])
+    with pytest.raises(WireError, match="payload oversized"):
+        decode_groups("request", [*frames, b"\0"])
+    with pytest.raises(WireError, match="header truncated"):
+        decode_groups("request", [frames[0][:5], b"", frames[0][5:9]])
+    with pytest.raises(WireError, match="header truncated"):
+        decode_groups("request", [])
+    assert decode_groups("request", [frames[0][:5], b"", frames[0][5:], *frames[1:]]).keys() == {
+        ExpertKey(2, 1),
+        ExpertKey(2, 6),
+    }
 
 
 def test_encode_groups_refuses_what_cannot_be_sent():

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from offload_rt.checkpoint import Checkpoint
-from offload_rt.distributed.wire import decode_request, encode_groups
+from offload_rt.distributed.wire import decode_groups, pack_groups
 from offload_rt.experts import ExpertStore, LocalExpertBackend, SlotCache
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -55,14 +55,17 @@ class ExpertActor:
         self.device = device
         self.calls = 0
 
-    def run(self, payload: bytes) -> bytearray:
-        """One layer's groups for this actor's experts, wire-encoded in and out."""
-        request = decode_request(payload)
-        groups = {k: x.to(self.device) for k, x in request.groups().items()}
+    def run(self, *frames: bytes) -> bytes | tuple[bytes, ...]:
+        """One layer's groups for this actor's experts: a wire request in, in one or more
+        frames; the response out, in as many frames (the caller's `num_returns`)."""
+        groups = decode_groups("request", frames)
+        if self.device.type != "cpu":
+            groups = {k: x.to(self.device) for k, x in groups.items()}
         with torch.inference_mode():
             outputs = self.backend.run(groups)
         self.calls += 1
-        return encode_groups("response", outputs)
+        out = pack_groups("response", outputs).frames(len(frames))
+        return out[0] if len(out) == 1 else tuple(out)
 
     def info(self) -> dict[str, object]:
         """Identity for operators and tests: process, node, device, calls served."""

@@ -1,26 +1,37 @@
 """The Ray expert backend: each MoE layer's groups go to the actors that hold their experts.
 
 Per layer call: one request per actor holding a needed expert, carrying all of its tokens;
-every request in flight before the first result is awaited; every `ray.get` bounded by a
-timeout. A failed call (actor died, restarting, or timed out) is retried once the cluster has
-recovered — the actor restarted by Ray, or its experts placed on the survivors — which is safe
-because expert calls hold no state. Outputs are summed by the MoE block in ascending expert
-order whatever order they arrive in, so float32 results equal the local backend's.
+every request in flight before the results are awaited, all with one `ray.get` bounded by a
+timeout. A request travels as `bytes` frames (`wire.Packed.frames`), each under Ray's inline
+limit, so it rides in the call's RPC rather than through the object store, and Ray passes it
+without pickling; the response comes back in as many frames. A failed call (actor died,
+restarting, or timed out) is retried once the cluster has recovered — the actor restarted by
+Ray, or its experts placed on the survivors — which is safe because expert calls hold no
+state. Outputs are summed by the MoE block in ascending expert order whatever order they
+arrive in, so float32 results equal the local backend's.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
-from offload_rt.distributed.cluster import ExpertCluster, actor_failures
-from offload_rt.distributed.wire import decode_response, encode_groups
+from offload_rt.distributed.cluster import ExpertCluster, RayOptions, actor_failures
+from offload_rt.distributed.wire import decode_groups, pack_groups
 from offload_rt.model.moe import ExpertKey
 
 
 class ExpertCallError(RuntimeError):
     """A layer call that failed on every attempt; names the layer and experts."""
+
+
+@dataclass(frozen=True)
+class _Call:
+    keys: list[ExpertKey]  # the experts the request carries
+    refs: list  # one ObjectRef per response frame
 
 
 class RayExpertBackend:
@@ -29,21 +40,21 @@ class RayExpertBackend:
         self.retries = 0
 
     def run(self, groups: Mapping[ExpertKey, torch.Tensor]) -> dict[ExpertKey, torch.Tensor]:
-        todo = {k: x for k, x in groups.items()}
+        todo = dict(groups)
         device = next(iter(groups.values())).device if groups else torch.device("cpu")
         out: dict[ExpertKey, torch.Tensor] = {}
         for _ in range(self.cluster.opts.max_attempts):
             calls = self._send(todo)
             failed = []
-            for actor, (keys, ref) in calls.items():
-                try:
-                    payload = _get(ref, self.cluster.opts.call_timeout_s)
-                except actor_failures():
+            for actor, frames in _receive(calls, self.cluster.opts.call_timeout_s).items():
+                if frames is None:
                     failed.append(actor)
                     continue
-                for key, y in decode_response(payload).groups().items():
-                    out[key] = y.to(device)
-                for key in keys:
+                outputs = decode_groups("response", frames)
+                if device.type != "cpu":
+                    outputs = {k: y.to(device) for k, y in outputs.items()}
+                out.update(outputs)
+                for key in calls[actor].keys:
                     del todo[key]
             if not todo:
                 return out
@@ -55,12 +66,17 @@ class RayExpertBackend:
             f"(actors restarted or replaced in between)"
         )
 
-    def _send(self, todo: Mapping[ExpertKey, torch.Tensor]) -> dict[int, tuple[list, object]]:
+    def _send(self, todo: Mapping[ExpertKey, torch.Tensor]) -> dict[int, _Call]:
         """One request per actor, all submitted before any is awaited."""
         calls = {}
         for actor, keys in sorted(self.cluster.plan.group_by_actor(todo).items()):
-            request = encode_groups("request", {k: todo[k] for k in keys})
-            calls[actor] = (keys, self.cluster.handles[actor].run.remote(request))
+            packed = pack_groups("request", {k: todo[k] for k in keys})
+            frames = packed.frames(frame_count(packed.nbytes, self.cluster.opts))
+            method = self.cluster.handles[actor].run
+            if len(frames) == 1:
+                calls[actor] = _Call(keys, [method.remote(frames[0])])
+            else:
+                calls[actor] = _Call(keys, method.options(num_returns=len(frames)).remote(*frames))
         return calls
 
     def stats(self) -> dict[str, int]:
@@ -70,7 +86,36 @@ class RayExpertBackend:
         self.cluster.close()
 
 
-def _get(ref: object, timeout_s: float) -> bytes:
+def frame_count(nbytes: int, opts: RayOptions) -> int:
+    """Frames of a message of `nbytes`: enough to keep each under `opts.frame_bytes`, or one
+    (through the object store) above `opts.inline_bytes`."""
+    if nbytes > opts.inline_bytes:
+        return 1
+    return max(1, -(-nbytes // opts.frame_bytes))
+
+
+def _receive(calls: Mapping[int, _Call], timeout_s: float) -> dict[int, list[bytes] | None]:
+    """Each actor's response frames, or None where its call failed or ran out of time. One
+    `ray.get` for all while nothing fails; then each actor's apart, within the same deadline."""
     import ray
 
-    return ray.get(ref, timeout=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    refs = [ref for call in calls.values() for ref in call.refs]
+    try:
+        values = ray.get(refs, timeout=timeout_s)
+    except actor_failures():
+        return {actor: _frames_or_none(call, deadline) for actor, call in calls.items()}
+    out, start = {}, 0
+    for actor, call in calls.items():
+        out[actor] = values[start : start + len(call.refs)]
+        start += len(call.refs)
+    return out
+
+
+def _frames_or_none(call: _Call, deadline: float) -> list[bytes] | None:
+    import ray
+
+    try:
+        return ray.get(call.refs, timeout=max(deadline - time.monotonic(), 0))
+    except actor_failures():
+        return None

@@ -38,6 +38,14 @@ class RayOptions:
     host_fraction: float = DEFAULT_HOST_FRACTION  # share of a node's Ray memory for experts
     host_experts: int | None = None  # packed experts in pinned RAM per GPU actor; None: as planned
     namespace: str = NAMESPACE  # Ray namespace of the actors; one model per namespace
+    # a layer request is cut into `bytes` frames of at most this many bytes, each passed as one
+    # Ray argument (the response likewise): under Ray's max_direct_call_object_size (100 KiB by
+    # default) a frame rides in the call's RPC; a larger object goes through the object store,
+    # which costs several milliseconds a trip
+    frame_bytes: int = 96 * 1024
+    # requests above this go whole, as one object through the object store: Ray inlines at most
+    # task_rpc_inlined_bytes_limit (10 MiB by default) of one call's arguments anyway
+    inline_bytes: int = 8 * 2**20
 
 
 class ExpertCluster:

@@ -19,11 +19,12 @@ anything is allocated, and every inconsistency raises `WireError` naming what is
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import numpy as np
 import torch
 
 from offload_rt.model.moe import ExpertKey
@@ -118,49 +119,86 @@ def encode(msg: Message) -> bytes:
     return _encode(kind, header, tensor)
 
 
-def encode_groups(kind: str, groups: Mapping[ExpertKey, torch.Tensor]) -> bytearray:
+def encode_groups(kind: str, groups: Mapping[ExpertKey, torch.Tensor]) -> bytes:
     """The bytes of `encode(ExpertRequest.from_groups(groups))` (kind "request") or of the
-    response, written straight into one buffer: one copy of each group, no concatenated
-    tensor in between. The hot path of every layer call."""
+    response, written straight into one bytes object: one copy of each group, no concatenated
+    tensor in between."""
+    return pack_groups(kind, groups).frames(1)[0]
+
+
+@dataclass(frozen=True, eq=False)
+class Packed:
+    """One message as a gather list: the msgpack header, then each group's raw bytes."""
+
+    buffers: tuple[memoryview, ...]  # flat byte views, in message order
+    nbytes: int  # the message's length
+
+    def frames(self, n: int) -> list[bytes]:
+        """The message cut into `n` consecutive frames of near-equal size (any of them may be
+        empty when n exceeds the bytes), each one copy of its bytes. Ray passes a `bytes`
+        argument or return value as it is, where any other type is pickled; and one under
+        its inline limit travels inside the call's RPC instead of through the object store."""
+        size = -(-self.nbytes // n) if self.nbytes else 0
+        out: list[bytes] = []
+        pieces: list[memoryview] = []
+        room = size
+        for buf in self.buffers:
+            while len(buf) > room and len(out) < n - 1:
+                pieces.append(buf[:room])
+                buf = buf[room:]
+                out.append(b"".join(pieces))
+                pieces, room = [], size
+            pieces.append(buf)
+            room -= len(buf)
+        out.append(b"".join(pieces))
+        return out + [b""] * (n - len(out))
+
+
+def pack_groups(kind: str, groups: Mapping[ExpertKey, torch.Tensor]) -> Packed:
+    """The message of `encode_groups`, not yet copied: the hot path of every layer call."""
     if kind not in ("request", "response"):
         raise WireError(f"kind must be 'request' or 'response', got {kind!r}")
     if not groups:
         raise WireError("no expert groups to join: a message needs at least one expert")
     keys = sorted(groups)
-    if keys[0].layer != keys[-1].layer:
+    layer = keys[0].layer
+    if keys[-1].layer != layer:
         layers = sorted({k.layer for k in keys})
         raise WireError(f"expert groups span layers {layers}; a message carries one layer")
-    parts = [groups[k].detach().cpu().contiguous() for k in keys]
-    dtypes = {t.dtype for t in parts}
-    name = _DTYPE_NAMES.get(parts[0].dtype)
-    if name is None or len(dtypes) != 1:
-        raise WireError(f"groups of dtypes {sorted(map(str, dtypes))}: one of {list(DTYPES)}")
-    counts = [t.shape[0] for t in parts]
-    shape = [sum(counts), parts[0].shape[1] if parts[0].dim() == 2 else -1]
-    if any(t.dim() != 2 or t.shape[1] != shape[1] for t in parts):
+    parts = [groups[k] for k in keys]
+    dtype, width = parts[0].dtype, parts[0].shape[-1]
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None or any(t.dtype != dtype for t in parts):
+        dtypes = sorted({str(t.dtype) for t in parts})
+        raise WireError(f"groups of dtypes {dtypes}: one of {list(DTYPES)}")
+    if any(t.dim() != 2 or t.shape[1] != width for t in parts):
         raise WireError(f"groups must be (n, D) of one D, got {[list(t.shape) for t in parts]}")
+    counts = [t.shape[0] for t in parts]
     experts = [k.expert for k in keys]
-    _check_groups(keys[0].layer, experts, counts, shape)
+    _check_groups(layer, experts, counts, [sum(counts), width])
     header = msgpack.packb(
         {
             "version": WIRE_VERSION,
             "kind": kind,
-            "layer": keys[0].layer,
+            "layer": layer,
             "experts": experts,
             "counts": counts,
             "dtype": name,
-            "shape": shape,
+            "shape": [sum(counts), width],
         }
     )
-    buf = bytearray(len(header) + sum(t.numel() * t.element_size() for t in parts))
-    buf[: len(header)] = header
-    view = memoryview(buf)[len(header) :]
-    for t in parts:
-        n = t.numel() * t.element_size()
-        if n:  # numpy copies without torch's thread pool, which would spin on after the copy
-            view[:n] = t.reshape(-1).view(torch.uint8).numpy()
-            view = view[n:]
-    return buf
+    buffers = (memoryview(header), *(_row_major_bytes(t) for t in parts))
+    return Packed(buffers, sum(len(b) for b in buffers))
+
+
+def _row_major_bytes(t: torch.Tensor) -> memoryview:
+    """A flat byte view of t (n, D) in row-major order; a copy only when t is not already so
+    (experts' outputs of 4+ rows are transposed views: `model.layers.linear`)."""
+    a = t.detach().cpu()
+    # numpy has no bfloat16: its bits travel as int16; numpy's transposing copy beats torch's
+    a = (a.view(torch.int16) if a.dtype == torch.bfloat16 else a).numpy()
+    a = np.ascontiguousarray(a)
+    return memoryview(a).cast("B") if a.size else memoryview(b"")  # no cast with a 0 in shape
 
 
 def encode_tensor(tensor: torch.Tensor) -> bytes:
@@ -193,28 +231,42 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
 
 # ---- decoding
 
+Buffer = bytes | bytearray | memoryview
 
-def decode(data: bytes | bytearray | memoryview) -> Message:
-    header, payload = _split(data)
+
+def decode(data: Buffer) -> Message:
+    header, payload = _split((data,))
     kind = header["kind"]
     if kind == "tensor":
         raise WireError("expected an expert request or response, got kind 'tensor'")
     layer, experts, counts = _group_fields(header)
     tensor = _tensor(header, payload)
     cls = ExpertRequest if kind == "request" else ExpertResponse
-    return cls(layer, experts, counts, tensor)
+    return cls(layer, tuple(experts), tuple(counts), tensor)
 
 
-def decode_request(data: bytes | bytearray | memoryview) -> ExpertRequest:
+def decode_request(data: Buffer) -> ExpertRequest:
     return _expect(decode(data), ExpertRequest)
 
 
-def decode_response(data: bytes | bytearray | memoryview) -> ExpertResponse:
+def decode_response(data: Buffer) -> ExpertResponse:
     return _expect(decode(data), ExpertResponse)
 
 
-def decode_tensor(data: bytes | bytearray | memoryview) -> torch.Tensor:
-    header, payload = _split(data)
+def decode_groups(kind: str, frames: Sequence[Buffer]) -> dict[ExpertKey, torch.Tensor]:
+    """A request's or response's groups, from the message in one or more consecutive frames
+    (`Packed.frames`): expert -> (n, D), views into one tensor that owns its memory."""
+    header, payload = _split(frames)
+    if header["kind"] != kind:
+        raise WireError(f"expected kind {kind!r}, got {header['kind']!r}")
+    layer, experts, counts = _group_fields(header)
+    tensor = _tensor(header, payload)
+    parts = tensor.split_with_sizes(counts) if len(counts) > 1 else (tensor,)
+    return {ExpertKey(layer, e): part for e, part in zip(experts, parts)}
+
+
+def decode_tensor(data: Buffer) -> torch.Tensor:
+    header, payload = _split((data,))
     if header["kind"] != "tensor":
         raise WireError(f"expected kind 'tensor', got {header['kind']!r}")
     return _tensor(header, payload)
@@ -228,9 +280,9 @@ def _expect(msg: Message, cls: type) -> Any:
     return msg
 
 
-def _split(data: bytes | bytearray | memoryview) -> tuple[dict[str, Any], memoryview]:
-    """Bytes -> (checked header, payload view)."""
-    view = memoryview(data).cast("B")
+def _split(frames: Sequence[Buffer]) -> tuple[dict[str, Any], list[memoryview]]:
+    """Frames of one message -> (checked header, payload views in order)."""
+    views = [memoryview(f).cast("B") for f in frames]
     unpacker = msgpack.Unpacker(
         raw=False,
         max_buffer_size=MAX_HEADER_BYTES,
@@ -240,17 +292,19 @@ def _split(data: bytes | bytearray | memoryview) -> tuple[dict[str, Any], memory
         max_array_len=MAX_GROUPS,
         max_map_len=16,
     )
-    unpacker.feed(view[:MAX_HEADER_BYTES])
-    try:
-        header = unpacker.unpack()
-    except msgpack.OutOfData:
-        raise WireError(
-            f"header truncated or over {MAX_HEADER_BYTES} bytes (message is {len(view)} bytes)"
-        ) from None
-    except (msgpack.UnpackException, ValueError, TypeError) as e:
-        raise WireError(f"header is not valid msgpack within the wire's bounds: {e}") from None
-    _check_header(header)
-    return header, view[unpacker.tell() :]
+    fed = 0  # bytes of the frames before views[i]
+    for i, view in enumerate(views):
+        unpacker.feed(view[: max(MAX_HEADER_BYTES - fed, 0)])
+        try:
+            header = unpacker.unpack()
+        except msgpack.OutOfData:
+            fed += len(view)
+            continue  # the header goes on in the next frame, if any
+        except (msgpack.UnpackException, ValueError, TypeError) as e:
+            raise WireError(f"header is not valid msgpack within the wire's bounds: {e}") from None
+        _check_header(header)
+        return header, [view[unpacker.tell() - fed :], *views[i + 1 :]]
+    raise WireError(f"header truncated or over {MAX_HEADER_BYTES} bytes (message is {fed} bytes)")
 
 
 def _check_header(header: Any) -> None:
@@ -267,13 +321,14 @@ def _check_header(header: Any) -> None:
         raise WireError(f"header kind {header.get('kind')!r} is not one of {list(_KINDS)}")
 
 
-def _group_fields(header: dict[str, Any]) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+def _group_fields(header: dict[str, Any]) -> tuple[int, list[int], list[int]]:
     layer = _field(header, "layer")
+    if not _is_uint(layer):
+        raise WireError(f"layer must be a non-negative integer, got {layer!r}")
     experts = _int_list(header, "experts")
     counts = _int_list(header, "counts")
-    shape = _int_list(header, "shape")
-    _check_groups(layer, experts, counts, shape)
-    return layer, tuple(experts), tuple(counts)
+    _check_structure(experts, counts, _int_list(header, "shape"))
+    return layer, experts, counts
 
 
 def _check_groups(layer: Any, experts: list, counts: list, shape: list) -> None:
@@ -283,6 +338,10 @@ def _check_groups(layer: Any, experts: list, counts: list, shape: list) -> None:
         bad = [v for v in values if not _is_uint(v)]
         if bad:
             raise WireError(f"{name} must be non-negative integers, got {bad[0]!r} in {values}")
+    _check_structure(experts, counts, shape)
+
+
+def _check_structure(experts: list[int], counts: list[int], shape: list[int]) -> None:
     if len(set(experts)) != len(experts):
         raise WireError(f"expert ids repeat: {experts}")
     if len(experts) != len(counts):
@@ -293,7 +352,8 @@ def _check_groups(layer: Any, experts: list, counts: list, shape: list) -> None:
         raise WireError(f"counts {counts} sum to {sum(counts)}, but the tensor has {shape[0]} rows")
 
 
-def _tensor(header: dict[str, Any], payload: memoryview) -> torch.Tensor:
+def _tensor(header: dict[str, Any], payload: list[memoryview]) -> torch.Tensor:
+    """The tensor the header declares, from the payload's bytes (one view per frame)."""
     name = _field(header, "dtype")
     dtype = DTYPES.get(name) if isinstance(name, str) else None
     if dtype is None:
@@ -305,15 +365,15 @@ def _tensor(header: dict[str, Any], payload: memoryview) -> torch.Tensor:
     for d in shape:
         numel *= d
     need = numel * dtype.itemsize
-    if len(payload) != need:
-        what = "truncated" if len(payload) < need else "oversized"
-        raise WireError(
-            f"payload {what}: {len(payload)} bytes, but shape {shape} of {name} needs {need}"
-        )
+    got = sum(len(v) for v in payload)
+    if got != need:
+        what = "truncated" if got < need else "oversized"
+        raise WireError(f"payload {what}: {got} bytes, but shape {shape} of {name} needs {need}")
     if need == 0:
         return torch.empty(shape, dtype=dtype)
-    # a copy: the result owns aligned, writable memory, never a view of the caller's buffer
-    return torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype).reshape(shape)
+    # one copy: the result owns aligned, writable memory, never a view of the caller's buffers
+    data = bytearray(payload[0]) if len(payload) == 1 else bytearray().join(payload)
+    return torch.frombuffer(data, dtype=dtype).view(shape)
 
 
 def _field(header: dict[str, Any], name: str) -> Any:
@@ -324,7 +384,7 @@ def _field(header: dict[str, Any], name: str) -> Any:
 
 def _int_list(header: dict[str, Any], name: str) -> list[int]:
     value = _field(header, name)
-    if not isinstance(value, list) or not all(_is_uint(v) for v in value):
+    if type(value) is not list or not all(map(_is_uint, value)):
         raise WireError(f"{name} must be a list of non-negative integers, got {value!r}")
     return value
 

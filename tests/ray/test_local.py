@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 import offload_rt
+from offload_rt.distributed.backend import frame_count
 from offload_rt.distributed.cluster import RayOptions
 from offload_rt.distributed.placement import PlacementError
 from tests.ray.helpers import (
@@ -42,8 +43,13 @@ def test_removing_a_node_mid_generation_changes_no_token(reference, local_output
 
 
 def test_local_ray_matches_local_backend(reference, local_outputs):
-    # None: start a local Ray; the model stops it again on close
-    with offload_rt.load(reference[0], backend="ray", expert_actors=2) as m:
+    # None: start a local Ray; the model stops it again on close. Frames of 300 bytes: a
+    # token's hidden state (64 float32) is 256, so requests and responses go in several frames
+    small_frames = RayOptions(frame_bytes=300)
+    assert frame_count(2 * 64 * 4 + 50, small_frames) == 2
+    with offload_rt.load(
+        reference[0], backend="ray", expert_actors=2, ray_options=small_frames
+    ) as m:
         assert ray.is_initialized()
         assert len(m.backend.cluster.plan.actors) == 2
         assert_same_as_local(m, local_outputs)
