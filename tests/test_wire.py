@@ -207,6 +207,7 @@ CORRUPTIONS = {
         "header must be a map, got list",
     ),
     "header a bare int": (b"\x00" * 40, "header must be a map, got int"),
+    "header nil": (b"\xc0" + b"\x00" * 40, "header must be a map, got NoneType"),
     "long string": (craft(kind="x" * 1000), "within the wire's bounds"),
     "binary field": (craft(dtype=b"float32"), "within the wire's bounds"),
     "ext type": (craft(layer=msgpack.ExtType(5, b"xyz")), "within the wire's bounds"),

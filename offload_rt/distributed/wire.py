@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import msgpack
 import numpy as np
@@ -31,6 +31,7 @@ from offload_rt.model.moe import ExpertKey
 
 WIRE_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024  # a header of 4096 experts is under 40 KiB
+HEADER_STEP = 1024  # bytes of a message the decoder reads at a time until the header ends
 MAX_GROUPS = 4096  # experts in one message; far above any MoE's experts per layer
 MAX_DIMS = 8  # rank of a bare tensor
 MAX_DIM_SIZE = 2**40  # one dimension; bounds the arithmetic on declared shapes
@@ -41,6 +42,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _KINDS = ("request", "response", "tensor")
+_INCOMPLETE = object()  # a header that goes on past the bytes seen so far
 
 
 class WireError(ValueError):
@@ -126,11 +128,11 @@ def encode_groups(kind: str, groups: Mapping[ExpertKey, torch.Tensor]) -> bytes:
     return pack_groups(kind, groups).frames(1)[0]
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class Packed:
     """One message as a gather list: the msgpack header, then each group's raw bytes."""
 
-    buffers: tuple[memoryview, ...]  # flat byte views, in message order
+    buffers: list  # the header (bytes), then each group's C-contiguous numpy array
     nbytes: int  # the message's length
 
     def frames(self, n: int) -> list[bytes]:
@@ -138,11 +140,13 @@ class Packed:
         empty when n exceeds the bytes), each one copy of its bytes. Ray passes a `bytes`
         argument or return value as it is, where any other type is pickled; and one under
         its inline limit travels inside the call's RPC instead of through the object store."""
-        size = -(-self.nbytes // n) if self.nbytes else 0
+        if n == 1:
+            return [b"".join(self.buffers)]
+        size = -(-self.nbytes // n)
         out: list[bytes] = []
         pieces: list[memoryview] = []
         room = size
-        for buf in self.buffers:
+        for buf in map(_flat_bytes, self.buffers):
             while len(buf) > room and len(out) < n - 1:
                 pieces.append(buf[:room])
                 buf = buf[room:]
@@ -168,14 +172,13 @@ def pack_groups(kind: str, groups: Mapping[ExpertKey, torch.Tensor]) -> Packed:
     parts = [groups[k] for k in keys]
     dtype, width = parts[0].dtype, parts[0].shape[-1]
     name = _DTYPE_NAMES.get(dtype)
-    if name is None or any(t.dtype != dtype for t in parts):
-        dtypes = sorted({str(t.dtype) for t in parts})
-        raise WireError(f"groups of dtypes {dtypes}: one of {list(DTYPES)}")
-    if any(t.dim() != 2 or t.shape[1] != width for t in parts):
-        raise WireError(f"groups must be (n, D) of one D, got {[list(t.shape) for t in parts]}")
+    if name is None or any(t.dtype != dtype or t.dim() != 2 or t.shape[1] != width for t in parts):
+        _refuse(parts)
     counts = [t.shape[0] for t in parts]
     experts = [k.expert for k in keys]
-    _check_groups(layer, experts, counts, [sum(counts), width])
+    rows = sum(counts)
+    if not (_is_uint(layer) and all(map(_is_uint, experts))):
+        _check_groups(layer, experts, counts, [rows, width])  # raises, naming the value
     header = msgpack.packb(
         {
             "version": WIRE_VERSION,
@@ -184,21 +187,39 @@ def pack_groups(kind: str, groups: Mapping[ExpertKey, torch.Tensor]) -> Packed:
             "experts": experts,
             "counts": counts,
             "dtype": name,
-            "shape": [sum(counts), width],
+            "shape": [rows, width],
         }
     )
-    buffers = (memoryview(header), *(_row_major_bytes(t) for t in parts))
-    return Packed(buffers, sum(len(b) for b in buffers))
+    arrays = [_row_major(t) for t in parts]
+    return Packed([header, *arrays], len(header) + rows * width * dtype.itemsize)
 
 
-def _row_major_bytes(t: torch.Tensor) -> memoryview:
-    """A flat byte view of t (n, D) in row-major order; a copy only when t is not already so
-    (experts' outputs of 4+ rows are transposed views: `model.layers.linear`)."""
-    a = t.detach().cpu()
-    # numpy has no bfloat16: its bits travel as int16; numpy's transposing copy beats torch's
-    a = (a.view(torch.int16) if a.dtype == torch.bfloat16 else a).numpy()
-    a = np.ascontiguousarray(a)
-    return memoryview(a).cast("B") if a.size else memoryview(b"")  # no cast with a 0 in shape
+def _refuse(parts: list[torch.Tensor]) -> NoReturn:
+    """The error for groups that one message cannot hold: mixed or unsupported dtypes, shapes
+    other than (n, D) of one D."""
+    dtypes = sorted({str(t.dtype) for t in parts})
+    if len(dtypes) != 1 or parts[0].dtype not in _DTYPE_NAMES:
+        raise WireError(f"groups of dtypes {dtypes}: one of {list(DTYPES)}")
+    raise WireError(f"groups must be (n, D) of one D, got {[list(t.shape) for t in parts]}")
+
+
+def _row_major(t: torch.Tensor) -> np.ndarray:
+    """t as a C-contiguous numpy array of the same bytes; a copy only when t is not already
+    so (experts' outputs of 4+ rows are transposed views: `model.layers.linear`)."""
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)  # numpy has no bfloat16: its bits travel as int16
+    try:
+        a = t.numpy()
+    except (RuntimeError, TypeError):  # t needs grad, or lives on a device
+        a = t.detach().cpu().numpy()
+    return np.ascontiguousarray(a)  # numpy's transposing copy beats torch's .contiguous()
+
+
+def _flat_bytes(buf: bytes | np.ndarray) -> memoryview:
+    """A flat byte view of a gather-list entry, for cutting it into frames."""
+    if isinstance(buf, np.ndarray):
+        return memoryview(buf.reshape(-1).view(np.uint8))
+    return memoryview(buf)
 
 
 def encode_tensor(tensor: torch.Tensor) -> bytes:
@@ -219,14 +240,7 @@ def _encode(kind: str, fields: dict[str, Any], tensor: torch.Tensor) -> bytes:
         "dtype": name,
         "shape": list(tensor.shape),
     }
-    return msgpack.packb(header) + _tensor_bytes(tensor)
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    if tensor.numel() == 0:
-        return b""
-    # the uint8 view keeps bf16 bit patterns; numpy has no bfloat16 of its own
-    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return msgpack.packb(header) + _row_major(tensor).tobytes()
 
 
 # ---- decoding
@@ -239,8 +253,8 @@ def decode(data: Buffer) -> Message:
     kind = header["kind"]
     if kind == "tensor":
         raise WireError("expected an expert request or response, got kind 'tensor'")
-    layer, experts, counts = _group_fields(header)
-    tensor = _tensor(header, payload)
+    layer, experts, counts, shape = _group_fields(header)
+    tensor = _tensor(header, payload, shape)
     cls = ExpertRequest if kind == "request" else ExpertResponse
     return cls(layer, tuple(experts), tuple(counts), tensor)
 
@@ -259,8 +273,8 @@ def decode_groups(kind: str, frames: Sequence[Buffer]) -> dict[ExpertKey, torch.
     header, payload = _split(frames)
     if header["kind"] != kind:
         raise WireError(f"expected kind {kind!r}, got {header['kind']!r}")
-    layer, experts, counts = _group_fields(header)
-    tensor = _tensor(header, payload)
+    layer, experts, counts, shape = _group_fields(header)
+    tensor = _tensor(header, payload, shape)
     parts = tensor.split_with_sizes(counts) if len(counts) > 1 else (tensor,)
     return {ExpertKey(layer, e): part for e, part in zip(experts, parts)}
 
@@ -269,7 +283,7 @@ def decode_tensor(data: Buffer) -> torch.Tensor:
     header, payload = _split((data,))
     if header["kind"] != "tensor":
         raise WireError(f"expected kind 'tensor', got {header['kind']!r}")
-    return _tensor(header, payload)
+    return _tensor(header, payload, _int_list(header, "shape"))
 
 
 def _expect(msg: Message, cls: type) -> Any:
@@ -292,19 +306,28 @@ def _split(frames: Sequence[Buffer]) -> tuple[dict[str, Any], list[memoryview]]:
         max_array_len=MAX_GROUPS,
         max_map_len=16,
     )
-    fed = 0  # bytes of the frames before views[i]
+    start = 0  # offset of views[i] in the message
     for i, view in enumerate(views):
-        unpacker.feed(view[: max(MAX_HEADER_BYTES - fed, 0)])
+        header = _unpack_header(unpacker, view, start)
+        if header is not _INCOMPLETE:
+            _check_header(header)
+            return header, [view[unpacker.tell() - start :], *views[i + 1 :]]
+        start += len(view)
+    raise WireError(f"header truncated or over {MAX_HEADER_BYTES} bytes (message is {start} bytes)")
+
+
+def _unpack_header(unpacker: msgpack.Unpacker, view: memoryview, start: int) -> Any:
+    """Feeds the frame at message offset `start` to the unpacker a step at a time (it copies
+    what it is fed; a header is ~100 bytes); the header once complete, else _INCOMPLETE."""
+    for at in range(0, min(len(view), MAX_HEADER_BYTES - start), HEADER_STEP):
+        unpacker.feed(view[at : min(at + HEADER_STEP, MAX_HEADER_BYTES - start)])
         try:
-            header = unpacker.unpack()
+            return unpacker.unpack()
         except msgpack.OutOfData:
-            fed += len(view)
-            continue  # the header goes on in the next frame, if any
+            continue  # the header goes on further
         except (msgpack.UnpackException, ValueError, TypeError) as e:
             raise WireError(f"header is not valid msgpack within the wire's bounds: {e}") from None
-        _check_header(header)
-        return header, [view[unpacker.tell() - fed :], *views[i + 1 :]]
-    raise WireError(f"header truncated or over {MAX_HEADER_BYTES} bytes (message is {fed} bytes)")
+    return _INCOMPLETE
 
 
 def _check_header(header: Any) -> None:
@@ -321,14 +344,16 @@ def _check_header(header: Any) -> None:
         raise WireError(f"header kind {header.get('kind')!r} is not one of {list(_KINDS)}")
 
 
-def _group_fields(header: dict[str, Any]) -> tuple[int, list[int], list[int]]:
+def _group_fields(header: dict[str, Any]) -> tuple[int, list[int], list[int], list[int]]:
+    """(layer, experts, counts, shape) of a request or response header, checked."""
     layer = _field(header, "layer")
     if not _is_uint(layer):
         raise WireError(f"layer must be a non-negative integer, got {layer!r}")
     experts = _int_list(header, "experts")
     counts = _int_list(header, "counts")
-    _check_structure(experts, counts, _int_list(header, "shape"))
-    return layer, experts, counts
+    shape = _int_list(header, "shape")
+    _check_structure(experts, counts, shape)
+    return layer, experts, counts, shape
 
 
 def _check_groups(layer: Any, experts: list, counts: list, shape: list) -> None:
@@ -352,14 +377,14 @@ def _check_structure(experts: list[int], counts: list[int], shape: list[int]) ->
         raise WireError(f"counts {counts} sum to {sum(counts)}, but the tensor has {shape[0]} rows")
 
 
-def _tensor(header: dict[str, Any], payload: list[memoryview]) -> torch.Tensor:
-    """The tensor the header declares, from the payload's bytes (one view per frame)."""
+def _tensor(header: dict[str, Any], payload: list[memoryview], shape: list[int]) -> torch.Tensor:
+    """The tensor of the header's dtype and `shape` (its checked list of sizes), from the
+    payload's bytes (one view per frame)."""
     name = _field(header, "dtype")
     dtype = DTYPES.get(name) if isinstance(name, str) else None
     if dtype is None:
         raise WireError(f"dtype {name!r} is not one of {list(DTYPES)}")
-    shape = _int_list(header, "shape")
-    if len(shape) > MAX_DIMS or any(not _is_uint(d) or d > MAX_DIM_SIZE for d in shape):
+    if len(shape) > MAX_DIMS or any(d > MAX_DIM_SIZE for d in shape):
         raise WireError(f"shape {shape}: at most {MAX_DIMS} sizes of at most {MAX_DIM_SIZE} each")
     numel = 1
     for d in shape:
