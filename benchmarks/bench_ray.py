@@ -73,8 +73,8 @@ from offload_rt import ExpertKey, OffloadModel
 from offload_rt.distributed.actor import ActorSpec, ExpertActor
 from offload_rt.distributed.backend import RayExpertBackend, frame_count
 from offload_rt.distributed.cluster import NAMESPACE, RayOptions
+from offload_rt.distributed.frames import decode_groups, pack_groups
 from offload_rt.distributed.placement import PlacementPlan
-from offload_rt.distributed.wire import decode_groups, pack_groups
 from offload_rt.engine import BatchDecoder
 from offload_rt.model.moe import group_by_expert
 

@@ -8,6 +8,7 @@ import msgpack
 import pytest
 import torch
 
+from offload_rt.distributed.frames import decode_groups, encode_groups, pack_groups
 from offload_rt.distributed.wire import (
     MAX_HEADER_BYTES,
     WIRE_VERSION,
@@ -15,15 +16,12 @@ from offload_rt.distributed.wire import (
     ExpertResponse,
     WireError,
     decode,
-    decode_groups,
     decode_request,
     decode_response,
     decode_tensor,
     encode,
-    encode_groups,
     encode_tensor,
     join_groups,
-    pack_groups,
     split_groups,
 )
 from offload_rt.model import ExpertKey
@@ -156,6 +154,7 @@ def header_of(msg: ExpertRequest) -> dict:
         "layer": msg.layer,
         "experts": list(msg.experts),
         "counts": list(msg.counts),
+        "transposed": [False] * len(msg.counts),
         "dtype": "float32",
         "shape": list(msg.hidden.shape),
     }
@@ -181,7 +180,7 @@ CORRUPTIONS = {
         r"payload truncated: 319 bytes, but shape \[5, 16\] of float32 needs 320",
     ),
     "one byte over": (VALID + b"\0", "payload oversized: 321 bytes"),
-    "version 2": (craft(version=2), "wire version 2 is not supported; this runtime speaks 1"),
+    "version 1": (craft(version=1), "wire version 1 is not supported; this runtime speaks 2"),
     "version as bool": (craft(version=True), "wire version True"),
     "version as str": (craft(version="1"), "wire version '1'"),
     "no version": (craft(version=None), "no 'version' field"),
@@ -192,7 +191,10 @@ CORRUPTIONS = {
     "counts short of N": (craft(counts=[2, 2]), r"counts \[2, 2\] sum to 4, but the tensor has 5"),
     "negative count": (craft(counts=[-1, 6]), "counts must be a list of non-negative integers"),
     "counts not a list": (craft(counts=5), "counts must be a list"),
-    "experts and counts differ": (craft(counts=[5]), "2 experts but 1 counts"),
+    "experts and counts differ": (craft(counts=[5], transposed=[False]), "2 experts but 1 counts"),
+    "no transposed": (craft(transposed=None), "no 'transposed' field"),
+    "transposed as ints": (craft(transposed=[0, 1]), "transposed must be a list of booleans"),
+    "transposed short": (craft(transposed=[True]), "2 groups but 1 transposed flags"),
     "repeated expert": (craft(experts=[1, 1]), r"expert ids repeat: \[1, 1\]"),
     "negative layer": (craft(layer=-3), "layer must be a non-negative integer, got -3"),
     "no layer": (craft(layer=None), "no 'layer' field"),
@@ -261,12 +263,22 @@ def test_encode_groups_equals_the_two_step_encoding(dtype, counts):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_transposed_outputs_are_sent_row_major(dtype):
-    # experts' outputs of 4+ rows are transposed views (model.layers.linear)
-    groups = {ExpertKey(0, e): torch.randn(5, n).to(dtype).T for e, n in enumerate((6, 0, 4))}
-    assert not groups[ExpertKey(0, 0)].is_contiguous()
-    contiguous = {k: v.contiguous() for k, v in groups.items()}
-    assert encode_groups("response", groups) == encode(ExpertResponse.from_groups(contiguous))
+def test_transposed_groups_travel_transposed(dtype):
+    # experts' outputs of 4+ rows are transposed views (model.layers.linear): their bytes go
+    # as they lie in memory, and come back as transposed views of the same values
+    gen = torch.Generator().manual_seed(0)
+    groups = {
+        ExpertKey(0, e): torch.randn(5, n, generator=gen).to(dtype).T
+        for e, n in enumerate((6, 0, 4, 1))
+    }
+    groups[ExpertKey(0, 9)] = torch.randn(3, 5, generator=gen).to(dtype)  # row-major
+    msg = encode_groups("response", groups)
+    out = decode_groups("response", [msg])
+    assert all(torch.equal(bits(out[k]), bits(t)) for k, t in groups.items())
+    assert out[ExpertKey(0, 0)].stride() == (1, 6) and out[ExpertKey(0, 9)].is_contiguous()
+    assert msg.endswith(bits(groups[ExpertKey(0, 9)]).numpy().tobytes())  # last, row by row
+    whole = decode_response(msg).outputs  # the message's (N, D) matrix, row by row
+    assert torch.equal(bits(whole), bits(torch.cat([groups[k] for k in sorted(groups)])))
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 40, 500])

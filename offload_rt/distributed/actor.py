@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from offload_rt.checkpoint import Checkpoint
-from offload_rt.distributed.wire import decode_groups, pack_groups
+from offload_rt.distributed.frames import decode_groups, pack_groups
 from offload_rt.experts import ExpertStore, LocalExpertBackend, SlotCache
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from offload_rt.distributed.cluster import ExpertCluster, RayOptions, actor_failures
-from offload_rt.distributed.wire import decode_groups, pack_groups
+from offload_rt.distributed.frames import decode_groups, pack_groups
 from offload_rt.model.moe import ExpertKey
 
 

@@ -9,19 +9,24 @@ without a detour through numpy dtypes. The header is a map:
     layer    int               decoder layer (request, response)
     experts  [int, ...]        expert ids within the layer, one group each (request, response)
     counts   [int, ...]        tokens in each group; they sum to shape[0] (request, response)
+    transposed [bool, ...]     per group: its bytes hold the group's transpose (request, response)
     dtype    str               "float32" | "bfloat16" | "float16"
     shape    [int, ...]        (N, D) for request and response; any rank for a bare tensor
 
-The tensor holds the groups concatenated in `experts` order: rows [0, counts[0]) belong to
-experts[0], and so on. Decoding treats the bytes as untrusted: sizes are bounded before
-anything is allocated, and every inconsistency raises `WireError` naming what is wrong.
+The payload holds the groups one after another in `experts` order, counts[i] * D elements
+each: group i's (counts[i], D) matrix row by row, or where transposed[i] its (D, counts[i])
+transpose row by row. So a group travels in the memory order it has (the experts' outputs of
+4+ rows are transposed views, `model.layers.linear`) without a transposing copy, and comes
+back as the same kind of view. Decoding treats the bytes as untrusted: sizes are bounded
+before anything is allocated, and every inconsistency raises `WireError` naming what is wrong.
+The hot path of a layer call, straight from groups to Ray frames and back, is `frames.py`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -29,7 +34,7 @@ import torch
 
 from offload_rt.model.moe import ExpertKey
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: the `transposed` field
 MAX_HEADER_BYTES = 64 * 1024  # a header of 4096 experts is under 40 KiB
 HEADER_STEP = 1024  # bytes of a message the decoder reads at a time until the header ends
 MAX_GROUPS = 4096  # experts in one message; far above any MoE's experts per layer
@@ -40,7 +45,7 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _KINDS = ("request", "response", "tensor")
 _INCOMPLETE = object()  # a header that goes on past the bytes seen so far
 
@@ -116,110 +121,38 @@ def _keyed(layer: int, experts: tuple[int, ...], parts: tuple) -> dict[ExpertKey
 def encode(msg: Message) -> bytes:
     kind = "request" if isinstance(msg, ExpertRequest) else "response"
     tensor = msg.hidden if isinstance(msg, ExpertRequest) else msg.outputs
-    _check_groups(msg.layer, list(msg.experts), list(msg.counts), list(tensor.shape))
-    header = {"layer": msg.layer, "experts": list(msg.experts), "counts": list(msg.counts)}
+    check_groups(msg.layer, list(msg.experts), list(msg.counts), list(tensor.shape))
+    header = {
+        "layer": msg.layer,
+        "experts": list(msg.experts),
+        "counts": list(msg.counts),
+        "transposed": [False] * len(msg.counts),
+    }
     return _encode(kind, header, tensor)
 
 
-def encode_groups(kind: str, groups: Mapping[ExpertKey, torch.Tensor]) -> bytes:
-    """The bytes of `encode(ExpertRequest.from_groups(groups))` (kind "request") or of the
-    response, written straight into one bytes object: one copy of each group, no concatenated
-    tensor in between."""
-    return pack_groups(kind, groups).frames(1)[0]
-
-
-@dataclass(eq=False, slots=True)
-class Packed:
-    """One message as a gather list: the msgpack header, then each group's raw bytes."""
-
-    buffers: list  # the header (bytes), then each group's C-contiguous numpy array
-    nbytes: int  # the message's length
-
-    def frames(self, n: int) -> list[bytes]:
-        """The message cut into `n` consecutive frames of near-equal size (any of them may be
-        empty when n exceeds the bytes), each one copy of its bytes. Ray passes a `bytes`
-        argument or return value as it is, where any other type is pickled; and one under
-        its inline limit travels inside the call's RPC instead of through the object store."""
-        if n == 1:
-            return [b"".join(self.buffers)]
-        size = -(-self.nbytes // n)
-        out: list[bytes] = []
-        pieces: list[memoryview] = []
-        room = size
-        for buf in map(_flat_bytes, self.buffers):
-            while len(buf) > room and len(out) < n - 1:
-                pieces.append(buf[:room])
-                buf = buf[room:]
-                out.append(b"".join(pieces))
-                pieces, room = [], size
-            pieces.append(buf)
-            room -= len(buf)
-        out.append(b"".join(pieces))
-        return out + [b""] * (n - len(out))
-
-
-def pack_groups(kind: str, groups: Mapping[ExpertKey, torch.Tensor]) -> Packed:
-    """The message of `encode_groups`, not yet copied: the hot path of every layer call."""
-    if kind not in ("request", "response"):
-        raise WireError(f"kind must be 'request' or 'response', got {kind!r}")
-    if not groups:
-        raise WireError("no expert groups to join: a message needs at least one expert")
-    keys = sorted(groups)
-    layer = keys[0].layer
-    if keys[-1].layer != layer:
-        layers = sorted({k.layer for k in keys})
-        raise WireError(f"expert groups span layers {layers}; a message carries one layer")
-    parts = [groups[k] for k in keys]
-    dtype, width = parts[0].dtype, parts[0].shape[-1]
-    name = _DTYPE_NAMES.get(dtype)
-    if name is None or any(t.dtype != dtype or t.dim() != 2 or t.shape[1] != width for t in parts):
-        _refuse(parts)
-    counts = [t.shape[0] for t in parts]
-    experts = [k.expert for k in keys]
-    rows = sum(counts)
-    if not (_is_uint(layer) and all(map(_is_uint, experts))):
-        _check_groups(layer, experts, counts, [rows, width])  # raises, naming the value
-    header = msgpack.packb(
+def pack_header(
+    kind: str,
+    layer: int,
+    experts: list[int],
+    counts: list[int],
+    transposed: list[bool],
+    dtype: str,
+    width: int,
+) -> bytes:
+    """A request's or response's header (the fields checked by the caller)."""
+    return msgpack.packb(
         {
             "version": WIRE_VERSION,
             "kind": kind,
             "layer": layer,
             "experts": experts,
             "counts": counts,
-            "dtype": name,
-            "shape": [rows, width],
+            "transposed": transposed,
+            "dtype": dtype,
+            "shape": [sum(counts), width],
         }
     )
-    arrays = [_row_major(t) for t in parts]
-    return Packed([header, *arrays], len(header) + rows * width * dtype.itemsize)
-
-
-def _refuse(parts: list[torch.Tensor]) -> NoReturn:
-    """The error for groups that one message cannot hold: mixed or unsupported dtypes, shapes
-    other than (n, D) of one D."""
-    dtypes = sorted({str(t.dtype) for t in parts})
-    if len(dtypes) != 1 or parts[0].dtype not in _DTYPE_NAMES:
-        raise WireError(f"groups of dtypes {dtypes}: one of {list(DTYPES)}")
-    raise WireError(f"groups must be (n, D) of one D, got {[list(t.shape) for t in parts]}")
-
-
-def _row_major(t: torch.Tensor) -> np.ndarray:
-    """t as a C-contiguous numpy array of the same bytes; a copy only when t is not already
-    so (experts' outputs of 4+ rows are transposed views: `model.layers.linear`)."""
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)  # numpy has no bfloat16: its bits travel as int16
-    try:
-        a = t.numpy()
-    except (RuntimeError, TypeError):  # t needs grad, or lives on a device
-        a = t.detach().cpu().numpy()
-    return np.ascontiguousarray(a)  # numpy's transposing copy beats torch's .contiguous()
-
-
-def _flat_bytes(buf: bytes | np.ndarray) -> memoryview:
-    """A flat byte view of a gather-list entry, for cutting it into frames."""
-    if isinstance(buf, np.ndarray):
-        return memoryview(buf.reshape(-1).view(np.uint8))
-    return memoryview(buf)
 
 
 def encode_tensor(tensor: torch.Tensor) -> bytes:
@@ -230,7 +163,7 @@ def encode_tensor(tensor: torch.Tensor) -> bytes:
 
 
 def _encode(kind: str, fields: dict[str, Any], tensor: torch.Tensor) -> bytes:
-    name = _DTYPE_NAMES.get(tensor.dtype)
+    name = DTYPE_NAMES.get(tensor.dtype)
     if name is None:
         raise WireError(f"dtype {tensor.dtype} cannot be sent; supported: {list(DTYPES)}")
     header = {
@@ -240,7 +173,9 @@ def _encode(kind: str, fields: dict[str, Any], tensor: torch.Tensor) -> bytes:
         "dtype": name,
         "shape": list(tensor.shape),
     }
-    return msgpack.packb(header) + _row_major(tensor).tobytes()
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.view(torch.int16)  # numpy has no bfloat16: its bits travel as int16
+    return msgpack.packb(header) + np.ascontiguousarray(tensor.detach().cpu().numpy()).tobytes()
 
 
 # ---- decoding
@@ -249,12 +184,14 @@ Buffer = bytes | bytearray | memoryview
 
 
 def decode(data: Buffer) -> Message:
-    header, payload = _split((data,))
+    header, payload = read_header((data,))
     kind = header["kind"]
     if kind == "tensor":
         raise WireError("expected an expert request or response, got kind 'tensor'")
-    layer, experts, counts, shape = _group_fields(header)
-    tensor = _tensor(header, payload, shape)
+    layer, experts, counts, transposed, shape = group_fields(header)
+    tensor = payload_tensor(header, payload, shape)
+    if any(transposed):  # the message's (N, D) matrix, row by row
+        tensor = torch.cat(split_payload(tensor, counts, transposed)) if counts else tensor
     cls = ExpertRequest if kind == "request" else ExpertResponse
     return cls(layer, tuple(experts), tuple(counts), tensor)
 
@@ -267,23 +204,11 @@ def decode_response(data: Buffer) -> ExpertResponse:
     return _expect(decode(data), ExpertResponse)
 
 
-def decode_groups(kind: str, frames: Sequence[Buffer]) -> dict[ExpertKey, torch.Tensor]:
-    """A request's or response's groups, from the message in one or more consecutive frames
-    (`Packed.frames`): expert -> (n, D), views into one tensor that owns its memory."""
-    header, payload = _split(frames)
-    if header["kind"] != kind:
-        raise WireError(f"expected kind {kind!r}, got {header['kind']!r}")
-    layer, experts, counts, shape = _group_fields(header)
-    tensor = _tensor(header, payload, shape)
-    parts = tensor.split_with_sizes(counts) if len(counts) > 1 else (tensor,)
-    return {ExpertKey(layer, e): part for e, part in zip(experts, parts)}
-
-
 def decode_tensor(data: Buffer) -> torch.Tensor:
-    header, payload = _split((data,))
+    header, payload = read_header((data,))
     if header["kind"] != "tensor":
         raise WireError(f"expected kind 'tensor', got {header['kind']!r}")
-    return _tensor(header, payload, _int_list(header, "shape"))
+    return payload_tensor(header, payload, _int_list(header, "shape"))
 
 
 def _expect(msg: Message, cls: type) -> Any:
@@ -294,7 +219,7 @@ def _expect(msg: Message, cls: type) -> Any:
     return msg
 
 
-def _split(frames: Sequence[Buffer]) -> tuple[dict[str, Any], list[memoryview]]:
+def read_header(frames: Sequence[Buffer]) -> tuple[dict[str, Any], list[memoryview]]:
     """Frames of one message -> (checked header, payload views in order)."""
     views = [memoryview(f).cast("B") for f in frames]
     unpacker = msgpack.Unpacker(
@@ -344,23 +269,42 @@ def _check_header(header: Any) -> None:
         raise WireError(f"header kind {header.get('kind')!r} is not one of {list(_KINDS)}")
 
 
-def _group_fields(header: dict[str, Any]) -> tuple[int, list[int], list[int], list[int]]:
-    """(layer, experts, counts, shape) of a request or response header, checked."""
+def group_fields(header: dict[str, Any]) -> tuple[int, list[int], list[int], list, list[int]]:
+    """(layer, experts, counts, transposed, shape) of a request or response header, checked."""
     layer = _field(header, "layer")
-    if not _is_uint(layer):
+    if not is_uint(layer):
         raise WireError(f"layer must be a non-negative integer, got {layer!r}")
     experts = _int_list(header, "experts")
     counts = _int_list(header, "counts")
+    transposed = _field(header, "transposed")
+    if type(transposed) is not list or not all(type(t) is bool for t in transposed):
+        raise WireError(f"transposed must be a list of booleans, got {transposed!r}")
+    if len(transposed) != len(counts):
+        raise WireError(f"{len(counts)} groups but {len(transposed)} transposed flags")
     shape = _int_list(header, "shape")
     _check_structure(experts, counts, shape)
-    return layer, experts, counts, shape
+    return layer, experts, counts, transposed, shape
 
 
-def _check_groups(layer: Any, experts: list, counts: list, shape: list) -> None:
-    if not _is_uint(layer):
+def split_payload(
+    tensor: torch.Tensor, counts: list[int], transposed: list[bool]
+) -> tuple[torch.Tensor, ...]:
+    """The decoded (N, D) payload -> one (counts[i], D) view per group, a transposed one where
+    the group's bytes are its transpose."""
+    if not any(transposed):
+        return tensor.split_with_sizes(counts) if len(counts) > 1 else (tensor,)
+    width = tensor.shape[1]
+    flat = tensor.view(-1).split_with_sizes([n * width for n in counts])
+    return tuple(
+        f.view(width, n).t() if t else f.view(n, width) for f, n, t in zip(flat, counts, transposed)
+    )
+
+
+def check_groups(layer: Any, experts: list, counts: list, shape: list) -> None:
+    if not is_uint(layer):
         raise WireError(f"layer must be a non-negative integer, got {layer!r}")
     for name, values in (("experts", experts), ("counts", counts)):
-        bad = [v for v in values if not _is_uint(v)]
+        bad = [v for v in values if not is_uint(v)]
         if bad:
             raise WireError(f"{name} must be non-negative integers, got {bad[0]!r} in {values}")
     _check_structure(experts, counts, shape)
@@ -377,7 +321,9 @@ def _check_structure(experts: list[int], counts: list[int], shape: list[int]) ->
         raise WireError(f"counts {counts} sum to {sum(counts)}, but the tensor has {shape[0]} rows")
 
 
-def _tensor(header: dict[str, Any], payload: list[memoryview], shape: list[int]) -> torch.Tensor:
+def payload_tensor(
+    header: dict[str, Any], payload: list[memoryview], shape: list[int]
+) -> torch.Tensor:
     """The tensor of the header's dtype and `shape` (its checked list of sizes), from the
     payload's bytes (one view per frame)."""
     name = _field(header, "dtype")
@@ -409,10 +355,10 @@ def _field(header: dict[str, Any], name: str) -> Any:
 
 def _int_list(header: dict[str, Any], name: str) -> list[int]:
     value = _field(header, name)
-    if type(value) is not list or not all(map(_is_uint, value)):
+    if type(value) is not list or not all(map(is_uint, value)):
         raise WireError(f"{name} must be a list of non-negative integers, got {value!r}")
     return value
 
 
-def _is_uint(v: Any) -> bool:
+def is_uint(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
