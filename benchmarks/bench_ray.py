@@ -5,25 +5,30 @@ each, as in tests/ray_helpers.py), in one run, each figure beside its baseline. 
 medians of round trips timed in 10 alternating rounds (so drifting load hits all alike).
 
 1. Wire encoding. Hidden states (N, 4096) float32, N in 1, 4, 16, sent to a bare echo actor on
-   a worker node and back: (a) the torch tensor itself (Ray pickles it), (b) a numpy array
-   (pickle-5 buffers), (c) `wire.encode(ExpertRequest)` bytes, decoded and re-encoded by the
-   actor and decoded again here, as the runtime does; (b) and (c) include the copy into a
-   tensor that owns its memory. Beside them: (d) the same bytes echoed with no encoding (the
-   floor of (c)), and (c1) = (c) with this process's torch at 1 thread (see the note below).
+   a worker node and back, as one object: (a) the torch tensor itself (Ray pickles it), (b) a
+   numpy array (pickle-5 buffers), (c) the wire message (`frames.pack_groups`, one bytes
+   object), decoded and re-encoded by the actor and decoded again here, as the runtime does;
+   (b) and (c) include the copy into a tensor that owns its memory; (d) the same bytes echoed
+   with no encoding (the floor of (c)). Then as the runtime sends it: (e) = (c) cut into
+   frames of at most `RayOptions.frame_bytes` (one Ray argument and return value each, under
+   Ray's 100 KiB inline limit), and (f) its floor, those frames echoed.
 2. Dispatch overhead of one MoE layer: `RayExpertBackend.run(groups)` at batch 1 (2 experts on
    2 actors, as the single-token path sends them) and batch 16 (a random top-2 routing over
    8 experts, 3 actors), against bare echo actors pinned to the same nodes, sent the very
-   request bytes the backend sends, all in flight at once, one `ray.get`. The checkpoint is
-   wide and thin: hidden 4096 (Mixtral's, so the bytes on the wire are real) and expert width
-   32, so compute is small; what there is, is subtracted. It is timed inside an actor: a twin
-   of each expert actor (`ExpertActor` subclassed to time its `run` and the expert compute in
-   it), same spec and node, called alike. Dispatch overhead ratio = (backend.run - compute of
-   the slowest actor) / bare round trip; the target is <= 1.2x. The gap is split into the
-   actor side (the expert actors' `run` called directly with the same bytes, less the bare
-   trip: decode, encode, compute, and contention for the cores) and the driver side
-   (backend.run less the direct calls; the direct calls again with encode and decode done
-   here as the backend does them, which leaves the backend's own bookkeeping; encode and
-   decode also timed alone).
+   request frames the backend sends (same arguments, same num_returns), all in flight at once,
+   one `ray.get`. Beside it, the same bytes as one object per actor (what a plain `.remote(bytes)`
+   does: over 100 KiB it goes through the object store). The checkpoint is wide and thin:
+   hidden 4096 (Mixtral's, so the bytes on the wire are real) and expert width 32, so compute
+   is small; what there is, is subtracted. It is timed inside an actor: a twin of each expert
+   actor (`ExpertActor` subclassed to time its `run` and the expert compute in it), same spec
+   and node, called alike. Dispatch overhead ratio = (backend.run - compute of the slowest
+   actor) / bare round trip; the target is <= 1.2x. The gap over the bare trip (compute left
+   out) is split, exactly, into: what the compute costs beyond its own time (the twins asked
+   to compute and echo the request, no decode or encode, less the bare trip and the compute:
+   the cores and caches it takes from the Ray processes beside it), the actor's decode and
+   encode (twins' run less that), the driver side (backend.run less the expert actors' run
+   called directly with the same frames: grouping, encode, decode), and the twins against the
+   real actors (noise). Encode and decode in this process are also timed alone.
 3. Ray Compiled Graphs: the batch-1 layer call (2 experts on 2 actors) to the expert actors'
    `run` (InputNode -> one `run.bind` per actor -> MultiOutputNode, `experimental_compile`)
    against the normal `.remote()` calls with the same payloads, before and after the graph's
@@ -35,12 +40,12 @@ medians of round trips timed in 10 alternating rounds (so drifting load hits all
 
 Note on 2-core machines: torch's OpenMP threads spin for a while after each parallel op (a
 copy of 32768+ elements is one), taking a core from the Ray processes on the same cores. The
-"driver at 1 torch thread" figures show how much of a gap that is.
+"driver at 1 torch thread" decode figures show how much of a gap that is.
 
 Checkpoints are written once with `save_pretrained` into --workdir and reused. Every `ray.get`
 has a timeout; Ray and the cluster are shut down at the end and no raylet may be left.
-Payloads over Ray's 100 KiB inline limit go through the object store (about 10 ms a trip
-here), so those figures take a third of the calls.
+Figures with an object over Ray's 100 KiB inline limit (through the object store, about 10 ms
+a trip here) take a third of the calls.
 
 Run from the repository root: `python benchmarks/bench_ray.py` (about 2 minutes on 2 cores);
 `--quick` runs few calls and steps as a smoke test. On a 2-core machine the driver, 3 raylets
@@ -251,14 +256,6 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def on_one_thread(fn: Callable[[], object]) -> Callable[[], object]:
-    def run() -> object:
-        with torch_threads(1):
-            return fn()
-
-    return run
-
-
 # ---- 1. wire encoding
 
 
@@ -314,8 +311,8 @@ def report_wire(figures: dict[int, dict[str, float]]) -> None:
             f"{f['bytes']:>10.0f}  {f['wire_frames']:>10.0f} {f['bytes_frames']:>10.0f}"
         )
     print(
-        "the runtime uses (e): wire.py bytes (msgpack header + raw tensor bytes) in frames of "
-        f"at most {RAY_OPTIONS.frame_bytes // 1024} KiB"
+        "the runtime uses (e): wire messages (msgpack header + raw tensor bytes) in bytes "
+        f"frames of at most {RAY_OPTIONS.frame_bytes // 1024} KiB (frames.py)"
     )
 
 
@@ -328,7 +325,18 @@ class TimedExpertActor(ExpertActor):
     def __init__(self, spec: ActorSpec) -> None:
         super().__init__(spec)
         self.seconds: dict[str, list[float]] = {"run": [], "compute": []}
+        self.compute = self.backend.run
         self.backend.run = self._timed(self.backend.run, "compute")
+        self.request: dict[ExpertKey, torch.Tensor] | None = None
+
+    def compute_only(self, *frames: bytes) -> bytes | tuple[bytes, ...]:
+        """The request's expert compute, the request echoed: `run` less its decode and encode
+        (the request is decoded on the first call only)."""
+        if self.request is None:
+            self.request = decode_groups("request", frames)
+        with torch.inference_mode():
+            self.compute(self.request)
+        return frames[0] if len(frames) == 1 else frames
 
     def _timed(self, fn: Callable, name: str) -> Callable:
         def timed(*args: object) -> object:
@@ -371,8 +379,15 @@ class Dispatch:
     decode_us: float  # driver, alone: decode the responses into groups
 
     @property
-    def wire_gap_us(self) -> float:
-        return self.us["direct_wire"] - self.us["direct"]
+    def gap_us(self) -> float:
+        """backend.run above the bare trip, its compute left out."""
+        return self.us["backend"] - self.compute_us - self.us["bare"]
+
+    @property
+    def contention_us(self) -> float:
+        """What the compute adds to a round trip beyond its own time (CPU and caches taken
+        from the Ray processes on the same cores): floor - bare - compute."""
+        return self.us["floor"] - self.us["bare"] - self.compute_us
 
     def ratio(self, way: str) -> float:
         return (self.us[way] - self.compute_us) / self.us["bare"]
@@ -434,22 +449,13 @@ def dispatch_ways(
     twins: dict[int, ActorHandle],
 ) -> dict[str, Callable[[], object]]:
     whole = {i: [b"".join(frames)] for i, frames in payloads.items()}
-
-    def direct_wire() -> object:
-        handles = backend.cluster.handles
-        return decode_all(calls_to(handles, "run", requests(backend.cluster.plan, groups))())
-
-    def run() -> object:
-        return backend.run(groups)
-
     return {
         "bare": calls_to(echoes, "echo", payloads),
         "bare_whole": calls_to(echoes, "echo", whole),
-        "direct": calls_to(backend.cluster.handles, "run", payloads),
+        "floor": calls_to(twins, "compute_only", payloads),
         "twin": calls_to(twins, "run", payloads),
-        "direct_wire": direct_wire,
-        "backend": run,
-        "backend_1t": on_one_thread(run),
+        "direct": calls_to(backend.cluster.handles, "run", payloads),
+        "backend": lambda: backend.run(groups),
     }
 
 
@@ -494,21 +500,21 @@ DISPATCH_ROWS: list[tuple[str, Callable[[Dispatch], str]]] = [
     ("request KiB per actor", lambda d: "/".join(f"{n / 1024:.0f}" for n in d.request_bytes)),
     ("frames per request", lambda d: "/".join(map(str, d.frames))),
     ("bare echo, the same frames, one ray.get", lambda d: f"{d.us['bare']:.0f}"),
-    ("bare echo, one object per actor", lambda d: f"{d.us['bare_whole']:.0f}"),
-    ("expert actors' run, called directly", lambda d: f"{d.us['direct']:.0f}"),
-    ("  their timed twins, called alike", lambda d: f"{d.us['twin']:.0f}"),
+    ("  the same bytes as one object per actor", lambda d: f"{d.us['bare_whole']:.0f}"),
+    ("twins: compute only, request echoed", lambda d: f"{d.us['floor']:.0f}"),
+    ("twins: run (timed inside)", lambda d: f"{d.us['twin']:.0f}"),
     ("  in the actor: expert compute (slowest)", lambda d: f"{d.compute_us:.0f}"),
     ("  in the actor: decode + encode", lambda d: f"{d.actor_wire_us:.0f}"),
-    ("  the same, encode + decode in this process", lambda d: f"{d.us['direct_wire']:.0f}"),
-    ("    driver alone: group + encode", lambda d: f"{d.encode_us:.0f}"),
-    ("    driver alone: decode", lambda d: f"{d.decode_us:.0f}"),
+    ("expert actors' run, called directly", lambda d: f"{d.us['direct']:.0f}"),
     ("RayExpertBackend.run", lambda d: f"{d.us['backend']:.0f}"),
-    ("RayExpertBackend.run, driver torch 1 thread", lambda d: f"{d.us['backend_1t']:.0f}"),
-    ("gap, actor side: direct - bare", lambda d: f"{d.us['direct'] - d.us['bare']:.0f}"),
-    ("gap, driver side: run - direct", lambda d: f"{d.us['backend'] - d.us['direct']:.0f}"),
-    ("  of which wire work: direct+wire - direct", lambda d: f"{d.wire_gap_us:.0f}"),
+    ("  driver alone: group + encode", lambda d: f"{d.encode_us:.0f}"),
+    ("  driver alone: decode", lambda d: f"{d.decode_us:.0f}"),
+    ("gap over the bare trip, less compute", lambda d: f"{d.gap_us:.0f}"),
+    ("  compute's cost beyond its own time", lambda d: f"{d.contention_us:.0f}"),
+    ("  actor: decode + encode (twin - floor)", lambda d: f"{d.us['twin'] - d.us['floor']:.0f}"),
+    ("  driver side (run - direct)", lambda d: f"{d.us['backend'] - d.us['direct']:.0f}"),
+    ("  real actors vs twins (direct - twin)", lambda d: f"{d.us['direct'] - d.us['twin']:.0f}"),
     ("overhead ratio (run - compute) / bare", lambda d: f"{d.ratio('backend'):.2f}x"),
-    ("  the same, driver torch 1 thread", lambda d: f"{d.ratio('backend_1t'):.2f}x"),
 ]
 
 
