@@ -16,6 +16,7 @@ import torch
 
 from offload_rt.checkpoint import Checkpoint
 from offload_rt.distributed.frames import decode_groups, pack_groups
+from offload_rt.distributed.graph import NOTHING
 from offload_rt.experts import ExpertStore, LocalExpertBackend, SlotCache
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -66,6 +67,12 @@ class ExpertActor:
         self.calls += 1
         out = pack_groups("response", outputs).frames(len(frames))
         return out[0] if len(out) == 1 else tuple(out)
+
+    def run_graph(self, request: bytes) -> bytes:
+        """`run` as a node of the compiled graph that spans every actor (`distributed/graph.py`):
+        the whole request in one bytes object, or `graph.NOTHING` when this layer needs none of
+        this actor's experts (the graph calls every actor every time); the response likewise."""
+        return request if request == NOTHING else self.run(request)
 
     def info(self) -> dict[str, object]:
         """Identity for operators and tests: process, node, device, calls served."""

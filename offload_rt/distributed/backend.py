@@ -13,6 +13,7 @@ arrive in, so float32 results equal the local backend's.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,8 +21,11 @@ from dataclasses import dataclass
 import torch
 
 from offload_rt.distributed.cluster import ExpertCluster, RayOptions, actor_failures
-from offload_rt.distributed.frames import decode_groups, pack_groups
+from offload_rt.distributed.frames import decode_groups, encode_groups, pack_groups
+from offload_rt.distributed.graph import GraphCallError, LayerGraph
 from offload_rt.model.moe import ExpertKey
+
+log = logging.getLogger(__name__)
 
 
 class ExpertCallError(RuntimeError):
@@ -38,10 +42,52 @@ class RayExpertBackend:
     def __init__(self, cluster: ExpertCluster) -> None:
         self.cluster = cluster
         self.retries = 0
+        opts = cluster.opts
+        self.graph = (
+            LayerGraph(opts.graph_buffer_bytes, opts.call_timeout_s)
+            if opts.compiled_graph
+            else None
+        )
 
     def run(self, groups: Mapping[ExpertKey, torch.Tensor]) -> dict[ExpertKey, torch.Tensor]:
-        todo = dict(groups)
         device = next(iter(groups.values())).device if groups else torch.device("cpu")
+        out = self._run_graph(groups) if self.graph is not None and groups else None
+        if out is None:
+            out = self._run_remote(groups)
+        if device.type != "cpu":
+            out = {k: y.to(device) for k, y in out.items()}
+        return out
+
+    def _run_graph(
+        self, groups: Mapping[ExpertKey, torch.Tensor]
+    ) -> dict[ExpertKey, torch.Tensor] | None:
+        """The layer through the compiled graph; None where it does not apply or failed (the
+        cluster then recovered, the graph to be compiled again on a later call)."""
+        if not self.graph.ready(self.cluster.handles):
+            return None
+        by_actor = self.cluster.plan.group_by_actor(groups)
+        requests = {
+            a: encode_groups("request", {k: groups[k] for k in ks}) for a, ks in by_actor.items()
+        }
+        if not self.graph.fits(requests):
+            return None
+        try:
+            responses = self.graph.call(requests)
+        except GraphCallError as e:
+            log.warning("%s; recovering, then the layer again through .remote()", e)
+            self.retries += 1
+            self.cluster.recover(self.cluster.unresponsive())
+            return None
+        out: dict[ExpertKey, torch.Tensor] = {}
+        for response in responses.values():
+            out.update(decode_groups("response", [response]))
+        return out
+
+    def _run_remote(
+        self, groups: Mapping[ExpertKey, torch.Tensor]
+    ) -> dict[ExpertKey, torch.Tensor]:
+        """The layer as `.remote()` calls, retried across recoveries."""
+        todo = dict(groups)
         out: dict[ExpertKey, torch.Tensor] = {}
         for _ in range(self.cluster.opts.max_attempts):
             calls = self._send(todo)
@@ -50,10 +96,7 @@ class RayExpertBackend:
                 if frames is None:
                     failed.append(actor)
                     continue
-                outputs = decode_groups("response", frames)
-                if device.type != "cpu":
-                    outputs = {k: y.to(device) for k, y in outputs.items()}
-                out.update(outputs)
+                out.update(decode_groups("response", frames))
                 for key in calls[actor].keys:
                     del todo[key]
             if not todo:
@@ -80,9 +123,21 @@ class RayExpertBackend:
         return calls
 
     def stats(self) -> dict[str, int]:
-        return {**self.cluster.stats(), "retries": self.retries}
+        graph = self.graph
+        compiled = (
+            {
+                "graph_compiles": graph.compiles,
+                "graph_calls": graph.calls,
+                "graph_failures": graph.failures,
+            }
+            if graph
+            else {}
+        )
+        return {**self.cluster.stats(), "retries": self.retries, **compiled}
 
     def close(self) -> None:
+        if self.graph is not None:
+            self.graph.teardown()  # the actors' graph loops stop before the actors die
         self.cluster.close()
 
 

@@ -46,6 +46,11 @@ class RayOptions:
     # requests above this go whole, as one object through the object store: Ray inlines at most
     # task_rpc_inlined_bytes_limit (10 MiB by default) of one call's arguments anyway
     inline_bytes: int = 8 * 2**20
+    # layer calls through one Ray Compiled Graph over all actors (`distributed/graph.py`),
+    # falling back to `.remote()` calls where it cannot; False: `.remote()` calls only
+    compiled_graph: bool = True
+    # the graph's channel size: a layer call with a larger request goes `.remote()`
+    graph_buffer_bytes: int = 2**20
 
 
 class ExpertCluster:
@@ -96,6 +101,21 @@ class ExpertCluster:
         self.recoveries += len(failed) - len(gone)
         if gone:
             self.remove(gone)
+
+    def unresponsive(self) -> list[int]:
+        """Actors that fail a ping (dead, restarting or not answering within the call
+        timeout): after a call that spanned every actor failed without saying which."""
+        import ray
+        from ray.exceptions import ActorUnavailableError
+
+        refs = {i: h.ping.remote() for i, h in self.handles.items()}
+        failed = []
+        for i, ref in refs.items():
+            try:
+                ray.get(ref, timeout=self.opts.call_timeout_s)
+            except (*actor_failures(), ActorUnavailableError):
+                failed.append(i)
+        return failed
 
     def _back(self, i: int) -> bool:
         """Whether actor i answers again within the restart timeout."""

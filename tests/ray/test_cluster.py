@@ -3,6 +3,8 @@ actor killed in the middle of a generation."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 import offload_rt
@@ -27,8 +29,12 @@ def cluster():
     c.shutdown()
 
 
-def test_cluster_actors_on_distinct_nodes_match_local(cluster, reference, local_outputs):
-    with offload_rt.load(reference[0], backend="ray", ray_options=FAST_RECOVERY) as m:
+@pytest.mark.parametrize("compiled_graph", [True, False], ids=["compiled", "remote"])
+def test_cluster_actors_on_distinct_nodes_match_local(
+    cluster, reference, local_outputs, compiled_graph
+):
+    opts = replace(FAST_RECOVERY, compiled_graph=compiled_graph)
+    with offload_rt.load(reference[0], backend="ray", ray_options=opts) as m:
         plan = m.backend.cluster.plan
         assert len(plan.actors) == 3
         infos = actor_infos(m)
@@ -43,6 +49,10 @@ def test_cluster_actors_on_distinct_nodes_match_local(cluster, reference, local_
         assert_same_as_local(m, local_outputs)
         stats = m.stats()
         assert stats["actors"] == 3 and stats["retries"] == 0
+        # the compiled path compiled once and every layer call went through it
+        assert stats.get("graph_compiles") == (1 if compiled_graph else None)
+        assert stats.get("graph_failures") == (0 if compiled_graph else None)
+        assert (stats.get("graph_calls", 0) > 0) == compiled_graph
         assert sum(i["calls"] for i in actor_infos(m).values()) > 0
     names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
     assert not names & {"expert-0", "expert-1", "expert-2"}  # close() removed the actors
@@ -61,3 +71,5 @@ def test_killing_an_actor_mid_generation_changes_no_token(cluster, reference, lo
         assert info["pid"] != pid  # Ray restarted it, in a new process
         stats = m.stats()
         assert stats["retries"] >= 1 and stats["recoveries"] >= 1 and stats["replans"] == 0
+        # the graph call failed, was torn down, and the graph compiled again after recovery
+        assert stats["graph_failures"] >= 1 and stats["graph_compiles"] >= 2
