@@ -76,7 +76,7 @@ class RayExpertBackend:
         except GraphCallError as e:
             log.warning("%s; recovering, then the layer again through .remote()", e)
             self.retries += 1
-            self.cluster.recover(self.cluster.unresponsive())
+            self.cluster.recover(self.cluster.suspects(e.__cause__))
             return None
         out: dict[ExpertKey, torch.Tensor] = {}
         for response in responses.values():

@@ -102,20 +102,22 @@ class ExpertCluster:
         if gone:
             self.remove(gone)
 
-    def unresponsive(self) -> list[int]:
-        """Actors that fail a ping (dead, restarting or not answering within the call
-        timeout): after a call that spanned every actor failed without saying which."""
+    def suspects(self, error: BaseException | None) -> list[int]:
+        """After a call that spanned every actor failed: the actor the error names (it may be
+        back already, restarted) and those failing a ping (dead, restarting, or silent for the
+        call timeout)."""
         import ray
-        from ray.exceptions import ActorUnavailableError
+        from ray.exceptions import ActorUnavailableError, RayActorError
 
-        refs = {i: h.ping.remote() for i, h in self.handles.items()}
-        failed = []
+        named = error.actor_id if isinstance(error, RayActorError) else None
+        failed = [i for i, h in self.handles.items() if named and h._actor_id.hex() == named]
+        refs = {i: h.ping.remote() for i, h in self.handles.items() if i not in failed}
         for i, ref in refs.items():
             try:
                 ray.get(ref, timeout=self.opts.call_timeout_s)
             except (*actor_failures(), ActorUnavailableError):
                 failed.append(i)
-        return failed
+        return sorted(failed)
 
     def _back(self, i: int) -> bool:
         """Whether actor i answers again within the restart timeout."""

@@ -35,7 +35,10 @@ def test_removing_a_node_mid_generation_changes_no_token(reference, local_output
             assert len(plan.actors) == 2 and doomed not in {a.node_id for a in plan.actors}
             placed = sorted(k for a in plan.actors for k in a.experts)
             assert len(placed) == 16 and len(set(placed)) == 16  # every expert placed once
-            assert m.stats()["replans"] == 1
+            stats = m.stats()
+            assert stats["replans"] == 1
+            # the lost actor broke a compiled-graph call; the graph was compiled again without it
+            assert stats["graph_failures"] >= 1 and stats["graph_compiles"] >= 2
             assert m.generate(PROMPTS[0], max_new_tokens=NEW).token_ids == local_outputs["single"]
     finally:
         ray.shutdown()
