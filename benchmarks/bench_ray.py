@@ -116,7 +116,9 @@ DECODE_BATCHES = (1, 16)
 PROMPT_LEN = 16
 INLINE_BYTES = 100 * 1024  # Ray's max_direct_call_object_size: larger goes via the store
 TIMEOUT_S = 60.0  # every ray.get
-RAY_OPTIONS = RayOptions(call_timeout_s=TIMEOUT_S, start_timeout_s=180.0, restart_timeout_s=10.0)
+RAY_OPTIONS = RayOptions(
+    call_timeout_s=TIMEOUT_S, start_timeout_s=180.0, restart_timeout_s=10.0, compiled_graph=True
+)
 
 
 @dataclass(frozen=True)

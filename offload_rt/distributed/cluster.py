@@ -47,8 +47,9 @@ class RayOptions:
     # task_rpc_inlined_bytes_limit (10 MiB by default) of one call's arguments anyway
     inline_bytes: int = 8 * 2**20
     # layer calls through one Ray Compiled Graph over all actors (`distributed/graph.py`),
-    # falling back to `.remote()` calls where it cannot; False: `.remote()` calls only
-    compiled_graph: bool = True
+    # falling back to `.remote()` calls where it cannot. Off by default: on the 3-node test
+    # cluster it was not reliably faster than `.remote()` (docs/benchmarks.md, "Ray backend")
+    compiled_graph: bool = False
     # the graph's channel size: a layer call with a larger request goes `.remote()`
     graph_buffer_bytes: int = 2**20
 

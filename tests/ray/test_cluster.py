@@ -58,8 +58,12 @@ def test_cluster_actors_on_distinct_nodes_match_local(
     assert not names & {"expert-0", "expert-1", "expert-2"}  # close() removed the actors
 
 
-def test_killing_an_actor_mid_generation_changes_no_token(cluster, reference, local_outputs):
-    with offload_rt.load(reference[0], backend="ray", ray_options=FAST_RECOVERY) as m:
+@pytest.mark.parametrize("compiled_graph", [True, False], ids=["compiled", "remote"])
+def test_killing_an_actor_mid_generation_changes_no_token(
+    cluster, reference, local_outputs, compiled_graph
+):
+    opts = replace(FAST_RECOVERY, compiled_graph=compiled_graph)
+    with offload_rt.load(reference[0], backend="ray", ray_options=opts) as m:
         victim = 1
         pid = actor_infos(m)[victim]["pid"]
         handle = m.backend.cluster.handles[victim]
@@ -71,5 +75,5 @@ def test_killing_an_actor_mid_generation_changes_no_token(cluster, reference, lo
         assert info["pid"] != pid  # Ray restarted it, in a new process
         stats = m.stats()
         assert stats["retries"] >= 1 and stats["recoveries"] >= 1 and stats["replans"] == 0
-        # the graph call failed, was torn down, and the graph compiled again after recovery
-        assert stats["graph_failures"] >= 1 and stats["graph_compiles"] >= 2
+        if compiled_graph:  # the graph call failed, was torn down, compiled again after recovery
+            assert stats["graph_failures"] >= 1 and stats["graph_compiles"] >= 2
