@@ -41,11 +41,11 @@ def ray_options(args: argparse.Namespace) -> RayOptions:
 
 def add_offload_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--no-prefetch",
-        dest="prefetch",
-        action="store_false",
+        "--prefetch",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="do not load the next layer's predicted experts ahead (default: on when capped)",
+        help="load the next layer's predicted experts ahead (default: on when the cache is "
+        "capped behind a link: a GPU or --link-gbps)",
     )
     p.add_argument(
         "--prefetch-from",

@@ -55,7 +55,11 @@ def test_prefetch_changes_no_output(reference, cache_experts, link_gbps):
     assert base[2] == [reference_greedy(hf, p, NEW_TOKENS) for p in PROMPTS]
     for predict_from in ("attention", "moe", "both"):
         got = outputs(
-            folder, cache_experts=cache_experts, link_gbps=link_gbps, prefetch_from=predict_from
+            folder,
+            cache_experts=cache_experts,
+            link_gbps=link_gbps,
+            prefetch=True,
+            prefetch_from=predict_from,
         )
         assert torch.equal(got[0], base[0]) and torch.equal(got[1], base[1]), predict_from
         assert got[2] == base[2], predict_from
@@ -126,14 +130,15 @@ def predictable_checkpoint(folder: Path) -> Path:
 
 def test_prefetch_stats_on_a_predictable_model(tmp_path, reference):
     folder = predictable_checkpoint(tmp_path / "predictable")
-    with offload_rt.load(folder, cache_experts=6, prefetch_from="moe") as model:
+    opts = dict(cache_experts=6, prefetch=True, prefetch_from="moe")
+    with offload_rt.load(folder, **opts) as model:
         model.generate(PROMPTS[0], max_new_tokens=16)
         sure = model.stats()
     assert sure["prefetch_recall"] >= 0.97
     assert sure["prefetch_precision"] >= 0.97 and sure["prefetch_used"] > 0
     assert 0.0 <= sure["prefetch_on_time"] <= 1.0
     # the control: the random model's layers route independently, so the guess is worse
-    with offload_rt.load(reference[0], cache_experts=6, prefetch_from="moe") as model:
+    with offload_rt.load(reference[0], **opts) as model:
         model.generate(PROMPTS[0], max_new_tokens=16)
         control = model.stats()
     assert control["prefetch_recall"] < 0.9
@@ -237,20 +242,23 @@ def test_offload_options_are_checked(reference):
         offload_rt.load(folder, backend="ray", prefetch=True)
 
 
-def test_prefetch_is_on_by_default_only_for_a_capped_cache(reference):
+def test_prefetch_is_on_by_default_only_for_a_capped_cache_behind_a_link(reference):
     folder, _ = reference
-    with offload_rt.load(folder) as model:
-        assert model.model.prefetcher is None and "prefetch_recall" not in model.stats()
-    with offload_rt.load(folder, cache_experts=4) as model:
+    for options in ({}, {"cache_experts": 4}, {"link_gbps": SLOW_LINK}):
+        with offload_rt.load(folder, **options) as model:
+            assert model.model.prefetcher is None and "prefetch_recall" not in model.stats()
+    with offload_rt.load(folder, cache_experts=4, link_gbps=SLOW_LINK) as model:
         assert model.model.prefetcher is model.backend
         assert "prefetch_recall" in model.stats()
+    with offload_rt.load(folder, cache_experts=4, prefetch=True) as model:
+        assert model.model.prefetcher is model.backend
 
 
 def test_cli_prints_the_prefetch_counters_and_takes_the_options(reference):
     from tests.test_cli import offload_rt as cli
 
     args = ["generate", str(reference[0]), "--token-ids", "1,5,9", "--max-new-tokens", "6"]
-    on = cli(*args, "--cache-experts", "3", "--prefetch-from", "moe")
+    on = cli(*args, "--cache-experts", "3", "--prefetch", "--prefetch-from", "moe")
     assert on.returncode == 0, on.stderr
     assert "prefetch_recall=" in on.stdout and "prefetch_on_time=" in on.stdout
     off = cli(
