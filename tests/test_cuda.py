@@ -11,6 +11,17 @@ from tests.test_exactness import PROMPTS, reference_greedy
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def check_against_reference(model: offload_rt.OffloadModel, hf) -> dict:
+    """Prefill logits within 1e-4 of transformers' and 32 greedy tokens equal to its, for
+    every prompt; returns the model's counters."""
+    with torch.no_grad():
+        ref = hf(torch.tensor([PROMPTS[0]])).logits[0]
+    assert (model.logits(PROMPTS[0]).cpu() - ref).abs().max().item() <= 1e-4
+    got = [r.token_ids for r in model.generate(PROMPTS, max_new_tokens=32)]
+    assert got == [reference_greedy(hf, p, 32) for p in PROMPTS]
+    return model.stats()
+
+
 @pytest.mark.parametrize("cache_experts, host_experts", [(None, None), (3, None), (1, 2), (5, 0)])
 def test_cuda_matches_the_reference(reference, cache_experts, host_experts):
     folder, hf = reference
@@ -18,12 +29,7 @@ def test_cuda_matches_the_reference(reference, cache_experts, host_experts):
         folder, device="cuda", cache_experts=cache_experts, host_experts=host_experts
     ) as model:
         assert model.device.type == "cuda"
-        with torch.no_grad():
-            ref = hf(torch.tensor([PROMPTS[0]])).logits[0]
-        assert (model.logits(PROMPTS[0]).cpu() - ref).abs().max().item() <= 1e-4
-        got = [r.token_ids for r in model.generate(PROMPTS, max_new_tokens=32)]
-        stats = model.stats()
-    assert got == [reference_greedy(hf, p, 32) for p in PROMPTS]
+        stats = check_against_reference(model, hf)
     if cache_experts is not None:
         assert stats["resident_max"] <= cache_experts
         assert stats["evictions"] > 0
@@ -56,12 +62,7 @@ def test_cuda_prefetch_and_compute_on_miss_match_the_reference(reference, option
         if model.backend.miss_cost is not None:
             model.backend.miss_cost.host_fixed_s = 0.0  # the CPU taken as free: every miss
             # whose copy would wait runs there, so the path is exercised whatever the timing
-        with torch.no_grad():
-            ref = hf(torch.tensor([PROMPTS[0]])).logits[0]
-        assert (model.logits(PROMPTS[0]).cpu() - ref).abs().max().item() <= 1e-4
-        got = [r.token_ids for r in model.generate(PROMPTS, max_new_tokens=32)]
-        stats = model.stats()
-    assert got == [reference_greedy(hf, p, 32) for p in PROMPTS]
+        stats = check_against_reference(model, hf)
     if options.get("compute_on_miss"):
         assert stats["host_computed"] > 0
     if options.get("prefetch"):

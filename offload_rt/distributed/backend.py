@@ -123,16 +123,7 @@ class RayExpertBackend:
         return calls
 
     def stats(self) -> dict[str, int]:
-        graph = self.graph
-        compiled = (
-            {
-                "graph_compiles": graph.compiles,
-                "graph_calls": graph.calls,
-                "graph_failures": graph.failures,
-            }
-            if graph
-            else {}
-        )
+        compiled = self.graph.stats() if self.graph is not None else {}
         return {**self.cluster.stats(), "retries": self.retries, **compiled}
 
     def close(self) -> None:

@@ -48,6 +48,13 @@ class LayerGraph:
             self._compile(handles)
         return self.dag is not None
 
+    def stats(self) -> dict[str, int]:
+        return {
+            "graph_compiles": self.compiles,
+            "graph_calls": self.calls,
+            "graph_failures": self.failures,
+        }
+
     def fits(self, requests: Mapping[int, bytes]) -> bool:
         return all(len(r) <= self.buffer_bytes for r in requests.values())
 
