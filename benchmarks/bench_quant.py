@@ -38,7 +38,7 @@ from offload_rt.checkpoint import Checkpoint
 from offload_rt.config import DEFAULT_GROUP_SIZE, ModelConfig, QuantConfig
 from offload_rt.engine import BatchDecoder
 from offload_rt.experts.quant import QuantizedTensor, dequantize
-from offload_rt.experts.quant_writer import quantize_checkpoint
+from offload_rt.tools.quantize import quantize_checkpoint
 from offload_rt.experts.recorder import RoutingRecorder
 from offload_rt.model.moe import expert_ffn
 

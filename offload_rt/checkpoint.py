@@ -1,8 +1,9 @@
-"""Hugging Face safetensors checkpoints of Mixtral: naming, validation, lazy tensor access, writing.
+"""Hugging Face safetensors checkpoints: validation, lazy tensor access, expert layouts, writing.
 
 A checkpoint is a folder with `config.json` and either one `model.safetensors` or shards listed
 in `model.safetensors.index.json`. Opening one reads only the safetensors headers: every tensor's
-presence and shape is checked against the config before any generation, while the tensor data
+presence and shape is checked against what the model's family expects (`CheckpointSpec`,
+built by `offload_rt/models/`) before any generation, while the tensor data
 stays in memory-mapped files until a caller asks for it.
 """
 
@@ -10,99 +11,147 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from offload_rt.config import ConfigError, ModelConfig
+from offload_rt.config import ConfigError, ModelConfig, QuantConfig, read_json_object
+from offload_rt.grid import ExpertGrid, ExpertKey
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-EXPERT_PROJECTIONS = ("w1", "w2", "w3")
+CONFIG_FILE = "config.json"
 DTYPES = {
     "F32": torch.float32,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
 }
+FLOAT_DTYPES = tuple(DTYPES.values())
 # a quantized expert's parts (`offload_rt/experts/quant.py`) and their dtypes as stored
 QUANT_PARTS = {"qweight": torch.uint8, "scales": torch.float16, "offsets": torch.float16}
 STORED_DTYPES = {**DTYPES, "U8": torch.uint8}
+# the logical parts of a routed SwiGLU expert, whatever a family calls its tensors
+EXPERT_PARTS = ("gate", "up", "down")
 
 
 class CheckpointError(ValueError):
     """A checkpoint folder that is missing, broken or does not match its config."""
 
 
-def expert_tensor_name(layer: int, expert: int, projection: str) -> str:
-    return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{projection}.weight"
+@dataclass(frozen=True)
+class TensorRef:
+    """One expert's piece of a stored tensor: the whole tensor, or slice [index] of a tensor
+    that fuses a layer's experts on its first dimension (read lazily from the memory map)."""
+
+    name: str  # tensor name in the checkpoint
+    index: int | None = None  # the expert's index on a fused tensor's first dimension
 
 
-def quantized_tensor_name(layer: int, expert: int, projection: str, part: str) -> str:
-    """`part` of a quantized projection: qweight, scales or offsets (replacing its `weight`)."""
-    return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{projection}.{part}"
+class ExpertLayout(Protocol):
+    """How a family's experts are stored: the tensors to check, and each expert's parts."""
+
+    def tensors(self) -> dict[str, tuple[tuple[int, ...], tuple[torch.dtype, ...]]]:
+        """Every expert tensor as stored: name -> (shape, allowed dtypes)."""
+        ...
+
+    def parts(self, key: ExpertKey) -> dict[str, TensorRef]:
+        """One expert's parts ("gate", "up", "down"; fused: "gate_up", "down"; quantized:
+        "gate.qweight", ...) and where each is stored."""
+        ...
 
 
-def router_tensor_name(layer: int) -> str:
-    return f"model.layers.{layer}.block_sparse_moe.gate.weight"
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """What a family expects of a checkpoint (`offload_rt/models/`): its parsed config, every
+    tensor the coordinator holds with its shape, and the layout of its experts."""
+
+    config: ModelConfig
+    dense: dict[str, tuple[int, ...]]  # name -> shape of every tensor but the experts'
+    experts: ExpertLayout
+    dtype_probe: str  # a float tensor whose stored dtype is the checkpoint's (the embedding)
 
 
-def dense_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor the coordinator holds (all but the experts), with its expected shape."""
-    d, v = cfg.hidden_size, cfg.vocab_size
-    q_out = cfg.num_attention_heads * cfg.head_dim
-    kv_out = cfg.num_key_value_heads * cfg.head_dim
-    shapes: dict[str, tuple[int, ...]] = {
-        "model.embed_tokens.weight": (v, d),
-        "model.norm.weight": (d,),
-    }
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (v, d)
-    for layer in range(cfg.num_hidden_layers):
-        p = f"model.layers.{layer}."
-        shapes[p + "input_layernorm.weight"] = (d,)
-        shapes[p + "post_attention_layernorm.weight"] = (d,)
-        shapes[p + "self_attn.q_proj.weight"] = (q_out, d)
-        shapes[p + "self_attn.k_proj.weight"] = (kv_out, d)
-        shapes[p + "self_attn.v_proj.weight"] = (kv_out, d)
-        shapes[p + "self_attn.o_proj.weight"] = (d, q_out)
-        shapes[router_tensor_name(layer)] = (cfg.num_local_experts, d)
-    return shapes
+# config.json as a dict, its path, and the tensor names the files hold -> the family's spec
+SpecFactory = Callable[[dict, str, frozenset], CheckpointSpec]
 
 
-def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(out, in) of each expert projection."""
-    d, f = cfg.hidden_size, cfg.intermediate_size
-    return {"w1": (f, d), "w2": (d, f), "w3": (f, d)}
+@dataclass(frozen=True)
+class PerExpertLayout:
+    """One tensor per expert and projection, as the hub ships Mixtral, Qwen and OLMoE:
+    `template.format(layer=, expert=, proj=)` + ".weight" (quantized: ".qweight", ".scales",
+    ".offsets", as `offload-rt quantize` writes them)."""
 
+    grid: ExpertGrid
+    template: str  # e.g. "model.layers.{layer}.mlp.experts.{expert}.{proj}"
+    projections: dict[str, str]  # logical part -> the family's name ("gate" -> "gate_proj")
+    shapes: dict[str, tuple[int, int]]  # logical part -> (out, in)
+    quant: QuantConfig | None = None
 
-def expert_parts(cfg: ModelConfig, layer: int, expert: int) -> dict[str, tuple[str, tuple]]:
-    """One expert's tensors: key ("w1", or "w1.qweight" when quantized) -> (name, shape)."""
-    quant = cfg.quantization
-    parts = {}
-    for proj, (rows, cols) in projection_shapes(cfg).items():
-        if quant is None:
-            parts[proj] = (expert_tensor_name(layer, expert, proj), (rows, cols))
-            continue
-        for part in QUANT_PARTS:
-            shape = quant.codes_shape(rows, cols) if part == "qweight" else None
-            parts[f"{proj}.{part}"] = (
-                quantized_tensor_name(layer, expert, proj, part),
-                shape or quant.groups_shape(rows, cols),
+    def names(self, key: ExpertKey) -> dict[str, str]:
+        """Logical part ("gate", or "gate.qweight" when quantized) -> tensor name."""
+        out = {}
+        for part in EXPERT_PARTS:
+            base = self.template.format(
+                layer=key.layer, expert=key.expert, proj=self.projections[part]
             )
-    return parts
+            if self.quant is None:
+                out[part] = base + ".weight"
+            else:
+                out.update({f"{part}.{q}": f"{base}.{q}" for q in QUANT_PARTS})
+        return out
+
+    def shape_of(self, part: str) -> tuple[int, int]:
+        proj, _, q = part.partition(".")
+        rows, cols = self.shapes[proj]
+        if not q:
+            return rows, cols
+        assert self.quant is not None
+        if q == "qweight":
+            return self.quant.codes_shape(rows, cols)
+        return self.quant.groups_shape(rows, cols)
+
+    def tensors(self) -> dict[str, tuple[tuple[int, ...], tuple[torch.dtype, ...]]]:
+        out = {}
+        for key in self.grid.keys():
+            for part, name in self.names(key).items():
+                q = part.partition(".")[2]
+                out[name] = (self.shape_of(part), (QUANT_PARTS[q],) if q else FLOAT_DTYPES)
+        return out
+
+    def parts(self, key: ExpertKey) -> dict[str, TensorRef]:
+        return {part: TensorRef(name) for part, name in self.names(key).items()}
 
 
-def expert_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    return {
-        name: shape
-        for layer in range(cfg.num_hidden_layers)
-        for expert in range(cfg.num_local_experts)
-        for name, shape in expert_parts(cfg, layer, expert).values()
-    }
+@dataclass(frozen=True)
+class FusedLayout:
+    """A layer's experts fused into 3-D tensors, as transformers 5 writes them with
+    `save_original_format=False` (and GPT-OSS ships): `gate_up` (E, 2F, D), gate's rows
+    first, and `down` (E, D, F); one expert is slice [e] of each."""
+
+    grid: ExpertGrid
+    gate_up: str  # template with {layer}, e.g. "model.layers.{layer}.mlp.experts.gate_up_proj"
+    down: str
+    intermediate: int  # F
+    hidden: int  # D
+
+    def tensors(self) -> dict[str, tuple[tuple[int, ...], tuple[torch.dtype, ...]]]:
+        e, f, d = self.grid.experts, self.intermediate, self.hidden
+        out = {}
+        for layer in self.grid.layers:
+            out[self.gate_up.format(layer=layer)] = ((e, 2 * f, d), FLOAT_DTYPES)
+            out[self.down.format(layer=layer)] = ((e, d, f), FLOAT_DTYPES)
+        return out
+
+    def parts(self, key: ExpertKey) -> dict[str, TensorRef]:
+        return {
+            "gate_up": TensorRef(self.gate_up.format(layer=key.layer), key.expert),
+            "down": TensorRef(self.down.format(layer=key.layer), key.expert),
+        }
 
 
 @dataclass(frozen=True)
@@ -113,65 +162,79 @@ class TensorInfo:
 
 
 class Checkpoint:
-    """Validated, lazily read checkpoint. Use `Checkpoint.open(folder)`."""
+    """Validated, lazily read checkpoint. Open one with `offload_rt.models.open_checkpoint`
+    (which knows the families), or `Checkpoint.open(folder, spec_factory)`."""
 
     def __init__(
-        self, folder: Path, config: ModelConfig, tensors: dict[str, TensorInfo], handles: dict
+        self, folder: Path, spec: CheckpointSpec, tensors: dict[str, TensorInfo], handles: dict
     ) -> None:
         self.folder = folder
-        self.config = config
+        self.spec = spec
+        self.config = spec.config
         self.tensors = tensors
         self._handles = handles
 
     @classmethod
-    def open(cls, folder: str | Path) -> Checkpoint:
+    def open(cls, folder: str | Path, spec_factory: SpecFactory) -> Checkpoint:
         folder = Path(folder)
         if not folder.is_dir():
             raise CheckpointError(f"{folder}: model folder does not exist")
-        try:
-            config = ModelConfig.from_folder(folder)
-        except ConfigError as e:
-            raise CheckpointError(str(e)) from e
+        path = folder / CONFIG_FILE
+        raw = read_json_object(path, "no config.json in the model folder", CheckpointError)
         files = _safetensors_files(folder)
         handles, tensors = {}, {}
         try:
-            for path, names in files.items():
-                handles[path] = _open_file(path)
-                tensors.update(_read_infos(handles[path], path, names))
-            _check_tensors(tensors, config)
+            for file, names in files.items():
+                handles[file] = _open_file(file)
+                tensors.update(_read_infos(handles[file], file, names))
+            try:
+                spec = spec_factory(raw, str(path), frozenset(tensors))
+            except ConfigError as e:
+                raise CheckpointError(str(e)) from e
+            _check_tensors(tensors, spec)
         except BaseException:
             handles.clear()
             raise
-        return cls(folder, config, tensors, handles)
+        return cls(folder, spec, tensors, handles)
 
     @property
     def dtype(self) -> torch.dtype:
         """The checkpoint's dtype: config.json's, else the embedding's as stored."""
         if self.config.dtype is not None:
             return getattr(torch, self.config.dtype)
-        return self.tensors["model.embed_tokens.weight"].dtype
+        return self.tensors[self.spec.dtype_probe].dtype
 
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor from its memory-mapped file."""
-        info = self.tensors.get(name)
+        return self.read(TensorRef(name))
+
+    def read(self, ref: TensorRef) -> torch.Tensor:
+        """A whole tensor, or one expert's slice of a fused one (only that slice is read)."""
+        info = self.tensors.get(ref.name)
         if info is None:
-            raise CheckpointError(f"{self.folder}: no tensor {name!r} in the checkpoint")
+            raise CheckpointError(f"{self.folder}: no tensor {ref.name!r} in the checkpoint")
         try:
-            return self._handles[info.file].get_tensor(name)
+            handle = self._handles[info.file]
+            if ref.index is None:
+                return handle.get_tensor(ref.name)
+            return handle.get_slice(ref.name)[ref.index : ref.index + 1][0]
         except SafetensorError as e:
-            raise CheckpointError(f"{info.file}: cannot read tensor {name!r}: {e}") from e
+            raise CheckpointError(f"{info.file}: cannot read tensor {ref.name!r}: {e}") from e
 
     def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        """One expert's w1, w2, w3 as stored; in a quantized checkpoint, each projection's
-        parts instead ("w1.qweight", "w1.scales", "w1.offsets", ...)."""
-        parts = expert_parts(self.config, layer, expert)
-        return {key: self.get(name) for key, (name, _) in parts.items()}
+        """One expert's parts as stored, by logical name (`ExpertLayout.parts`)."""
+        parts = self.spec.experts.parts(ExpertKey(layer, expert))
+        return {part: self.read(ref) for part, ref in parts.items()}
+
+    def expert_tensor_names(self) -> set[str]:
+        return set(self.spec.experts.tensors())
 
     def expert_nbytes(self) -> int:
+        experts = self.expert_tensor_names()
         return sum(
             _numel(info.shape) * info.dtype.itemsize
             for name, info in self.tensors.items()
-            if ".block_sparse_moe.experts." in name
+            if name in experts
         )
 
     def close(self) -> None:
@@ -235,9 +298,10 @@ def _read_infos(handle, path: Path, names: list[str] | None) -> dict[str, Tensor
     return infos
 
 
-def _check_tensors(tensors: Mapping[str, TensorInfo], cfg: ModelConfig) -> None:
-    expected = {**dense_tensor_shapes(cfg), **expert_tensor_shapes(cfg)}
-    for name, shape in expected.items():
+def _check_tensors(tensors: Mapping[str, TensorInfo], spec: CheckpointSpec) -> None:
+    expected = {name: (shape, FLOAT_DTYPES) for name, shape in spec.dense.items()}
+    expected.update(spec.experts.tensors())
+    for name, (shape, dtypes) in expected.items():
         info = tensors.get(name)
         if info is None:
             raise CheckpointError(f"missing tensor {name!r} (expected shape {list(shape)})")
@@ -246,19 +310,11 @@ def _check_tensors(tensors: Mapping[str, TensorInfo], cfg: ModelConfig) -> None:
                 f"{info.file}: tensor {name!r} has shape {list(info.shape)}, "
                 f"config.json implies {list(shape)}"
             )
-        want = _expected_dtypes(name)
-        if info.dtype not in want:
+        if info.dtype not in dtypes:
             raise CheckpointError(
                 f"{info.file}: tensor {name!r} has dtype {info.dtype}, expected one of "
-                f"{[str(d) for d in want]}"
+                f"{[str(d) for d in dtypes]}"
             )
-
-
-def _expected_dtypes(name: str) -> tuple[torch.dtype, ...]:
-    part = name.rsplit(".", 1)[-1]
-    if ".block_sparse_moe.experts." in name and part in QUANT_PARTS:
-        return (QUANT_PARTS[part],)
-    return tuple(DTYPES.values())
 
 
 def write_checkpoint(

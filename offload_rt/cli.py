@@ -10,15 +10,16 @@ from pathlib import Path
 
 import offload_rt
 from offload_rt import cli_cachesim, cli_convert, cli_quantize, cli_serve
-from offload_rt.checkpoint import Checkpoint, CheckpointError
+from offload_rt.checkpoint import CheckpointError
 from offload_rt.cli_options import add_model_options, add_ray_options, load_model, ray_options
-from offload_rt.demo import DEMO_NAME, make_demo_checkpoint
+from offload_rt.demo import demo_name, make_demo_checkpoint
 from offload_rt.engine import GenerationResult, OffloadModel, RequestError
-from offload_rt.experts.quant import expert_nbytes
+from offload_rt.experts.formats import expert_nbytes
 from offload_rt.experts.recorder import RoutingRecorder
 from offload_rt.experts.traces import write_trace
+from offload_rt.models import FAMILIES, open_checkpoint, read_config
 
-DEMO_CACHE_EXPERTS = 8  # of the demo's 32: a quarter on the device, so the cache works
+DEMO_CACHE_SHARE = 4  # a quarter of the demo's experts on the device, so the cache works
 
 
 def default_cache_dir() -> Path:
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="make a small random checkpoint once, then generate")
     demo.add_argument("--cache-dir", type=Path, default=None, help="where the demo model lives")
+    demo.add_argument(
+        "--family", default="mixtral", choices=sorted(FAMILIES), help="the demo model's family"
+    )
     _add_load_options(demo, cache_experts=None)
     gen = sub.add_parser("generate", help="generate from a Hugging Face Mixtral checkpoint")
     gen.add_argument("model_dir", type=Path)
@@ -92,10 +96,10 @@ def _figure(v: int | float) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    folder = (args.cache_dir or default_cache_dir()) / DEMO_NAME
-    print(f"demo checkpoint: {make_demo_checkpoint(folder)}")
+    folder = (args.cache_dir or default_cache_dir()) / demo_name(args.family)
+    print(f"demo checkpoint: {make_demo_checkpoint(folder, family=args.family)}")
     if args.backend == "local" and args.cache_experts is None:
-        args.cache_experts = DEMO_CACHE_EXPERTS
+        args.cache_experts = max(1, read_config(folder).num_experts_total // DEMO_CACHE_SHARE)
     with load_model(args, folder) as model:
         result, seconds = _generate(model, args)
         print("note: the demo model has random weights, so its text is noise")
@@ -109,10 +113,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with load_model(args, args.model_dir) as model:
         recorder = None
         if args.trace is not None:
-            cfg = model.config
-            recorder = RoutingRecorder(
-                model.model.backend, cfg.num_hidden_layers, cfg.num_local_experts
-            )
+            grid = model.model.grid
+            recorder = RoutingRecorder(model.model.backend, len(grid.layers), grid.experts)
             model.model.backend = recorder
         result, seconds = _generate(model, args)
         print(result.text if result.text is not None else result.token_ids)
@@ -130,13 +132,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from offload_rt.distributed.cluster import join_ray, plan_for_cluster
     from offload_rt.engine.loader import resolve_dtype
 
-    ckpt = Checkpoint.open(args.model_dir)
+    ckpt = open_checkpoint(args.model_dir)
     cfg = ckpt.config
     expert_bytes = expert_nbytes(cfg, resolve_dtype(args.dtype, ckpt))
     connected = join_ray(args.address)
     try:
         opts = ray_options(args)
-        plan = plan_for_cluster(cfg.num_hidden_layers, cfg.num_local_experts, expert_bytes, opts)
+        plan = plan_for_cluster(cfg.grid, expert_bytes, opts)
         print(plan.format())
     finally:
         if connected:

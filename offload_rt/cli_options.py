@@ -9,7 +9,7 @@ from pathlib import Path
 
 from offload_rt.distributed.cluster import RayOptions
 from offload_rt.engine import OffloadModel, load
-from offload_rt.model.mixtral import PREDICT_FROM
+from offload_rt.model.decoder import PREDICT_FROM
 
 GIB = 1 << 30
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from offload_rt.config import DEFAULT_GROUP_SIZE, QUANT_BITS
-from offload_rt.experts.quant_writer import DEFAULT_SHARD_BYTES, quantize_checkpoint
+from offload_rt.tools.quantize import DEFAULT_SHARD_BYTES, quantize_checkpoint
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -1,7 +1,8 @@
-"""Model configuration read from a Hugging Face `config.json` (Mixtral).
+"""Model configuration read from a Hugging Face `config.json`: the core every family shares.
 
-Field names follow `transformers.MixtralConfig`, so a real Mixtral checkpoint's config.json and
-one written by `MixtralForCausalLM.save_pretrained` are read as they are.
+Field names follow transformers' configs, so a hub checkpoint's config.json and one written by
+`save_pretrained` are read as they are. Each family (`offload_rt/models/`) reads its own
+fields with a `ConfigReader` and builds its subclass of `ModelConfig` with `core_fields`.
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("mixtral",)
+from offload_rt.grid import ExpertGrid
+
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 QUANT_METHOD = "offload_rt"  # quantization_config.quant_method of `offload-rt quantize` output
 QUANT_VERSION = 1  # bumped when the tensor layout of quantized experts changes
@@ -94,15 +97,19 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """What every family shares; a family subclasses it with its own fields (with defaults)."""
+
+    model_type: str  # config.json's model_type: names the family (`offload_rt/models/`)
     vocab_size: int  # tokens in the embedding and lm_head
     hidden_size: int  # model width D
-    intermediate_size: int  # expert FFN width F
-    num_hidden_layers: int  # decoder layers, each with attention and one MoE block
+    num_hidden_layers: int  # decoder layers, each with attention and an MoE block or dense MLP
     num_attention_heads: int  # query heads
     num_key_value_heads: int  # key/value heads (grouped-query attention)
     head_dim: int  # width of one head; hidden_size / heads unless given
-    num_local_experts: int  # experts per MoE layer
+    num_local_experts: int  # routed experts per MoE layer
     num_experts_per_tok: int  # experts each token is routed to (top-k)
+    moe_intermediate_size: int  # width F of one routed expert's FFN
+    moe_layers: tuple[int, ...]  # decoder layers with routed experts, ascending
     rms_norm_eps: float  # epsilon inside RMSNorm
     rope_theta: float  # rotary embedding base
     max_position_embeddings: int  # context length in tokens
@@ -113,71 +120,77 @@ class ModelConfig:
     dtype: str | None  # checkpoint's dtype name ("bfloat16", ...); None: read from the tensors
     quantization: QuantConfig | None = None  # quantized experts; None: float experts
 
+    @cached_property
+    def grid(self) -> ExpertGrid:
+        return ExpertGrid(self.moe_layers, self.num_local_experts)
+
     @property
     def expert_numel(self) -> int:
-        """Parameters of one expert (w1, w3: F x D; w2: D x F)."""
-        return 3 * self.intermediate_size * self.hidden_size
+        """Parameters of one routed expert (gate, up: F x D; down: D x F)."""
+        return 3 * self.moe_intermediate_size * self.hidden_size
 
     @property
     def num_experts_total(self) -> int:
-        return self.num_hidden_layers * self.num_local_experts
+        return len(self.moe_layers) * self.num_local_experts
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        model_type = d.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
+
+def core_fields(
+    r: ConfigReader,
+    experts_field: str,
+    moe_intermediate_field: str,
+    moe_layers: tuple[int, ...],
+    sliding_window: int | None = None,
+) -> dict[str, Any]:
+    """The shared core of a family's config from `r`; the family names the fields that differ
+    (experts per layer, expert width) and says which layers are MoE."""
+    source = r.source
+    heads = r.positive_int("num_attention_heads")
+    hidden = r.positive_int("hidden_size")
+    head_dim = r.optional_positive_int("head_dim")
+    if head_dim is None:
+        if hidden % heads:
             raise ConfigError(
-                f"{source}: unknown model_type {model_type!r}; supported: {SUPPORTED_MODEL_TYPES}"
+                f"{source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}"
             )
-        r = _Reader(d, source)
-        heads = r.positive_int("num_attention_heads")
-        hidden = r.positive_int("hidden_size")
-        head_dim = r.optional_positive_int("head_dim")
-        if head_dim is None:
-            if hidden % heads:
-                raise ConfigError(
-                    f"{source}: hidden_size {hidden} is not divisible by "
-                    f"num_attention_heads {heads}"
-                )
-            head_dim = hidden // heads
-        kv_heads = r.positive_int("num_key_value_heads")
-        if heads % kv_heads:
-            raise ConfigError(
-                f"{source}: num_attention_heads {heads} is not a multiple of "
-                f"num_key_value_heads {kv_heads}"
-            )
-        experts = r.positive_int("num_local_experts")
-        top_k = r.positive_int("num_experts_per_tok")
-        if top_k > experts:
-            raise ConfigError(
-                f"{source}: num_experts_per_tok {top_k} exceeds num_local_experts {experts}"
-            )
-        return cls(
-            vocab_size=r.positive_int("vocab_size"),
-            hidden_size=hidden,
-            intermediate_size=r.positive_int("intermediate_size"),
-            num_hidden_layers=r.positive_int("num_hidden_layers"),
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            head_dim=head_dim,
-            num_local_experts=experts,
-            num_experts_per_tok=top_k,
-            rms_norm_eps=r.positive_float("rms_norm_eps"),
-            rope_theta=r.rope_theta(),
-            max_position_embeddings=r.positive_int("max_position_embeddings"),
-            sliding_window=r.optional_positive_int("sliding_window"),
-            tie_word_embeddings=r.boolean("tie_word_embeddings", default=False),
-            bos_token_id=r.optional_int("bos_token_id"),
-            eos_token_ids=r.token_ids("eos_token_id"),
-            dtype=r.dtype_name(),
-            quantization=_quantization(d, source, hidden, r),
+        head_dim = hidden // heads
+    kv_heads = r.positive_int("num_key_value_heads")
+    if heads % kv_heads:
+        raise ConfigError(
+            f"{source}: num_attention_heads {heads} is not a multiple of "
+            f"num_key_value_heads {kv_heads}"
         )
-
-    @classmethod
-    def from_folder(cls, folder: str | Path) -> ModelConfig:
-        path = Path(folder) / "config.json"
-        d = read_json_object(path, "no config.json in the model folder", ConfigError)
-        return cls.from_dict(d, source=str(path))
+    experts = r.positive_int(experts_field)
+    top_k = r.positive_int("num_experts_per_tok")
+    if top_k > experts:
+        raise ConfigError(
+            f"{source}: num_experts_per_tok {top_k} exceeds {experts_field} {experts}"
+        )
+    layers = r.positive_int("num_hidden_layers")
+    if not moe_layers or moe_layers[-1] >= layers:
+        raise ConfigError(f"{source}: no MoE layer among the {layers} decoder layers")
+    width = r.positive_int(moe_intermediate_field)
+    return dict(
+        model_type=r.d["model_type"],
+        vocab_size=r.positive_int("vocab_size"),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        num_local_experts=experts,
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=width,
+        moe_layers=moe_layers,
+        rms_norm_eps=r.positive_float("rms_norm_eps"),
+        rope_theta=r.rope_theta(),
+        max_position_embeddings=r.positive_int("max_position_embeddings"),
+        sliding_window=sliding_window,
+        tie_word_embeddings=r.boolean("tie_word_embeddings", default=False),
+        bos_token_id=r.optional_int("bos_token_id"),
+        eos_token_ids=r.token_ids("eos_token_id"),
+        dtype=r.dtype_name(),
+        quantization=_quantization(r.d, source, hidden, width),
+    )
 
 
 def read_json_object(path: Path, missing: str, error: type[Exception]) -> dict[str, Any]:
@@ -194,15 +207,15 @@ def read_json_object(path: Path, missing: str, error: type[Exception]) -> dict[s
     return d
 
 
-def _quantization(d: dict[str, Any], source: str, hidden: int, r: _Reader) -> QuantConfig | None:
+def _quantization(d: dict[str, Any], source: str, hidden: int, width: int) -> QuantConfig | None:
     if d.get("quantization_config") is None:
         return None
     quant = QuantConfig.from_dict(d["quantization_config"], source)
-    quant.check_widths(hidden, r.positive_int("intermediate_size"), source)
+    quant.check_widths(hidden, width, source)
     return quant
 
 
-class _Reader:
+class ConfigReader:
     """Typed access to config fields; every error names the field and the file."""
 
     def __init__(self, d: dict[str, Any], source: str) -> None:
@@ -246,6 +259,15 @@ class _Reader:
         # transformers 5 nests it in rope_parameters; older configs and Mixtral's own keep it flat
         rope = self.d.get("rope_parameters")
         if rope is None:
+            scaling = self.d.get("rope_scaling")
+            kind = None
+            if isinstance(scaling, dict):
+                kind = scaling.get("rope_type", scaling.get("type"))
+            if scaling is not None and kind != "default":
+                raise ConfigError(
+                    f"{self.source}: rope_scaling {scaling!r} is not supported "
+                    "(only 'default' rotary embeddings)"
+                )
             return self.positive_float("rope_theta")
         if not isinstance(rope, dict):
             raise self._fail("rope_parameters", "an object")
@@ -255,7 +277,30 @@ class _Reader:
                 f"{self.source}: rope_parameters.rope_type {rope_type!r} is not supported "
                 "(only 'default' rotary embeddings)"
             )
-        return _Reader(rope, f"{self.source} rope_parameters").positive_float("rope_theta")
+        return ConfigReader(rope, f"{self.source} rope_parameters").positive_float("rope_theta")
+
+    def optional_positive_float(self, name: str) -> float | None:
+        if self.d.get(name) is None:
+            return None
+        return self.positive_float(name)
+
+    def int_list(self, name: str) -> tuple[int, ...]:
+        """A list of non-negative integers; absent or null: empty."""
+        v = self.d.get(name)
+        if v is None:
+            return ()
+        if not isinstance(v, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v
+        ):
+            raise self._fail(name, "a list of non-negative integers")
+        return tuple(v)
+
+    def first_present(self, *names: str) -> str:
+        """The first of `names` that the config has (families name one field differently)."""
+        for name in names:
+            if self.d.get(name) is not None:
+                return name
+        raise ConfigError(f"{self.source}: missing field {names[0]!r}")
 
     def boolean(self, name: str, default: bool) -> bool:
         v = self.d.get(name, default)

@@ -1,4 +1,5 @@
-"""A small random Mixtral checkpoint with a byte-level tokenizer, made without any download.
+"""A small random checkpoint (Mixtral, or another family) with a byte-level tokenizer, made
+without any download.
 
 It exercises every path of the runtime (sharded safetensors, tokenizer, expert cache) in a few
 megabytes. Its weights are random: the text it generates is noise, and is labelled so.
@@ -16,15 +17,9 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-from offload_rt.checkpoint import (
-    INDEX_FILE,
-    dense_tensor_shapes,
-    expert_tensor_shapes,
-    write_checkpoint,
-)
-from offload_rt.config import ModelConfig
+from offload_rt.checkpoint import INDEX_FILE, CheckpointSpec, write_checkpoint
+from offload_rt.models import FAMILIES, parse_config
 
-DEMO_NAME = "demo-mixtral-v2"  # bump when the demo's shape changes, so old caches are not reused
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 # Mixtral-Instruct's chat template: [INST] user [/INST] answer</s>, roles alternating
 CHAT_TEMPLATE = (
@@ -38,27 +33,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def demo_config_dict(vocab_size: int) -> dict[str, object]:
-    return {
-        "architectures": ["MixtralForCausalLM"],
-        "model_type": "mixtral",
-        "vocab_size": vocab_size,
-        "hidden_size": 256,
-        "intermediate_size": 512,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 2,
-        "num_local_experts": 8,
-        "num_experts_per_tok": 2,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 1e6,
-        "max_position_embeddings": 2048,
-        "sliding_window": None,
-        "tie_word_embeddings": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "dtype": "float32",
-    }
+def demo_name(family: str = "mixtral") -> str:
+    """The demo checkpoint's folder name; bumped when a demo's shape changes."""
+    return "demo-mixtral-v2" if family == "mixtral" else f"demo-{family}-v1"
 
 
 def byte_level_tokenizer() -> Tokenizer:
@@ -85,17 +62,18 @@ def tokenizer_config() -> dict[str, object]:
     }
 
 
-def _random_tensors(cfg: ModelConfig, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+def _random_tensors(spec: CheckpointSpec, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
-    shapes = {**dense_tensor_shapes(cfg), **expert_tensor_shapes(cfg)}
+    shapes = dict(spec.dense)
+    shapes.update({name: shape for name, (shape, _) in spec.experts.tensors().items()})
     for name, shape in shapes.items():
-        if len(shape) == 1:  # norm weights
-            yield name, torch.ones(shape)
+        if len(shape) == 1:
+            yield name, torch.ones(shape)  # norm weights (and biases)
         else:
             yield name, torch.randn(shape, generator=gen) * 0.1
 
 
-def make_demo_checkpoint(folder: Path, seed: int = 0) -> Path:
+def make_demo_checkpoint(folder: Path, seed: int = 0, family: str = "mixtral") -> Path:
     """Write the demo checkpoint to `folder` unless it is already complete; returns `folder`."""
     if (folder / INDEX_FILE).is_file():
         return folder
@@ -104,9 +82,9 @@ def make_demo_checkpoint(folder: Path, seed: int = 0) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
         tok = byte_level_tokenizer()
-        config = demo_config_dict(tok.get_vocab_size())
-        cfg = ModelConfig.from_dict(config)
-        write_checkpoint(tmp, config, _random_tensors(cfg, seed), max_shard_bytes=8 << 20)
+        config = FAMILIES[family].demo_config(tok.get_vocab_size())
+        spec = FAMILIES[family].spec(parse_config(config), frozenset())
+        write_checkpoint(tmp, config, _random_tensors(spec, seed), max_shard_bytes=8 << 20)
         tok.save(str(tmp / "tokenizer.json"))
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2))
         os.replace(tmp, folder)

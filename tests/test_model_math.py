@@ -73,17 +73,40 @@ def test_moe_block_is_the_weighted_sum_of_each_tokens_experts():
 
 
 LAYERS = {  # module -> the offload_rt modules it may import (DESIGN.md's table)
-    "config": set(),
-    "checkpoint": {"config"},
-    "model": {"config", "model"},
-    "experts": {"config", "checkpoint", "model", "experts"},
-    "distributed": {"config", "checkpoint", "experts", "model", "distributed"},
-    "engine": {"config", "checkpoint", "model", "experts", "distributed", "engine"},
-    "demo": {"config", "checkpoint"},
+    "config": {"grid"},
+    "grid": set(),
+    "dtypes": set(),
+    "checkpoint": {"config", "grid"},
+    "model": {"config", "grid", "model"},
+    "models": {"config", "grid", "checkpoint", "model", "models"},
+    "experts": {"config", "grid", "checkpoint", "model", "experts"},
+    "distributed": {
+        "config",
+        "grid",
+        "dtypes",
+        "checkpoint",
+        "experts",
+        "model",
+        "models",
+        "distributed",
+    },
+    "tools": {"config", "grid", "checkpoint", "model", "models", "experts", "tools"},
+    "engine": {
+        "config",
+        "grid",
+        "dtypes",
+        "checkpoint",
+        "model",
+        "models",
+        "experts",
+        "distributed",
+        "engine",
+    },
+    "demo": {"config", "checkpoint", "models"},
     "protocol": {"engine"},
     "server": {"engine", "protocol", "server"},
     "client": {"engine", "protocol"},  # nothing of the server
-    "convert": {"config", "checkpoint", "convert"},  # the checkpoint layer's converter
+    "convert": {"config", "checkpoint", "convert", "models"},  # the checkpoint layer's converter
 }
 
 

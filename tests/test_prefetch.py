@@ -292,7 +292,7 @@ def test_set_offload_switches_the_options_between_requests(reference):
 def test_prefetch_with_quantized_experts_changes_no_output(reference, tmp_path, bits):
     """Quantized slots hold the codec's bytes (bound to the host buffer behind a simulated
     link); prefetch moves them as it moves float ones. compute_on_miss is refused."""
-    from offload_rt.experts.quant_writer import quantize_checkpoint
+    from offload_rt.tools.quantize import quantize_checkpoint
 
     folder = tmp_path / f"q{bits}"
     quantize_checkpoint(reference[0], folder, bits, 32, progress=False)

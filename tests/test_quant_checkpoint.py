@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import offload_rt
 from offload_rt.checkpoint import CheckpointError, quantized_tensor_name
-from offload_rt.experts.quant_writer import quantize_checkpoint
+from offload_rt.tools.quantize import quantize_checkpoint
 
 SCALES = quantized_tensor_name(1, 5, "w2", "scales")
 QWEIGHT = quantized_tensor_name(0, 3, "w1", "qweight")

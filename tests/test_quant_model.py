@@ -16,7 +16,7 @@ import offload_rt
 from offload_rt.checkpoint import Checkpoint, quantized_tensor_name
 from offload_rt.config import QuantConfig
 from offload_rt.experts.quant import expert_nbytes
-from offload_rt.experts.quant_writer import quantize_checkpoint
+from offload_rt.tools.quantize import quantize_checkpoint
 from offload_rt.experts.recorder import RoutingRecorder
 
 PROMPTS = [[1, 17, 42, 99, 5, 63, 88, 12], [1, 11, 60], [1, 90, 14, 27, 71]]
@@ -80,7 +80,7 @@ def test_quantized_checkpoint_loads_and_generates(quantized, bits):
         results = m.generate(PROMPTS, max_new_tokens=8)
         assert all(1 <= len(r.token_ids) <= 8 for r in results)
         assert all(0 <= t < m.config.vocab_size for r in results for t in r.token_ids)
-        assert m.backend.store.codec is not None and m.model.weights.embed.dtype == torch.float32
+        assert not m.backend.store.format.host_computable and m.model.weights.embed.dtype == torch.float32
 
 
 def greedy_run(folder: Path, prompt: list[int], forced: list[int] | None = None):
@@ -221,7 +221,7 @@ def test_bfloat16_compute_on_quantized_experts(quantized):
     with offload_rt.load(qs[8]) as m:
         ref = m.logits(PROMPTS[0])
     with offload_rt.load(qs[8], dtype="bfloat16", cache_experts=4) as m:
-        assert m.backend.store.codec._scratch["w13"].dtype == torch.bfloat16
+        assert m.backend.store.format.codec._scratch["w13"].dtype == torch.bfloat16
         got = m.logits(PROMPTS[0]).float()
         assert m.generate(PROMPTS[1], max_new_tokens=4).token_ids
     assert (got - ref).abs().max() < 0.1 * ref.std()

@@ -25,11 +25,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from offload_rt.checkpoint import DTYPES, Checkpoint, CheckpointError, write_checkpoint
+from offload_rt.checkpoint import DTYPES, CheckpointError, write_checkpoint
 from offload_rt.config import ModelConfig
 from offload_rt.convert.params import ConvertError, config_from_params, read_params
 from offload_rt.convert.tokenizer import SpmError, SpmModel, read_spm, write_tokenizer_files
 from offload_rt.convert.weights import Sources, hf_tensors, interleaved_to_half_split
+from offload_rt.models import open_checkpoint, parse_config
 
 PARAMS_FILE = "params.json"
 SPM_FILE = "tokenizer.model"
@@ -119,7 +120,7 @@ def _prepare(src: Path, dtype: str | None) -> _Job:
         eos if eos >= 0 else None,
         str(torch_dtype).removeprefix("torch."),
     )
-    cfg = ModelConfig.from_dict(config)
+    cfg = parse_config(config)
     sources.check(cfg, params_path)
     notes = _param_notes(params, params_path)
     if spm is None:
@@ -202,6 +203,6 @@ def _write_weights(
 def _verify(folder: Path) -> None:
     """Open the result as `offload_rt.load` will: every tensor present with its shape."""
     try:
-        Checkpoint.open(folder).close()
+        open_checkpoint(folder).close()
     except CheckpointError as e:
         raise ConvertError(f"the converted checkpoint does not open: {e}") from e

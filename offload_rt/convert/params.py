@@ -13,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from offload_rt.config import ConfigError, ModelConfig, read_json_object
+from offload_rt.config import ConfigError, read_json_object
+from offload_rt.models import parse_config
 
 
 class ConvertError(ValueError):
@@ -86,7 +87,7 @@ def config_from_params(
         torch_dtype=dtype,
     )
     try:
-        ModelConfig.from_dict(config, source=f"{source} (converted)")
+        parse_config(config, source=f"{source} (converted)")
     except ConfigError as e:
         raise ConvertError(str(e)) from e
     return config

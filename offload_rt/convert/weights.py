@@ -30,12 +30,21 @@ import torch
 
 from offload_rt.checkpoint import (
     DTYPES,
-    EXPERT_PROJECTIONS,
-    expert_tensor_name,
-    router_tensor_name,
 )
 from offload_rt.config import ModelConfig
 from offload_rt.convert.params import ConvertError
+
+EXPERT_PROJECTIONS = ("w1", "w2", "w3")  # Mixtral's gate, down and up
+
+
+def expert_tensor_name(layer: int, expert: int, projection: str) -> str:
+    """The hub's name of a Mixtral expert projection (the converter's output)."""
+    return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{projection}.weight"
+
+
+def router_tensor_name(layer: int) -> str:
+    return f"model.layers.{layer}.block_sparse_moe.gate.weight"
+
 
 SOURCE_PATTERN = re.compile(r"consolidated\.(\d+)\.pth?")
 _MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages; a no-op on anonymous memory without swap
@@ -56,7 +65,7 @@ def interleaved_to_half_split(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 def original_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of an original-format checkpoint, with the shape `cfg` implies."""
-    d, v, f, e = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size, cfg.num_local_experts
+    d, v, f, e = cfg.hidden_size, cfg.vocab_size, cfg.moe_intermediate_size, cfg.num_local_experts
     q_out = cfg.num_attention_heads * cfg.head_dim
     kv_out = cfg.num_key_value_heads * cfg.head_dim
     shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (v, d)}
@@ -227,7 +236,7 @@ def _layer_plan(
 
     def experts(proj: str) -> _Convert:
         def split(fused: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-            for expert, block in enumerate(fused.split(cfg.intermediate_size)):  # (F, D)
+            for expert, block in enumerate(fused.split(cfg.moe_intermediate_size)):  # (F, D)
                 # w2 is stored per expert as (F, D): transposed against nn.Linear's (D, F)
                 w = block.T if proj == "w2" else block
                 yield expert_tensor_name(layer, expert, proj), _own(w, dtype)

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from offload_rt.checkpoint import Checkpoint
 from offload_rt.distributed.frames import decode_groups, pack_groups
 from offload_rt.distributed.graph import NOTHING
+from offload_rt.dtypes import DTYPES
 from offload_rt.experts import ExpertStore, LocalExpertBackend, SlotCache
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from offload_rt.experts.formats import expert_format
+from offload_rt.models import open_checkpoint
 
 
 @dataclass(frozen=True)
@@ -38,21 +38,13 @@ class ExpertActor:
     def __init__(self, spec: ActorSpec) -> None:
         torch.set_num_threads(max(1, spec.threads))
         self.spec = spec
-        self.checkpoint = Checkpoint.open(spec.checkpoint)
+        self.checkpoint = open_checkpoint(spec.checkpoint)
         cfg = self.checkpoint.config
         device = torch.device(spec.device)
         host = 0 if device.type == "cpu" else spec.host_experts
-        store = ExpertStore(
-            self.checkpoint,
-            cfg.hidden_size,
-            cfg.intermediate_size,
-            device,
-            DTYPES[spec.dtype],
-            spec.device_slots,
-            host,
-            quant=cfg.quantization,
-        )
-        self.backend = LocalExpertBackend(store, SlotCache(spec.device_slots))
+        fmt = expert_format(cfg, device, DTYPES[spec.dtype])
+        store = ExpertStore(self.checkpoint, fmt, device, spec.device_slots, host)
+        self.backend = LocalExpertBackend(store, SlotCache(spec.device_slots), cfg.grid)
         self.device = device
         self.calls = 0
 

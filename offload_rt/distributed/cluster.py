@@ -21,6 +21,7 @@ from offload_rt.distributed.placement import (
     plan_placement,
     replan,
 )
+from offload_rt.grid import ExpertGrid
 
 NAMESPACE = "offload_rt"
 
@@ -75,14 +76,12 @@ class ExpertCluster:
     def start(
         cls,
         checkpoint: str,
-        num_layers: int,
-        num_experts: int,
+        grid: ExpertGrid,
         expert_bytes: int,
         dtype: str,
         opts: RayOptions,
     ) -> ExpertCluster:
-
-        plan = plan_for_cluster(num_layers, num_experts, expert_bytes, opts)
+        plan = plan_for_cluster(grid, expert_bytes, opts)
         specs = {a.index: _spec(a, checkpoint, dtype, opts) for a in plan.actors}
         handles: dict[int, object] = {}
         cluster = cls(plan, handles, specs, opts)
@@ -171,14 +170,12 @@ class ExpertCluster:
         self.handles.clear()
 
 
-def plan_for_cluster(
-    num_layers: int, num_experts: int, expert_bytes: int, opts: RayOptions
-) -> PlacementPlan:
+def plan_for_cluster(grid: ExpertGrid, expert_bytes: int, opts: RayOptions) -> PlacementPlan:
     """The placement of every expert over the nodes of the Ray this process is connected to."""
     import ray
 
     nodes = nodes_from_ray(ray.nodes(), opts.gpu_memory_bytes, opts.host_fraction)
-    return plan_placement(nodes, num_layers, num_experts, expert_bytes, opts.expert_actors)
+    return plan_placement(nodes, grid, expert_bytes, opts.expert_actors)
 
 
 def actor_failures() -> tuple[type[Exception], ...]:

@@ -20,7 +20,7 @@ from fractions import Fraction
 from functools import cached_property
 from typing import Any
 
-from offload_rt.model.moe import ExpertKey
+from offload_rt.grid import ExpertGrid, ExpertKey
 
 GiB = 2**30
 # a 24 GiB consumer GPU less 2 GiB for the CUDA context, activations and the allocator's slack
@@ -68,8 +68,7 @@ class ActorPlan:
 @dataclass(frozen=True)
 class PlacementPlan:
     actors: tuple[ActorPlan, ...]  # ascending index; after a replan, only the survivors
-    num_layers: int  # decoder layers with experts
-    num_experts: int  # experts per layer
+    grid: ExpertGrid  # the MoE layers and their experts
     expert_bytes: int  # bytes of one packed expert (compute dtype, or its quantized parts)
 
     @cached_property
@@ -79,9 +78,7 @@ class PlacementPlan:
     def owner(self, key: ExpertKey) -> ActorPlan:
         actor = self._owners.get(key)
         if actor is None:
-            raise KeyError(
-                f"{key} is not in the plan ({self.num_layers} layers x {self.num_experts} experts)"
-            )
+            raise KeyError(f"{key} is not in the plan ({self.grid.describe()})")
         return actor
 
     def group_by_actor(self, keys: Iterable[ExpertKey]) -> dict[int, list[ExpertKey]]:
@@ -96,7 +93,7 @@ class PlacementPlan:
         total = sum(len(a.experts) for a in self.actors)
         resident = sum(a.device_slots for a in self.actors) / max(total, 1)
         title = (
-            f"{total} experts ({self.num_layers} layers x {self.num_experts}) of "
+            f"{total} experts ({self.grid.describe()}) of "
             f"{_human(self.expert_bytes)} on {len(self.actors)} actors; "
             f"expected resident fraction {resident:.2f}"
         )
@@ -154,22 +151,21 @@ class _Capacity:
 
 def plan_placement(
     nodes: Sequence[NodeInfo],
-    num_layers: int,
-    num_experts: int,
+    grid: ExpertGrid,
     expert_bytes: int,
     expert_actors: int | None = None,
 ) -> PlacementPlan:
-    """Assign every (layer, expert) to one actor. expert_actors None: one per GPU, or one per
+    """Assign every expert of `grid` to one actor. expert_actors None: one per GPU, or one per
     node without GPUs. expert_bytes: one expert in the compute dtype (3 F D itemsize)."""
-    _check_inputs(nodes, num_layers, num_experts, expert_bytes)
+    _check_inputs(nodes, expert_bytes)
     slots = _actor_slots(sorted(nodes, key=lambda n: n.node_id), expert_actors)
-    keys = [ExpertKey(layer, e) for layer in range(num_layers) for e in range(num_experts)]
+    keys = list(grid.keys())
     caps = [_capacity(s, expert_bytes) for s in slots]
     placed = _place(keys, caps, [0] * len(slots), expert_bytes)
     actors = tuple(
         _actor_plan(i, s, ks, expert_bytes) for i, (s, ks) in enumerate(zip(slots, placed))
     )
-    return PlacementPlan(actors, num_layers, num_experts, expert_bytes)
+    return PlacementPlan(actors, grid, expert_bytes)
 
 
 def replan(plan: PlacementPlan, surviving_actor_indices: Iterable[int]) -> PlacementPlan:
@@ -190,15 +186,10 @@ def replan(plan: PlacementPlan, surviving_actor_indices: Iterable[int]) -> Place
         _actor_plan(a.index, s, [*a.experts, *new], plan.expert_bytes)
         for a, s, new in zip(survivors, slots, placed)
     )
-    return PlacementPlan(actors, plan.num_layers, plan.num_experts, plan.expert_bytes)
+    return PlacementPlan(actors, plan.grid, plan.expert_bytes)
 
 
-def _check_inputs(
-    nodes: Sequence[NodeInfo], num_layers: int, num_experts: int, expert_bytes: int
-) -> None:
-    for name, v in (("num_layers", num_layers), ("num_experts", num_experts)):
-        if v < 1:
-            raise PlacementError(f"{name} must be positive, got {v}")
+def _check_inputs(nodes: Sequence[NodeInfo], expert_bytes: int) -> None:
     if expert_bytes < 1:
         raise PlacementError(f"expert_bytes must be positive, got {expert_bytes}")
     if not nodes:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from offload_rt.engine.sampling import RequestError, Sampler, SamplingParams
+from offload_rt.model import DecoderModel
 from offload_rt.model.layers import KVCache
-from offload_rt.model.mixtral import MixtralModel
 
 
 @dataclass
@@ -28,15 +28,15 @@ class GenerationResult:
 class BatchDecoder:
     """Holds the KV cache of B sequences; `prefill` once, then `step` per new token."""
 
-    def __init__(self, model: MixtralModel, prompts: list[list[int]], max_len: int) -> None:
+    def __init__(self, model: DecoderModel, prompts: list[list[int]], max_len: int) -> None:
         self.model = model
         self.lengths = [len(p) for p in prompts]  # tokens in the cache per row, after prefill
         self.prompts = prompts
         self.cache = model.new_cache(len(prompts), max_len)
-        self.device = model.weights.embed.device
+        self.device = model.device
 
     @classmethod
-    def empty(cls, model: MixtralModel, rows: int, max_len: int) -> BatchDecoder:
+    def empty(cls, model: DecoderModel, rows: int, max_len: int) -> BatchDecoder:
         """`rows` free rows, each filled later by `prefill_rows` (continuous batching)."""
         return cls(model, [[] for _ in range(rows)], max_len)
 
@@ -112,16 +112,16 @@ class SequenceState:
 
 
 def generate(
-    model: MixtralModel,
+    model: DecoderModel,
     prompts: list[list[int]],
     params: list[SamplingParams],
     eos_ids: tuple[int, ...],
     decode: Callable[[list[int]], str] | None,
 ) -> list[GenerationResult]:
     """Generate for every prompt together; each row stops on its own."""
-    context = model.cfg.max_position_embeddings
+    context = model.config.max_position_embeddings
     for i, p in enumerate(prompts):
-        check_prompt(p, context, model.cfg.vocab_size, f"prompt {i}")
+        check_prompt(p, context, model.config.vocab_size, f"prompt {i}")
     rows = [
         SequenceState(sp, Sampler(sp), frozenset(eos_ids) | frozenset(sp.stop_token_ids), len(p))
         for p, sp in zip(prompts, params)

@@ -1,5 +1,6 @@
-"""From a checkpoint folder to a ready model: dense weights on the device, experts behind the
-tiered store. Every check that can fail runs before anything is allocated on the device."""
+"""From a checkpoint folder to a ready model's parts: the expert backend (local tiers or Ray
+actors), and the arguments `load` resolves. Every check that can fail runs before anything is
+allocated on the device."""
 
 from __future__ import annotations
 
@@ -8,19 +9,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from offload_rt.checkpoint import Checkpoint, router_tensor_name
+from offload_rt.checkpoint import Checkpoint
 from offload_rt.distributed.cluster import RayOptions
+from offload_rt.dtypes import DTYPE_NAMES, DTYPES
 from offload_rt.experts import ExpertStore, LocalExpertBackend, OffloadOptions, SlotCache
-from offload_rt.experts.quant import expert_nbytes
+from offload_rt.experts.formats import expert_format, expert_nbytes
 from offload_rt.experts.store import SimulatedLink
-from offload_rt.model import AttentionWeights, DenseWeights, LayerWeights
 
 if TYPE_CHECKING:
     from offload_rt.distributed.backend import RayExpertBackend
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BACKENDS = ("local", "ray")
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, ckpt: Checkpoint) -> torch.dtype:
@@ -55,28 +54,6 @@ def resolve_capacity(cache_experts: int | None, total: int) -> int:
     return min(cache_experts, total)
 
 
-def load_dense(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> DenseWeights:
-    def get(name: str) -> torch.Tensor:
-        return ckpt.get(name).to(device=device, dtype=dtype)
-
-    layers = []
-    for i in range(ckpt.config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        qkv = [get(p + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")]
-        attn = AttentionWeights(wqkv=torch.cat(qkv), wo=get(p + "self_attn.o_proj.weight"))
-        layers.append(
-            LayerWeights(
-                input_norm=get(p + "input_layernorm.weight"),
-                attn=attn,
-                post_attn_norm=get(p + "post_attention_layernorm.weight"),
-                router=get(router_tensor_name(i)),
-            )
-        )
-    embed = get("model.embed_tokens.weight")
-    lm_head = embed if ckpt.config.tie_word_embeddings else get("lm_head.weight")
-    return DenseWeights(embed=embed, layers=layers, norm=get("model.norm.weight"), lm_head=lm_head)
-
-
 def local_backend(
     ckpt: Checkpoint,
     device: torch.device,
@@ -91,18 +68,9 @@ def local_backend(
     # except where a simulated link plays the bus between host RAM and a device
     host = 0 if device.type == "cpu" and link_gbps is None else host_experts
     link = None if link_gbps is None else SimulatedLink(link_gbps * 1e9)
-    store = ExpertStore(
-        ckpt,
-        cfg.hidden_size,
-        cfg.intermediate_size,
-        device,
-        dtype,
-        capacity,
-        host,
-        link,
-        cfg.quantization,
-    )
-    return LocalExpertBackend(store, SlotCache(capacity), options or OffloadOptions())
+    fmt = expert_format(cfg, device, dtype)
+    store = ExpertStore(ckpt, fmt, device, capacity, host, link)
+    return LocalExpertBackend(store, SlotCache(capacity), cfg.grid, options or OffloadOptions())
 
 
 def ray_backend(
@@ -120,8 +88,7 @@ def ray_backend(
     try:
         cluster = ExpertCluster.start(
             str(ckpt.folder.resolve()),
-            cfg.num_hidden_layers,
-            cfg.num_local_experts,
+            cfg.grid,
             expert_nbytes(cfg, dtype),
             DTYPE_NAMES[dtype],
             opts,

@@ -15,7 +15,6 @@ from offload_rt.distributed.cluster import RayOptions
 from offload_rt.engine.generate import GenerationResult, generate
 from offload_rt.engine.loader import (
     BACKENDS,
-    load_dense,
     local_backend,
     ray_backend,
     resolve_capacity,
@@ -25,9 +24,10 @@ from offload_rt.engine.loader import (
 from offload_rt.engine.sampling import RequestError, SamplingParams
 from offload_rt.engine.tokenizer import TextTokenizer
 from offload_rt.experts import LocalExpertBackend, OffloadOptions
-from offload_rt.model import MixtralModel, RopeTables
-from offload_rt.model.mixtral import PREDICT_FROM
-from offload_rt.model.moe import ExpertBackend, ExpertKey
+from offload_rt.model import DecoderModel
+from offload_rt.model.decoder import PREDICT_FROM
+from offload_rt.model.moe import ExpertBackend
+from offload_rt.models import build_model, open_checkpoint
 
 Prompt = str | Sequence[int]
 
@@ -44,7 +44,7 @@ class OffloadModel:
     def __init__(
         self,
         ckpt: Checkpoint,
-        model: MixtralModel,
+        model: DecoderModel,
         backend: ModelBackend,
         tokenizer: TextTokenizer | None,
         on_close: Callable[[], None] | None = None,
@@ -59,7 +59,7 @@ class OffloadModel:
 
     @property
     def device(self) -> torch.device:
-        return self.model.weights.embed.device
+        return self.model.device
 
     def encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -126,15 +126,14 @@ class OffloadModel:
         tokens do not pay for the loads; with a capped cache the last ones used stay resident.
         Returns the experts resident afterwards."""
         self._check_open()
-        cfg = self.config
-        embed = self.model.weights.embed
-        x = torch.zeros(1, cfg.hidden_size, dtype=embed.dtype, device=embed.device)
-        layers = tqdm(
-            range(cfg.num_hidden_layers), desc="loading experts", unit="layer", disable=None
+        grid = self.model.grid
+        x = torch.zeros(
+            1, self.config.hidden_size, dtype=self.model.dtype, device=self.model.device
         )
+        layers = tqdm(grid.layers, desc="loading experts", unit="layer", disable=None)
         with torch.inference_mode():
             for layer in layers:
-                self.backend.run({ExpertKey(layer, e): x for e in range(cfg.num_local_experts)})
+                self.backend.run({key: x for key in grid.layer_keys(layer)})
         return int(self.stats()["resident"])
 
     def set_offload(
@@ -207,7 +206,7 @@ def load(
     prefetch_from: str = "both",
     compute_on_miss: bool = False,
 ) -> OffloadModel:
-    """Open a Hugging Face Mixtral checkpoint folder.
+    """Open a Hugging Face checkpoint folder of a supported family (`offload_rt.models`).
 
     backend: "local" (experts in this process) or "ray" (experts in Ray actors).
     cache_experts: local backend: the most experts resident on the device at once, over all
@@ -243,21 +242,19 @@ def load(
     if host_experts is not None and (not isinstance(host_experts, int) or host_experts < 0):
         raise ValueError(f"host_experts must be a non-negative integer, got {host_experts!r}")
     dev = resolve_device(device)
-    ckpt = Checkpoint.open(path)
+    ckpt = open_checkpoint(path)
     on_close = None
+    experts: ModelBackend | None = None
     try:
         cfg = ckpt.config
         dt = resolve_dtype(dtype, ckpt)
         capacity = resolve_capacity(cache_experts, cfg.num_experts_total)
         tokenizer = TextTokenizer.from_folder(ckpt.folder)
-        weights = load_dense(ckpt, dev, dt)
         if prefetch is None:
             prefetch = _prefetch_pays(backend, capacity < cfg.num_experts_total, dev, link_gbps)
         if backend == "local":
             options = OffloadOptions(prefetch=prefetch, compute_on_miss=compute_on_miss)
-            experts: ModelBackend = local_backend(
-                ckpt, dev, dt, capacity, host_experts, link_gbps, options
-            )
+            experts = local_backend(ckpt, dev, dt, capacity, host_experts, link_gbps, options)
         else:
             opts = ray_options or RayOptions()
             opts = replace(
@@ -267,10 +264,13 @@ def load(
                 host_experts=host_experts if host_experts is not None else opts.host_experts,
             )
             experts, on_close = ray_backend(ckpt, dt, opts)
+        prefetcher = experts if prefetch and isinstance(experts, LocalExpertBackend) else None
+        model = build_model(ckpt, dev, dt, experts, prefetcher, prefetch_from)
     except BaseException:
+        if experts is not None:
+            experts.close()
+        if on_close is not None:
+            on_close()
         ckpt.close()
         raise
-    rope = RopeTables.build(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, dev)
-    prefetcher = experts if prefetch and isinstance(experts, LocalExpertBackend) else None
-    model = MixtralModel(cfg, weights, experts, rope, prefetcher, prefetch_from)
     return OffloadModel(ckpt, model, experts, tokenizer, on_close)

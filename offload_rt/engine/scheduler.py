@@ -33,7 +33,7 @@ from offload_rt.engine.generate import (
 )
 from offload_rt.engine.sampling import Sampler, SamplingParams
 from offload_rt.engine.textstream import TextStream
-from offload_rt.model.mixtral import MixtralModel
+from offload_rt.model import DecoderModel
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class SchedulerStats:
 class Scheduler:
     def __init__(
         self,
-        model: MixtralModel,
+        model: DecoderModel,
         eos_ids: tuple[int, ...],
         decode: Decode | None,
         config: SchedulerConfig | None = None,
@@ -107,7 +107,7 @@ class Scheduler:
         self.eos_ids = eos_ids
         self.decode = decode
         self.config = config or SchedulerConfig()
-        context = model.cfg.max_position_embeddings
+        context = model.config.max_position_embeddings
         self.max_len = min(self.config.max_len or context, context)
         self.decoder = BatchDecoder.empty(model, self.config.max_batch, self.max_len)
         self.rows: list[Request | None] = [None] * self.config.max_batch
@@ -127,7 +127,7 @@ class Scheduler:
     ) -> Request:
         """Queue a request; raises RequestError for a prompt that cannot be served and
         QueueFull when the queue is full. Events then arrive on the scheduler's thread."""
-        check_prompt(prompt, self.max_len, self.model.cfg.vocab_size)
+        check_prompt(prompt, self.max_len, self.model.config.vocab_size)
         stops = frozenset(self.eos_ids) | frozenset(params.stop_token_ids)
         state = SequenceState(params, Sampler(params), stops, len(prompt))
         stream = TextStream(self.decode, params.stop_strings) if self.decode else None

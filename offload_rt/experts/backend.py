@@ -32,6 +32,7 @@ from offload_rt.experts.loader import LinkLoader
 from offload_rt.experts.misscost import MissCost
 from offload_rt.experts.prefetch import PrefetchTracker
 from offload_rt.experts.store import ExpertStore
+from offload_rt.grid import ExpertGrid
 from offload_rt.model.moe import ExpertKey, expert_down, expert_ffn, expert_up
 
 HostWeights = tuple[torch.Tensor, torch.Tensor]
@@ -55,7 +56,7 @@ class _Guard:
 
 
 def _check(options: OffloadOptions, store: ExpertStore) -> None:
-    if options.compute_on_miss and store.codec is not None:
+    if options.compute_on_miss and not store.format.host_computable:
         raise ValueError(
             "compute_on_miss is not supported with quantized experts: they are dequantized "
             "into device scratch on use, not on the CPU"
@@ -71,11 +72,16 @@ def _check(options: OffloadOptions, store: ExpertStore) -> None:
 
 class LocalExpertBackend:
     def __init__(
-        self, store: ExpertStore, cache: SlotCache, options: OffloadOptions = OffloadOptions()
+        self,
+        store: ExpertStore,
+        cache: SlotCache,
+        grid: ExpertGrid,
+        options: OffloadOptions = OffloadOptions(),
     ) -> None:
         _check(options, store)
         self.store = store
         self.cache = cache
+        self.grid = grid  # the MoE layers: no guess covers the first, so it is kept resident
         self.loader = LinkLoader(None if store.link is None else store.link.bytes_per_s)
         cuda = store.device.type == "cuda"
         self._load_stream = torch.cuda.Stream(store.device) if cuda else None
@@ -108,7 +114,7 @@ class LocalExpertBackend:
     def prefetch(self, layer: int, ranked: Sequence[int], fetch: int | None = None) -> None:
         """The model's prediction for `layer`, most likely expert first: start loading the
         first `fetch` (None: all) not resident, never evicting a predicted expert, one of the
-        layer now running, or one of layer 0."""
+        layer now running, or one of the first MoE layer."""
         if self.tracker is None:
             return
         self.tracker.predicted(layer, ranked)
@@ -127,10 +133,11 @@ class LocalExpertBackend:
 
     def _start_prefetches(self, layer: int, missing: list[ExpertKey], wanted: set) -> None:
         # the layer's own residents the guess leaves out go first: the layer is about to run
-        # without them; then the least recent of other layers, but never layer 0's: no guess
-        # covers layer 0, so its experts come back only by having stayed resident
+        # without them; then the least recent of other layers, but never the first MoE
+        # layer's: no guess covers it, so its experts come back only by having stayed resident
         stale = [k for k in self.cache.resident_keys() if k.layer == layer and k not in wanted]
-        guard = _Guard(self._in_flight() | wanted, layers=(0, layer - 1))
+        running = self.grid.previous_layer(layer)
+        guard = _Guard(self._in_flight() | wanted, layers=(self.grid.first_layer, running))
         for key in missing:
             slot = self.cache.acquire(key, guard, prefer=stale)
             if slot is None:
@@ -174,10 +181,12 @@ class LocalExpertBackend:
 
     def _cheap_victims(self) -> list[ExpertKey]:
         """With prefetch on, residents of layers past the first, least recent first: a
-        guess brings them back ahead of their use, while layer 0's only stay resident."""
+        guess brings them back ahead of their use, while the first MoE layer's only stay
+        resident."""
         if self.tracker is None:
             return []
-        return [k for k in self.cache.resident_keys() if k.layer != 0]
+        first = self.grid.first_layer
+        return [k for k in self.cache.resident_keys() if k.layer != first]
 
     def _in_flight(self) -> set[ExpertKey]:
         return {key for key, load in self.loads.items() if not load.done()}
@@ -191,7 +200,7 @@ class LocalExpertBackend:
         while w2 still moves (a third of the expert's bytes), then its w2 matmul. The same
         two matmuls as `_compute`, so the same result."""
         landed = self.landed.get(key)
-        if landed is None or self.store.codec is not None:
+        if landed is None or not self.store.splits:
             self._wait(key)
             return self._compute(key, x)
         if not landed.done():

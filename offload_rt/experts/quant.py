@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from offload_rt.config import ModelConfig, QuantConfig
+from offload_rt.config import QuantConfig
 
 F16 = torch.float16
 
@@ -115,13 +115,6 @@ def _expand(
     grouped.add_(offsets[..., None])
 
 
-def expert_nbytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """Bytes of one packed expert: quantized parts, or w1, w3, w2 in `dtype`."""
-    if cfg.quantization is None:
-        return cfg.expert_numel * dtype.itemsize
-    return _Layout(cfg.hidden_size, cfg.intermediate_size, cfg.quantization).nbytes
-
-
 @dataclass(frozen=True)
 class _Part:
     start: int  # byte offset in the packed buffer
@@ -185,15 +178,15 @@ class ExpertCodec:
         return {key: part.view(buf) for key, part in self.layout.parts.items()}
 
     def pack(self, tensors: Mapping[str, torch.Tensor], out: torch.Tensor) -> None:
-        """Copy a checkpoint expert's parts ("w1.qweight", ...) into `out` (nbytes,) uint8:
-        the bytes as stored, w1's rows above w3's."""
+        """Copy a checkpoint expert's parts ("gate.qweight", ...) into `out` (nbytes,) uint8:
+        the bytes as stored, gate's rows above up's."""
         for (m, part), view in self.views(out).items():
             if m == "w2":
-                view.copy_(tensors[f"w2.{part}"])
+                view.copy_(tensors[f"down.{part}"])
                 continue
             f = view.shape[0] // 2
-            view[:f].copy_(tensors[f"w1.{part}"])
-            view[f:].copy_(tensors[f"w3.{part}"])
+            view[:f].copy_(tensors[f"gate.{part}"])
+            view[f:].copy_(tensors[f"up.{part}"])
 
     def dequantize(
         self, views: Mapping[tuple[str, str], torch.Tensor]

@@ -1,9 +1,8 @@
 """The memory of the expert tiers: disk (memory-mapped safetensors), host RAM, device slots.
 
-Each expert is packed into one contiguous buffer `[w1 | w3 | w2]` of the compute dtype, so a
-move between tiers is one copy and w1, w3 read as one stacked (2F, D) matrix. With quantized
-experts (`quant`), the buffer holds their uint8 codes, scales and offsets instead (`ExpertCodec`
-in `quant.py`): every tier holds and moves the quantized bytes, dequantized on use. The device
+Each expert is packed into one contiguous buffer laid out by its `ExpertFormat` (`formats.py`:
+float [gate | up | down], or a quantized codec's bytes), so a move between tiers is one copy;
+the store never looks inside a buffer beyond asking the format for its views. The device
 tier is a fixed pool of `capacity` such buffers, allocated once. The host tier (pinned RAM when the
 device is a GPU) keeps packed buffers so that a re-load skips the disk and the dtype conversion;
 on a CPU device it is off, since the device slots already are host RAM — unless a
@@ -20,8 +19,7 @@ from typing import Protocol
 
 import torch
 
-from offload_rt.config import QuantConfig
-from offload_rt.experts.quant import ExpertCodec
+from offload_rt.experts.formats import ExpertFormat
 from offload_rt.model.moe import ExpertKey
 
 
@@ -29,7 +27,7 @@ class ExpertSource(Protocol):
     """Where experts are read from: a checkpoint."""
 
     def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        """w1 (F, D), w2 (D, F), w3 (F, D) as stored (or their quantized parts)."""
+        """One expert's parts as stored, by logical name (`Checkpoint.expert`)."""
         ...
 
 
@@ -72,31 +70,21 @@ class ExpertStore:
     def __init__(
         self,
         source: ExpertSource,
-        hidden: int,
-        intermediate: int,
+        fmt: ExpertFormat,
         device: torch.device,
-        dtype: torch.dtype,
         capacity: int,
         host_capacity: int | None,
         link: SimulatedLink | None = None,
-        quant: QuantConfig | None = None,
     ) -> None:
         self.source = source
-        self.hidden = hidden
-        self.intermediate = intermediate
+        self.format = fmt
         self.device = device
-        self.dtype = dtype  # the compute dtype
-        self.codec = (
-            None if quant is None else ExpertCodec(hidden, intermediate, quant, device, dtype)
-        )
-        # a packed expert: numel elements of storage_dtype, nbytes in all
-        self.storage_dtype = dtype if self.codec is None else torch.uint8
-        self.numel = 3 * hidden * intermediate if self.codec is None else self.codec.nbytes
+        self.storage_dtype = fmt.storage_dtype
+        self.numel = fmt.numel  # of a packed expert, in storage_dtype elements
         self.nbytes = self.numel * self.storage_dtype.itemsize
-        self.w13_numel = 2 * hidden * intermediate  # of an unquantized packed expert
         self.pool = _allocate_pool(capacity, self.numel, device, self.storage_dtype)
-        # per slot: w13 (2F, D) and w2 (D, F) views (quantized: its parts), made once
-        self._views = [self._split(buf) for buf in self.pool]
+        # per slot: the format's views, made once
+        self._views = [fmt.views(buf) for buf in self.pool]
         self.host_capacity = host_capacity  # None: unbounded; 0: no host tier
         self._host: OrderedDict[ExpertKey, torch.Tensor] = OrderedDict()
         self._pin = device.type == "cuda"
@@ -107,12 +95,15 @@ class ExpertStore:
         # CI machine, about the 2.2 ms 16 GB/s allows, and slows a concurrent expert FFN 4x)
         self._bind = link is not None and device.type == "cpu"
 
+    @property
+    def splits(self) -> bool:
+        """A load lands the up-projection's weights before the rest (`load`'s `landed`)."""
+        return self.format.early_numel < self.numel
+
     def weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of one slot: w13 (2F, D) and w2 (D, F). Quantized: the slot dequantized into
-        the codec's scratch, valid until the next call."""
-        if self.codec is not None:
-            return self.codec.dequantize(self._views[slot])
-        return self._views[slot]
+        """w13 (2F, D) and w2 (D, F) of one slot (quantized: dequantized into the format's
+        scratch, valid until the next call)."""
+        return self.format.weights(self._views[slot])
 
     def load(
         self,
@@ -128,7 +119,7 @@ class ExpertStore:
         from disk, `landed()` comes with the whole."""
         if self.host_capacity == 0:
             self._pack(key, self.pool[slot])
-            self._views[slot] = self._split(self.pool[slot])
+            self._views[slot] = self.format.views(self.pool[slot])
             self._landed(0, 0.0, landed)
             return
         cached = queued is not None and key in self._host
@@ -136,9 +127,9 @@ class ExpertStore:
         # a simulated link may start the move once the host buffer is ready: at once when
         # it was already in RAM, else after reading the disk
         ready = queued if cached else time.perf_counter()
-        first = self.nbytes if self.codec is not None else self.w13_numel * self.dtype.itemsize
+        first = self.format.early_numel * self.storage_dtype.itemsize
         if self._bind:
-            self._views[slot] = self._split(host)
+            self._views[slot] = self.format.views(host)
         else:
             n = first // self.storage_dtype.itemsize
             self.pool[slot, :n].copy_(host[:n], non_blocking=self._pin)
@@ -158,18 +149,13 @@ class ExpertStore:
         landed()
 
     def host_weights(self, key: ExpertKey) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """w13, w2 of an unquantized `key` in the host tier, or None when it is not there
+        """w13, w2 of `key` in the host tier when the format computes from there, else None
         (read from the compute thread while the loader may change the tier: one dict lookup,
         no reordering)."""
         buf = self._host.get(key)
-        return None if buf is None or self.codec is not None else self._split(buf)
-
-    def _split(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | dict:
-        """A packed buffer's views: w13 (2F, D) and w2 (D, F); quantized, the codec's parts."""
-        if self.codec is not None:
-            return self.codec.views(buf)
-        f, d, n = self.intermediate, self.hidden, self.w13_numel
-        return buf[:n].view(2 * f, d), buf[n:].view(d, f)
+        if buf is None or not self.format.host_computable:
+            return None
+        return self.format.weights(self.format.views(buf))
 
     def _host_buffer(self, key: ExpertKey) -> torch.Tensor:
         buf = self._host.get(key)
@@ -184,15 +170,8 @@ class ExpertStore:
         return buf
 
     def _pack(self, key: ExpertKey, out: torch.Tensor) -> None:
-        """Read one expert from disk into `out` (3FD,), converting to the compute dtype."""
-        w = self.source.expert(key.layer, key.expert)
-        if self.codec is not None:
-            self.codec.pack(w, out)
-            return
-        fd = self.hidden * self.intermediate
-        out[:fd].copy_(w["w1"].reshape(-1))
-        out[fd : 2 * fd].copy_(w["w3"].reshape(-1))
-        out[2 * fd :].copy_(w["w2"].reshape(-1))
+        """Read one expert from disk into `out` (numel,), as its format packs it."""
+        self.format.pack(self.source.expert(key.layer, key.expert), out)
 
     def host_resident(self) -> int:
         return len(self._host)

@@ -1,6 +1,8 @@
-"""Dense Mixtral math: RMSNorm, rotary embeddings, grouped-query attention over a KV cache.
+"""Dense decoder math: RMSNorm, rotary embeddings, grouped-query attention over a KV cache
+(with the q/k/v biases, q/k norms and clipping that families add).
 
-Reference: `transformers.models.mixtral.modeling_mixtral` (the eager path). Shape legend:
+Reference: the eager attention of transformers' Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE.
+Shape legend:
 B batch rows, T new tokens per row, S key positions, D hidden, H query heads, K key/value heads,
 G = H / K queries per key/value head, Hd head width.
 """
@@ -136,13 +138,25 @@ def attention_mask(
 class AttentionWeights:
     wqkv: torch.Tensor  # (H * Hd + 2 * K * Hd, D): q, k and v projections stacked, one matmul
     wo: torch.Tensor  # (D, H * Hd)
+    bqkv: torch.Tensor | None = None  # (H * Hd + 2 * K * Hd,): q/k/v biases (Qwen2-MoE)
+    bo: torch.Tensor | None = None  # (D,): output bias
+    q_norm: torch.Tensor | None = None  # RMSNorm weight of q: (Hd,) per head, or (H * Hd,)
+    k_norm: torch.Tensor | None = None  # of k: (Hd,) per head, or (K * Hd,) over all heads
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    heads: int  # H
+    kv_heads: int  # K
+    head_dim: int  # Hd
+    eps: float  # of the q/k RMSNorms
+    clip_qkv: float | None = None  # q, k, v clamped to ±clip after their norms (OLMoE)
 
 
 def attention(
     x: torch.Tensor,
     w: AttentionWeights,
-    heads: int,
-    kv_heads: int,
+    spec: AttentionSpec,
     rope: tuple[torch.Tensor, torch.Tensor],
     positions: torch.Tensor,
     cache: KVCache,
@@ -152,10 +166,15 @@ def attention(
     start: int | None,
 ) -> torch.Tensor:
     """x: (B, T, D) -> (B, T, D). Writes this step's keys/values into the cache first.
-    rope: cos, sin at `positions`, from `RopeTables.at`; mask from `attention_mask`."""
+    rope: cos, sin at `positions`, from `RopeTables.at`; mask from `attention_mask`.
+    q/k norms: a (Hd,) weight normalises each head (Qwen3-MoE); a wider one the whole
+    projection (OLMoE)."""
     b, t, _ = x.shape
-    hd = w.wo.shape[1] // heads
-    qkv = F.linear(x, w.wqkv).view(b, t, heads + 2 * kv_heads, hd).transpose(1, 2)
+    heads, kv_heads, hd = spec.heads, spec.kv_heads, spec.head_dim
+    qkv = F.linear(x, w.wqkv, w.bqkv)  # (B, T, (H + 2K) Hd)
+    if w.q_norm is not None or spec.clip_qkv is not None:
+        qkv = _normed_qkv(qkv, w, spec)
+    qkv = qkv.view(b, t, heads + 2 * kv_heads, hd).transpose(1, 2)
     # rotate q and k in one go: (B, H + K, T, Hd)
     qk = apply_rope(qkv[:, : heads + kv_heads], *rope)
     q, k = qk.split([heads, kv_heads], dim=1)
@@ -165,4 +184,23 @@ def attention(
     values = cache.values[layer][:, :, :kv_len]
     # each key/value head serves H / K consecutive query heads, as the reference's repeat_kv
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-    return F.linear(out.transpose(1, 2).reshape(b, t, heads * hd), w.wo)
+    return F.linear(out.transpose(1, 2).reshape(b, t, heads * hd), w.wo, w.bo)
+
+
+def _normed_qkv(qkv: torch.Tensor, w: AttentionWeights, spec: AttentionSpec) -> torch.Tensor:
+    """q and k through their RMSNorms, then q, k, v clamped, in the reference's order."""
+    q_width, kv_width = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
+    q, k, v = qkv.split([q_width, kv_width, kv_width], dim=-1)
+    if w.q_norm is not None and w.k_norm is not None:
+        q, k = _qk_norm(q, w.q_norm, spec), _qk_norm(k, w.k_norm, spec)
+    if spec.clip_qkv is not None:
+        c = spec.clip_qkv
+        q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
+    return torch.cat((q, k, v), dim=-1)
+
+
+def _qk_norm(x: torch.Tensor, weight: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+    if weight.shape[0] != spec.head_dim:  # over the whole projection
+        return rms_norm(x, weight, spec.eps)
+    heads = x.view(*x.shape[:-1], -1, spec.head_dim)  # (B, T, heads, Hd)
+    return rms_norm(heads, weight, spec.eps).flatten(-2)

@@ -2,7 +2,8 @@
 
 The block never holds expert weights: it groups a step's tokens by chosen expert and hands all
 groups of one layer to an `ExpertBackend` in one call, which decides where each expert runs.
-Reference: `MixtralSparseMoeBlock` in transformers. Shape legend: N tokens, D hidden,
+Reference: `MixtralSparseMoeBlock` (and Qwen's, OLMoE's) in transformers.
+Shape legend: N tokens, D hidden,
 E experts per layer, k experts per token, F expert width.
 """
 
@@ -10,24 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
+from offload_rt.grid import ExpertKey
 from offload_rt.model.layers import linear
-
-
-class ExpertKey(NamedTuple):
-    """One expert of one layer. A named tuple, not a dataclass: keys are hashed and compared
-    thousands of times a token in the cache and prefetch bookkeeping, and a tuple does both
-    in C (3x faster); ordering is (layer, expert) either way."""
-
-    layer: int  # decoder layer index
-    expert: int  # expert index within the layer
-
-    def __str__(self) -> str:
-        return f"layer {self.layer} expert {self.expert}"
 
 
 class ExpertBackend(Protocol):
@@ -64,11 +54,16 @@ def expert_down(h: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     return linear(h, w2)
 
 
-def route(x: torch.Tensor, router: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over experts, top-k, renormalise. x: (N, D), router: (E, D).
+def route(
+    x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over experts, top-k, renormalised when `renormalize` (Mixtral always; Qwen and
+    OLMoE when norm_topk_prob). x: (N, D), router: (E, D).
     Returns weights (N, k) float32 and expert ids (N, k)."""
     probs = torch.softmax(F.linear(x, router).float(), dim=-1)  # (N, E)
     weights, experts = torch.topk(probs, top_k, dim=-1)
+    if not renormalize:
+        return weights, experts
     return weights / weights.sum(dim=-1, keepdim=True), experts
 
 
@@ -110,10 +105,15 @@ def group_by_expert(layer: int, weights: torch.Tensor, experts: torch.Tensor) ->
 
 
 def moe_block(
-    x: torch.Tensor, router: torch.Tensor, top_k: int, layer: int, backend: ExpertBackend
+    x: torch.Tensor,
+    router: torch.Tensor,
+    top_k: int,
+    layer: int,
+    backend: ExpertBackend,
+    renormalize: bool = True,
 ) -> torch.Tensor:
     """x: (N, D) -> (N, D): the weighted sum of each token's top-k experts."""
-    weights, experts = route(x, router, top_k)
+    weights, experts = route(x, router, top_k, renormalize)
     if x.shape[0] == 1:
         return _single_token(x, weights[0].tolist(), experts[0].tolist(), layer, backend)
     routing = group_by_expert(layer, weights, experts)

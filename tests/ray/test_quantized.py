@@ -8,7 +8,7 @@ import torch
 import offload_rt
 from offload_rt.checkpoint import Checkpoint
 from offload_rt.experts.quant import expert_nbytes
-from offload_rt.experts.quant_writer import quantize_checkpoint
+from offload_rt.tools.quantize import quantize_checkpoint
 from tests.ray.helpers import assert_same_as_local, local_outputs_of, ray
 
 

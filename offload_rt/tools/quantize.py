@@ -23,13 +23,12 @@ from offload_rt.checkpoint import (
     INDEX_FILE,
     Checkpoint,
     CheckpointError,
-    expert_parts,
-    projection_shapes,
-    quantized_tensor_name,
+    PerExpertLayout,
     write_checkpoint,
 )
 from offload_rt.config import DEFAULT_GROUP_SIZE, QuantConfig
 from offload_rt.experts.quant import QuantizedTensor, dequantize, quantize
+from offload_rt.models import family_of, open_checkpoint, parse_config
 
 DEFAULT_SHARD_BYTES = 4 << 30  # as Hugging Face's writers: a few GB per file
 
@@ -61,24 +60,31 @@ def quantize_checkpoint(
     src, dst = Path(src), Path(dst)
     quant = QuantConfig(bits, group_size)
     _check_destination(src, dst)
-    ckpt = Checkpoint.open(src)
+    ckpt = open_checkpoint(src)
     try:
         cfg = ckpt.config
         if cfg.quantization is not None:
             raise CheckpointError(f"{src}: its experts are quantized already")
-        quant.check_widths(cfg.hidden_size, cfg.intermediate_size, str(src / "config.json"))
+        f, d = cfg.moe_intermediate_size, cfg.hidden_size
+        quant.check_widths(d, f, str(src / "config.json"))
         config = json.loads((src / "config.json").read_text())
         config["quantization_config"] = quant.to_dict()
+        # the output's names: the family's per-expert layout, quantized
+        out_cfg = parse_config(config, str(src / "config.json"))
+        dense = ckpt.expert_tensor_names()
+        present = frozenset(n for n in ckpt.tensors if n not in dense)
+        layout = family_of(config).spec(out_cfg, present).experts
+        assert isinstance(layout, PerExpertLayout)
         report = QuantizeReport(
             dst,
             cfg.num_experts_total,
-            sum(ckpt.tensors[n].dtype.itemsize * r * c for n, (r, c) in _first_expert(ckpt)),
-            sum(quant.nbytes(r, c) for r, c in projection_shapes(cfg).values()),
+            ckpt.expert_nbytes() // cfg.num_experts_total,
+            2 * quant.nbytes(f, d) + quant.nbytes(d, f),
         )
         total = _dense_nbytes(ckpt) + report.experts * report.quant_nbytes
         partial = dst.with_name(dst.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        tensors = _tensors(ckpt, quant, report, progress)
+        tensors = _tensors(ckpt, layout, quant, report, progress)
         shard = max_shard_bytes if total > max_shard_bytes else None  # small: one file
         write_checkpoint(partial, config, tensors, shard)
         _copy_side_files(src, partial)
@@ -97,22 +103,8 @@ def _check_destination(src: Path, dst: Path) -> None:
         raise ValueError(f"{dst}: exists and is not an empty folder; give a new output folder")
 
 
-def _first_expert(ckpt: Checkpoint) -> list[tuple[str, tuple[int, int]]]:
-    return [(name, shape) for name, shape in expert_parts(ckpt.config, 0, 0).values()]
-
-
-def _expert_names(ckpt: Checkpoint) -> set[str]:
-    cfg = ckpt.config
-    return {
-        name
-        for layer in range(cfg.num_hidden_layers)
-        for expert in range(cfg.num_local_experts)
-        for name, _ in expert_parts(cfg, layer, expert).values()
-    }
-
-
 def _dense_nbytes(ckpt: Checkpoint) -> int:
-    experts = _expert_names(ckpt)
+    experts = ckpt.expert_tensor_names()
     return sum(
         info.dtype.itemsize * int(torch.Size(info.shape).numel())
         for name, info in ckpt.tensors.items()
@@ -120,25 +112,37 @@ def _dense_nbytes(ckpt: Checkpoint) -> int:
     )
 
 
+def _projections(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """gate, up, down of one expert as stored, a fused gate_up split into its halves."""
+    if "gate_up" not in parts:
+        return parts
+    gate, up = parts["gate_up"].chunk(2, dim=0)
+    return {"gate": gate, "up": up, "down": parts["down"]}
+
+
 def _tensors(
-    ckpt: Checkpoint, quant: QuantConfig, report: QuantizeReport, progress: bool
+    ckpt: Checkpoint,
+    layout: PerExpertLayout,
+    quant: QuantConfig,
+    report: QuantizeReport,
+    progress: bool,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of the output: the others as stored first, then the experts quantized."""
-    experts = _expert_names(ckpt)
+    experts = ckpt.expert_tensor_names()
     for name in ckpt.tensors:
         if name not in experts:
             yield name, ckpt.get(name)
-    cfg = ckpt.config
-    bar = tqdm(total=cfg.num_experts_total, unit="expert", desc="quantizing", disable=not progress)
+    grid = ckpt.config.grid
+    bar = tqdm(total=grid.total, unit="expert", desc="quantizing", disable=not progress)
     with bar:
-        for layer in range(cfg.num_hidden_layers):
-            for expert in range(cfg.num_local_experts):
-                for proj, w in ckpt.expert(layer, expert).items():
-                    q = quantize(w, quant, name=f"layer {layer} expert {expert} {proj}")
-                    _measure(w, q, quant, report)
-                    for part in ("qweight", "scales", "offsets"):
-                        yield quantized_tensor_name(layer, expert, proj, part), getattr(q, part)
-                bar.update(1)
+        for key in grid.keys():
+            names = layout.names(key)
+            for proj, w in _projections(ckpt.expert(key.layer, key.expert)).items():
+                q = quantize(w, quant, name=f"{key} {proj}")
+                _measure(w, q, quant, report)
+                for part in ("qweight", "scales", "offsets"):
+                    yield names[f"{proj}.{part}"], getattr(q, part)
+            bar.update(1)
 
 
 def _measure(

@@ -1,0 +1,81 @@
+"""Model families: one module each, and this registry by config.json's `model_type` (or its
+`architectures`). Adding a family is its module plus one entry in `_REGISTERED`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from offload_rt.checkpoint import CONFIG_FILE, Checkpoint, CheckpointSpec
+from offload_rt.config import ConfigError, ConfigReader, ModelConfig, read_json_object
+from offload_rt.model import DecoderModel, ExpertBackend, ExpertPrefetcher
+from offload_rt.models import mixtral, qwen2_moe, qwen3_moe
+from offload_rt.models.family import Family
+
+_REGISTERED: tuple[Family, ...] = (mixtral.FAMILY, qwen3_moe.FAMILY, qwen2_moe.FAMILY)
+FAMILIES: dict[str, Family] = {f.model_type: f for f in _REGISTERED}
+
+
+def family_of(raw: dict[str, Any], source: str = CONFIG_FILE) -> Family:
+    """The family of a config.json: by model_type, else by architectures."""
+    model_type = raw.get("model_type")
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    for arch in raw.get("architectures") or []:
+        for family in _REGISTERED:
+            if arch in family.architectures:
+                return family
+    raise ConfigError(f"{source}: unknown model_type {model_type!r}; supported: {sorted(FAMILIES)}")
+
+
+def parse_config(raw: dict[str, Any], source: str = CONFIG_FILE) -> ModelConfig:
+    """config.json (as a dict) -> its family's config; errors name the file and field."""
+    family = family_of(raw, source)
+    return family.parse(ConfigReader({**raw, "model_type": family.model_type}, source))
+
+
+def read_config(folder: str | Path) -> ModelConfig:
+    path = Path(folder) / CONFIG_FILE
+    return parse_config(read_json_object(path, "no config.json in the model folder", ConfigError))
+
+
+def _spec(raw: dict, source: str, present: frozenset) -> CheckpointSpec:
+    family = family_of(raw, source)
+    return family.spec(parse_config(raw, source), present)
+
+
+def open_checkpoint(folder: str | Path) -> Checkpoint:
+    """Open and validate a checkpoint of any registered family (headers only)."""
+    return Checkpoint.open(folder, _spec)
+
+
+def build_model(
+    ckpt: Checkpoint,
+    device: torch.device,
+    dtype: torch.dtype,
+    backend: ExpertBackend,
+    prefetcher: ExpertPrefetcher | None = None,
+    predict_from: str = "both",
+) -> DecoderModel:
+    """The checkpoint's decoder: dense weights read onto `device` in `dtype`, routed experts
+    behind `backend`."""
+
+    def get(name: str) -> torch.Tensor:
+        return ckpt.get(name).to(device=device, dtype=dtype)
+
+    family = FAMILIES[ckpt.config.model_type]
+    present = frozenset(ckpt.tensors)
+    return family.build(ckpt.config, get, present, backend, device, prefetcher, predict_from)
+
+
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "build_model",
+    "family_of",
+    "open_checkpoint",
+    "parse_config",
+    "read_config",
+]

@@ -1,0 +1,1 @@
+"""Offline tools over checkpoints (quantize), apart from the runtime."""
