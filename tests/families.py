@@ -1,0 +1,86 @@
+"""Random checkpoints of every registered family, written by its transformers class: the
+reference for the model math. One entry per family; a family added to the registry without
+an entry here fails `test_every_registered_family_has_a_reference`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    num_experts_per_tok=2,
+    # larger than the default 0.02 so that logits are spread and greedy choices are not near-ties
+    initializer_range=0.1,
+)
+
+# family -> (transformers config class, model class, its own fields); 6 experts a layer
+REFERENCES: dict[str, tuple[str, str, dict]] = {
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(intermediate_size=48, num_local_experts=6),
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        # a dense first layer, head_dim != hidden / heads, renormalised top-k
+        dict(
+            intermediate_size=96,
+            moe_intermediate_size=48,
+            num_experts=6,
+            head_dim=24,
+            mlp_only_layers=[0],
+            norm_topk_prob=True,
+        ),
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        # a shared expert of its own width, q/k/v biases, no renormalisation
+        dict(
+            intermediate_size=96,
+            moe_intermediate_size=48,
+            shared_expert_intermediate_size=80,
+            num_experts=6,
+            norm_topk_prob=False,
+        ),
+    ),
+}
+
+
+def save_family(
+    family: str,
+    folder: Path,
+    fused: bool = False,
+    sharded: bool = False,
+    seed: int = 0,
+    **overrides,
+):
+    """Write a random `family` checkpoint to `folder` (the hub's per-expert layout, or
+    transformers 5's fused one; one file or shards); returns the reference model (eval).
+    Biases and norm weights are drawn too, so that every one of them is exercised."""
+    import transformers
+
+    config_cls, model_cls, fields = REFERENCES[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(**{**COMMON, **fields, **overrides})
+    model = getattr(transformers, model_cls)(config).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+            elif p.dim() == 1:  # norm weights
+                p.copy_(1 + torch.randn(p.shape, generator=gen) * 0.1)
+    kwargs: dict = {"save_original_format": not fused}
+    if sharded:
+        kwargs["max_shard_size"] = "100KB"
+    model.save_pretrained(folder, **kwargs)
+    return model

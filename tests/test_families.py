@@ -1,0 +1,179 @@
+"""Tier 2 over the family registry: every family against its transformers reference, in both
+checkpoint layouts (per-expert as the hub ships them, fused as transformers 5 writes them),
+one file and sharded, at cache sizes of one expert, a third, and all."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import offload_rt
+from offload_rt.checkpoint import CheckpointError
+from offload_rt.models import FAMILIES
+from tests.families import REFERENCES, save_family
+from tests.test_exactness import PROMPTS, reference_greedy
+
+NEW_TOKENS = 32
+# each axis covered for every family without the full product: (fused, sharded)
+LAYOUTS = [(False, False), (True, True)]
+PACKAGE = Path(__file__).parent.parent / "offload_rt"
+
+
+def test_every_registered_family_has_a_reference():
+    assert sorted(REFERENCES) == sorted(FAMILIES)
+
+
+@pytest.fixture(scope="module", params=sorted(REFERENCES))
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module", params=LAYOUTS, ids=["per-expert-single", "fused-sharded"])
+def written(request, family, tmp_path_factory):
+    fused, sharded = request.param
+    folder = tmp_path_factory.mktemp(f"{family}-{'fused' if fused else 'hub'}")
+    hf = save_family(family, folder, fused=fused, sharded=sharded)
+    has_index = (folder / "model.safetensors.index.json").is_file()
+    assert has_index == sharded
+    with torch.no_grad():
+        want_logits = hf(torch.tensor([PROMPTS[0]])).logits[0]
+    want_tokens = [reference_greedy(hf, p, NEW_TOKENS) for p in PROMPTS[:2]]
+    return folder, want_logits, want_tokens
+
+
+@pytest.mark.parametrize("share", ["one", "third", "all"])
+def test_family_matches_transformers(written, share):
+    folder, want_logits, want_tokens = written
+    with offload_rt.load(folder) as probe:
+        total = probe.config.num_experts_total
+    cache = {"one": 1, "third": total // 3, "all": None}[share]
+    with offload_rt.load(folder, cache_experts=cache) as model:
+        got = model.logits(PROMPTS[0])
+        assert (got - want_logits).abs().max().item() <= 1e-4
+        tokens = [r.token_ids for r in model.generate(PROMPTS[:2], max_new_tokens=NEW_TOKENS)]
+        stats = model.stats()
+    assert tokens == want_tokens
+    if cache is not None:
+        assert stats["resident_max"] <= cache and stats["evictions"] > 0
+
+
+def test_dense_layers_are_not_experts(tmp_path):
+    """Qwen3-MoE's mlp_only_layers: layer 0 has a dense MLP, so its experts are not in the
+    grid, the cache never sees layer 0, and warm-up loads only MoE layers."""
+    save_family("qwen3_moe", tmp_path)
+    with offload_rt.load(tmp_path, cache_experts=4) as model:
+        assert model.model.grid.layers == (1, 2)
+        assert model.config.num_experts_total == 12
+        seen: set[int] = set()
+        run = model.backend.run
+        model.backend.run = lambda groups: seen.update(k.layer for k in groups) or run(groups)
+        model.generate(PROMPTS[0], max_new_tokens=4)
+        assert seen == {1, 2}
+        assert model.warm() == 4
+
+
+def _rewrite(folder: Path, edit) -> None:
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("family_name", ["qwen3_moe", "qwen2_moe"])
+def test_broken_checkpoints_name_what_is_wrong(tmp_path, family_name):
+    def fresh(name: str) -> Path:
+        folder = tmp_path / name
+        save_family(family_name, folder)
+        return folder
+
+    expert = "model.layers.1.mlp.experts.4.up_proj.weight"
+    missing = fresh("missing")
+    _rewrite(missing, lambda t: t.pop(expert))
+    with pytest.raises(CheckpointError, match=expert.replace(".", r"\.")):
+        offload_rt.load(missing)
+
+    shaped = fresh("shape")
+    _rewrite(shaped, lambda t: t.update({expert: t[expert][:-1]}))
+    with pytest.raises(CheckpointError, match=r"up_proj\.weight.*shape \[47, 64\]"):
+        offload_rt.load(shaped)
+
+    no_field = fresh("field")
+    cfg = json.loads((no_field / "config.json").read_text())
+    del cfg["moe_intermediate_size"]
+    (no_field / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="config.json: missing field 'moe_intermediate_size'"):
+        offload_rt.load(no_field)
+
+
+def test_an_unknown_family_is_refused_naming_the_supported_ones(tmp_path):
+    save_family("mixtral", tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["model_type"], cfg["architectures"] = "llama4_text", ["Llama4ForCausalLM"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="unknown model_type 'llama4_text'.*qwen3_moe"):
+        offload_rt.load(tmp_path)
+
+
+def test_transformers_4_configs_are_read(tmp_path):
+    """The hub's configs: rope_theta at top level, num_experts as Qwen names it."""
+    hf = save_family("qwen3_moe", tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"], cfg["rope_scaling"] = rope["rope_theta"], None
+    cfg["num_experts"] = cfg.pop("num_local_experts", cfg.get("num_experts"))
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with offload_rt.load(tmp_path) as model, torch.no_grad():
+        want = hf(torch.tensor([PROMPTS[1]])).logits[0]
+        assert (model.logits(PROMPTS[1]) - want).abs().max().item() <= 1e-4
+
+
+FAMILY_NAME_FRAGMENTS = (
+    "block_sparse_moe",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "shared_expert",
+    "self_attn",
+    "embed_tokens",
+    "layernorm",
+    "experts.{",
+    "lm_head.weight",
+)
+
+
+def _string_literals(tree: ast.AST) -> list[str]:
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    return [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and id(node) not in docstrings
+    ]
+
+
+def test_only_the_family_package_names_tensors_or_assumes_layer_0():
+    """Outside offload_rt/models (and the converter of the original Mixtral release) no code
+    names a family's tensors, and none treats layer 0 as the first MoE layer."""
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE)
+        if rel.parts[0] in ("models", "convert"):
+            continue
+        source = path.read_text()
+        for literal in _string_literals(ast.parse(source)):
+            hits = [f for f in FAMILY_NAME_FRAGMENTS if f in literal]
+            assert not hits, f"{rel} names family tensors: {literal!r}"
+        for pattern in ("layer == 0", "layer != 0", "layers=(0", "range(cfg.num_hidden_layers)"):
+            assert pattern not in source, f"{rel} assumes MoE layers start at 0: {pattern!r}"
