@@ -52,6 +52,12 @@ REFERENCES: dict[str, tuple[str, str, dict]] = {
             norm_topk_prob=False,
         ),
     ),
+    "olmoe": (
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        # q/k norms over whole projections, a clip tight enough to bite on random weights
+        dict(intermediate_size=48, num_experts=6, clip_qkv=0.5, eos_token_id=2),
+    ),
 }
 
 

@@ -11,10 +11,15 @@ import torch
 from offload_rt.checkpoint import CONFIG_FILE, Checkpoint, CheckpointSpec
 from offload_rt.config import ConfigError, ConfigReader, ModelConfig, read_json_object
 from offload_rt.model import DecoderModel, ExpertBackend, ExpertPrefetcher
-from offload_rt.models import mixtral, qwen2_moe, qwen3_moe
+from offload_rt.models import mixtral, olmoe, qwen2_moe, qwen3_moe
 from offload_rt.models.family import Family
 
-_REGISTERED: tuple[Family, ...] = (mixtral.FAMILY, qwen3_moe.FAMILY, qwen2_moe.FAMILY)
+_REGISTERED: tuple[Family, ...] = (
+    mixtral.FAMILY,
+    qwen3_moe.FAMILY,
+    qwen2_moe.FAMILY,
+    olmoe.FAMILY,
+)
 FAMILIES: dict[str, Family] = {f.model_type: f for f in _REGISTERED}
 
 
