@@ -177,3 +177,33 @@ def test_only_the_family_package_names_tensors_or_assumes_layer_0():
             assert not hits, f"{rel} names family tensors: {literal!r}"
         for pattern in ("layer == 0", "layer != 0", "layers=(0", "range(cfg.num_hidden_layers)"):
             assert pattern not in source, f"{rel} assumes MoE layers start at 0: {pattern!r}"
+
+
+@pytest.mark.parametrize("family_name", ["qwen2_moe", "olmoe"])
+def test_quantized_experts_of_a_fused_checkpoint(tmp_path, family_name):
+    """`quantize` reads a fused checkpoint expert by expert and writes the family's
+    per-expert names; int8 stays close to float, and each miss moves the quantized bytes."""
+    from offload_rt.experts.formats import expert_nbytes
+    from offload_rt.tools.quantize import quantize_checkpoint
+
+    save_family(family_name, tmp_path / "float", fused=True)
+    quantize_checkpoint(tmp_path / "float", tmp_path / "q8", 8, 16, progress=False)
+    with offload_rt.load(tmp_path / "float") as model:
+        want = model.logits(PROMPTS[0])
+    with offload_rt.load(tmp_path / "q8", cache_experts=1) as model:
+        got = model.logits(PROMPTS[0])
+        stats = model.stats()
+        per_expert = expert_nbytes(model.config, torch.float32)
+    assert (got - want).abs().max().item() < 0.05
+    assert per_expert < 3 * 48 * 64 * 4 / 3  # int8 codes + scales: under a third of float32
+    assert stats["bytes_loaded"] == stats["misses"] * per_expert
+
+
+@pytest.mark.parametrize("family_name", sorted(REFERENCES))
+def test_demo_of_every_family(tmp_path, family_name, capsys):
+    from offload_rt.cli import main
+
+    argv = ["demo", "--family", family_name, "--cache-dir", str(tmp_path), "--max-new-tokens", "4"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"demo-{family_name}" in out and "misses" in out
