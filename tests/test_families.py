@@ -207,3 +207,43 @@ def test_demo_of_every_family(tmp_path, family_name, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert f"demo-{family_name}" in out and "misses" in out
+
+
+def test_prefetch_and_compute_on_miss_change_no_output_when_moe_starts_at_layer_1(tmp_path):
+    """Qwen3-MoE with a dense layer 0: the guess for the first MoE layer, the guard on it and
+    the loads behind a slow link are all by the grid; outputs equal, bit for bit."""
+    from tests.test_prefetch import SLOW_LINK, decode_logits
+
+    save_family("qwen3_moe", tmp_path)
+    opts = dict(cache_experts=5, link_gbps=SLOW_LINK)
+
+    def run(**more):
+        with offload_rt.load(tmp_path, **opts, **more) as model:
+            logits = decode_logits(model, PROMPTS[2], 12)
+            tokens = [r.token_ids for r in model.generate(PROMPTS[:2], max_new_tokens=12)]
+            return logits, tokens, model.stats()
+
+    base = run(prefetch=False)
+    for more in (dict(prefetch=True), dict(prefetch=True, compute_on_miss=True)):
+        logits, tokens, stats = run(**more)
+        assert torch.equal(logits, base[0]) and tokens == base[1], more
+        assert stats["prefetch_loads"] > 0 and stats["resident_max"] <= 5
+    assert stats["host_computed"] > 0
+
+
+def test_a_trace_of_a_family_has_its_grid_and_replays(tmp_path, capsys):
+    from offload_rt.cli import main
+
+    save_family("qwen3_moe", tmp_path / "m")
+    trace = tmp_path / "t.msgpack"
+    argv = ["generate", str(tmp_path / "m"), "--token-ids", "1,17,42,99", "--max-new-tokens"]
+    assert main([*argv, "6", "--cache-experts", "4", "--trace", str(trace)]) == 0
+    capsys.readouterr()
+    assert main(["cache-sim", str(trace), "--capacity", "2", "--global", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    from offload_rt.experts.traces import read_trace
+
+    recorded = read_trace(trace)
+    assert (recorded.num_layers, recorded.num_experts) == (2, 6)  # MoE layers 1-2 only
+    decode = sum(len(e) for p in recorded.passes[1:] for e in p)
+    assert result["hits"] + result["misses"] == decode == 5 * 2 * 2
