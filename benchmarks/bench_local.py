@@ -45,6 +45,7 @@ from transformers.utils import logging as hf_logging
 import offload_rt
 from offload_rt import ModelConfig, OffloadModel
 from offload_rt.engine import BatchDecoder
+from offload_rt.models import read_config
 
 MODEL = dict(
     vocab_size=32000,
@@ -221,7 +222,7 @@ def token_bytes(cfg: ModelConfig, itemsize: int) -> int:
     """Weight bytes one batch-1 decode token reads."""
     d, hd = cfg.hidden_size, cfg.head_dim
     attn = 2 * d * cfg.num_attention_heads * hd + 2 * d * cfg.num_key_value_heads * hd
-    experts = cfg.num_experts_per_tok * 3 * d * cfg.intermediate_size
+    experts = cfg.num_experts_per_tok * 3 * d * cfg.moe_intermediate_size
     layer = attn + 2 * d + cfg.num_local_experts * d + experts  # + 2 norms + router
     total = cfg.num_hidden_layers * layer + d + cfg.vocab_size * d + d  # + norm, lm_head, row
     return total * itemsize
@@ -252,8 +253,8 @@ def token_matrices(ort: OffloadModel) -> list[torch.Tensor]:
     mats = []
     store = ort.backend.store
     for lw in ort.model.weights.layers:
-        mats += [lw.attn.wqkv, lw.attn.wo, lw.router]
-    for slot in range(2 * ort.config.num_hidden_layers):
+        mats += [lw.attn.wqkv, lw.attn.wo, lw.mlp.router]
+    for slot in range(2 * len(ort.model.grid.layers)):
         mats += list(store.weights(slot))
     return [*mats, ort.model.weights.lm_head]
 
@@ -342,7 +343,7 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.2f} (other work on the machine skews every figure)"
     )
     folder = checkpoint(opts.workdir, opts.layers)
-    cfg = ModelConfig.from_folder(folder)
+    cfg = read_config(folder)
     prompts = make_prompts(max(BATCHES), cfg.vocab_size)
 
     if opts.device.type == "cuda":

@@ -41,9 +41,10 @@ from bench_local import MODEL, PROMPT_LEN, checkpoint, make_prompts
 from transformers.utils import logging as hf_logging
 
 import offload_rt
-from offload_rt import ModelConfig, OffloadModel
+from offload_rt import OffloadModel
 from offload_rt.engine import BatchDecoder
 from offload_rt.experts.prefetch import PrefetchStats
+from offload_rt.models import read_config
 
 CAPPED = ("no prefetch", "prefetch (both)", "compute on miss")  # the headline rows
 
@@ -250,7 +251,7 @@ def main() -> None:
     opts = parse_options()
     hf_logging.disable_progress_bar()
     folder = checkpoint(opts.workdir, opts.layers)
-    cfg = ModelConfig.from_folder(folder)
+    cfg = read_config(folder)
     capacity = cfg.num_experts_total // 4
     expert_bytes = cfg.expert_numel * 4
     bandwidth = link_bytes_per_s(opts, expert_bytes)

@@ -38,9 +38,10 @@ from offload_rt.checkpoint import Checkpoint
 from offload_rt.config import DEFAULT_GROUP_SIZE, ModelConfig, QuantConfig
 from offload_rt.engine import BatchDecoder
 from offload_rt.experts.quant import QuantizedTensor, dequantize
-from offload_rt.tools.quantize import quantize_checkpoint
 from offload_rt.experts.recorder import RoutingRecorder
 from offload_rt.model.moe import expert_ffn
+from offload_rt.models import open_checkpoint, read_config
+from offload_rt.tools.quantize import quantize_checkpoint
 
 VARIANTS = ("fp32", "int8", "int4")
 
@@ -128,8 +129,8 @@ def quantized(folder: Path, workdir: Path, bits: int, group: int) -> Path:
 
 def decode(model: OffloadModel, prompt: list[int], n: int, forced: list[int] | None) -> Decode:
     """Batch-1 greedy decode of n tokens (never stopping at EOS), or along `forced` tokens."""
-    cfg = model.config
-    rec = RoutingRecorder(model.model.backend, cfg.num_hidden_layers, cfg.num_local_experts)
+    grid = model.model.grid
+    rec = RoutingRecorder(model.model.backend, len(grid.layers), grid.experts)
     model.model.backend = rec
     try:
         decoder = BatchDecoder(model.model, [prompt], len(prompt) + n)
@@ -181,27 +182,28 @@ def expert_output_error(folders: dict[str, Path], tokens: int = 16) -> dict[str,
     """Relative RMS error of every expert's output against fp32's on the same random input
     (rows of unit RMS, as the post-attention RMSNorm hands them over): the quantization error
     of one expert, before the layers compound it. "bf16": fp32 weights rounded to bfloat16."""
-    fp = Checkpoint.open(folders["fp32"])
-    quantized = {name: Checkpoint.open(folders[name]) for name in VARIANTS[1:]}
+    fp = open_checkpoint(folders["fp32"])
+    quantized = {name: open_checkpoint(folders[name]) for name in VARIANTS[1:]}
     cfg, gen = fp.config, torch.Generator().manual_seed(0)
     sq = {name: 0.0 for name in (*VARIANTS[1:], "bf16")}
     ref_sq = 0.0
-    for layer in range(cfg.num_hidden_layers):
-        for expert in range(cfg.num_local_experts):
-            x = torch.randn(tokens, cfg.hidden_size, generator=gen)
-            w = {k: v.float() for k, v in fp.expert(layer, expert).items()}
-            ref = ffn(x, w)
-            ref_sq += float(ref.square().sum())
-            sq["bf16"] += float(
-                (ffn(x, {k: v.bfloat16().float() for k, v in w.items()}) - ref).square().sum()
-            )
-            for name, ckpt in quantized.items():
-                sq[name] += float((ffn(x, dequantized(ckpt, layer, expert)) - ref).square().sum())
+    for layer, expert in cfg.grid.keys():
+        x = torch.randn(tokens, cfg.hidden_size, generator=gen)
+        w = {k: v.float() for k, v in fp.expert(layer, expert).items()}
+        ref = ffn(x, w)
+        ref_sq += float(ref.square().sum())
+        sq["bf16"] += float(
+            (ffn(x, {k: v.bfloat16().float() for k, v in w.items()}) - ref).square().sum()
+        )
+        for name, ckpt in quantized.items():
+            sq[name] += float((ffn(x, dequantized(ckpt, layer, expert)) - ref).square().sum())
     return {name: (e / ref_sq) ** 0.5 for name, e in sq.items()}
 
 
 def ffn(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-    return expert_ffn(x, torch.cat([w["w1"], w["w3"]]), w["w2"])
+    """One expert from its logical parts: gate, up, down (a fused checkpoint: gate_up, down)."""
+    w13 = w["gate_up"] if "gate_up" in w else torch.cat([w["gate"], w["up"]])
+    return expert_ffn(x, w13, w["down"])
 
 
 def dequantized(ckpt: Checkpoint, layer: int, expert: int) -> dict[str, torch.Tensor]:
@@ -212,7 +214,7 @@ def dequantized(ckpt: Checkpoint, layer: int, expert: int) -> dict[str, torch.Te
             QuantizedTensor(*(parts[f"{proj}.{p}"] for p in ("qweight", "scales", "offsets"))),
             quant,
         )
-        for proj in ("w1", "w2", "w3")
+        for proj in ("gate", "up", "down")
     }
 
 
@@ -328,7 +330,7 @@ def main() -> None:
         flush=True,
     )
     folder = opts.folder or checkpoint(opts.workdir, opts.layers)
-    cfg = ModelConfig.from_folder(folder)
+    cfg = read_config(folder)
     folders = {
         "fp32": folder,
         "int8": quantized(folder, opts.workdir, 8, opts.group_size),

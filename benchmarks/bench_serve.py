@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 
 import offload_rt
-from offload_rt.demo import DEMO_NAME, make_demo_checkpoint
+from offload_rt.demo import demo_name, make_demo_checkpoint
 
 START_TIMEOUT_S = 300
 WARMUP = 2  # runs of each kind before the measured ones
@@ -130,7 +130,7 @@ def serve_rates(url: str, args: argparse.Namespace) -> tuple[float, float, float
 
 def main() -> None:
     args = parse_args()
-    folder = args.model_dir or make_demo_checkpoint(Path("/tmp/offload_rt_bench") / DEMO_NAME)
+    folder = args.model_dir or make_demo_checkpoint(Path("/tmp/offload_rt_bench") / demo_name())
     local, local_many = in_process(folder, args)
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -65,7 +65,10 @@ def tokenizer_config() -> dict[str, object]:
 def _random_tensors(spec: CheckpointSpec, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     shapes = dict(spec.dense)
-    shapes.update({name: shape for name, (shape, _) in spec.experts.tensors().items()})
+    experts = spec.experts.tensors()
+    for key in spec.config.grid.keys():  # each expert's tensors in name order, as ever drawn
+        for name in sorted(ref.name for ref in spec.experts.parts(key).values()):
+            shapes[name] = experts[name][0]
     for name, shape in shapes.items():
         if len(shape) == 1:
             yield name, torch.ones(shape)  # norm weights (and biases)

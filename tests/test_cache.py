@@ -6,9 +6,13 @@ import pytest
 import torch
 
 from offload_rt.experts import ExpertStore, LocalExpertBackend, SlotCache
+from offload_rt.experts.formats import SwiGLUFormat
+from offload_rt.grid import ExpertGrid
 from offload_rt.model import ExpertKey, expert_ffn
 
 D, F = 16, 24
+GRID = ExpertGrid((0, 1), 8)  # FakeSource's default: 2 layers x 8 experts
+FORMAT = SwiGLUFormat(D, F, torch.float32)
 
 
 class FakeSource:
@@ -21,9 +25,9 @@ class FakeSource:
         # outputs reach ~100 and two kernels' rounding differs by more than 1e-5)
         self.weights = {
             ExpertKey(layer, e): {
-                "w1": torch.randn(F, D, generator=gen) / D**0.5,
-                "w2": torch.randn(D, F, generator=gen) / F**0.5,
-                "w3": torch.randn(F, D, generator=gen) / D**0.5,
+                "gate": torch.randn(F, D, generator=gen) / D**0.5,
+                "down": torch.randn(D, F, generator=gen) / F**0.5,
+                "up": torch.randn(F, D, generator=gen) / D**0.5,
             }
             for layer in range(layers)
             for e in range(experts)
@@ -40,14 +44,14 @@ class FakeSource:
 
 
 def make_backend(source: FakeSource, capacity: int, host: int | None = 0) -> LocalExpertBackend:
-    store = ExpertStore(source, D, F, torch.device("cpu"), torch.float32, capacity, host)
-    return LocalExpertBackend(store, SlotCache(capacity))
+    store = ExpertStore(source, FORMAT, torch.device("cpu"), capacity, host)
+    return LocalExpertBackend(store, SlotCache(capacity), GRID)
 
 
 def reference(source: FakeSource, key: ExpertKey, x: torch.Tensor) -> torch.Tensor:
     w = source.weights[key]
     return torch.nn.functional.linear(
-        torch.nn.functional.silu(x @ w["w1"].T) * (x @ w["w3"].T), w["w2"]
+        torch.nn.functional.silu(x @ w["gate"].T) * (x @ w["up"].T), w["down"]
     )
 
 
@@ -177,9 +181,9 @@ def test_a_failed_load_leaves_no_half_loaded_expert():
 def test_expert_ffn_matches_separate_projections():
     w = FakeSource().weights[ExpertKey(0, 0)]
     x = torch.randn(5, D, generator=torch.Generator().manual_seed(5))
-    w13 = torch.cat([w["w1"], w["w3"]])
+    w13 = torch.cat([w["gate"], w["up"]])
     torch.testing.assert_close(
-        expert_ffn(x, w13, w["w2"]), reference(FakeSource(), ExpertKey(0, 0), x)
+        expert_ffn(x, w13, w["down"]), reference(FakeSource(), ExpertKey(0, 0), x)
     )
 
 
@@ -188,8 +192,8 @@ def test_simulated_link_charges_every_move_and_changes_nothing():
 
     source = FakeSource()
     link = SimulatedLink(bytes_per_s=1e9)
-    store = ExpertStore(source, D, F, torch.device("cpu"), torch.float32, 2, None, link)
-    backend = LocalExpertBackend(store, SlotCache(2))
+    store = ExpertStore(source, FORMAT, torch.device("cpu"), 2, None, link)
+    backend = LocalExpertBackend(store, SlotCache(2), GRID)
     x = torch.randn(1, D)
     for e in (0, 1, 2, 0, 1, 2):
         key = ExpertKey(0, e)

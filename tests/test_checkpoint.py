@@ -11,8 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import offload_rt
-from offload_rt.checkpoint import INDEX_FILE, Checkpoint, CheckpointError
-from offload_rt.config import ConfigError, ModelConfig
+from offload_rt.checkpoint import INDEX_FILE, CheckpointError, PerExpertLayout
+from offload_rt.config import ConfigError
+from offload_rt.grid import ExpertKey
+from offload_rt.models import open_checkpoint, parse_config
 from tests.conftest import TINY
 
 EXPERT = "model.layers.1.block_sparse_moe.experts.5.w2.weight"
@@ -56,9 +58,15 @@ def assert_load_fails(folder: Path, *fragments: str) -> None:
 
 def test_good_checkpoints_open(single, sharded):
     for folder in (single, sharded):
-        ckpt = Checkpoint.open(folder)
+        ckpt = open_checkpoint(folder)
         assert ckpt.config.num_local_experts == 8
-        assert ckpt.expert(1, 5)["w2"].shape == (TINY["hidden_size"], TINY["intermediate_size"])
+        down = ckpt.expert(1, 5)["down"]  # Mixtral's w2
+        assert down.shape == (TINY["hidden_size"], TINY["intermediate_size"])
+        layout = ckpt.spec.experts
+        assert isinstance(layout, PerExpertLayout)
+        assert layout.names(ExpertKey(1, 5))["down"] == EXPERT
+        assert torch.equal(down, ckpt.get(EXPERT))
+        ckpt.close()
 
 
 def test_missing_shard(sharded):
@@ -123,6 +131,10 @@ def test_corrupt_index(sharded):
         ({"num_local_experts": "8"}, ["'num_local_experts'", "positive integer"]),
         ({"rms_norm_eps": -1}, ["'rms_norm_eps'"]),
         ({"model_type": "llama"}, ["unknown model_type 'llama'"]),
+        (
+            {"model_type": "llama", "architectures": ["LlamaForCausalLM"]},
+            ["unknown model_type 'llama'", "supported", "mixtral"],
+        ),
         ({"num_experts_per_tok": 9}, ["num_experts_per_tok 9 exceeds num_local_experts 8"]),
         ({"num_key_value_heads": 3}, ["not a multiple of num_key_value_heads 3"]),
         ({"dtype": "int3"}, ["'dtype'"]),
@@ -142,7 +154,7 @@ def test_config_that_is_not_json(single):
 
 def test_config_reads_real_mixtral_fields():
     # the flat layout of Mixtral-8x7B's own config.json (rope_theta at top level, torch_dtype)
-    cfg = ModelConfig.from_dict(
+    cfg = parse_config(
         {
             "model_type": "mixtral",
             "vocab_size": 32000,
@@ -163,11 +175,12 @@ def test_config_reads_real_mixtral_fields():
             "torch_dtype": "bfloat16",
         }
     )
-    assert cfg.head_dim == 128
+    assert cfg.head_dim == 128 and cfg.model_type == "mixtral"
+    assert cfg.moe_intermediate_size == 14336 and cfg.moe_layers == tuple(range(32))
     assert cfg.rope_theta == 1e6 and cfg.dtype == "bfloat16" and cfg.eos_token_ids == (2,)
     assert cfg.expert_numel * 2 * cfg.num_experts_total / 1e9 == pytest.approx(90.2, rel=0.01)
     with pytest.raises(ConfigError, match="'eos_token_id'"):
-        ModelConfig.from_dict(
+        parse_config(
             {
                 **TINY,
                 "model_type": "mixtral",

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from offload_rt.demo import DEMO_NAME
+from offload_rt.demo import demo_name
 
 
 def offload_rt(*args: str) -> subprocess.CompletedProcess:
@@ -22,7 +22,7 @@ def test_demo_makes_its_checkpoint_once_and_generates(tmp_path):
     assert "random weights" in first.stdout
     assert "tokens: 8 new" in first.stdout and "tok/s" in first.stdout
     assert "hits=" in first.stdout and "resident_max=" in first.stdout
-    folder = tmp_path / DEMO_NAME
+    folder = tmp_path / demo_name()
     stamp = (folder / "config.json").stat().st_mtime_ns
     second = offload_rt("demo", "--cache-dir", str(tmp_path), "--max-new-tokens", "8")
     assert second.returncode == 0, second.stderr
@@ -61,7 +61,7 @@ def test_plan_prints_each_actor_and_generate_runs_on_ray(reference):
     folder, _ = reference
     out = offload_rt("plan", str(folder), "--expert-actors", "2")
     assert out.returncode == 0, out.stderr
-    assert "16 experts (2 layers x 8)" in out.stdout
+    assert "16 experts (2 MoE layers (layers 0-1) x 8 experts)" in out.stdout
     assert "expert-0" in out.stdout and "expert-1" in out.stdout
     local = offload_rt("generate", str(folder), "--token-ids", "1,5,9", "--max-new-tokens", "6")
     remote = offload_rt(
@@ -83,7 +83,13 @@ def test_plan_prints_each_actor_and_generate_runs_on_ray(reference):
 
 def test_demo_on_a_local_ray(tmp_path):
     out = offload_rt(
-        "demo", "--backend", "ray", "--cache-dir", str(tmp_path), "--max-new-tokens", "6"
+        "demo",
+        "--backend",
+        "ray",
+        "--cache-dir",
+        str(tmp_path),
+        "--max-new-tokens",
+        "6",
     )
     assert out.returncode == 0, out.stderr
     assert "random weights" in out.stdout and "tokens: 6 new" in out.stdout

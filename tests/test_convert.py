@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import offload_rt
-from offload_rt.checkpoint import INDEX_FILE, Checkpoint
+from offload_rt.checkpoint import INDEX_FILE
 from offload_rt.cli import main
 from offload_rt.convert import ConvertError, convert_checkpoint, interleaved_to_half_split
+from offload_rt.models import open_checkpoint
 from tests.original_format import original_from_hf, write_original
 
 PROMPTS = [[1, 17, 42, 99, 5, 63, 88, 12, 7, 101], [1, 11, 60, 3]]
@@ -99,7 +100,7 @@ def test_dtype_option_and_cli(tmp_path, original, capsys):
     assert main(["convert", str(original), str(out), "--dtype", "bfloat16", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "no rope_theta" in printed and "no tokenizer" in printed and str(out) in printed
-    ckpt = Checkpoint.open(out)
+    ckpt = open_checkpoint(out)
     assert ckpt.dtype == torch.bfloat16
     assert {info.dtype for info in ckpt.tensors.values()} == {torch.bfloat16}
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from offload_rt.checkpoint import write_checkpoint
-from offload_rt.demo import byte_level_tokenizer, demo_config_dict
+from offload_rt.demo import byte_level_tokenizer
+from offload_rt.models import FAMILIES, parse_config
 
 MEASURE = textwrap.dedent(
     """
@@ -36,17 +37,15 @@ MEASURE = textwrap.dedent(
 def test_loading_leaves_experts_on_disk(tmp_path):
     import torch
 
-    from offload_rt.config import ModelConfig
-
-    config = demo_config_dict(byte_level_tokenizer().get_vocab_size())
+    mixtral = FAMILIES["mixtral"]
+    config = mixtral.demo_config(byte_level_tokenizer().get_vocab_size())
     # wide experts and a thin rest: 4 layers x 8 experts x 3 x 256 x 4096 x 4 bytes = 403 MB
     config.update(hidden_size=256, intermediate_size=4096, num_hidden_layers=4)
-    cfg = ModelConfig.from_dict(config)
+    spec = mixtral.spec(parse_config(config), frozenset())
 
     def tensors():
-        from offload_rt.checkpoint import dense_tensor_shapes, expert_tensor_shapes
-
-        for name, shape in {**dense_tensor_shapes(cfg), **expert_tensor_shapes(cfg)}.items():
+        experts = {name: shape for name, (shape, _) in spec.experts.tensors().items()}
+        for name, shape in {**spec.dense, **experts}.items():
             yield name, torch.full(shape, 0.01)
 
     write_checkpoint(tmp_path, config, tensors(), max_shard_bytes=64 << 20)

@@ -16,9 +16,15 @@ from offload_rt.distributed.placement import (
     plan_placement,
     replan,
 )
+from offload_rt.grid import ExpertGrid
 from offload_rt.model import ExpertKey
 
 EB = 100  # bytes of one expert in the small clusters below
+
+
+def grid(layers: int, experts: int) -> ExpertGrid:
+    """Every decoder layer MoE, as in Mixtral."""
+    return ExpertGrid(tuple(range(layers)), experts)
 
 
 def gpu_node(name: str, gpus: int = 1, slots: int = 10, host_slots: int = 10, **res) -> NodeInfo:
@@ -56,7 +62,7 @@ def check(plan: PlacementPlan, nodes: list[NodeInfo], layers: int, experts: int)
 
 def test_one_actor_per_gpu_fills_devices_first():
     nodes = [gpu_node("n0", gpus=2), gpu_node("n1"), gpu_node("n2")]
-    plan = plan_placement(nodes, 4, 8, EB)
+    plan = plan_placement(nodes, grid(4, 8), EB)
     check(plan, nodes, 4, 8)
     assert [a.node_id for a in plan.actors] == ["n0", "n1", "n2", "n0"]  # distinct nodes first
     assert all(a.device == "cuda" and len(a.experts) == 8 for a in plan.actors)
@@ -67,7 +73,7 @@ def test_one_actor_per_gpu_fills_devices_first():
 
 def test_spill_to_host_behind_the_device_cache():
     nodes = [gpu_node("n0"), gpu_node("n1")]
-    plan = plan_placement(nodes, 2, 16, EB)
+    plan = plan_placement(nodes, grid(2, 16), EB)
     check(plan, nodes, 2, 16)
     for a in plan.actors:
         assert (len(a.experts), a.device_slots, a.host_bytes) == (16, 10, 6 * EB)
@@ -76,14 +82,14 @@ def test_spill_to_host_behind_the_device_cache():
 
 def test_device_fill_is_proportional_to_device_memory():
     nodes = [gpu_node("n0", slots=30, host_slots=0), gpu_node("n1", slots=10, host_slots=0)]
-    plan = plan_placement(nodes, 2, 8, EB)
+    plan = plan_placement(nodes, grid(2, 8), EB)
     check(plan, nodes, 2, 8)
     assert [len(a.experts) for a in plan.actors] == [12, 4]
 
 
 def test_each_layer_spreads_over_the_actors():
     nodes = [gpu_node(f"n{i}", slots=20) for i in range(4)]
-    plan = plan_placement(nodes, 8, 8, EB)
+    plan = plan_placement(nodes, grid(8, 8), EB)
     for layer in range(8):
         per_actor = Counter(plan.owner(ExpertKey(layer, e)).index for e in range(8))
         assert per_actor == {0: 2, 1: 2, 2: 2, 3: 2}
@@ -91,18 +97,18 @@ def test_each_layer_spreads_over_the_actors():
 
 def test_deterministic_for_the_same_cluster_in_any_order():
     nodes = [gpu_node("n0", gpus=2, slots=7), gpu_node("n1", slots=13), cpu_node("n2", 9)]
-    plan = plan_placement(nodes, 5, 8, EB)
-    assert plan_placement(list(nodes), 5, 8, EB) == plan
+    plan = plan_placement(nodes, grid(5, 8), EB)
+    assert plan_placement(list(nodes), grid(5, 8), EB) == plan
     rng = random.Random(0)
     for _ in range(5):
         shuffled = rng.sample(nodes, len(nodes))
-        assert plan_placement(shuffled, 5, 8, EB) == plan
+        assert plan_placement(shuffled, grid(5, 8), EB) == plan
     check(plan, nodes, 5, 8)
 
 
 def test_nodes_without_gpus_get_one_cpu_actor_each():
     nodes = [cpu_node("n0", 30), cpu_node("n1", 30), gpu_node("n2", slots=30)]
-    plan = plan_placement(nodes, 4, 8, EB)
+    plan = plan_placement(nodes, grid(4, 8), EB)
     check(plan, nodes, 4, 8)
     devices = {a.node_id: a.device for a in plan.actors}
     assert devices == {"n0": "cpu", "n1": "cpu", "n2": "cuda"}
@@ -112,21 +118,21 @@ def test_nodes_without_gpus_get_one_cpu_actor_each():
 
 def test_explicit_actor_count():
     nodes = [gpu_node("n0", gpus=2), gpu_node("n1", gpus=2), gpu_node("n2")]
-    plan = plan_placement(nodes, 2, 8, EB, expert_actors=3)
+    plan = plan_placement(nodes, grid(2, 8), EB, expert_actors=3)
     assert [a.node_id for a in plan.actors] == ["n0", "n1", "n2"]
     check(plan, nodes, 2, 8)
-    two = plan_placement(nodes, 2, 8, EB, expert_actors=2)
+    two = plan_placement(nodes, grid(2, 8), EB, expert_actors=2)
     assert [a.node_id for a in two.actors] == ["n0", "n1"]
     assert two.actors[0].host_memory_bytes == 10 * EB  # n0's RAM is all its one actor's
     with pytest.raises(PlacementError, match="expert_actors=6 exceeds the 5 GPUs"):
-        plan_placement(nodes, 2, 8, EB, expert_actors=6)
+        plan_placement(nodes, grid(2, 8), EB, expert_actors=6)
     with pytest.raises(PlacementError, match="expert_actors must be positive"):
-        plan_placement(nodes, 2, 8, EB, expert_actors=0)
+        plan_placement(nodes, grid(2, 8), EB, expert_actors=0)
 
 
 def test_explicit_count_shares_a_cpu_node_between_actors():
     nodes = [cpu_node("n0", 20), cpu_node("n1", 21)]
-    plan = plan_placement(nodes, 2, 8, EB, expert_actors=5)
+    plan = plan_placement(nodes, grid(2, 8), EB, expert_actors=5)
     check(plan, nodes, 2, 8)
     assert [a.node_id for a in plan.actors] == ["n0", "n1", "n0", "n1", "n0"]
     assert [a.device_memory_bytes for a in plan.actors] == [666, 1050, 666, 1050, 666]
@@ -135,13 +141,13 @@ def test_explicit_count_shares_a_cpu_node_between_actors():
 def test_error_names_the_first_expert_without_room():
     nodes = [gpu_node("n0", slots=10, host_slots=5), gpu_node("n1", slots=10, host_slots=5)]
     with pytest.raises(PlacementError, match=r"cannot place layer 3 expert 6: it needs 100 bytes"):
-        plan_placement(nodes, 4, 8, EB)  # 30 slots for 32 experts: the 31st is (3, 6)
+        plan_placement(nodes, grid(4, 8), EB)  # 30 slots for 32 experts: the 31st is (3, 6)
 
 
 def test_error_when_one_expert_is_larger_than_any_memory():
     nodes = [NodeInfo("n0", "10.0.0.0", 1, 250, 90)]
     with pytest.raises(PlacementError) as err:
-        plan_placement(nodes, 2, 8, 300)
+        plan_placement(nodes, grid(2, 8), 300)
     msg = str(err.value)
     assert "layer 0 expert 0" in msg and "needs 300 bytes" in msg
     assert "most free on one actor is 340 bytes" in msg
@@ -153,19 +159,48 @@ def test_error_when_one_expert_is_larger_than_any_memory():
         ([], (2, 8, EB), "no alive nodes"),
         ([gpu_node("n0"), gpu_node("n0")], (2, 8, EB), "node ids repeat"),
         ([NodeInfo("n0", "a", 1, -1, 0)], (2, 8, EB), "n0: gpu_memory_bytes is negative"),
-        ([gpu_node("n0")], (0, 8, EB), "num_layers must be positive, got 0"),
         ([gpu_node("n0")], (2, 8, 0), "expert_bytes must be positive, got 0"),
     ],
 )
 def test_bad_inputs(nodes, args, match):
+    layers, experts, expert_bytes = args
     with pytest.raises(PlacementError, match=match):
-        plan_placement(nodes, *args)
+        plan_placement(nodes, grid(layers, experts), expert_bytes)
+
+
+@pytest.mark.parametrize(
+    "layers, experts, match",
+    [
+        ((), 8, "MoE layers must be distinct and ascending"),
+        ((1, 0), 8, "MoE layers must be distinct and ascending"),
+        ((0, 0), 8, "MoE layers must be distinct and ascending"),
+        ((-1, 0), 8, "bad expert grid"),
+        ((0, 1), 0, "bad expert grid"),
+    ],
+)
+def test_a_plan_has_a_valid_grid_of_layers_and_experts(layers, experts, match):
+    """What the planner checked of its layer and expert counts, the grid now checks itself."""
+    with pytest.raises(ValueError, match=match):
+        ExpertGrid(layers, experts)
+
+
+def test_placement_covers_exactly_the_moe_layers_of_the_grid():
+    """MoE layers need not start at 0 nor be contiguous: the plan holds exactly their keys."""
+    nodes = [gpu_node("n0"), gpu_node("n1")]
+    moe = ExpertGrid((1, 3, 4), 4)
+    plan = plan_placement(nodes, moe, EB)
+    placed = sorted(k for a in plan.actors for k in a.experts)
+    assert placed == [ExpertKey(layer, e) for layer in (1, 3, 4) for e in range(4)]
+    assert plan.grid == moe
+    with pytest.raises(KeyError, match="layer 0 expert 0 is not in the plan"):
+        plan.owner(ExpertKey(0, 0))
+    assert plan.format().startswith("12 experts (3 MoE layers (layers [1, 3, 4]) x 4 experts)")
 
 
 def test_replan_keeps_survivors_experts_and_respects_memory():
     nodes = [gpu_node("n0", slots=8, host_slots=8), gpu_node("n1", gpus=2, slots=8, host_slots=16)]
     nodes.append(gpu_node("n2", slots=8, host_slots=8))
-    plan = plan_placement(nodes, 4, 8, EB)
+    plan = plan_placement(nodes, grid(4, 8), EB)
     gone = {a.index for a in plan.actors if a.node_id == "n2"}
     after = replan(plan, [a.index for a in plan.actors if a.index not in gone])
     check(after, nodes, 4, 8)
@@ -179,13 +214,13 @@ def test_replan_keeps_survivors_experts_and_respects_memory():
 
 def test_replan_with_every_actor_alive_changes_nothing():
     nodes = [gpu_node("n0"), gpu_node("n1")]
-    plan = plan_placement(nodes, 2, 8, EB)
+    plan = plan_placement(nodes, grid(2, 8), EB)
     assert replan(plan, [0, 1]) == plan
 
 
 def test_replan_errors_name_the_expert_and_unknown_actors():
     nodes = [gpu_node("n0", slots=8, host_slots=0), gpu_node("n1", slots=8, host_slots=0)]
-    plan = plan_placement(nodes, 2, 8, EB)
+    plan = plan_placement(nodes, grid(2, 8), EB)
     with pytest.raises(PlacementError, match=r"cannot place layer 0 expert 1: it needs 100 bytes"):
         replan(plan, [0])
     with pytest.raises(
@@ -195,7 +230,7 @@ def test_replan_errors_name_the_expert_and_unknown_actors():
 
 
 def test_owner_and_grouping_by_actor():
-    plan = plan_placement([gpu_node("n0"), gpu_node("n1")], 2, 4, EB)
+    plan = plan_placement([gpu_node("n0"), gpu_node("n1")], grid(2, 4), EB)
     keys = [ExpertKey(1, 3), ExpertKey(1, 0), ExpertKey(1, 1)]
     groups = plan.group_by_actor(keys)
     assert sorted(k for ks in groups.values() for k in ks) == sorted(keys)
@@ -207,9 +242,11 @@ def test_owner_and_grouping_by_actor():
 
 def test_format_prints_one_row_per_actor():
     nodes = [gpu_node("n0"), cpu_node("n1")]
-    text = plan_placement(nodes, 2, 14, EB).format()
+    text = plan_placement(nodes, grid(2, 14), EB).format()
     lines = text.splitlines()
-    assert lines[0].startswith("28 experts (2 layers x 14) of 100 B on 2 actors")
+    assert lines[0].startswith(
+        "28 experts (2 MoE layers (layers 0-1) x 14 experts) of 100 B on 2 actors"
+    )
     assert lines[1].split()[:5] == ["actor", "node", "address", "device", "experts"]
     assert lines[2].split()[:5] == ["expert-0", "n0", "10.0.0.0", "cuda", "18"]
     assert lines[3].split()[:5] == ["expert-1", "n1", "10.0.1.1", "cpu", "10"]
@@ -219,7 +256,7 @@ def test_format_prints_one_row_per_actor():
 def test_mixtral_on_three_consumer_gpus():
     expert_bytes = 3 * 14336 * 4096 * 2  # bf16
     nodes = [NodeInfo(f"n{i}", f"10.0.0.{i}", 1, 22 * GiB, 32 * GiB) for i in range(3)]
-    plan = plan_placement(nodes, 32, 8, expert_bytes)
+    plan = plan_placement(nodes, grid(32, 8), expert_bytes)
     assert [len(a.experts) for a in plan.actors] == [86, 85, 85]
     assert all(a.device_slots == 67 for a in plan.actors)
     assert "expected resident fraction 0.79" in plan.format()

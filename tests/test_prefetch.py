@@ -16,14 +16,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import offload_rt
-from offload_rt.checkpoint import router_tensor_name
 from offload_rt.engine import BatchDecoder
 from offload_rt.experts import ExpertStore, LocalExpertBackend, OffloadOptions, SlotCache
 from offload_rt.experts import backend as backend_module
 from offload_rt.experts.store import SimulatedLink
 from offload_rt.model import expert_ffn
 from tests.conftest import save_reference
-from tests.test_cache import D, F, FakeSource, keys, reference
+from tests.test_cache import FORMAT, GRID, D, F, FakeSource, keys, reference
 from tests.test_exactness import PROMPTS, reference_greedy
 
 NEW_TOKENS = 32
@@ -114,6 +113,11 @@ def test_loads_run_while_resident_experts_compute():
     backend.close()
 
 
+def router_name(layer: int) -> str:
+    """Mixtral's router tensor as the hub (and transformers' save_pretrained) names it."""
+    return f"model.layers.{layer}.block_sparse_moe.gate.weight"
+
+
 def predictable_checkpoint(folder: Path) -> Path:
     """A 4-layer model whose layers all share layer 0's router and change the residual stream
     by a thousandth: the hidden state after layer L's attention routes as layer L+1's will."""
@@ -124,7 +128,7 @@ def predictable_checkpoint(folder: Path) -> Path:
         if name.endswith(("o_proj.weight", "w2.weight")):
             tensors[name] = tensors[name] * 1e-3
     for layer in range(1, 4):
-        tensors[router_tensor_name(layer)] = tensors[router_tensor_name(0)].clone()
+        tensors[router_name(layer)] = tensors[router_name(0)].clone()
     save_file(tensors, path, metadata={"format": "pt"})
     return folder
 
@@ -146,8 +150,8 @@ def test_prefetch_stats_on_a_predictable_model(tmp_path, reference):
 
 
 def prefetching_backend(source: FakeSource, capacity: int, link: SimulatedLink | None = None):
-    store = ExpertStore(source, D, F, torch.device("cpu"), torch.float32, capacity, None, link)
-    return LocalExpertBackend(store, SlotCache(capacity), OffloadOptions(prefetch=True))
+    store = ExpertStore(source, FORMAT, torch.device("cpu"), capacity, None, link)
+    return LocalExpertBackend(store, SlotCache(capacity), GRID, OffloadOptions(prefetch=True))
 
 
 def test_prefetch_counters_on_a_scripted_sequence():
@@ -309,8 +313,8 @@ def test_an_arriving_expert_starts_on_w13_before_its_w2_lands():
     """Behind a slow link, a missing expert's w13 matmul runs while its w2 (a third of its
     bytes) still moves; the w2 matmul waits for the whole load. The output is unchanged."""
     source = FakeSource()
-    store = ExpertStore(source, D, F, torch.device("cpu"), torch.float32, 2, None, slow_link())
-    backend = LocalExpertBackend(store, SlotCache(2))
+    store = ExpertStore(source, FORMAT, torch.device("cpu"), 2, None, slow_link())
+    backend = LocalExpertBackend(store, SlotCache(2), GRID)
     seen = []
     up, down = backend_module.expert_up, backend_module.expert_down
 
@@ -333,7 +337,7 @@ def test_an_arriving_expert_starts_on_w13_before_its_w2_lands():
     # bit for bit what a resident expert gives (the same two kernels on the same packed
     # weights); the separate-projection reference is another kernel, so only close to it
     w = source.weights[key]
-    resident = expert_ffn(x, torch.cat([w["w1"], w["w3"]]), w["w2"])
+    resident = expert_ffn(x, torch.cat([w["gate"], w["up"]]), w["down"])
     assert torch.equal(out[key], resident)
     torch.testing.assert_close(out[key], reference(source, key, x))
     assert seen == [("up", False), ("down", True)]

@@ -7,15 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from offload_rt.config import ConfigError, ModelConfig, QuantConfig
+from offload_rt.config import ConfigError, QuantConfig
+from offload_rt.experts.formats import expert_nbytes
 from offload_rt.experts.quant import (
     ExpertCodec,
     dequantize,
-    expert_nbytes,
     pack_int4,
     quantize,
     unpack_int4,
 )
+from offload_rt.models import parse_config
 
 ROWS, COLS = 24, 128
 
@@ -167,8 +168,8 @@ def test_quant_config_refuses_bad_values(kwargs, match):
 def test_codec_packs_and_dequantizes_an_expert(bits, dtype):
     d, f, quant = 32, 48, QuantConfig(bits, 16)
     g = torch.Generator().manual_seed(3)
-    w = {"w1": torch.randn(f, d, generator=g), "w3": torch.randn(f, d, generator=g)}
-    w["w2"] = torch.randn(d, f, generator=g)
+    w = {"gate": torch.randn(f, d, generator=g), "up": torch.randn(f, d, generator=g)}
+    w["down"] = torch.randn(d, f, generator=g)
     parts = {}
     for proj, weight in w.items():
         q = quantize(weight, quant)
@@ -183,7 +184,7 @@ def test_codec_packs_and_dequantizes_an_expert(bits, dtype):
         return dequantize(q, quant, dtype)
 
     assert w13.dtype == dtype and w13.shape == (2 * f, d) and w2.shape == (d, f)
-    assert torch.equal(w13, torch.cat([deq("w1"), deq("w3")])) and torch.equal(w2, deq("w2"))
+    assert torch.equal(w13, torch.cat([deq("gate"), deq("up")])) and torch.equal(w2, deq("down"))
     scratch = w13.data_ptr()
     assert codec.dequantize(codec.views(buf))[0].data_ptr() == scratch  # reused, not new
     # codes, then two float16 groups per (row, group) for scales and offsets
@@ -207,13 +208,13 @@ def test_expert_bytes_against_16_and_32_bit_weights():
         rope_theta=1e6,
         max_position_embeddings=32768,
     )
-    plain = ModelConfig.from_dict(base)
+    plain = parse_config(base)
     n = plain.expert_numel
     for bits, halves in ((8, 0.5 + 1 / 32), (4, 0.25 + 1 / 32)):
-        q = ModelConfig.from_dict({**base, "quantization_config": QuantConfig(bits, 64).to_dict()})
+        q = parse_config({**base, "quantization_config": QuantConfig(bits, 64).to_dict()})
         assert expert_nbytes(q, torch.bfloat16) / expert_nbytes(plain, torch.bfloat16) == halves
         assert expert_nbytes(q, torch.float32) == n * bits // 8 + n // 64 * 4
     with pytest.raises(ConfigError, match="group_size 96 does not divide hidden_size 4096"):
-        ModelConfig.from_dict({**base, "quantization_config": QuantConfig(8, 96).to_dict()})
+        parse_config({**base, "quantization_config": QuantConfig(8, 96).to_dict()})
     with pytest.raises(ConfigError, match="quant_method 'gptq'"):
-        ModelConfig.from_dict({**base, "quantization_config": {"quant_method": "gptq"}})
+        parse_config({**base, "quantization_config": {"quant_method": "gptq"}})

@@ -14,11 +14,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import offload_rt
-from offload_rt.checkpoint import CheckpointError, quantized_tensor_name
+from offload_rt.checkpoint import CheckpointError
 from offload_rt.tools.quantize import quantize_checkpoint
 
-SCALES = quantized_tensor_name(1, 5, "w2", "scales")
-QWEIGHT = quantized_tensor_name(0, 3, "w1", "qweight")
+# Mixtral's hub names: w1 is the gate projection, w2 the down projection
+SCALES = "model.layers.1.block_sparse_moe.experts.5.w2.scales"
+QWEIGHT = "model.layers.0.block_sparse_moe.experts.3.w1.qweight"
 
 
 def offload_rt_cli(*args: str) -> subprocess.CompletedProcess:

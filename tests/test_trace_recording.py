@@ -13,8 +13,9 @@ def test_recorded_trace_equals_the_reference_routing(reference, tmp_path):
     folder, hf = reference
     prompt, new = [1, 17, 42, 99, 5, 63], 8
     with offload_rt.load(folder, cache_experts=5) as m:
-        cfg = m.config
-        recorder = RoutingRecorder(m.model.backend, cfg.num_hidden_layers, cfg.num_local_experts)
+        grid = m.model.grid  # a trace has one entry per MoE layer: every layer, in Mixtral
+        assert grid.layers == tuple(range(m.config.num_hidden_layers))
+        recorder = RoutingRecorder(m.model.backend, len(grid.layers), grid.experts)
         m.model.backend = recorder
         tokens = m.generate(prompt, max_new_tokens=new).token_ids
     trace = recorder.trace()

@@ -21,9 +21,11 @@ class TextStream:
 
     def piece(self, tokens: list[int]) -> str:
         """The new text that is safe to send after `tokens` (the whole sequence so far)."""
-        text = self.decode(tokens)
+        # the unfinished character first, then the hold: a stop string may begin anywhere in
+        # the last `hold` characters that are final, not in the last `hold` of any kind
+        text = self.decode(tokens).rstrip(REPLACEMENT)
         safe = text[: len(text) - self.hold] if self.hold else text
-        return self._extend(safe.rstrip(REPLACEMENT))
+        return self._extend(safe)
 
     def finish(self, final_text: str) -> str:
         """The rest of the final text (already cut at a stop string) once the sequence ends."""

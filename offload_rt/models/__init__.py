@@ -24,11 +24,13 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in _REGISTERED}
 
 
 def family_of(raw: dict[str, Any], source: str = CONFIG_FILE) -> Family:
-    """The family of a config.json: by model_type, else by architectures."""
+    """The family of a config.json: by model_type, or by architectures when it has none (an
+    unknown model_type is refused even beside a known architecture: it says another model)."""
     model_type = raw.get("model_type")
     if model_type in FAMILIES:
         return FAMILIES[model_type]
-    for arch in raw.get("architectures") or []:
+    architectures = raw.get("architectures") or []
+    for arch in architectures if model_type is None and isinstance(architectures, list) else []:
         for family in _REGISTERED:
             if arch in family.architectures:
                 return family

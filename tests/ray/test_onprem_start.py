@@ -116,13 +116,14 @@ CHECK = textwrap.dedent(
     import json, sys, time
     import ray
     from offload_rt.distributed.cluster import RayOptions, plan_for_cluster
+    from offload_rt.grid import ExpertGrid
     ray.init(address=sys.argv[1], namespace="offload_rt_onprem_test")
     deadline = time.monotonic() + 60
     while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.monotonic() < deadline:
         time.sleep(0.5)
     nodes = [n for n in ray.nodes() if n["Alive"]]
     # 4 of Mixtral's 32 layers: 32 fp16 experts, 11 GiB, fit the two (claimed) 24 GB GPUs
-    plan = plan_for_cluster(4, 8, int(sys.argv[2]), RayOptions())
+    plan = plan_for_cluster(ExpertGrid((0, 1, 2, 3), 8), int(sys.argv[2]), RayOptions())
     print(json.dumps({
         "nodes": [{"id": n["NodeID"], "resources": n["Resources"]} for n in nodes],
         "actors": [{"device": a.device, "node": a.node_id,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 import offload_rt
-from offload_rt.checkpoint import Checkpoint
-from offload_rt.experts.quant import expert_nbytes
+from offload_rt.experts.formats import expert_nbytes
+from offload_rt.models import read_config
 from offload_rt.tools.quantize import quantize_checkpoint
 from tests.ray.helpers import assert_same_as_local, local_outputs_of, ray
 
@@ -16,7 +16,7 @@ def test_quantized_checkpoint_on_local_ray_matches_local(reference, tmp_path_fac
     folder = tmp_path_factory.mktemp("ray-int4") / "model"
     quantize_checkpoint(reference[0], folder, 4, 32, progress=False)
     # codes, scales and offsets: the compute dtype does not enter
-    per_expert = expert_nbytes(Checkpoint.open(folder).config, torch.float32)
+    per_expert = expert_nbytes(read_config(folder), torch.float32)
     local = local_outputs_of(folder)
     with offload_rt.load(folder, backend="ray", expert_actors=2) as m:
         assert m.backend.cluster.plan.expert_bytes == per_expert
