@@ -9,6 +9,7 @@ from pathlib import Path
 
 from offload_rt.distributed.cluster import RayOptions
 from offload_rt.engine import OffloadModel, load
+from offload_rt.experts.policies import DEFAULT_POLICY, RUNTIME_POLICIES
 from offload_rt.model.decoder import PREDICT_FROM
 
 GIB = 1 << 30
@@ -58,6 +59,12 @@ def add_offload_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run a missing expert on the CPU from host RAM when that beats copying it",
     )
+    p.add_argument(
+        "--cache-policy",
+        default=DEFAULT_POLICY,
+        choices=list(RUNTIME_POLICIES),
+        help="which resident expert a miss evicts (default: %(default)s)",
+    )
 
 
 def add_model_options(p: argparse.ArgumentParser, cache_experts: int | None) -> None:
@@ -90,4 +97,5 @@ def load_model(args: argparse.Namespace, path: Path) -> OffloadModel:
         prefetch=args.prefetch,
         prefetch_from=args.prefetch_from,
         compute_on_miss=args.compute_on_miss,
+        cache_policy=args.cache_policy,
     )

@@ -14,6 +14,7 @@ from offload_rt.distributed.cluster import RayOptions
 from offload_rt.dtypes import DTYPE_NAMES, DTYPES
 from offload_rt.experts import ExpertStore, LocalExpertBackend, OffloadOptions, SlotCache
 from offload_rt.experts.formats import expert_format, expert_nbytes
+from offload_rt.experts.policies import DEFAULT_POLICY, runtime_policy
 from offload_rt.experts.store import SimulatedLink
 
 if TYPE_CHECKING:
@@ -62,6 +63,7 @@ def local_backend(
     host_experts: int | None,
     link_gbps: float | None = None,
     options: OffloadOptions | None = None,
+    cache_policy: str = DEFAULT_POLICY,
 ) -> LocalExpertBackend:
     cfg = ckpt.config
     # on a CPU device the slots are host RAM already: a host tier would hold every expert twice,
@@ -70,7 +72,8 @@ def local_backend(
     link = None if link_gbps is None else SimulatedLink(link_gbps * 1e9)
     fmt = expert_format(cfg, device, dtype)
     store = ExpertStore(ckpt, fmt, device, capacity, host, link)
-    return LocalExpertBackend(store, SlotCache(capacity), cfg.grid, options or OffloadOptions())
+    cache = SlotCache(capacity, runtime_policy(cache_policy, len(cfg.grid.layers)))
+    return LocalExpertBackend(store, cache, cfg.grid, options or OffloadOptions())
 
 
 def ray_backend(

@@ -24,6 +24,7 @@ from offload_rt.engine.loader import (
 from offload_rt.engine.sampling import RequestError, SamplingParams
 from offload_rt.engine.tokenizer import TextTokenizer
 from offload_rt.experts import LocalExpertBackend, OffloadOptions
+from offload_rt.experts.policies import DEFAULT_POLICY, runtime_policy
 from offload_rt.model import DecoderModel
 from offload_rt.model.decoder import PREDICT_FROM
 from offload_rt.model.moe import ExpertBackend
@@ -205,6 +206,7 @@ def load(
     prefetch: bool | None = None,
     prefetch_from: str = "both",
     compute_on_miss: bool = False,
+    cache_policy: str = DEFAULT_POLICY,
 ) -> OffloadModel:
     """Open a Hugging Face checkpoint folder of a supported family (`offload_rt.models`).
 
@@ -222,7 +224,9 @@ def load(
     prefetch_from: where that guess is made, "attention" (after L's attention), "moe" (after
     L's MoE output) or "both". compute_on_miss: local backend behind a link (a GPU, or
     link_gbps): run a missing expert on the CPU from host RAM when a cost model says that
-    beats copying it. None of these changes an output.
+    beats copying it. cache_policy: local backend: which resident expert a miss evicts,
+    "lru", "lfu", "lrfu" or "markov" (`offload_rt/experts/policies.py`, the simulator's own).
+    None of these changes an output.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; available: {BACKENDS}")
@@ -231,6 +235,7 @@ def load(
         "link_gbps": link_gbps is not None,
         "prefetch": bool(prefetch),
         "compute_on_miss": compute_on_miss,
+        "cache_policy": cache_policy != DEFAULT_POLICY,
     }
     if backend == "ray" and any(local_only.values()):
         named = ", ".join(k for k, v in local_only.items() if v)
@@ -241,6 +246,7 @@ def load(
     _check_predict_from(prefetch_from)
     if host_experts is not None and (not isinstance(host_experts, int) or host_experts < 0):
         raise ValueError(f"host_experts must be a non-negative integer, got {host_experts!r}")
+    runtime_policy(cache_policy, 1)  # an unknown name fails before anything is read
     dev = resolve_device(device)
     ckpt = open_checkpoint(path)
     on_close = None
@@ -254,7 +260,9 @@ def load(
             prefetch = _prefetch_pays(backend, capacity < cfg.num_experts_total, dev, link_gbps)
         if backend == "local":
             options = OffloadOptions(prefetch=prefetch, compute_on_miss=compute_on_miss)
-            experts = local_backend(ckpt, dev, dt, capacity, host_experts, link_gbps, options)
+            experts = local_backend(
+                ckpt, dev, dt, capacity, host_experts, link_gbps, options, cache_policy
+            )
         else:
             opts = ray_options or RayOptions()
             opts = replace(

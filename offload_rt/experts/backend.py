@@ -90,6 +90,8 @@ class LocalExpertBackend:
         self.tracker: PrefetchTracker | None = None
         self.miss_cost: MissCost | None = None
         self.wait_seconds = 0.0  # time layer calls spent waiting for loads
+        self.passes = -1  # forward passes begun (a call for the first MoE layer begins one)
+        self.now = 0  # the cache policy's clock: passes x MoE layers + the layer's ordinal
         self.host_computed = 0  # missing experts run on the CPU instead of loaded
         self.set_options(options)
 
@@ -106,10 +108,17 @@ class LocalExpertBackend:
 
     def run(self, groups: Mapping[ExpertKey, torch.Tensor]) -> dict[ExpertKey, torch.Tensor]:
         keys = sorted(groups)
+        if keys:
+            self._tick(keys[0].layer)
         if self.tracker is not None and keys:
             self._settle(keys[0].layer, set(keys))
         self._reap()
         return _Call(self, groups, keys).execute()
+
+    def _tick(self, layer: int) -> None:
+        if layer == self.grid.first_layer:
+            self.passes += 1
+        self.now = max(self.passes, 0) * len(self.grid.layers) + self.grid.ordinal(layer)
 
     def prefetch(self, layer: int, ranked: Sequence[int], fetch: int | None = None) -> None:
         """The model's prediction for `layer`, most likely expert first: start loading the
@@ -139,7 +148,7 @@ class LocalExpertBackend:
         running = self.grid.previous_layer(layer)
         guard = _Guard(self._in_flight() | wanted, layers=(self.grid.first_layer, running))
         for key in missing:
-            slot = self.cache.acquire(key, guard, prefer=stale)
+            slot = self.cache.acquire(key, guard, prefer=stale, now=self.now)
             if slot is None:
                 return
             self.loads[key] = self._submit(key, slot, urgent=False)
@@ -317,7 +326,7 @@ class _Call:
         self.host: dict[ExpertKey, HostWeights] = {}
         self.pending: list[ExpertKey] = []  # to load, not yet given a slot, in order
         for key in keys:
-            if backend.cache.lookup(key) is not None:
+            if backend.cache.lookup(key, backend.now) is not None:
                 (self.coming if key in backend.loads else self.ready).append(key)
                 continue
             rows = groups[key].shape[0]
@@ -366,7 +375,8 @@ class _Call:
         b = self.b
         while self.pending:
             guard = _Guard(self.pinned | b._in_flight())
-            slot = b.cache.acquire(self.pending[0], guard, prefer=b._cheap_victims())
+            victims = b._cheap_victims()
+            slot = b.cache.acquire(self.pending[0], guard, prefer=victims, now=b.now)
             if slot is None:
                 return
             key = self.pending.pop(0)

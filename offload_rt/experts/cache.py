@@ -1,7 +1,9 @@
-"""Which expert sits in which device slot: LRU bookkeeping and the cache counters.
+"""Which expert sits in which device slot: the replacement policy's bookkeeping and the cache
+counters.
 
 Pure bookkeeping, no tensors: the store owns the memory, this class decides which slot an
-expert goes to and which resident expert leaves to make room.
+expert goes to and, by its `CachePolicy` (`policies.py`, shared with the simulator), which
+resident expert leaves to make room.
 """
 
 from __future__ import annotations
@@ -9,8 +11,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Container, Iterable
 from dataclasses import asdict, dataclass
-from itertools import chain
 
+from offload_rt.experts.policies import LRU
 from offload_rt.model.moe import ExpertKey
 
 
@@ -28,12 +30,15 @@ class CacheStats:
 
 
 class SlotCache:
-    """`capacity` slots holding experts, least recently used first in `_order`."""
+    """`capacity` slots holding experts (`_order`: least recently used first, for the
+    prefetcher's own choices); `policy` picks the victim when none is preferred.
+    `now`: the policy's clock, one tick per (forward pass, MoE layer)."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, policy: LRU | None = None) -> None:
         if capacity < 1:
             raise ValueError(f"cache capacity must be at least 1 expert, got {capacity}")
         self.capacity = capacity
+        self.policy = policy if policy is not None else LRU()
         self._order: OrderedDict[ExpertKey, int] = OrderedDict()
         self._free = list(range(capacity - 1, -1, -1))  # pop() hands out slot 0 first
         self.stats = CacheStats()
@@ -41,8 +46,9 @@ class SlotCache:
     def __contains__(self, key: ExpertKey) -> bool:
         return key in self._order
 
-    def lookup(self, key: ExpertKey) -> int | None:
+    def lookup(self, key: ExpertKey, now: int = 0) -> int | None:
         """Count one use of `key`: a hit (returns its slot, now most recent) or a miss (None)."""
+        self.policy.on_access(key, now)
         slot = self._order.get(key)
         if slot is None:
             self.stats.misses += 1
@@ -58,26 +64,35 @@ class SlotCache:
         """Make a resident `key` the most recent without counting a use (it is predicted)."""
         if key in self._order:
             self._order.move_to_end(key)
+            self.policy.touch(key)
 
     def demote(self, key: ExpertKey) -> None:
         """Make a resident `key` the first to go (it was loaded for a use that did not come)."""
         if key in self._order:
             self._order.move_to_end(key, last=False)
+            self.policy.demote(key)
 
     def acquire(
-        self, key: ExpertKey, pinned: Container[ExpertKey], prefer: Iterable[ExpertKey] = ()
+        self,
+        key: ExpertKey,
+        pinned: Container[ExpertKey],
+        prefer: Iterable[ExpertKey] = (),
+        now: int = 0,
     ) -> int | None:
         """A slot for `key`: a free one, else evicting the first resident expert of `prefer`
-        not in `pinned`, else the least recently used not in `pinned`; None when every slot
-        holds a pinned expert."""
+        not in `pinned`, else the policy's choice among those not in `pinned`; None when
+        every slot holds a pinned expert."""
         if self._free:
             slot = self._free.pop()
         else:
-            victims = chain((k for k in prefer if k in self._order), self._order)
-            victim = next((k for k in victims if k not in pinned), None)
+            victim = next((k for k in prefer if k in self._order and k not in pinned), None)
             if victim is None:
-                return None
+                candidates = [k for k in self._order if k not in pinned]
+                if not candidates:
+                    return None
+                victim = self.policy.choose_victim(candidates, now)
             slot = self._order.pop(victim)
+            self.policy.on_evict(victim, now)
             self.stats.evictions += 1
         self._order[key] = slot
         self.stats.resident = len(self._order)

@@ -32,6 +32,9 @@ class SimResult:
     hits: int  # decode-pass expert uses that found the expert resident
     misses: int  # decode-pass expert uses that had to load it
     evictions: int  # residents dropped to make room during decode passes
+    prompt_hits: int = 0  # prompt-pass uses that found the expert resident (not in hits)
+    prompt_misses: int = 0  # prompt-pass uses that loaded it: with hits and misses, the
+    # totals of the runtime's own counters over the same run
 
     @property
     def hit_rate(self) -> float:
@@ -93,14 +96,26 @@ def simulate(
         trace = trace.without_prompts()
     size = capacity * trace.num_layers if global_cache else capacity
     caches = ExpertCaches(size, global_cache, make_policy(policy, trace))
-    hits = misses = evictions = 0
+    hits = misses = evictions = prompt_hits = prompt_misses = 0
     for index, layer, keys in trace.steps():
         before = caches.evictions
         found = caches.lookup(keys, trace.step(index, layer))
-        if not trace.is_prompt(index):
-            hits, misses = hits + found, misses + len(keys) - found
-            evictions += caches.evictions - before
-    return SimResult(policy, capacity, global_cache, prompt_fills, hits, misses, evictions)
+        if trace.is_prompt(index):
+            prompt_hits, prompt_misses = prompt_hits + found, prompt_misses + len(keys) - found
+            continue
+        hits, misses = hits + found, misses + len(keys) - found
+        evictions += caches.evictions - before
+    return SimResult(
+        policy,
+        capacity,
+        global_cache,
+        prompt_fills,
+        hits,
+        misses,
+        evictions,
+        prompt_hits,
+        prompt_misses,
+    )
 
 
 def _column(result: SimResult) -> str:

@@ -1,6 +1,7 @@
-"""Expert-cache replacement policies for the cache simulator.
+"""Expert-cache replacement policies, one implementation each for the runtime's device cache
+(`SlotCache`) and the trace simulator (`cachesim.simulate`).
 
-Every policy sees the same three calls from `cachesim.simulate`:
+Every policy sees the same three calls from both:
   * `on_access(key, now)` for every expert a step uses, hit or miss, before any eviction of
     that step, so a policy knows the whole set the current token needs in this layer;
   * `choose_victim(candidates, now)` when a miss finds its cache full: `candidates` (never
@@ -11,7 +12,9 @@ trace, so per-layer and global caches share one clock. Ties go to the smallest k
 run of a policy on a trace gives the same figures whatever the order of the candidates.
 
 `POLICIES` maps each name to a factory taking the trace; only `belady` reads the trace's
-future, the others use it for its shape alone.
+future, the others use it for its shape alone; `runtime_policy` makes the others for a model.
+The runtime also calls `touch` (a prefetch names a resident expert: most recent, no use
+counted) and `demote` (a prefetched expert went unused: first to go among equals).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class LRU:
 
     def __init__(self) -> None:
         self._tick = 0
+        self._low = 0  # below every use: where demoted experts go
         self._last: dict[ExpertKey, int] = {}
 
     @classmethod
@@ -60,6 +64,14 @@ class LRU:
 
     def on_evict(self, key: ExpertKey, now: int) -> None:
         pass
+
+    def touch(self, key: ExpertKey) -> None:
+        self._tick += 1
+        self._last[key] = self._tick
+
+    def demote(self, key: ExpertKey) -> None:
+        self._low -= 1
+        self._last[key] = self._low  # older than any use
 
     def last_use(self, key: ExpertKey) -> int:
         return self._last.get(key, 0)
@@ -257,6 +269,27 @@ POLICIES: dict[str, PolicyFactory] = {
     Markov.name: Markov.from_trace,
     Belady.name: Belady.from_trace,
 }
+
+
+RUNTIME_POLICIES = ("lru", "lfu", "lrfu", "markov")  # those that need no future knowledge
+DEFAULT_POLICY = "markov"  # the best of these on the real Mixtral trace (bench_cache_policies.py)
+
+
+def runtime_policy(name: str, num_layers: int) -> LRU:
+    """A policy for a model's device cache; `num_layers`: its MoE layers (the policy's clock
+    ticks once per MoE layer call)."""
+    if name == LRU.name:
+        return LRU()
+    if name == LFU.name:
+        return LFU()
+    if name == LRFU.name:
+        return LRFU(num_layers)
+    if name == Markov.name:
+        return Markov(num_layers)
+    raise ValueError(
+        f"cache_policy {name!r} is not one the runtime runs; choose from {RUNTIME_POLICIES}"
+        + (" (belady needs the future: it is the simulator's bound)" if name == "belady" else "")
+    )
 
 
 def make_policy(name: str, trace: RoutingTrace) -> CachePolicy:
