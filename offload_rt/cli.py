@@ -12,6 +12,7 @@ import offload_rt
 from offload_rt import cli_cachesim, cli_convert, cli_quantize, cli_serve
 from offload_rt.checkpoint import CheckpointError
 from offload_rt.cli_options import add_model_options, add_ray_options, load_model, ray_options
+from offload_rt.config import DTYPE_NAMES
 from offload_rt.demo import demo_name, make_demo_checkpoint
 from offload_rt.engine import GenerationResult, OffloadModel, RequestError
 from offload_rt.experts.formats import expert_nbytes
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_options(gen, cache_experts=None)
     plan = sub.add_parser("plan", help="print where the Ray backend would place each expert")
     plan.add_argument("model_dir", type=Path)
-    plan.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    plan.add_argument("--dtype", default=None, choices=list(DTYPE_NAMES))
     add_ray_options(plan)
     cli_cachesim.add_parser(sub)
     cli_serve.add_parser(sub)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from offload_rt.config import DTYPE_NAMES
 from offload_rt.convert import DEFAULT_SHARD_BYTES, convert_checkpoint
 
 GB = 10**9
@@ -29,7 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument(
         "--dtype",
         default=None,
-        choices=["float32", "bfloat16", "float16"],
+        choices=list(DTYPE_NAMES),
         help="dtype of the written tensors (default: the source's)",
     )
     p.add_argument(

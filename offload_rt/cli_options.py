@@ -7,6 +7,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
+from offload_rt.config import DTYPE_NAMES
 from offload_rt.distributed.cluster import RayOptions
 from offload_rt.engine import OffloadModel, load
 from offload_rt.experts.policies import DEFAULT_POLICY, RUNTIME_POLICIES
@@ -76,7 +77,7 @@ def add_model_options(p: argparse.ArgumentParser, cache_experts: int | None) -> 
         help="most experts resident on the device at once (default: %(default)s; None: all)",
     )
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=list(DTYPE_NAMES))
     p.add_argument(
         "--link-gbps", type=float, default=None, help="simulate a host->device link of this GB/s"
     )

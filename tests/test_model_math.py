@@ -75,7 +75,7 @@ def test_moe_block_is_the_weighted_sum_of_each_tokens_experts():
 LAYERS = {  # module -> the offload_rt modules it may import (DESIGN.md's table)
     "config": {"grid"},
     "grid": set(),
-    "dtypes": set(),
+    "dtypes": {"config"},
     "checkpoint": {"config", "grid"},
     "model": {"config", "grid", "model"},
     "models": {"config", "grid", "checkpoint", "model", "models"},

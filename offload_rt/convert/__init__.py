@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from offload_rt.checkpoint import DTYPES, CheckpointError, write_checkpoint
-from offload_rt.config import ModelConfig
+from offload_rt.config import DTYPE_NAMES, ModelConfig
 from offload_rt.convert.params import ConvertError, config_from_params, read_params
 from offload_rt.convert.tokenizer import SpmError, SpmModel, read_spm, write_tokenizer_files
 from offload_rt.convert.weights import Sources, hf_tensors, interleaved_to_half_split
@@ -154,7 +154,7 @@ def _read_spm(path: Path) -> SpmModel | None:
 
 def _output_dtype(name: str | None, sources: Sources) -> torch.dtype:
     if name is not None:
-        if name not in ("float32", "bfloat16", "float16"):
+        if name not in DTYPE_NAMES:
             raise ConvertError(f"dtype must be float32, bfloat16 or float16, got {name!r}")
         return getattr(torch, name)
     found = {t.dtype for t in sources.tensors.values()}

@@ -32,6 +32,7 @@ import msgpack
 import numpy as np
 import torch
 
+from offload_rt.dtypes import DTYPE_NAMES, DTYPES
 from offload_rt.model.moe import ExpertKey
 
 WIRE_VERSION = 2  # 2: the `transposed` field
@@ -40,12 +41,6 @@ HEADER_STEP = 1024  # bytes of a message the decoder reads at a time until the h
 MAX_GROUPS = 4096  # experts in one message; far above any MoE's experts per layer
 MAX_DIMS = 8  # rank of a bare tensor
 MAX_DIM_SIZE = 2**40  # one dimension; bounds the arithmetic on declared shapes
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _KINDS = ("request", "response", "tensor")
 _INCOMPLETE = object()  # a header that goes on past the bytes seen so far
 
