@@ -11,6 +11,7 @@ import argparse
 import time
 from pathlib import Path
 
+from offload_rt.cli_convert import GB
 from offload_rt.config import DEFAULT_GROUP_SIZE, QUANT_BITS
 from offload_rt.tools.quantize import DEFAULT_SHARD_BYTES, quantize_checkpoint
 
@@ -31,8 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument(
         "--max-shard-gb",
         type=float,
-        default=DEFAULT_SHARD_BYTES / 2**30,
-        help="largest safetensors file in GiB (default: %(default)s)",
+        default=DEFAULT_SHARD_BYTES / GB,
+        help="largest safetensors file in GB (10^9 bytes, as `convert`) (default: %(default)s)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         args.out_dir,
         args.bits,
         args.group_size,
-        max_shard_bytes=int(args.max_shard_gb * 2**30),
+        max_shard_bytes=int(args.max_shard_gb * GB),
         progress=not args.no_progress,
     )
     ratio = report.quant_nbytes / report.float_nbytes
