@@ -30,7 +30,7 @@ from offload_rt.config import DEFAULT_GROUP_SIZE, QuantConfig
 from offload_rt.experts.quant import QuantizedTensor, dequantize, quantize
 from offload_rt.models import family_of, open_checkpoint, parse_config
 
-DEFAULT_SHARD_BYTES = 4 << 30  # as Hugging Face's writers: a few GB per file
+DEFAULT_SHARD_BYTES = 4 * 10**9  # as Hugging Face's writers: a few GB per file
 
 
 @dataclass
