@@ -13,6 +13,7 @@ from tests.ray.helpers import (
     NAMESPACE,
     NEW,
     PROMPTS,
+    RESTARTS,
     actor_infos,
     assert_same_as_local,
     fault_at_call,
@@ -62,7 +63,7 @@ def test_cluster_actors_on_distinct_nodes_match_local(
 def test_killing_an_actor_mid_generation_changes_no_token(
     cluster, reference, local_outputs, compiled_graph
 ):
-    opts = replace(FAST_RECOVERY, compiled_graph=compiled_graph)
+    opts = replace(RESTARTS, compiled_graph=compiled_graph)
     with offload_rt.load(reference[0], backend="ray", ray_options=opts) as m:
         victim = 1
         pid = actor_infos(m)[victim]["pid"]

@@ -9,7 +9,7 @@ import torch
 
 import offload_rt
 from tests.families import REFERENCES, save_family
-from tests.ray.helpers import FAST_RECOVERY, fault_at_call
+from tests.ray.helpers import RESTARTS, fault_at_call
 from tests.test_exactness import PROMPTS, reference_greedy
 
 ray = pytest.importorskip("ray")
@@ -30,7 +30,7 @@ def test_family_on_ray_matches_transformers(ray_session, tmp_path, family):
     with torch.no_grad():
         want = hf(torch.tensor([PROMPTS[0]])).logits[0]
     tokens = [reference_greedy(hf, p, NEW_TOKENS) for p in PROMPTS[:2]]
-    with offload_rt.load(tmp_path, backend="ray", ray_options=FAST_RECOVERY) as model:
+    with offload_rt.load(tmp_path, backend="ray", ray_options=RESTARTS) as model:
         assert (model.logits(PROMPTS[0]) - want).abs().max().item() <= 1e-4
         got = [r.token_ids for r in model.generate(PROMPTS[:2], max_new_tokens=NEW_TOKENS)]
         assert got == tokens
