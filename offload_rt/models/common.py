@@ -67,6 +67,14 @@ class MoENames:
     shared_gate: str = "model.layers.{layer}.mlp.shared_expert_gate.weight"
 
 
+# the names Qwen2-MoE, Qwen3-MoE and OLMoE share: `mlp.gate` routes to `mlp.experts.{e}`
+MLP_EXPERT_NAMES = MoENames(
+    router="model.layers.{layer}.mlp.gate.weight",
+    experts="model.layers.{layer}.mlp.experts.{expert}.{proj}",
+    projections={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+)
+
+
 def sparse_layers(r: ConfigReader, layers: int) -> tuple[int, ...]:
     """Qwen's rule: MoE unless in `mlp_only_layers` or off the `decoder_sparse_step` grid."""
     step = r.optional_positive_int("decoder_sparse_step") or 1

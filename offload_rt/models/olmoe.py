@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from offload_rt.config import ConfigReader, core_fields
-from offload_rt.models.common import MoENames, SoftmaxMoEConfig, norm_topk
+from offload_rt.models.common import MLP_EXPERT_NAMES, SoftmaxMoEConfig, norm_topk
 from offload_rt.models.family import SoftmaxFamily
 
 
@@ -57,10 +57,6 @@ FAMILY = SoftmaxFamily(
     model_type="olmoe",
     architectures=("OlmoeForCausalLM",),
     parser=parse,
-    names=MoENames(
-        router="model.layers.{layer}.mlp.gate.weight",
-        experts="model.layers.{layer}.mlp.experts.{expert}.{proj}",
-        projections={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
-    ),
+    names=MLP_EXPERT_NAMES,
     demo=demo,
 )

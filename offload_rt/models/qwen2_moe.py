@@ -8,7 +8,7 @@ from typing import Any
 
 from offload_rt.config import ConfigReader, core_fields
 from offload_rt.models.common import (
-    MoENames,
+    MLP_EXPERT_NAMES,
     SoftmaxMoEConfig,
     no_sliding_window,
     norm_topk,
@@ -66,10 +66,6 @@ FAMILY = SoftmaxFamily(
     model_type="qwen2_moe",
     architectures=("Qwen2MoeForCausalLM",),
     parser=parse,
-    names=MoENames(
-        router="model.layers.{layer}.mlp.gate.weight",
-        experts="model.layers.{layer}.mlp.experts.{expert}.{proj}",
-        projections={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
-    ),
+    names=MLP_EXPERT_NAMES,
     demo=demo,
 )
