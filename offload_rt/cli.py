@@ -16,7 +16,6 @@ from offload_rt.config import DTYPE_NAMES
 from offload_rt.demo import demo_name, make_demo_checkpoint
 from offload_rt.engine import GenerationResult, OffloadModel, RequestError
 from offload_rt.experts.formats import expert_nbytes
-from offload_rt.experts.recorder import RoutingRecorder
 from offload_rt.experts.traces import write_trace
 from offload_rt.models import FAMILIES, open_checkpoint, read_config
 
@@ -111,17 +110,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    with load_model(args, args.model_dir) as model:
-        recorder = None
-        if args.trace is not None:
-            grid = model.model.grid
-            recorder = RoutingRecorder(model.model.backend, len(grid.layers), grid.experts)
-            model.model.backend = recorder
+    with load_model(args, args.model_dir, record_routing=args.trace is not None) as model:
         result, seconds = _generate(model, args)
         print(result.text if result.text is not None else result.token_ids)
         _report(model, result, seconds)
-        if recorder is not None:
-            trace = recorder.trace()
+        if args.trace is not None:
+            trace = model.routing_trace()
             write_trace(args.trace, trace)
             print(f"routing trace: {len(trace.passes)} passes -> {args.trace}")
     return 0

@@ -85,7 +85,7 @@ def add_model_options(p: argparse.ArgumentParser, cache_experts: int | None) -> 
     add_ray_options(p)
 
 
-def load_model(args: argparse.Namespace, path: Path) -> OffloadModel:
+def load_model(args: argparse.Namespace, path: Path, record_routing: bool = False) -> OffloadModel:
     """`offload_rt.load` with what `add_model_options` parsed."""
     return load(
         path,
@@ -99,4 +99,5 @@ def load_model(args: argparse.Namespace, path: Path) -> OffloadModel:
         prefetch_from=args.prefetch_from,
         compute_on_miss=args.compute_on_miss,
         cache_policy=args.cache_policy,
+        record_routing=record_routing,
     )

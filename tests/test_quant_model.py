@@ -15,7 +15,6 @@ from safetensors.torch import load_file, save_file
 import offload_rt
 from offload_rt.config import QuantConfig
 from offload_rt.experts.formats import QuantFormat, expert_nbytes
-from offload_rt.experts.recorder import RoutingRecorder
 from offload_rt.models import open_checkpoint
 from offload_rt.tools.quantize import quantize_checkpoint
 
@@ -90,15 +89,12 @@ def test_quantized_checkpoint_loads_and_generates(quantized, bits):
 def greedy_run(folder: Path, prompt: list[int], forced: list[int] | None = None):
     """Greedy tokens, the routing of each decode pass, and the logits along `forced` (the
     float32 run's own tokens when given, else this run's)."""
-    with offload_rt.load(folder) as m:
-        grid = m.model.grid
-        rec = RoutingRecorder(m.model.backend, len(grid.layers), grid.experts)
-        m.model.backend = rec
+    with offload_rt.load(folder, record_routing=True) as m:
         tokens = m.generate(prompt, max_new_tokens=NEW).token_ids
-        m.model.backend = rec.inner
+        passes = m.routing_trace().passes  # before `logits` adds a pass of its own
         seq = prompt + (forced if forced is not None else tokens)
         logits = m.logits(seq)[len(prompt) - 1 : -1]  # (steps, V): the logits of each step
-    return tokens, rec.trace().passes, logits
+    return tokens, passes, logits
 
 
 def test_int8_greedy_parts_from_float32_only_at_near_ties(quantized):

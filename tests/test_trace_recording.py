@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import offload_rt
-from offload_rt.experts.recorder import RoutingRecorder
 from offload_rt.experts.traces import read_trace, write_trace
 
 
 def test_recorded_trace_equals_the_reference_routing(reference, tmp_path):
     folder, hf = reference
     prompt, new = [1, 17, 42, 99, 5, 63], 8
-    with offload_rt.load(folder, cache_experts=5) as m:
+    with offload_rt.load(folder, cache_experts=5, record_routing=True) as m:
         grid = m.model.grid  # a trace has one entry per MoE layer: every layer, in Mixtral
         assert grid.layers == tuple(range(m.config.num_hidden_layers))
-        recorder = RoutingRecorder(m.model.backend, len(grid.layers), grid.experts)
-        m.model.backend = recorder
         tokens = m.generate(prompt, max_new_tokens=new).token_ids
-    trace = recorder.trace()
+        trace = m.routing_trace()
+    with offload_rt.load(folder) as m, pytest.raises(ValueError, match="record_routing=True"):
+        m.routing_trace()
     write_trace(tmp_path / "t.msgpack", trace)
     assert read_trace(tmp_path / "t.msgpack") == trace
     # the prefill, then one pass per fed-back token

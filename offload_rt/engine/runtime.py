@@ -25,6 +25,8 @@ from offload_rt.engine.sampling import RequestError, SamplingParams
 from offload_rt.engine.tokenizer import TextTokenizer
 from offload_rt.experts import LocalExpertBackend, OffloadOptions
 from offload_rt.experts.policies import DEFAULT_POLICY, runtime_policy
+from offload_rt.experts.recorder import RoutingRecorder
+from offload_rt.experts.traces import RoutingTrace
 from offload_rt.model import DecoderModel
 from offload_rt.model.decoder import PREDICT_FROM
 from offload_rt.model.moe import ExpertBackend
@@ -49,6 +51,7 @@ class OffloadModel:
         backend: ModelBackend,
         tokenizer: TextTokenizer | None,
         on_close: Callable[[], None] | None = None,
+        recorder: RoutingRecorder | None = None,
     ) -> None:
         self.checkpoint = ckpt
         self.config = ckpt.config
@@ -56,6 +59,7 @@ class OffloadModel:
         self.backend = backend
         self.tokenizer = tokenizer
         self.on_close = on_close
+        self.recorder = recorder  # the model's view of its backend when routing is recorded
         self.closed = False
 
     @property
@@ -150,6 +154,13 @@ class OffloadModel:
         self.model.prefetcher = self.backend if prefetch else None
         self.model.predict_from = prefetch_from
 
+    def routing_trace(self) -> RoutingTrace:
+        """Every complete forward pass's experts so far (`load(record_routing=True)`); the
+        first pass of the first `generate` is the prompt."""
+        if self.recorder is None:
+            raise ValueError("routing is recorded only when loaded with record_routing=True")
+        return self.recorder.trace()
+
     def stats(self) -> dict[str, int | float]:
         return self.backend.stats()
 
@@ -207,6 +218,7 @@ def load(
     prefetch_from: str = "both",
     compute_on_miss: bool = False,
     cache_policy: str = DEFAULT_POLICY,
+    record_routing: bool = False,
 ) -> OffloadModel:
     """Open a Hugging Face checkpoint folder of a supported family (`offload_rt.models`).
 
@@ -226,7 +238,8 @@ def load(
     link_gbps): run a missing expert on the CPU from host RAM when a cost model says that
     beats copying it. cache_policy: local backend: which resident expert a miss evicts,
     "lru", "lfu", "lrfu" or "markov" (`offload_rt/experts/policies.py`, the simulator's own).
-    None of these changes an output.
+    None of these changes an output. record_routing: keep every layer call's experts, for
+    `OffloadModel.routing_trace()` (`offload-rt generate --trace`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; available: {BACKENDS}")
@@ -273,7 +286,11 @@ def load(
             )
             experts, on_close = ray_backend(ckpt, dt, opts)
         prefetcher = experts if prefetch and isinstance(experts, LocalExpertBackend) else None
-        model = build_model(ckpt, dev, dt, experts, prefetcher, prefetch_from)
+        grid = ckpt.config.grid
+        recorder = (
+            RoutingRecorder(experts, len(grid.layers), grid.experts) if record_routing else None
+        )
+        model = build_model(ckpt, dev, dt, recorder or experts, prefetcher, prefetch_from)
     except BaseException:
         if experts is not None:
             experts.close()
@@ -281,4 +298,4 @@ def load(
             on_close()
         ckpt.close()
         raise
-    return OffloadModel(ckpt, model, experts, tokenizer, on_close)
+    return OffloadModel(ckpt, model, experts, tokenizer, on_close, recorder)
