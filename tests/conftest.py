@@ -12,6 +12,10 @@ import os
 # the order of its sums: one kernel at two loads would not give bit-identical results. Set
 # before torch loads MKL; Ray workers started by the tests inherit it.
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+# Ray runs its workers (the expert actors) at niceness 15 by default: beside two CPU-bound
+# processes at 0 they got a few percent of a core, and layer calls ran into their timeouts.
+# Every Ray the tests start (ray.init, Cluster, `ray start`, the CLI) inherits this.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 import random  # noqa: E402
 import zlib  # noqa: E402
