@@ -280,9 +280,12 @@ def _place(
 def _no_room(key: ExpertKey, caps: list[_Capacity], expert_bytes: int) -> PlacementError:
     most = max((c.leftover_bytes for c in caps), default=0)
     total = sum(c.leftover_bytes for c in caps)
+    if not caps:
+        return PlacementError(f"cannot place {key}: no actors are left to hold experts")
     return PlacementError(
         f"cannot place {key}: it needs {expert_bytes} bytes ({_human(expert_bytes)}), but with "
-        f"device and host memory full the most free on one actor is {most} bytes "
+        f"device and host memory full the most free on one actor is {most} bytes, split "
+        f"between its device and host memory, neither of which has room for a whole expert "
         f"({total} bytes free over {len(caps)} actors)"
     )
 
