@@ -419,7 +419,7 @@ def main() -> None:
     cfg = read_config(folder)
     print(
         f"model {folder}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-        f"{cfg.num_local_experts} experts of width {cfg.moe_intermediate_size}, top-"
+        f"{cfg.experts_per_layer} experts of width {cfg.moe_intermediate_size}, top-"
         f"{cfg.num_experts_per_tok}, {cfg.num_attention_heads} heads / "
         f"{cfg.num_key_value_heads} KV heads of {cfg.head_dim}, vocab {cfg.vocab_size}, "
         f"float32 ({cfg.num_experts_total * cfg.expert_numel * 4 / GB:.2f} GB of experts); "

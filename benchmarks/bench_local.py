@@ -223,7 +223,7 @@ def token_bytes(cfg: ModelConfig, itemsize: int) -> int:
     d, hd = cfg.hidden_size, cfg.head_dim
     attn = 2 * d * cfg.num_attention_heads * hd + 2 * d * cfg.num_key_value_heads * hd
     experts = cfg.num_experts_per_tok * 3 * d * cfg.moe_intermediate_size
-    layer = attn + 2 * d + cfg.num_local_experts * d + experts  # + 2 norms + router
+    layer = attn + 2 * d + cfg.experts_per_layer * d + experts  # + 2 norms + router
     total = cfg.num_hidden_layers * layer + d + cfg.vocab_size * d + d  # + norm, lm_head, row
     return total * itemsize
 

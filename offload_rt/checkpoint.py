@@ -134,7 +134,7 @@ class FusedLayout:
     first, and `down` (E, D, F); one expert is slice [e] of each."""
 
     grid: ExpertGrid
-    gate_up: str  # template with {layer}, e.g. "model.layers.{layer}.mlp.experts.gate_up_proj"
+    gate_up: str  # the fused (E, 2F, D) tensor's name, a template with {layer}
     down: str
     intermediate: int  # F
     hidden: int  # D

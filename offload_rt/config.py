@@ -106,7 +106,7 @@ class ModelConfig:
     num_attention_heads: int  # query heads
     num_key_value_heads: int  # key/value heads (grouped-query attention)
     head_dim: int  # width of one head; hidden_size / heads unless given
-    num_local_experts: int  # routed experts per MoE layer
+    experts_per_layer: int  # routed experts in each MoE layer
     num_experts_per_tok: int  # experts each token is routed to (top-k)
     moe_intermediate_size: int  # width F of one routed expert's FFN
     moe_layers: tuple[int, ...]  # decoder layers with routed experts, ascending
@@ -122,7 +122,7 @@ class ModelConfig:
 
     @cached_property
     def grid(self) -> ExpertGrid:
-        return ExpertGrid(self.moe_layers, self.num_local_experts)
+        return ExpertGrid(self.moe_layers, self.experts_per_layer)
 
     @property
     def expert_numel(self) -> int:
@@ -131,7 +131,7 @@ class ModelConfig:
 
     @property
     def num_experts_total(self) -> int:
-        return len(self.moe_layers) * self.num_local_experts
+        return len(self.moe_layers) * self.experts_per_layer
 
 
 def core_fields(
@@ -177,7 +177,7 @@ def core_fields(
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
-        num_local_experts=experts,
+        experts_per_layer=experts,
         num_experts_per_tok=top_k,
         moe_intermediate_size=width,
         moe_layers=moe_layers,

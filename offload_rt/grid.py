@@ -7,6 +7,7 @@ decoder layer has experts (Qwen3-MoE's `mlp_only_layers`, DeepSeek-V3's dense fi
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -29,6 +30,7 @@ class ExpertGrid:
     layers: tuple[int, ...]  # decoder layers with routed experts, ascending
     experts: int  # routed experts in each of those layers
     _ordinal: dict[int, int] = field(init=False, repr=False, compare=False)
+    _next: dict[int, int | None] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.layers or list(self.layers) != sorted(set(self.layers)):
@@ -36,6 +38,14 @@ class ExpertGrid:
         if self.layers[0] < 0 or self.experts < 1:
             raise ValueError(f"bad expert grid: layers {self.layers}, {self.experts} experts")
         object.__setattr__(self, "_ordinal", {layer: i for i, layer in enumerate(self.layers)})
+        # asked once per decoder layer per forward pass: a lookup, not a scan of the layers
+        upcoming: dict[int, int | None] = {}
+        following: int | None = None
+        for layer in range(self.layers[-1], -1, -1):
+            upcoming[layer] = following
+            if layer in self._ordinal:
+                following = layer
+        object.__setattr__(self, "_next", upcoming)
 
     @property
     def total(self) -> int:
@@ -54,15 +64,12 @@ class ExpertGrid:
 
     def next_layer(self, layer: int) -> int | None:
         """The first MoE layer after decoder layer `layer`, None past the last."""
-        for candidate in self.layers:
-            if candidate > layer:
-                return candidate
-        return None
+        return self._next.get(layer) if layer >= 0 else self.layers[0]
 
     def previous_layer(self, layer: int) -> int | None:
         """The last MoE layer before decoder layer `layer`, None before the first."""
-        earlier = [candidate for candidate in self.layers if candidate < layer]
-        return earlier[-1] if earlier else None
+        i = bisect.bisect_left(self.layers, layer)
+        return self.layers[i - 1] if i else None
 
     def keys(self) -> Iterator[ExpertKey]:
         """Every expert, layer by layer."""

@@ -122,7 +122,7 @@ def test_backend_counts_on_scripted_layer_calls():
 def test_a_call_needing_more_experts_than_slots_still_completes():
     source = FakeSource()
     backend = make_backend(source, capacity=1)
-    x = torch.randn(2, D)
+    x = torch.randn(2, D, generator=torch.Generator().manual_seed(1))
     chosen = keys(0, 3, 5, 6)
     out = backend.run({k: x for k in chosen})
     for k in chosen:
@@ -147,7 +147,7 @@ def test_resident_experts_run_before_missing_ones_load():
 def test_host_tier_serves_reloads_without_touching_disk():
     source = FakeSource()
     backend = make_backend(source, capacity=1, host=None)
-    x = torch.randn(1, D)
+    x = torch.randn(1, D, generator=torch.Generator().manual_seed(2))
     for e in (0, 1, 0, 1):
         out = backend.run({ExpertKey(0, e): x})
         torch.testing.assert_close(out[ExpertKey(0, e)], reference(source, ExpertKey(0, e), x))
@@ -159,7 +159,7 @@ def test_host_tier_serves_reloads_without_touching_disk():
 def test_host_tier_capacity_is_an_lru_too():
     source = FakeSource()
     backend = make_backend(source, capacity=1, host=1)
-    x = torch.randn(1, D)
+    x = torch.randn(1, D, generator=torch.Generator().manual_seed(3))
     for e in (0, 1, 0):
         backend.run({ExpertKey(0, e): x})
     assert source.reads == keys(0, 1, 0)
@@ -169,7 +169,7 @@ def test_host_tier_capacity_is_an_lru_too():
 def test_a_failed_load_leaves_no_half_loaded_expert():
     source = FakeSource(fail={ExpertKey(0, 3)})
     backend = make_backend(source, capacity=2)
-    x = torch.randn(1, D)
+    x = torch.randn(1, D, generator=torch.Generator().manual_seed(4))
     with pytest.raises(OSError, match="layer 0 expert 3"):
         backend.run({k: x for k in keys(1, 3)})
     assert ExpertKey(0, 3) not in backend.cache
@@ -194,7 +194,7 @@ def test_simulated_link_charges_every_move_and_changes_nothing():
     link = SimulatedLink(bytes_per_s=1e9)
     store = ExpertStore(source, FORMAT, torch.device("cpu"), 2, None, link)
     backend = LocalExpertBackend(store, SlotCache(2), GRID)
-    x = torch.randn(1, D)
+    x = torch.randn(1, D, generator=torch.Generator().manual_seed(5))
     for e in (0, 1, 2, 0, 1, 2):
         key = ExpertKey(0, e)
         torch.testing.assert_close(backend.run({key: x})[key], reference(source, key, x))

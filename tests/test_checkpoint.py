@@ -59,7 +59,7 @@ def assert_load_fails(folder: Path, *fragments: str) -> None:
 def test_good_checkpoints_open(single, sharded):
     for folder in (single, sharded):
         ckpt = open_checkpoint(folder)
-        assert ckpt.config.num_local_experts == 8
+        assert ckpt.config.experts_per_layer == 8
         down = ckpt.expert(1, 5)["down"]  # Mixtral's w2
         assert down.shape == (TINY["hidden_size"], TINY["intermediate_size"])
         layout = ckpt.spec.experts

@@ -71,7 +71,7 @@ def test_backend_bookkeeping_with_prefetch_over_the_whole_grid():
     )
     backend = LocalExpertBackend(store, SlotCache(512), GRID, OffloadOptions(prefetch=True))
     rng = random.Random(0)
-    x = torch.randn(1, D)
+    x = torch.randn(1, D, generator=torch.Generator().manual_seed(0))
     for _ in range(2):  # two "tokens" through all 94 MoE layers, guessing the next one
         for layer in GRID.layers:
             chosen = sorted(rng.sample(range(128), 8))

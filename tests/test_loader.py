@@ -93,7 +93,8 @@ def test_miss_cost_on_a_cpu_device_prefers_the_cpu_whenever_the_link_waits():
 
 
 def test_miss_cost_behind_a_gpu_link_compares_measured_cpu_time_with_the_copy():
-    w13, w2 = torch.randn(2 * 96, 64), torch.randn(64, 96)
+    gen = torch.Generator().manual_seed(0)
+    w13, w2 = torch.randn(2 * 96, 64, generator=gen), torch.randn(64, 96, generator=gen)
     cost = MissCost(device_is_host=False)
     assert cost.prefer_host(1, 10.0, lambda: (w13, w2))  # a 10 s copy: the CPU wins
     assert cost.host_fixed_s is not None and 0 < cost.host_fixed_s < 1.0

@@ -90,7 +90,7 @@ def test_loads_run_while_resident_experts_compute():
     between computes would never set the events, and the call would fail on the timeout."""
     source = FakeSource()
     backend = prefetching_backend(source, capacity=4, link=slow_link())
-    x = torch.randn(1, D)
+    x = torch.randn(1, D, generator=torch.Generator().manual_seed(1))
     backend.run({k: x for k in keys(0)})
     started = {k: threading.Event() for k in [*keys(1), *keys(2, layer=1)]}
     load, compute = backend.store.load, backend._compute
@@ -157,7 +157,7 @@ def prefetching_backend(source: FakeSource, capacity: int, link: SimulatedLink |
 def test_prefetch_counters_on_a_scripted_sequence():
     source = FakeSource()
     backend = prefetching_backend(source, capacity=4)
-    x = torch.randn(1, D)
+    x = torch.randn(1, D, generator=torch.Generator().manual_seed(2))
     backend.prefetch(1, [2, 5])
     backend.settle()
     out = backend.run({k: x for k in keys(2, 5, layer=1)})
@@ -182,7 +182,7 @@ def test_prefetch_counters_on_a_scripted_sequence():
 
 def test_prefetch_never_evicts_the_running_layer_or_a_predicted_expert():
     backend = prefetching_backend(FakeSource(), capacity=3)
-    x = torch.randn(1, D)
+    x = torch.randn(1, D, generator=torch.Generator().manual_seed(3))
     backend.run({k: x for k in keys(0, 1, layer=0)})
     backend.prefetch(1, [4, 5])  # one free slot: 4 takes it; 5 finds only layer 0's experts
     backend.settle()
@@ -198,7 +198,7 @@ def slow_link() -> SimulatedLink:
 def test_late_and_cancelled_prefetches():
     source = FakeSource()
     backend = prefetching_backend(source, capacity=8, link=slow_link())
-    x = torch.randn(1, D)
+    x = torch.randn(1, D, generator=torch.Generator().manual_seed(4))
     backend.prefetch(1, [2, 5, 7])  # 2 starts at once; 5 and 7 queue
     backend.prefetch(1, [2, 7])  # a newer guess drops 5 before it starts
     backend.run({k: x for k in keys(2, 6, layer=1)})  # 2 still on its way: late; 7 unused
@@ -214,7 +214,7 @@ def test_late_and_cancelled_prefetches():
 def test_demand_loads_go_before_queued_prefetches():
     source = FakeSource()
     backend = prefetching_backend(source, capacity=8, link=slow_link())
-    x = torch.randn(1, D)
+    x = torch.randn(1, D, generator=torch.Generator().manual_seed(5))
     backend.prefetch(1, [2, 5])  # 2 starts (unless the worker is slow to wake); 5 queues
     backend.run({k: x for k in keys(3, layer=0)})  # layer 0 needs 3: it goes before 5
     backend.settle()
@@ -227,7 +227,7 @@ def test_demand_loads_go_before_queued_prefetches():
 def test_a_failed_prefetch_leaves_the_expert_to_a_demand_load():
     source = FakeSource(fail={keys(4, layer=1)[0]})
     backend = prefetching_backend(source, capacity=4)
-    x = torch.randn(1, D)
+    x = torch.randn(1, D, generator=torch.Generator().manual_seed(6))
     backend.prefetch(1, [4])
     backend.settle()
     assert keys(4, layer=1)[0] not in backend.cache

@@ -65,7 +65,7 @@ def interleaved_to_half_split(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 def original_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of an original-format checkpoint, with the shape `cfg` implies."""
-    d, v, f, e = cfg.hidden_size, cfg.vocab_size, cfg.moe_intermediate_size, cfg.num_local_experts
+    d, v, f, e = cfg.hidden_size, cfg.vocab_size, cfg.moe_intermediate_size, cfg.experts_per_layer
     q_out = cfg.num_attention_heads * cfg.head_dim
     kv_out = cfg.num_key_value_heads * cfg.head_dim
     shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (v, d)}

@@ -148,7 +148,7 @@ def dense_shapes(
             assert cfg.dense_intermediate_size is not None
             shapes.update(_mlp_shapes(names.dense_mlp, layer, cfg.dense_intermediate_size, d))
             continue
-        shapes[router.format(layer=layer)] = (cfg.num_local_experts, d)
+        shapes[router.format(layer=layer)] = (cfg.experts_per_layer, d)
         if cfg.shared_intermediate_size:
             shapes.update(_mlp_shapes(names.shared, layer, cfg.shared_intermediate_size, d))
             if cfg.shared_gate:
