@@ -18,7 +18,7 @@ from offload_rt.checkpoint import (
     FusedLayout,
     PerExpertLayout,
 )
-from offload_rt.config import ConfigError, ConfigReader, ModelConfig
+from offload_rt.config import ConfigError, ConfigReader, ModelConfig, core_fields
 from offload_rt.model import (
     AttentionSpec,
     AttentionWeights,
@@ -80,6 +80,22 @@ def sparse_layers(r: ConfigReader, layers: int) -> tuple[int, ...]:
     step = r.optional_positive_int("decoder_sparse_step") or 1
     dense = set(r.int_list("mlp_only_layers"))
     return tuple(i for i in range(layers) if i not in dense and (i + 1) % step == 0)
+
+
+def qwen_core(r: ConfigReader) -> dict:
+    """The core fields as Qwen2-MoE and Qwen3-MoE name them, and the dense MLP width when
+    some layers are dense (`dense_intermediate_size`)."""
+    no_sliding_window(r)
+    moe_layers = sparse_layers(r, r.positive_int("num_hidden_layers"))
+    core = core_fields(
+        r,
+        experts_field=r.first_present("num_experts", "num_local_experts"),
+        moe_intermediate_field="moe_intermediate_size",
+        moe_layers=moe_layers,
+    )
+    dense = len(moe_layers) < core["num_hidden_layers"]
+    core["dense_intermediate_size"] = r.positive_int("intermediate_size") if dense else None
+    return core
 
 
 def no_sliding_window(r: ConfigReader) -> None:

@@ -6,32 +6,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from offload_rt.config import ConfigReader, core_fields
+from offload_rt.config import ConfigReader
 from offload_rt.models.common import (
     MLP_EXPERT_NAMES,
     SoftmaxMoEConfig,
-    no_sliding_window,
     norm_topk,
-    sparse_layers,
+    qwen_core,
 )
 from offload_rt.models.family import SoftmaxFamily
 
 
 def parse(r: ConfigReader) -> SoftmaxMoEConfig:
-    no_sliding_window(r)
-    moe_layers = sparse_layers(r, r.positive_int("num_hidden_layers"))
-    core = core_fields(
-        r,
-        experts_field=r.first_present("num_experts", "num_local_experts"),
-        moe_intermediate_field="moe_intermediate_size",
-        moe_layers=moe_layers,
-    )
-    dense = len(moe_layers) < core["num_hidden_layers"]
     return SoftmaxMoEConfig(
-        **core,
+        **qwen_core(r),
         renormalize=norm_topk(r),
         qkv_bias=r.boolean("qkv_bias", default=True),  # the hub's configs leave it out
-        dense_intermediate_size=r.positive_int("intermediate_size") if dense else None,
         shared_intermediate_size=r.positive_int("shared_expert_intermediate_size"),
         shared_gate=True,
     )
