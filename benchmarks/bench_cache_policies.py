@@ -24,7 +24,7 @@ import torch
 
 from offload_rt.experts import ExpertStore, LocalExpertBackend, SlotCache
 from offload_rt.experts.cachesim import simulate
-from offload_rt.experts.formats import SwiGLUFormat
+from offload_rt.experts.formats import FloatFormat
 from offload_rt.experts.policies import DEFAULT_POLICY, RUNTIME_POLICIES, runtime_policy
 from offload_rt.experts.traces import RoutingTrace, read_trace
 from offload_rt.grid import ExpertGrid, ExpertKey
@@ -43,7 +43,7 @@ def replay(trace: RoutingTrace, per_layer: int, policy: str) -> tuple[int, int, 
     """Decode-pass hits and misses of the runtime's cache; seconds for the whole replay."""
     grid = ExpertGrid(tuple(range(trace.num_layers)), trace.num_experts)
     capacity = per_layer * trace.num_layers
-    store = ExpertStore(StandIn(), SwiGLUFormat(D, F, torch.float32), torch.device("cpu"),
+    store = ExpertStore(StandIn(), FloatFormat(D, F, torch.float32), torch.device("cpu"),
                         capacity, 0)  # fmt: skip
     cache = SlotCache(capacity, runtime_policy(policy, trace.num_layers))
     backend = LocalExpertBackend(store, cache, grid)

@@ -39,7 +39,7 @@ from offload_rt.config import DEFAULT_GROUP_SIZE, ModelConfig, QuantConfig
 from offload_rt.engine import BatchDecoder
 from offload_rt.experts.quant import QuantizedTensor, dequantize
 from offload_rt.experts.recorder import RoutingRecorder
-from offload_rt.model.moe import expert_ffn
+from offload_rt.model.ffn import SwiGLU
 from offload_rt.models import open_checkpoint, read_config
 from offload_rt.tools.quantize import quantize_checkpoint
 
@@ -201,9 +201,8 @@ def expert_output_error(folders: dict[str, Path], tokens: int = 16) -> dict[str,
 
 
 def ffn(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-    """One expert from its logical parts: gate, up, down (a fused checkpoint: gate_up, down)."""
-    w13 = w["gate_up"] if "gate_up" in w else torch.cat([w["gate"], w["up"]])
-    return expert_ffn(x, w13, w["down"])
+    """One expert from its logical parts: gate, up, down."""
+    return SwiGLU(torch.cat([w["gate"], w["up"]]), w["down"])(x)
 
 
 def dequantized(ckpt: Checkpoint, layer: int, expert: int) -> dict[str, torch.Tensor]:

@@ -32,8 +32,12 @@ DTYPES = {
     "BF16": torch.bfloat16,
 }
 FLOAT_DTYPES = tuple(DTYPES.values())
-# a quantized expert's parts (`offload_rt/experts/quant.py`) and their dtypes as stored
-QUANT_PARTS = {"qweight": torch.uint8, "scales": torch.float16, "offsets": torch.float16}
+# a quantized expert weight's parts and their dtypes as stored, by scheme (`QuantConfig`):
+# affine int8/int4 (`offload_rt/experts/quant.py`), MXFP4 (`offload_rt/experts/mxfp4.py`)
+QUANT_PARTS = {
+    "affine": {"qweight": torch.uint8, "scales": torch.float16, "offsets": torch.float16},
+    "mxfp4": {"blocks": torch.uint8, "scales": torch.uint8},
+}
 STORED_DTYPES = {**DTYPES, "U8": torch.uint8}
 # the logical parts of a routed SwiGLU expert, whatever a family calls its tensors
 EXPERT_PARTS = ("gate", "up", "down")
@@ -60,8 +64,13 @@ class ExpertLayout(Protocol):
         ...
 
     def parts(self, key: ExpertKey) -> dict[str, TensorRef]:
-        """One expert's parts ("gate", "up", "down"; fused: "gate_up", "down"; quantized:
-        "gate.qweight", ...) and where each is stored."""
+        """One expert's parts as stored and where each is."""
+        ...
+
+    def logical(self, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """An expert's stored parts (read by `parts`) as the expert formats take them: "gate",
+        "up", "down" as (out, in) matrices (quantized: "gate.qweight", "gate.blocks", ...),
+        and GPT-OSS's "gate_bias", "up_bias", "down_bias". Views where the layout allows."""
         ...
 
 
@@ -102,10 +111,11 @@ class PerExpertLayout:
             if self.quant is None:
                 out[part] = base + ".weight"
             else:
-                out.update({f"{part}.{q}": f"{base}.{q}" for q in QUANT_PARTS})
+                stored = QUANT_PARTS[self.quant.scheme]
+                out.update({f"{part}.{q}": f"{base}.{q}" for q in stored})
         return out
 
-    def shape_of(self, part: str) -> tuple[int, int]:
+    def shape_of(self, part: str) -> tuple[int, ...]:
         proj, _, q = part.partition(".")
         rows, cols = self.shapes[proj]
         if not q:
@@ -113,6 +123,8 @@ class PerExpertLayout:
         assert self.quant is not None
         if q == "qweight":
             return self.quant.codes_shape(rows, cols)
+        if q == "blocks":  # MXFP4 codes as the release stores them: 16 bytes a group of 32
+            return rows, cols // self.quant.group_size, self.quant.group_size // 2
         return self.quant.groups_shape(rows, cols)
 
     def tensors(self) -> dict[str, tuple[tuple[int, ...], tuple[torch.dtype, ...]]]:
@@ -120,11 +132,15 @@ class PerExpertLayout:
         for key in self.grid.keys():
             for part, name in self.names(key).items():
                 q = part.partition(".")[2]
-                out[name] = (self.shape_of(part), (QUANT_PARTS[q],) if q else FLOAT_DTYPES)
+                scheme = self.quant.scheme if self.quant else ""
+                out[name] = (self.shape_of(part), (QUANT_PARTS[scheme][q],) if q else FLOAT_DTYPES)
         return out
 
     def parts(self, key: ExpertKey) -> dict[str, TensorRef]:
         return {part: TensorRef(name) for part, name in self.names(key).items()}
+
+    def logical(self, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return stored
 
 
 @dataclass(frozen=True)
@@ -152,6 +168,10 @@ class FusedLayout:
             "gate_up": TensorRef(self.gate_up.format(layer=key.layer), key.expert),
             "down": TensorRef(self.down.format(layer=key.layer), key.expert),
         }
+
+    def logical(self, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        gate, up = stored["gate_up"].split(self.intermediate)  # (F, D) each
+        return {"gate": gate, "up": up, "down": stored["down"]}
 
 
 @dataclass(frozen=True)
@@ -222,9 +242,10 @@ class Checkpoint:
             raise CheckpointError(f"{info.file}: cannot read tensor {ref.name!r}: {e}") from e
 
     def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        """One expert's parts as stored, by logical name (`ExpertLayout.parts`)."""
-        parts = self.spec.experts.parts(ExpertKey(layer, expert))
-        return {part: self.read(ref) for part, ref in parts.items()}
+        """One expert's parts by logical name (`ExpertLayout.logical`)."""
+        layout = self.spec.experts
+        parts = layout.parts(ExpertKey(layer, expert))
+        return layout.logical({part: self.read(ref) for part, ref in parts.items()})
 
     def expert_tensor_names(self) -> set[str]:
         return set(self.spec.experts.tensors())

@@ -20,6 +20,11 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 QUANT_METHOD = "offload_rt"  # quantization_config.quant_method of `offload-rt quantize` output
 QUANT_VERSION = 1  # bumped when the tensor layout of quantized experts changes
 QUANT_BITS = (8, 4)
+# "affine": offset + code · scale per group of G (`experts/quant.py`); "mxfp4": e2m1 codes times
+# a power of two per 32 columns (`experts/mxfp4.py`), as OpenAI released GPT-OSS's experts
+QUANT_SCHEMES = ("affine", "mxfp4")
+MXFP4_METHOD = "mxfp4"  # quantization_config.quant_method of the GPT-OSS release
+MXFP4_GROUP = 32  # columns sharing one MXFP4 exponent
 # MLX's and HQQ's default (GPTQ's is 128): a smaller group spans a smaller range, so a finer
 # step, for 32 bits of float16 scale and offset per group: 0.5 bits per weight at 64
 DEFAULT_GROUP_SIZE = 64
@@ -31,13 +36,23 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Group-wise affine quantization of the expert weights (`quantization_config` in
-    config.json; `offload_rt/experts/quant.py` gives the format). Everything else stays float."""
+    """Group-wise quantization of the expert weights (`quantization_config` in config.json;
+    `offload_rt/experts/quant.py` and `mxfp4.py` give the formats). Everything else stays float."""
 
     bits: int  # bits per weight code: 8, or 4 (two codes per byte)
-    group_size: int  # consecutive input columns sharing one float16 scale and one offset
+    group_size: int  # consecutive input columns sharing one scale (and one offset: affine)
+    scheme: str = "affine"  # one of QUANT_SCHEMES
 
     def __post_init__(self) -> None:
+        if self.scheme not in QUANT_SCHEMES:
+            raise ConfigError(
+                f"quantization scheme must be one of {QUANT_SCHEMES}, got {self.scheme!r}"
+            )
+        if self.scheme == "mxfp4" and (self.bits, self.group_size) != (4, MXFP4_GROUP):
+            raise ConfigError(
+                f"mxfp4 has 4 bits and groups of {MXFP4_GROUP}, "
+                f"got {self.bits} bits and groups of {self.group_size}"
+            )
         if self.bits not in QUANT_BITS:
             raise ConfigError(f"quantization bits must be one of {QUANT_BITS}, got {self.bits!r}")
         g = self.group_size
@@ -51,12 +66,17 @@ class QuantConfig:
         return rows, cols * self.bits // 8
 
     def groups_shape(self, rows: int, cols: int) -> tuple[int, int]:
-        """Shape of its `scales` and `offsets` (float16)."""
+        """Shape of its `scales` and `offsets` (float16; mxfp4: uint8 exponents, no offsets)."""
         return rows, cols // self.group_size
+
+    @property
+    def group_nbytes(self) -> int:
+        """Bytes of a group's scale and offset (affine: float16 each; mxfp4: one exponent)."""
+        return 1 if self.scheme == "mxfp4" else 4
 
     def nbytes(self, rows: int, cols: int) -> int:
         """Bytes of one quantized (rows, cols) weight: codes, scales and offsets."""
-        return rows * cols * self.bits // 8 + 2 * 2 * rows * (cols // self.group_size)
+        return rows * cols * self.bits // 8 + self.group_nbytes * rows * (cols // self.group_size)
 
     def check_widths(self, hidden: int, intermediate: int, source: str) -> None:
         """Groups split the input columns: w1, w3 have `hidden`, w2 `intermediate`."""
@@ -74,7 +94,7 @@ class QuantConfig:
             "version": QUANT_VERSION,
             "bits": self.bits,
             "group_size": self.group_size,
-            "scheme": "affine",  # w = offset + code * scale, per group
+            "scheme": self.scheme,  # affine: w = offset + code * scale, per group
             "modules": "experts",  # only the expert FFN weights; the rest is float
         }
 
@@ -83,16 +103,43 @@ class QuantConfig:
         where = f"{source} quantization_config"
         if not isinstance(d, dict):
             raise ConfigError(f"{where}: must be an object, got {d!r}")
+        if d.get("quant_method") == MXFP4_METHOD:  # the GPT-OSS release's experts
+            return cls(4, MXFP4_GROUP, "mxfp4")
         if d.get("quant_method") != QUANT_METHOD or d.get("version") != QUANT_VERSION:
             raise ConfigError(
                 f"{where}: quant_method {d.get('quant_method')!r} version {d.get('version')!r} "
                 f"is not supported; offload_rt reads {QUANT_METHOD!r} version {QUANT_VERSION} "
-                "(written by `offload-rt quantize`)"
+                f"(written by `offload-rt quantize`) and {MXFP4_METHOD!r} (GPT-OSS's release)"
             )
         try:
-            return cls(bits=d.get("bits"), group_size=d.get("group_size"))  # type: ignore[arg-type]
+            scheme = d.get("scheme", "affine")
+            return cls(d.get("bits"), d.get("group_size"), scheme)  # type: ignore[arg-type]
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from e
+
+
+@dataclass(frozen=True)
+class YarnConfig:
+    """YaRN rotary scaling (`model/rope.py`), as transformers' `_compute_yarn_parameters` reads
+    it from `rope_parameters` / `rope_scaling`."""
+
+    factor: float  # context extension factor
+    original_max_position_embeddings: int  # the context the model was pretrained at
+    beta_fast: float = 32.0  # rotations above which dimensions keep their frequency
+    beta_slow: float = 1.0  # rotations below which dimensions are interpolated by `factor`
+    truncate: bool = True  # round the ramp's ends to whole dimensions
+    attention_factor: float | None = None  # cos and sin scale; None: from factor (and mscale)
+    mscale: float | None = None  # DeepSeek's: the attention factor's numerator gain
+    mscale_all_dim: float | None = None  # DeepSeek's: its denominator gain
+
+
+@dataclass(frozen=True)
+class ClampedSwiGLUConfig:
+    """GPT-OSS's expert FFN (`model/ffn.py`): biases on every projection, gate clamped above
+    at `limit`, up to ±limit, (up + 1) · gate · sigmoid(alpha · gate)."""
+
+    limit: float  # swiglu_limit
+    alpha: float  # swiglu_alpha
 
 
 @dataclass(frozen=True)
@@ -119,6 +166,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]  # tokens that end generation
     dtype: str | None  # checkpoint's dtype name ("bfloat16", ...); None: read from the tensors
     quantization: QuantConfig | None = None  # quantized experts; None: float experts
+    clamped_swiglu: ClampedSwiGLUConfig | None = None  # GPT-OSS's experts; None: plain SwiGLU
 
     @cached_property
     def grid(self) -> ExpertGrid:
@@ -255,7 +303,9 @@ class ConfigReader:
             raise self._fail(name, "a positive number")
         return float(v)
 
-    def rope_theta(self) -> float:
+    def rope_theta(self, kinds: tuple[str, ...] = ("default",)) -> float:
+        """The rotary base; the scaling (`rope_scaling`, or transformers 5's `rope_parameters`)
+        must be one of `kinds` (a family that reads YaRN's fields allows "yarn")."""
         # transformers 5 nests it in rope_parameters; older configs and Mixtral's own keep it flat
         rope = self.d.get("rope_parameters")
         if rope is None:
@@ -263,21 +313,39 @@ class ConfigReader:
             kind = None
             if isinstance(scaling, dict):
                 kind = scaling.get("rope_type", scaling.get("type"))
-            if scaling is not None and kind != "default":
+            if scaling is not None and kind not in kinds:
                 raise ConfigError(
                     f"{self.source}: rope_scaling {scaling!r} is not supported "
-                    "(only 'default' rotary embeddings)"
+                    f"(rotary embeddings of this family: {', '.join(map(repr, kinds))})"
                 )
             return self.positive_float("rope_theta")
         if not isinstance(rope, dict):
             raise self._fail("rope_parameters", "an object")
         rope_type = rope.get("rope_type", "default")
-        if rope_type != "default":
+        if rope_type not in kinds:
             raise ConfigError(
                 f"{self.source}: rope_parameters.rope_type {rope_type!r} is not supported "
-                "(only 'default' rotary embeddings)"
+                f"(rotary embeddings of this family: {', '.join(map(repr, kinds))})"
             )
         return ConfigReader(rope, f"{self.source} rope_parameters").positive_float("rope_theta")
+
+    def yarn(self) -> YarnConfig | None:
+        """YaRN's fields from `rope_parameters` or `rope_scaling` when its type is yarn."""
+        field = "rope_parameters" if self.d.get("rope_parameters") is not None else "rope_scaling"
+        rope = self.d.get(field)
+        if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type")) != "yarn":
+            return None
+        r = ConfigReader(rope, f"{self.source} {field}")
+        return YarnConfig(
+            factor=r.positive_float("factor"),
+            original_max_position_embeddings=r.positive_int("original_max_position_embeddings"),
+            beta_fast=r.optional_positive_float("beta_fast") or 32.0,
+            beta_slow=r.optional_positive_float("beta_slow") or 1.0,
+            truncate=r.boolean("truncate", default=True),
+            attention_factor=r.optional_positive_float("attention_factor"),
+            mscale=r.optional_positive_float("mscale"),
+            mscale_all_dim=r.optional_positive_float("mscale_all_dim"),
+        )
 
     def optional_positive_float(self, name: str) -> float | None:
         if self.d.get(name) is None:

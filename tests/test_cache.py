@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from offload_rt.experts import ExpertStore, LocalExpertBackend, SlotCache
-from offload_rt.experts.formats import SwiGLUFormat
+from offload_rt.experts.formats import FloatFormat
 from offload_rt.grid import ExpertGrid
-from offload_rt.model import ExpertKey, expert_ffn
+from offload_rt.model import ExpertKey, SwiGLU
 
 D, F = 16, 24
 GRID = ExpertGrid((0, 1), 8)  # FakeSource's default: 2 layers x 8 experts
-FORMAT = SwiGLUFormat(D, F, torch.float32)
+FORMAT = FloatFormat(D, F, torch.float32)
 
 
 class FakeSource:
@@ -178,12 +178,12 @@ def test_a_failed_load_leaves_no_half_loaded_expert():
     torch.testing.assert_close(out[ExpertKey(0, 3)], reference(source, ExpertKey(0, 3), x))
 
 
-def test_expert_ffn_matches_separate_projections():
+def test_stacked_swiglu_matches_separate_projections():
     w = FakeSource().weights[ExpertKey(0, 0)]
     x = torch.randn(5, D, generator=torch.Generator().manual_seed(5))
     w13 = torch.cat([w["gate"], w["up"]])
     torch.testing.assert_close(
-        expert_ffn(x, w13, w["down"]), reference(FakeSource(), ExpertKey(0, 0), x)
+        SwiGLU(w13, w["down"])(x), reference(FakeSource(), ExpertKey(0, 0), x)
     )
 
 

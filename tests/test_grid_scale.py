@@ -11,7 +11,7 @@ import torch
 from offload_rt.distributed.placement import NodeInfo, plan_placement, replan
 from offload_rt.experts import ExpertStore, LocalExpertBackend, OffloadOptions, SlotCache
 from offload_rt.experts.cachesim import simulate
-from offload_rt.experts.formats import SwiGLUFormat
+from offload_rt.experts.formats import FloatFormat
 from offload_rt.experts.traces import RoutingTrace, read_trace, write_trace
 from offload_rt.grid import ExpertGrid, ExpertKey
 
@@ -66,9 +66,7 @@ class TinySource:
 
 
 def test_backend_bookkeeping_with_prefetch_over_the_whole_grid():
-    store = ExpertStore(
-        TinySource(), SwiGLUFormat(D, F, torch.float32), torch.device("cpu"), 512, 0
-    )
+    store = ExpertStore(TinySource(), FloatFormat(D, F, torch.float32), torch.device("cpu"), 512, 0)
     backend = LocalExpertBackend(store, SlotCache(512), GRID, OffloadOptions(prefetch=True))
     rng = random.Random(0)
     x = torch.randn(1, D, generator=torch.Generator().manual_seed(0))

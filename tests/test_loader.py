@@ -9,6 +9,7 @@ import torch
 
 from offload_rt.experts.loader import LinkLoader
 from offload_rt.experts.misscost import MissCost
+from offload_rt.model import SwiGLU
 
 MB = 10**6
 
@@ -96,10 +97,10 @@ def test_miss_cost_behind_a_gpu_link_compares_measured_cpu_time_with_the_copy():
     gen = torch.Generator().manual_seed(0)
     w13, w2 = torch.randn(2 * 96, 64, generator=gen), torch.randn(64, 96, generator=gen)
     cost = MissCost(device_is_host=False)
-    assert cost.prefer_host(1, 10.0, lambda: (w13, w2))  # a 10 s copy: the CPU wins
+    assert cost.prefer_host(1, 10.0, lambda: SwiGLU(w13, w2))  # a 10 s copy: the CPU wins
     assert cost.host_fixed_s is not None and 0 < cost.host_fixed_s < 1.0
-    assert not cost.prefer_host(1, 1e-9, lambda: (w13, w2))  # a 1 ns copy: copy
+    assert not cost.prefer_host(1, 1e-9, lambda: SwiGLU(w13, w2))  # a 1 ns copy: copy
     scripted = MissCost(device_is_host=False, host_fixed_s=0.002, host_row_s=0.001)
     assert scripted.host_seconds(5) == pytest.approx(0.006)
-    assert scripted.prefer_host(1, 0.003, lambda: (w13, w2))
-    assert not scripted.prefer_host(5, 0.003, lambda: (w13, w2))  # more rows: copy wins
+    assert scripted.prefer_host(1, 0.003, lambda: SwiGLU(w13, w2))
+    assert not scripted.prefer_host(5, 0.003, lambda: SwiGLU(w13, w2))  # more rows: copy wins

@@ -2,7 +2,7 @@
 their counters on scripted cases.
 
 Exactness here is bit for bit: with and without these options every expert runs the same
-`expert_ffn` on the same rows of the same float32 weights on the same CPU, and the MoE block
+`SwiGLU` on the same rows of the same float32 weights on the same CPU, and the MoE block
 sums outputs in a fixed order, so logits must be `torch.equal`, not merely close.
 """
 
@@ -18,9 +18,8 @@ from safetensors.torch import load_file, save_file
 import offload_rt
 from offload_rt.engine import BatchDecoder
 from offload_rt.experts import ExpertStore, LocalExpertBackend, OffloadOptions, SlotCache
-from offload_rt.experts import backend as backend_module
 from offload_rt.experts.store import SimulatedLink
-from offload_rt.model import expert_ffn
+from offload_rt.model import SwiGLU
 from tests.conftest import save_reference
 from tests.test_cache import FORMAT, GRID, D, F, FakeSource, keys, reference
 from tests.test_exactness import PROMPTS, reference_greedy
@@ -316,28 +315,28 @@ def test_an_arriving_expert_starts_on_w13_before_its_w2_lands():
     store = ExpertStore(source, FORMAT, torch.device("cpu"), 2, None, slow_link())
     backend = LocalExpertBackend(store, SlotCache(2), GRID)
     seen = []
-    up, down = backend_module.expert_up, backend_module.expert_down
+    up, down = SwiGLU.up, SwiGLU.down
 
     loads = []
 
     def traced(name, fn, key):
-        def run(*args):
+        def run(self, *args):
             loads.extend([backend.loads[key]] if not loads else [])  # gone once it has ended
             seen.append((name, loads[0].done()))
-            return fn(*args)
+            return fn(self, *args)
 
         return run
 
     key = keys(3)[0]
     x = torch.randn(2, D, generator=torch.Generator().manual_seed(3))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(backend_module, "expert_up", traced("up", up, key))
-        mp.setattr(backend_module, "expert_down", traced("down", down, key))
+        mp.setattr(SwiGLU, "up", traced("up", up, key))
+        mp.setattr(SwiGLU, "down", traced("down", down, key))
         out = backend.run({key: x})
     # bit for bit what a resident expert gives (the same two kernels on the same packed
     # weights); the separate-projection reference is another kernel, so only close to it
     w = source.weights[key]
-    resident = expert_ffn(x, torch.cat([w["gate"], w["up"]]), w["down"])
+    resident = SwiGLU(torch.cat([w["gate"], w["up"]]), w["down"])(x)
     assert torch.equal(out[key], resident)
     torch.testing.assert_close(out[key], reference(source, key, x))
     assert seen == [("up", False), ("down", True)]

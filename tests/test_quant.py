@@ -178,7 +178,8 @@ def test_codec_packs_and_dequantizes_an_expert(bits, dtype):
     codec = ExpertCodec(d, f, quant, torch.device("cpu"), dtype)
     buf = torch.full((codec.nbytes,), 0xAA, dtype=torch.uint8)
     codec.pack(parts, buf)
-    w13, w2 = codec.dequantize(codec.views(buf))
+    ffn = codec.dequantize(codec.views(buf))
+    w13, w2 = ffn.w13, ffn.w2
 
     def deq(proj: str) -> torch.Tensor:
         q = quantize(w[proj], quant)
@@ -187,7 +188,7 @@ def test_codec_packs_and_dequantizes_an_expert(bits, dtype):
     assert w13.dtype == dtype and w13.shape == (2 * f, d) and w2.shape == (d, f)
     assert torch.equal(w13, torch.cat([deq("gate"), deq("up")])) and torch.equal(w2, deq("down"))
     scratch = w13.data_ptr()
-    assert codec.dequantize(codec.views(buf))[0].data_ptr() == scratch  # reused, not new
+    assert codec.dequantize(codec.views(buf)).w13.data_ptr() == scratch  # reused, not new
     # codes, then two float16 groups per (row, group) for scales and offsets
     per_weight = 3 * f * d * bits // 8 + 2 * 2 * 3 * f * d // 16
     assert codec.nbytes == per_weight

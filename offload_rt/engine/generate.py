@@ -14,7 +14,6 @@ import torch
 
 from offload_rt.engine.sampling import RequestError, Sampler, SamplingParams
 from offload_rt.model import DecoderModel
-from offload_rt.model.layers import KVCache
 
 
 @dataclass
@@ -46,13 +45,7 @@ class BatchDecoder:
         rows; returns their logits after each last prompt token (len(rows), V)."""
         batch = BatchDecoder(self.model, prompts, max(len(p) for p in prompts))
         logits = batch.prefill()
-        index = torch.tensor(rows, device=self.device)
-        for mine, theirs in (
-            (self.cache.keys, batch.cache.keys),
-            (self.cache.values, batch.cache.values),
-        ):
-            for layer, t in zip(mine, theirs):  # (B, K, S, Hd) <- (k, K, width, Hd)
-                layer[index, :, : t.shape[2]] = t
+        self.cache.copy_rows(torch.tensor(rows, device=self.device), batch.cache)
         for row, p in zip(rows, prompts):
             self.lengths[row] = len(p)
         return logits
@@ -85,9 +78,7 @@ class BatchDecoder:
         n = len(tokens)
         positions = [p if ok else 0 for p, ok in zip(self.lengths[:n], live)]
         kv_len = max(positions) + 1
-        cache = self.cache
-        if n < len(self.lengths):
-            cache = KVCache([k[:n] for k in cache.keys], [v[:n] for v in cache.values])
+        cache = self.cache if n == len(self.lengths) else self.cache.rows(n)
         hidden = self.model.forward(
             torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None],
             torch.tensor(positions, dtype=torch.long, device=self.device)[:, None],

@@ -12,7 +12,7 @@ Options (`OffloadOptions`):
   demand loads, into slots of neither the predicted layer nor the one running.
 - compute_on_miss: a missing expert held in the host tier is run on the CPU instead when the
   cost model (`MissCost`) says that finishes before its copy would.
-Neither changes a result: every expert runs the same `expert_ffn` on the same rows, and the
+Neither changes a result: every expert runs the same FFN (`model/ffn.py`) on the same rows, and the
 MoE block sums the outputs in a fixed order.
 """
 
@@ -33,9 +33,8 @@ from offload_rt.experts.misscost import MissCost
 from offload_rt.experts.prefetch import PrefetchTracker
 from offload_rt.experts.store import ExpertStore
 from offload_rt.grid import ExpertGrid
-from offload_rt.model.moe import ExpertKey, expert_down, expert_ffn, expert_up
-
-HostWeights = tuple[torch.Tensor, torch.Tensor]
+from offload_rt.model.ffn import ExpertFFN
+from offload_rt.model.moe import ExpertKey
 
 
 @dataclass(frozen=True)
@@ -201,8 +200,7 @@ class LocalExpertBackend:
         return {key for key, load in self.loads.items() if not load.done()}
 
     def _compute(self, key: ExpertKey, x: torch.Tensor) -> torch.Tensor:
-        w13, w2 = self.store.weights(self.cache.slot_of(key))
-        return expert_ffn(x, w13, w2)
+        return self.store.weights(self.cache.slot_of(key))(x)
 
     def _compute_arriving(self, key: ExpertKey, x: torch.Tensor) -> torch.Tensor:
         """An expert whose load is in flight: its w13 matmul runs as soon as w13 has landed,
@@ -217,13 +215,13 @@ class LocalExpertBackend:
         if not landed.done():  # the load ended without landing w13: failed or cancelled
             self._wait(key)  # raises
         slot = self.cache.slot_of(key)
-        h = expert_up(x, self.store.weights(slot)[0])
+        h = self.store.weights(slot).up(x)
         self._wait(key)
-        return expert_down(h, self.store.weights(slot)[1])
+        return self.store.weights(slot).down(h)
 
     def _host_choice(
         self, key: ExpertKey, rows: int, load: Future | None, copies_ahead: int = 0
-    ) -> HostWeights | None:
+    ) -> ExpertFFN | None:
         """The expert's host weights when computing it on the CPU beats waiting for its copy
         (`load` in flight, or a new one queued after `copies_ahead` more); None to copy."""
         if self.miss_cost is None:
@@ -234,10 +232,9 @@ class LocalExpertBackend:
         wait = self.loader.eta(load, nbytes=(copies_ahead + 1) * self.store.nbytes)
         return weights if self.miss_cost.prefer_host(rows, wait, lambda: weights) else None
 
-    def _compute_on_host(self, x: torch.Tensor, weights: HostWeights) -> torch.Tensor:
-        w13, w2 = weights
+    def _compute_on_host(self, x: torch.Tensor, ffn: ExpertFFN) -> torch.Tensor:
         self.host_computed += 1
-        return expert_ffn(x.to(w13.device), w13, w2).to(x.device)
+        return ffn(x.to(ffn.w13.device)).to(x.device)
 
     def _submit(self, key: ExpertKey, slot: int, urgent: bool) -> Future:
         self.cache.stats.bytes_loaded += self.store.nbytes
@@ -323,7 +320,7 @@ class _Call:
         self.groups = groups
         self.ready: list[ExpertKey] = []
         self.coming: list[ExpertKey] = []
-        self.host: dict[ExpertKey, HostWeights] = {}
+        self.host: dict[ExpertKey, ExpertFFN] = {}
         self.pending: list[ExpertKey] = []  # to load, not yet given a slot, in order
         for key in keys:
             if backend.cache.lookup(key, backend.now) is not None:
@@ -361,7 +358,7 @@ class _Call:
             out[key] = self._run(key, None)
         return out
 
-    def _run(self, key: ExpertKey, host: HostWeights | None) -> torch.Tensor:
+    def _run(self, key: ExpertKey, host: ExpertFFN | None) -> torch.Tensor:
         """A coming or loading expert: on the CPU from `host`, or in its slot once there."""
         x = self.groups[key]
         if host is None:

@@ -1,9 +1,15 @@
 """What an expert is in memory: its packed bytes, how it is packed from a checkpoint's parts,
-and the matrices its FFN runs on. The store, the cache, the link and the wire move packed
-buffers and ask the format for the rest; none of them branches on a format.
+and the FFN it computes. The store, the cache, the link and the wire move packed buffers and ask
+the format for the rest; none of them branches on a format.
 
-Formats here: float SwiGLU (`SwiGLUFormat`: [gate | up | down] in the compute dtype) and the
-group-wise int8/int4 codec (`QuantFormat`, `quant.py`). A family picks one with `expert_format`.
+Formats here: float experts in the compute dtype (`FloatFormat`), and quantized ones whose
+codes move and are dequantized on use (`QuantFormat`: group-wise int8/int4 of `quant.py`, or
+MXFP4 of `mxfp4.py`). Either holds plain SwiGLU experts or GPT-OSS's clamped SwiGLU with
+biases (`model/ffn.py`). A family's config picks one with `expert_format`.
+
+A checkpoint expert's parts come by logical name (`ExpertLayout.logical`): "gate", "up",
+"down" as (out, in) matrices, quantized "gate.qweight" and the like, and with GPT-OSS
+"gate_bias", "up_bias", "down_bias".
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ from typing import Protocol
 
 import torch
 
-from offload_rt.config import ModelConfig
+from offload_rt.config import ClampedSwiGLUConfig, ModelConfig
 from offload_rt.experts.quant import ExpertCodec
+from offload_rt.model.ffn import ClampedSwiGLU, ExpertFFN, SwiGLU
 
 
 class ExpertFormat(Protocol):
@@ -27,47 +34,66 @@ class ExpertFormat(Protocol):
         """Typed views of a packed buffer (numel,), made once per slot."""
         ...
 
-    def weights(self, views: object) -> tuple[torch.Tensor, torch.Tensor]:
-        """w13 (2F, D) and w2 (D, F) in the compute dtype (quantized: dequantized into
-        scratch, valid until the next call)."""
+    def weights(self, views: object) -> ExpertFFN:
+        """The expert ready to compute (quantized: dequantized into scratch, valid until the
+        next call)."""
         ...
 
     def pack(self, parts: Mapping[str, torch.Tensor], out: torch.Tensor) -> None:
-        """A checkpoint expert's parts (`Checkpoint.expert`) into a packed buffer."""
+        """A checkpoint expert's logical parts into a packed buffer."""
         ...
 
 
-class SwiGLUFormat:
-    """[gate | up | down] in the compute dtype: gate and up read as one stacked (2F, D)
-    matrix, so the up-projection is one matmul; it can start once they have landed."""
+class FloatFormat:
+    """[gate | up | down] in the compute dtype, GPT-OSS's as [gate | up | gate and up biases |
+    down | down bias]: gate and up read as one stacked (2F, D) matrix, so the up-projection is
+    one matmul; it can start once they (and their biases) have landed."""
 
     host_computable = True
 
-    def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype) -> None:
-        self.hidden, self.intermediate = hidden, intermediate
+    def __init__(
+        self,
+        hidden: int,
+        intermediate: int,
+        dtype: torch.dtype,
+        clamped: ClampedSwiGLUConfig | None = None,
+    ) -> None:
+        self.hidden, self.intermediate, self.clamped = hidden, intermediate, clamped
         self.storage_dtype = dtype
-        self.numel = 3 * hidden * intermediate
-        self.early_numel = 2 * hidden * intermediate
+        biases = 0 if clamped is None else 2 * intermediate + hidden
+        self.numel = 3 * hidden * intermediate + biases
+        self.early_numel = 2 * hidden * intermediate + (0 if clamped is None else 2 * intermediate)
 
-    def views(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f, d, n = self.intermediate, self.hidden, self.early_numel
-        return buf[:n].view(2 * f, d), buf[n:].view(d, f)
+    def views(self, buf: torch.Tensor) -> ExpertFFN:
+        f, d, fd = self.intermediate, self.hidden, self.hidden * self.intermediate
+        if self.clamped is None:
+            return SwiGLU(buf[: 2 * fd].view(2 * f, d), buf[2 * fd :].view(d, f))
+        n = self.early_numel
+        return ClampedSwiGLU(
+            w13=buf[: 2 * fd].view(2 * f, d),
+            b13=buf[2 * fd : n],
+            w2=buf[n : n + fd].view(d, f),
+            b2=buf[n + fd :],
+            limit=self.clamped.limit,
+            alpha=self.clamped.alpha,
+        )
 
-    def weights(self, views: object) -> tuple[torch.Tensor, torch.Tensor]:
+    def weights(self, views: object) -> ExpertFFN:
         return views  # type: ignore[return-value]
 
     def pack(self, parts: Mapping[str, torch.Tensor], out: torch.Tensor) -> None:
-        fd = self.hidden * self.intermediate
-        if "gate_up" in parts:  # a fused checkpoint's slice: gate's rows, then up's
-            out[: 2 * fd].copy_(parts["gate_up"].reshape(-1))
-        else:
-            out[:fd].copy_(parts["gate"].reshape(-1))
-            out[fd : 2 * fd].copy_(parts["up"].reshape(-1))
-        out[2 * fd :].copy_(parts["down"].reshape(-1))
+        order = ["gate", "up", "down"]
+        if self.clamped is not None:
+            order = ["gate", "up", "gate_bias", "up_bias", "down", "down_bias"]
+        start = 0
+        for name in order:
+            n = parts[name].numel()
+            out[start : start + n].view(parts[name].shape).copy_(parts[name])
+            start += n
 
 
 class QuantFormat:
-    """Group-wise int8/int4 experts (`quant.py`): the codec's bytes move; each use
+    """Quantized experts (`quant.py`, `mxfp4.py`): the codec's bytes move; each use
     dequantizes into scratch, so neither an early start nor a host computation applies."""
 
     storage_dtype = torch.uint8
@@ -81,7 +107,7 @@ class QuantFormat:
     def views(self, buf: torch.Tensor) -> object:
         return self.codec.views(buf)
 
-    def weights(self, views: object) -> tuple[torch.Tensor, torch.Tensor]:
+    def weights(self, views: object) -> ExpertFFN:
         return self.codec.dequantize(views)  # type: ignore[arg-type]
 
     def pack(self, parts: Mapping[str, torch.Tensor], out: torch.Tensor) -> None:
@@ -90,10 +116,10 @@ class QuantFormat:
 
 def expert_format(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> ExpertFormat:
     """The format of `cfg`'s routed experts, computing in `dtype` on `device`."""
-    d, f = cfg.hidden_size, cfg.moe_intermediate_size
+    d, f, clamped = cfg.hidden_size, cfg.moe_intermediate_size, cfg.clamped_swiglu
     if cfg.quantization is not None:
-        return QuantFormat(ExpertCodec(d, f, cfg.quantization, device, dtype))
-    return SwiGLUFormat(d, f, dtype)
+        return QuantFormat(ExpertCodec(d, f, cfg.quantization, device, dtype, clamped))
+    return FloatFormat(d, f, dtype, clamped)
 
 
 def expert_nbytes(cfg: ModelConfig, dtype: torch.dtype) -> int:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from offload_rt.model.moe import expert_ffn
+from offload_rt.model.ffn import ExpertFFN
 
 CALIBRATION_ROWS = 16  # enough rows to see the per-row cost past the weight-reading cost
 CALIBRATION_REPEATS = 3  # best of: the first run also warms the CPU's caches and BLAS
@@ -34,17 +34,17 @@ class MissCost:
         self,
         rows: int,
         link_wait_s: float | None,
-        weights: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+        weights: Callable[[], ExpertFFN],
     ) -> bool:
         """True when computing `rows` rows on the CPU beats a copy that would finish in
         `link_wait_s` (None: the link's speed is not known yet, so copy and learn it).
-        `weights` gives the expert's host w13, w2, for the one-time calibration."""
+        `weights` gives the expert's host FFN, for the one-time calibration."""
         if link_wait_s is None:
             return False
         if self.device_is_host:
             return link_wait_s > 0.0
         if self.host_fixed_s is None:
-            self.calibrate(*weights())
+            self.calibrate(weights())
         return self.host_seconds(rows) < link_wait_s
 
     def host_seconds(self, rows: int) -> float:
@@ -52,20 +52,21 @@ class MissCost:
             raise RuntimeError("the CPU's expert throughput has not been measured yet")
         return self.host_fixed_s + (rows - 1) * self.host_row_s
 
-    def calibrate(self, w13: torch.Tensor, w2: torch.Tensor) -> None:
-        """Time the expert FFN on the CPU on these weights (w13 (2F, D), w2 (D, F))."""
-        one = _best_seconds(w13, w2, 1)
-        many = _best_seconds(w13, w2, CALIBRATION_ROWS)
+    def calibrate(self, ffn: ExpertFFN) -> None:
+        """Time the expert FFN on the CPU on these weights."""
+        one = _best_seconds(ffn, 1)
+        many = _best_seconds(ffn, CALIBRATION_ROWS)
         self.host_fixed_s = one
         self.host_row_s = max(0.0, (many - one) / (CALIBRATION_ROWS - 1))
 
 
-def _best_seconds(w13: torch.Tensor, w2: torch.Tensor, rows: int) -> float:
+def _best_seconds(ffn: ExpertFFN, rows: int) -> float:
+    w13 = ffn.w13
     x = torch.randn(rows, w13.shape[1], dtype=w13.dtype, device=w13.device)  # (rows, D)
     best = float("inf")
     with torch.inference_mode():
         for _ in range(CALIBRATION_REPEATS):
             start = time.perf_counter()
-            expert_ffn(x, w13, w2)
+            ffn(x)
             best = min(best, time.perf_counter() - start)
     return best

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from offload_rt.config import QuantConfig
+from offload_rt.config import ClampedSwiGLUConfig, QuantConfig
+from offload_rt.model.ffn import ClampedSwiGLU, ExpertFFN, SwiGLU
 
 F16 = torch.float16
 
@@ -118,36 +119,57 @@ def _expand(
 @dataclass(frozen=True)
 class _Part:
     start: int  # byte offset in the packed buffer
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
     dtype: torch.dtype
 
     @property
     def nbytes(self) -> int:
-        return self.shape[0] * self.shape[1] * self.dtype.itemsize
+        n = self.dtype.itemsize
+        for s in self.shape:
+            n *= s
+        return n
 
     def view(self, buf: torch.Tensor) -> torch.Tensor:
         return buf[self.start : self.start + self.nbytes].view(self.dtype).view(self.shape)
 
 
+# each scheme's stored parts of one weight, in buffer order (wider elements first, for alignment)
+SCHEME_PARTS = {
+    "affine": {"scales": F16, "offsets": F16, "qweight": torch.uint8},
+    "mxfp4": {"scales": torch.uint8, "blocks": torch.uint8},
+}
+
+
+def _part_shape(quant: QuantConfig, part: str, rows: int, cols: int) -> tuple[int, ...]:
+    if part == "qweight":
+        return quant.codes_shape(rows, cols)
+    if part == "blocks":  # MXFP4's codes, as the release stores them: 16 bytes a group of 32
+        return rows, cols // quant.group_size, quant.group_size // 2
+    return quant.groups_shape(rows, cols)
+
+
 class _Layout:
     """Where each part of w13 = [w1; w3] (2F, D) and w2 (D, F) sits in the packed uint8 buffer:
-    float16 scales and offsets first (2-byte aligned at every slot start), codes after."""
+    biases first (GPT-OSS's, in the compute dtype), then the scheme's parts, wider elements
+    first so that every part is aligned when the slot start is."""
 
-    def __init__(self, hidden: int, intermediate: int, quant: QuantConfig) -> None:
+    def __init__(
+        self, hidden: int, intermediate: int, quant: QuantConfig, bias_dtype: torch.dtype | None
+    ) -> None:
         f, d = intermediate, hidden
         self.matrices = {"w13": (2 * f, d), "w2": (d, f)}
-        order = [(m, part) for part in ("scales", "offsets", "qweight") for m in self.matrices]
         self.parts: dict[tuple[str, str], _Part] = {}
         start = 0
-        for m, part in order:
-            rows, cols = self.matrices[m]
-            if part == "qweight":
-                shape, dtype = quant.codes_shape(rows, cols), torch.uint8
-            else:
-                shape, dtype = quant.groups_shape(rows, cols), F16
+        order: list[tuple[str, str, tuple[int, ...], torch.dtype]] = []
+        if bias_dtype is not None:
+            order += [("w13", "bias", (2 * f,), bias_dtype), ("w2", "bias", (d,), bias_dtype)]
+        for part, dtype in SCHEME_PARTS[quant.scheme].items():
+            for m, (rows, cols) in self.matrices.items():
+                order.append((m, part, _part_shape(quant, part, rows, cols), dtype))
+        for m, part, shape, dtype in order:
             self.parts[(m, part)] = _Part(start, shape, dtype)
             start += self.parts[(m, part)].nbytes
-        self.nbytes = start + start % 2  # keeps the next slot's float16 parts aligned
+        self.nbytes = -(-start // 8) * 8  # keeps the next slot's wider parts aligned
 
 
 class ExpertCodec:
@@ -161,15 +183,17 @@ class ExpertCodec:
         quant: QuantConfig,
         device: torch.device,
         dtype: torch.dtype,
+        clamped: ClampedSwiGLUConfig | None = None,
     ) -> None:
         self.quant = quant
-        self.layout = _Layout(hidden, intermediate, quant)
+        self.clamped = clamped
+        self.layout = _Layout(hidden, intermediate, quant, None if clamped is None else dtype)
         self.nbytes = self.layout.nbytes
         shapes = self.layout.matrices
         self._scratch = {m: torch.empty(s, dtype=dtype, device=device) for m, s in shapes.items()}
         self._codes = (
             {m: torch.empty(s, dtype=torch.uint8, device=device) for m, s in shapes.items()}
-            if quant.bits == 4
+            if quant.scheme == "affine" and quant.bits == 4
             else {}
         )
 
@@ -178,24 +202,34 @@ class ExpertCodec:
         return {key: part.view(buf) for key, part in self.layout.parts.items()}
 
     def pack(self, tensors: Mapping[str, torch.Tensor], out: torch.Tensor) -> None:
-        """Copy a checkpoint expert's parts ("gate.qweight", ...) into `out` (nbytes,) uint8:
-        the bytes as stored, gate's rows above up's."""
+        """Copy a checkpoint expert's logical parts ("gate.qweight", "gate_bias", ...) into
+        `out` (nbytes,) uint8: the bytes as stored, gate's rows above up's."""
         for (m, part), view in self.views(out).items():
-            if m == "w2":
-                view.copy_(tensors[f"down.{part}"])
-                continue
-            f = view.shape[0] // 2
-            view[:f].copy_(tensors[f"gate.{part}"])
-            view[f:].copy_(tensors[f"up.{part}"])
+            if part == "bias":
+                names = ["down_bias"] if m == "w2" else ["gate_bias", "up_bias"]
+            else:
+                names = [f"down.{part}"] if m == "w2" else [f"gate.{part}", f"up.{part}"]
+            rows = view.shape[0] // len(names)
+            for i, name in enumerate(names):
+                view[i * rows : (i + 1) * rows].copy_(tensors[name].reshape(view[:rows].shape))
 
-    def dequantize(
-        self, views: Mapping[tuple[str, str], torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """w13 (2F, D) and w2 (D, F) of one slot in the compute dtype. They are the codec's
-        scratch: valid until the next call, so one thread computes with them at a time."""
+    def dequantize(self, views: Mapping[tuple[str, str], torch.Tensor]) -> ExpertFFN:
+        """The slot's expert in the compute dtype. Its matrices are the codec's scratch: valid
+        until the next call, so one thread computes with them at a time."""
         for m, out in self._scratch.items():
+            if self.quant.scheme == "mxfp4":
+                from offload_rt.experts.mxfp4 import dequantize_mxfp4  # TEMP until the module lands
+
+                dequantize_mxfp4(views[(m, "blocks")], views[(m, "scales")], out)
+                continue
             codes = views[(m, "qweight")]
             if self.quant.bits == 4:
                 codes = unpack_int4(codes, self._codes[m])
             _expand(codes, views[(m, "scales")], views[(m, "offsets")], out)
-        return self._scratch["w13"], self._scratch["w2"]
+        w13, w2 = self._scratch["w13"], self._scratch["w2"]
+        if self.clamped is None:
+            return SwiGLU(w13, w2)
+        c = self.clamped
+        return ClampedSwiGLU(
+            w13, views[("w13", "bias")], w2, views[("w2", "bias")], c.limit, c.alpha
+        )

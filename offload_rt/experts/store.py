@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 
 from offload_rt.experts.formats import ExpertFormat
+from offload_rt.model.ffn import ExpertFFN
 from offload_rt.model.moe import ExpertKey
 
 
@@ -100,8 +101,8 @@ class ExpertStore:
         """A load lands the up-projection's weights before the rest (`load`'s `landed`)."""
         return self.format.early_numel < self.numel
 
-    def weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """w13 (2F, D) and w2 (D, F) of one slot (quantized: dequantized into the format's
+    def weights(self, slot: int) -> ExpertFFN:
+        """One slot's expert, ready to compute (quantized: dequantized into the format's
         scratch, valid until the next call)."""
         return self.format.weights(self._views[slot])
 
@@ -148,8 +149,8 @@ class ExpertStore:
             torch.cuda.current_stream(self.device).synchronize()
         landed()
 
-    def host_weights(self, key: ExpertKey) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """w13, w2 of `key` in the host tier when the format computes from there, else None
+    def host_weights(self, key: ExpertKey) -> ExpertFFN | None:
+        """`key`'s expert in the host tier when the format computes from there, else None
         (read from the compute thread while the loader may change the tier: one dict lookup,
         no reordering)."""
         buf = self._host.get(key)

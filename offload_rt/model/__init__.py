@@ -10,17 +10,21 @@ from offload_rt.model.decoder import (
     MoEDecoder,
     MoEWeights,
 )
-from offload_rt.model.layers import AttentionSpec, AttentionWeights, KVCache, RopeTables
-from offload_rt.model.moe import ExpertBackend, ExpertPrefetcher, expert_ffn, route
+from offload_rt.model.ffn import ClampedSwiGLU, ExpertFFN, SwiGLU
+from offload_rt.model.kvcache import KVCache
+from offload_rt.model.layers import AttentionSpec, AttentionWeights, RopeTables
+from offload_rt.model.moe import ExpertBackend, ExpertPrefetcher, route
 
 __all__ = [
     "AttentionSpec",
     "AttentionWeights",
+    "ClampedSwiGLU",
     "DecoderModel",
     "DecoderSpec",
     "DenseMLP",
     "DenseWeights",
     "ExpertBackend",
+    "ExpertFFN",
     "ExpertGrid",
     "ExpertKey",
     "ExpertPrefetcher",
@@ -29,6 +33,6 @@ __all__ = [
     "MoEDecoder",
     "MoEWeights",
     "RopeTables",
-    "expert_ffn",
+    "SwiGLU",
     "route",
 ]

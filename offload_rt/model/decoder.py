@@ -1,10 +1,11 @@
-"""The MoE decoder every softmax-routed family shares: embeddings, layers of attention and an
-MoE block (routed experts, maybe a gated shared expert) or a dense MLP, final norm, lm_head.
+"""The MoE decoder the softmax-routed families share: embeddings, layers of attention (full or
+sliding-window) and an MoE block (routed experts, maybe a gated shared expert) or a dense MLP,
+final norm, lm_head.
 
 Pure math over weights it is given and an `ExpertBackend` for the routed experts; it reads no
 file and places nothing on a device. A family (`offload_rt/models/`) parses its config, names
 its tensors and builds one. References: `MixtralForCausalLM`, `Qwen2MoeForCausalLM`,
-`Qwen3MoeForCausalLM`, `OlmoeForCausalLM` in transformers.
+`Qwen3MoeForCausalLM`, `OlmoeForCausalLM`, `GptOssForCausalLM` in transformers.
 Shape legend: B rows, T new tokens per row, D hidden, V vocabulary, F an MLP's width.
 """
 
@@ -18,20 +19,19 @@ import torch.nn.functional as F
 
 from offload_rt.config import ModelConfig
 from offload_rt.grid import ExpertGrid
+from offload_rt.model.ffn import SwiGLU
+from offload_rt.model.kvcache import KVCache, attention_mask
 from offload_rt.model.layers import (
     AttentionSpec,
     AttentionWeights,
-    KVCache,
     RopeTables,
     attention,
-    attention_mask,
     linear,
     rms_norm,
 )
 from offload_rt.model.moe import (
     ExpertBackend,
     ExpertPrefetcher,
-    expert_ffn,
     moe_block,
     predict_experts,
 )
@@ -42,20 +42,14 @@ from offload_rt.model.moe import (
 PREDICT_FROM = ("attention", "moe", "both")
 
 
-@dataclass(frozen=True)
-class DenseMLP:
-    """A SwiGLU MLP the coordinator runs itself: a dense layer's, or a shared expert."""
-
-    w13: torch.Tensor  # (2F, D): gate rows, then up rows
-    w2: torch.Tensor  # (D, F)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return expert_ffn(x, self.w13, self.w2)
+# a SwiGLU MLP the coordinator runs itself: a dense layer's, or a shared expert
+DenseMLP = SwiGLU
 
 
 @dataclass(frozen=True)
 class MoEWeights:
     router: torch.Tensor  # (E, D)
+    router_bias: torch.Tensor | None = None  # (E,) (GPT-OSS)
     shared: DenseMLP | None = None  # an expert every token uses (Qwen2-MoE)
     shared_gate: torch.Tensor | None = None  # (1, D): shared output · sigmoid(gate x)
 
@@ -84,6 +78,9 @@ class DecoderSpec:
 
     attention: AttentionSpec
     renormalize: bool  # top-k routing weights divided by their sum (norm_topk_prob)
+    # per layer: the window of a sliding-window layer whose KV cache is a ring of that many
+    # positions (GPT-OSS), or None for full attention; None: every layer full
+    ring_windows: tuple[int | None, ...] | None = None
 
 
 class DecoderModel(Protocol):
@@ -164,6 +161,7 @@ class MoEDecoder:
             c.head_dim,
             self.weights.embed.device,
             self.weights.embed.dtype,
+            self.spec.ring_windows,
         )
 
     def forward(
@@ -188,10 +186,23 @@ class MoEDecoder:
         mask = attention_mask(positions, kv_len, c.sliding_window, start)
         rope = self.rope.at(positions, h.dtype)  # shared by every layer
         live = None if token_mask is None or bool(token_mask.all()) else token_mask.reshape(-1)
+        ring = None
+        if cache.ring_pos is not None:
+            ring = cache.ring_step(positions, None if live is None else token_mask)
         for i, lw in enumerate(self.weights.layers):
             a = rms_norm(h, lw.input_norm, c.rms_norm_eps)
             h = h + attention(
-                a, lw.attn, self.spec.attention, rope, positions, cache, i, kv_len, mask, start
+                a,
+                lw.attn,
+                self.spec.attention,
+                rope,
+                positions,
+                cache,
+                i,
+                kv_len,
+                mask,
+                start,
+                ring,
             )
             upcoming = self.grid.next_layer(i)
             if isinstance(lw.mlp, DenseMLP):
@@ -202,6 +213,8 @@ class MoEDecoder:
             m = rms_norm(h, lw.post_attn_norm, c.rms_norm_eps).reshape(-1, c.hidden_size)
             h = h + self._moe(m, lw.mlp, i, live).view_as(h)
             self._predict(h, upcoming, live, "moe")
+        if ring is not None:
+            cache.ring_advance(ring, positions)
         return rms_norm(h, self.weights.norm, c.rms_norm_eps)
 
     def _predict(
@@ -215,17 +228,21 @@ class MoEDecoder:
         x = h.reshape(-1, c.hidden_size)  # (N, D)
         if live is not None:
             x = x[live]
+        mlp = self.weights.layers[layer].mlp
+        assert isinstance(mlp, MoEWeights)
         if x.shape[0] == 1:
             # one matrix-vector product and one sync; ranking E floats in Python beats topk
             # (measured 11 against 30-45 µs a guess, with fewer stalls on a loaded CPU)
-            logits = torch.mv(self._guess_routers[layer], x[0]).tolist()  # (E,)
-            order = sorted(range(len(logits)), key=logits.__getitem__, reverse=True)
+            logits = torch.mv(self._guess_routers[layer], x[0])  # (E,)
+            if mlp.router_bias is not None:  # the norm's 1/rms no longer leaves the order
+                logits = logits * torch.rsqrt(x[0].float().pow(2).mean() + c.rms_norm_eps)
+                logits = logits + mlp.router_bias
+            scores = logits.tolist()
+            order = sorted(range(len(scores)), key=scores.__getitem__, reverse=True)
             ranked = order[: c.num_experts_per_tok]
         elif x.shape[0]:
-            lw = self.weights.layers[layer]
-            assert isinstance(lw.mlp, MoEWeights)
-            normed = rms_norm(x, lw.post_attn_norm, c.rms_norm_eps)
-            ranked = predict_experts(normed, lw.mlp.router, c.num_experts_per_tok)
+            normed = rms_norm(x, self.weights.layers[layer].post_attn_norm, c.rms_norm_eps)
+            ranked = predict_experts(normed, mlp.router, c.num_experts_per_tok, mlp.router_bias)
         else:
             return
         # the early guess of "both" fetches only the likelier half of what it names (on the
@@ -246,7 +263,7 @@ class MoEDecoder:
     def _moe_rows(self, x: torch.Tensor, mlp: MoEWeights, layer: int) -> torch.Tensor:
         """Routed experts, then the shared expert added, as the references sum them."""
         top_k, renorm = self.config.num_experts_per_tok, self.spec.renormalize
-        out = moe_block(x, mlp.router, top_k, layer, self.backend, renorm)
+        out = moe_block(x, mlp.router, top_k, layer, self.backend, renorm, mlp.router_bias)
         if mlp.shared is not None:
             shared = mlp.shared(x)
             if mlp.shared_gate is not None:

@@ -1,7 +1,7 @@
 """Dense decoder math: RMSNorm, rotary embeddings, grouped-query attention over a KV cache
-(with the q/k/v biases, q/k norms and clipping that families add).
+(with the q/k/v biases, q/k norms, clipping and sinks that families add).
 
-Reference: the eager attention of transformers' Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE.
+Reference: the eager attention of transformers' Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS.
 Shape legend:
 B batch rows, T new tokens per row, S key positions, D hidden, H query heads, K key/value heads,
 G = H / K queries per key/value head, Hd head width.
@@ -13,6 +13,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from offload_rt.config import YarnConfig
+from offload_rt.model.kvcache import KVCache, RingStep
+from offload_rt.model.rope import default_inv_freq, yarn_inv_freq
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -38,14 +42,22 @@ class RopeTables:
 
     @classmethod
     def build(
-        cls, head_dim: int, theta: float, max_positions: int, device: torch.device
+        cls,
+        head_dim: int,
+        theta: float,
+        max_positions: int,
+        device: torch.device,
+        yarn: YarnConfig | None = None,
     ) -> RopeTables:
-        exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float()
-        inv_freq = 1.0 / (theta ** (exponent / head_dim))  # (Hd/2,)
+        """Llama's rotary tables, or YaRN's (its frequencies, and cos and sin scaled by its
+        attention factor, as transformers' `_compute_yarn_parameters`)."""
+        inv_freq, scale = default_inv_freq(head_dim, theta, device), 1.0  # (Hd/2,)
+        if yarn is not None:
+            inv_freq, scale = yarn_inv_freq(head_dim, theta, yarn, device)
         pos = torch.arange(max_positions, device=device, dtype=torch.float32)
         freqs = pos[:, None] * inv_freq[None, :]  # (P, Hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (P, Hd)
-        return cls(emb.cos(), emb.sin())
+        return cls(emb.cos() * scale, emb.sin() * scale)
 
     def at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin at `positions` (B, T), shaped (B, 1, T, Hd) to broadcast over heads."""
@@ -65,75 +77,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + _rotate_half(x) * sin
 
 
-class KVCache:
-    """Keys and values of every layer for B rows of up to S positions each.
-
-    Row b's token at position p is stored at index p, so rows of different lengths share one
-    tensor; attention masks each row by its own positions, never by padding.
-    """
-
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        self.keys = keys  # per layer (B, K, S, Hd)
-        self.values = values
-
-    @classmethod
-    def allocate(
-        cls,
-        layers: int,
-        batch: int,
-        kv_heads: int,
-        max_len: int,
-        head_dim: int,
-        device: torch.device,
-        dtype: torch.dtype,
-    ) -> KVCache:
-        shape = (batch, kv_heads, max_len, head_dim)
-        return cls(
-            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)],
-            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)],
-        )
-
-    @property
-    def max_len(self) -> int:
-        return self.keys[0].shape[2]
-
-    def write(
-        self,
-        layer: int,
-        positions: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        start: int | None,
-    ) -> None:
-        """k, v: (B, K, T, Hd) for the tokens at `positions` (B, T). `start`: when every row
-        holds positions start .. start+T-1, one slice copy instead of a scatter."""
-        t = k.shape[2]
-        if start is not None:
-            self.keys[layer][:, :, start : start + t] = k
-            self.values[layer][:, :, start : start + t] = v
-            return
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
-        self.keys[layer][rows, :, positions] = k.transpose(1, 2)
-        self.values[layer][rows, :, positions] = v.transpose(1, 2)
-
-
-def attention_mask(
-    positions: torch.Tensor, kv_len: int, sliding_window: int | None, start: int | None
-) -> torch.Tensor | None:
-    """(B, 1, T, S) True where the query at positions[b, t] may see key position s; None when
-    it may see every key, as in a decode step of rows all at position kv_len - 1."""
-    t = positions.shape[1]
-    window_open = sliding_window is None or kv_len <= sliding_window
-    if start is not None and t == 1 and start == kv_len - 1 and window_open:
-        return None
-    keys = torch.arange(kv_len, device=positions.device)  # (S,)
-    q = positions[:, :, None]  # (B, T, 1)
-    mask = keys[None, None, :] <= q
-    if sliding_window is not None:
-        mask &= q - keys[None, None, :] < sliding_window
-    return mask[:, None]
-
-
 @dataclass(frozen=True)
 class AttentionWeights:
     wqkv: torch.Tensor  # (H * Hd + 2 * K * Hd, D): q, k and v projections stacked, one matmul
@@ -142,6 +85,7 @@ class AttentionWeights:
     bo: torch.Tensor | None = None  # (D,): output bias
     q_norm: torch.Tensor | None = None  # RMSNorm weight of q: (Hd,) per head, or (H * Hd,)
     k_norm: torch.Tensor | None = None  # of k: (Hd,) per head, or (K * Hd,) over all heads
+    sinks: torch.Tensor | None = None  # (H,): a logit per head that joins each softmax (GPT-OSS)
 
 
 @dataclass(frozen=True)
@@ -164,9 +108,11 @@ def attention(
     kv_len: int,
     mask: torch.Tensor | None,
     start: int | None,
+    ring: RingStep | None = None,
 ) -> torch.Tensor:
-    """x: (B, T, D) -> (B, T, D). Writes this step's keys/values into the cache first.
-    rope: cos, sin at `positions`, from `RopeTables.at`; mask from `attention_mask`.
+    """x: (B, T, D) -> (B, T, D). Writes this step's keys/values into the cache.
+    rope: cos, sin at `positions`, from `RopeTables.at`; mask from `attention_mask` for a full
+    layer; a ring layer (sliding window) takes the forward's `ring` step and its mask instead.
     q/k norms: a (Hd,) weight normalises each head (Qwen3-MoE); a wider one the whole
     projection (OLMoE)."""
     b, t, _ = x.shape
@@ -179,12 +125,43 @@ def attention(
     qk = apply_rope(qkv[:, : heads + kv_heads], *rope)
     q, k = qk.split([heads, kv_heads], dim=1)
     v = qkv[:, heads + kv_heads :]  # (B, K, T, Hd)
-    cache.write(layer, positions, k, v, start)
-    keys = cache.keys[layer][:, :, :kv_len]  # (B, K, S, Hd)
-    values = cache.values[layer][:, :, :kv_len]
-    # each key/value head serves H / K consecutive query heads, as the reference's repeat_kv
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+    if cache.windows[layer] is None:
+        cache.write(layer, positions, k, v, start)
+        keys = cache.keys[layer][:, :, :kv_len]  # (B, K, S, Hd)
+        values = cache.values[layer][:, :, :kv_len]
+    else:  # the ring's old keys, then this step's: (B, K, W + T, Hd)
+        assert ring is not None
+        keys = torch.cat((cache.keys[layer], k), dim=2)
+        values = torch.cat((cache.values[layer], v), dim=2)
+        cache.ring_write(layer, ring, k, v)
+        mask = ring.mask
+    if w.sinks is None:
+        # each key/value head serves H / K consecutive query heads, as the reference's repeat_kv
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+    else:
+        out = _attend_with_sinks(q, keys, values, mask, w.sinks)
     return F.linear(out.transpose(1, 2).reshape(b, t, heads * hd), w.wo, w.bo)
+
+
+def _attend_with_sinks(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    sinks: torch.Tensor,
+) -> torch.Tensor:
+    """Softmax attention where each head's sink logit joins every row's softmax and takes its
+    share of the probability without adding a value (GPT-OSS's `eager_attention_forward`).
+    q: (B, H, T, Hd), keys/values: (B, K, S, Hd), mask: (B, 1, T, S) or None -> (B, H, T, Hd)."""
+    b, h, t, hd = q.shape
+    kv, s = keys.shape[1], keys.shape[2]
+    grouped = q.reshape(b, kv, (h // kv) * t, hd)  # head h uses kv head h // (H / K)
+    scores = (grouped @ keys.transpose(-1, -2)).view(b, h, t, s) * hd**-0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    logits = torch.cat((scores, sinks.view(1, h, 1, 1).expand(b, h, t, 1).to(scores.dtype)), -1)
+    probs = torch.softmax(logits - logits.amax(dim=-1, keepdim=True), dim=-1)[..., :s]
+    return (probs.reshape(b, kv, (h // kv) * t, s) @ values).view(b, h, t, hd)
 
 
 def _normed_qkv(qkv: torch.Tensor, w: AttentionWeights, spec: AttentionSpec) -> torch.Tensor:

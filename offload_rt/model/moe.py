@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from offload_rt.grid import ExpertKey
-from offload_rt.model.layers import linear
 
 
 class ExpertBackend(Protocol):
@@ -37,41 +36,31 @@ class ExpertPrefetcher(Protocol):
         ...
 
 
-def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """w2(silu(w1 x) * w3 x) with w1 and w3 stacked into one (2F, D) matrix: one matmul, not two."""
-    return expert_down(expert_up(x, w13), w2)
-
-
-def expert_up(x: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
-    """The first half of `expert_ffn`: silu(w1 x) * w3 x, (n, D) -> (n, F). Split out so that
-    an expert still arriving can start on w13 before its w2 has landed."""
-    gate, up = linear(x, w13).chunk(2, dim=-1)  # (n, F) each
-    return F.silu(gate) * up
-
-
-def expert_down(h: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """The second half of `expert_ffn`: w2 h, (n, F) -> (n, D)."""
-    return linear(h, w2)
-
-
 def route(
-    x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool = True
+    x: torch.Tensor,
+    router: torch.Tensor,
+    top_k: int,
+    renormalize: bool = True,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over experts, top-k, renormalised when `renormalize` (Mixtral always; Qwen and
-    OLMoE when norm_topk_prob). x: (N, D), router: (E, D).
+    OLMoE when norm_topk_prob). x: (N, D), router: (E, D), bias: (E,) (GPT-OSS's router has
+    one; its top-k logits then softmax is this, renormalised).
     Returns weights (N, k) float32 and expert ids (N, k)."""
-    probs = torch.softmax(F.linear(x, router).float(), dim=-1)  # (N, E)
+    probs = torch.softmax(F.linear(x, router, bias).float(), dim=-1)  # (N, E)
     weights, experts = torch.topk(probs, top_k, dim=-1)
     if not renormalize:
         return weights, experts
     return weights / weights.sum(dim=-1, keepdim=True), experts
 
 
-def predict_experts(x: torch.Tensor, router: torch.Tensor, top_k: int) -> list[int]:
+def predict_experts(
+    x: torch.Tensor, router: torch.Tensor, top_k: int, bias: torch.Tensor | None = None
+) -> list[int]:
     """The experts some token of x (N, D) would pick among its top-k under `router` (E, D),
     the largest summed routing weight first: what a layer's router makes of a hidden state
     it will see only later, after it has changed a little. One device-to-host sync."""
-    weights, experts = route(x, router, top_k)  # (N, k) each
+    weights, experts = route(x, router, top_k, bias=bias)  # (N, k) each
     if x.shape[0] == 1:
         return experts[0].tolist()  # topk sorts by weight already
     mass = torch.zeros(router.shape[0], dtype=weights.dtype, device=x.device)  # (E,)
@@ -111,9 +100,10 @@ def moe_block(
     layer: int,
     backend: ExpertBackend,
     renormalize: bool = True,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x: (N, D) -> (N, D): the weighted sum of each token's top-k experts."""
-    weights, experts = route(x, router, top_k, renormalize)
+    weights, experts = route(x, router, top_k, renormalize, bias)
     if x.shape[0] == 1:
         return _single_token(x, weights[0].tolist(), experts[0].tolist(), layer, backend)
     routing = group_by_expert(layer, weights, experts)

@@ -112,14 +112,6 @@ def _dense_nbytes(ckpt: Checkpoint) -> int:
     )
 
 
-def _projections(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """gate, up, down of one expert as stored, a fused gate_up split into its halves."""
-    if "gate_up" not in parts:
-        return parts
-    gate, up = parts["gate_up"].chunk(2, dim=0)
-    return {"gate": gate, "up": up, "down": parts["down"]}
-
-
 def _tensors(
     ckpt: Checkpoint,
     layout: PerExpertLayout,
@@ -137,7 +129,7 @@ def _tensors(
     with bar:
         for key in grid.keys():
             names = layout.names(key)
-            for proj, w in _projections(ckpt.expert(key.layer, key.expert)).items():
+            for proj, w in ckpt.expert(key.layer, key.expert).items():
                 q = quantize(w, quant, name=f"{key} {proj}")
                 _measure(w, q, quant, report)
                 for part in ("qweight", "scales", "offsets"):
