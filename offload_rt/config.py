@@ -188,9 +188,11 @@ def core_fields(
     moe_intermediate_field: str,
     moe_layers: tuple[int, ...],
     sliding_window: int | None = None,
+    rope_kinds: tuple[str, ...] = ("default",),
 ) -> dict[str, Any]:
     """The shared core of a family's config from `r`; the family names the fields that differ
-    (experts per layer, expert width) and says which layers are MoE."""
+    (experts per layer, expert width), says which layers are MoE and which rotary scalings it
+    reads (`rope_kinds`)."""
     source = r.source
     heads = r.positive_int("num_attention_heads")
     hidden = r.positive_int("hidden_size")
@@ -230,7 +232,7 @@ def core_fields(
         moe_intermediate_size=width,
         moe_layers=moe_layers,
         rms_norm_eps=r.positive_float("rms_norm_eps"),
-        rope_theta=r.rope_theta(),
+        rope_theta=r.rope_theta(rope_kinds),
         max_position_embeddings=r.positive_int("max_position_embeddings"),
         sliding_window=sliding_window,
         tie_word_embeddings=r.boolean("tie_word_embeddings", default=False),

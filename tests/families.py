@@ -58,6 +58,28 @@ REFERENCES: dict[str, tuple[str, str, dict]] = {
         # q/k norms over whole projections, a clip tight enough to bite on random weights
         dict(intermediate_size=48, num_experts=6, clip_qkv=0.5, eos_token_id=2),
     ),
+    "gpt_oss": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        # a window shorter than the prompts, explicit head_dim, YaRN scaling that bites within
+        # the context, a SwiGLU clamp tight enough to bite on random weights
+        dict(
+            intermediate_size=48,
+            num_local_experts=6,
+            head_dim=24,
+            sliding_window=6,
+            swiglu_limit=1.0,
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=10000.0,
+                factor=4.0,
+                beta_fast=32.0,
+                beta_slow=1.0,
+                truncate=False,
+                original_max_position_embeddings=64,
+            ),
+        ),
+    ),
 }
 
 

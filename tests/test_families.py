@@ -247,3 +247,31 @@ def test_a_trace_of_a_family_has_its_grid_and_replays(tmp_path, capsys):
     assert (recorded.num_layers, recorded.num_experts) == (2, 6)  # MoE layers 1-2 only
     decode = sum(len(e) for p in recorded.passes[1:] for e in p)
     assert result["hits"] + result["misses"] == decode == 5 * 2 * 2
+
+
+def test_gpt_oss_sliding_rings_under_continuous_batching(tmp_path):
+    """GPT-OSS's sliding layers keep a ring of `sliding_window` positions. Requests longer
+    than the window, joining a running batch at other positions (so rows are prefilled apart,
+    copied into the batch and stepped at different positions), get the reference's tokens;
+    each ring holds the window only."""
+    from offload_rt.engine import SamplingParams
+    from offload_rt.engine.scheduler import Scheduler, SchedulerConfig
+    from tests.test_scheduler import Collector
+
+    hf = save_family("gpt_oss", tmp_path)
+    gen = torch.Generator().manual_seed(7)
+    prompts = [[1] + torch.randint(3, 128, (n,), generator=gen).tolist() for n in (9, 2, 15, 5)]
+    want = [reference_greedy(hf, p, 12) for p in prompts]
+    with offload_rt.load(tmp_path, cache_experts=6) as model:
+        cache = model.model.new_cache(2, 64)
+        windows = [k.shape[2] for k in cache.keys]
+        assert windows == [6, 64, 6]  # sliding, full, sliding
+        sched = Scheduler(model.model, (), None, SchedulerConfig(max_batch=2))
+        try:
+            collectors = [Collector() for _ in prompts]
+            for p, c in zip(prompts, collectors):
+                sched.submit(p, SamplingParams(max_new_tokens=12, temperature=0.0), c)
+            got = [c.wait()[-1].result.token_ids for c in collectors]
+        finally:
+            sched.close()
+    assert got == want

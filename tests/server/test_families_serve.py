@@ -18,7 +18,7 @@ from tests.server.live import LiveServer
 PROMPTS = ["Hello", "The quick brown fox", "offload", "Qwen runs on one small GPU"]
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "olmoe"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss"])
 def test_a_family_served_answers_as_it_generates(tmp_path, family):
     folder = make_demo_checkpoint(tmp_path / family, family=family)
     config = ServerConfig(served_model_name=family, scheduler=SchedulerConfig(max_batch=4))
