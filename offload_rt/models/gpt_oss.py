@@ -26,8 +26,8 @@ from offload_rt.config import (
 from offload_rt.grid import ExpertGrid, ExpertKey
 from offload_rt.model import (
     AttentionSpec,
-    DecoderSpec,
     DecoderModel,
+    DecoderSpec,
     ExpertBackend,
     ExpertPrefetcher,
     MoEDecoder,
