@@ -1,8 +1,10 @@
-"""`offload-rt quantize`: write a copy of a checkpoint with int8 or int4 experts.
+"""`offload-rt quantize`: write a copy of a checkpoint with int8, int4 or MXFP4 experts.
 
-    offload-rt quantize MODEL_DIR OUT_DIR --bits 8|4 [--group-size G] [--max-shard-gb S]
+    offload-rt quantize MODEL_DIR OUT_DIR --format int8|int4|mxfp4 [--group-size G]
+                        [--max-shard-gb S]
 
-`offload_rt.load(OUT_DIR)` reads the result; `offload_rt/experts/quant.py` gives the format.
+(`--bits 8|4` is `--format int8|int4`.) `offload_rt.load(OUT_DIR)` reads the result;
+`offload_rt/experts/quant.py` and `mxfp4.py` give the formats.
 """
 
 from __future__ import annotations
@@ -13,21 +15,25 @@ from pathlib import Path
 
 from offload_rt.cli_convert import GB
 from offload_rt.config import DEFAULT_GROUP_SIZE, QUANT_BITS
-from offload_rt.tools.quantize import DEFAULT_SHARD_BYTES, quantize_checkpoint
+from offload_rt.tools.quantize import DEFAULT_SHARD_BYTES, FORMATS, quantize_checkpoint
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `quantize` on the `offload-rt` subcommands; returns its parser."""
-    p = subparsers.add_parser("quantize", help="write a checkpoint with int8 or int4 experts")
-    p.add_argument("model_dir", type=Path, help="Hugging Face Mixtral checkpoint folder")
+    p = subparsers.add_parser(
+        "quantize", help="write a checkpoint with int8, int4 or MXFP4 experts"
+    )
+    p.add_argument("model_dir", type=Path, help="Hugging Face checkpoint folder")
     p.add_argument("out_dir", type=Path, help="new folder for the quantized checkpoint")
-    p.add_argument("--bits", type=int, required=True, choices=list(QUANT_BITS))
+    kind = p.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--format", choices=list(FORMATS), help="expert weight format")
+    kind.add_argument("--bits", type=int, choices=list(QUANT_BITS), help="--format int8|int4")
     p.add_argument(
         "--group-size",
         type=int,
         default=DEFAULT_GROUP_SIZE,
-        help="input columns per scale and offset; must divide hidden and intermediate sizes "
-        "(default: %(default)s)",
+        help="int8/int4: input columns per scale and offset; must divide hidden and "
+        "intermediate sizes (default: %(default)s; MXFP4's groups are 32)",
     )
     p.add_argument(
         "--max-shard-gb",
@@ -43,18 +49,22 @@ def run(args: argparse.Namespace) -> int:
     """Run `quantize`; bad input raises ValueError (CheckpointError, ConfigError) naming it."""
     if not args.max_shard_gb > 0:
         raise ValueError(f"--max-shard-gb must be positive, got {args.max_shard_gb}")
+    name = args.format or f"int{args.bits}"
+    bits, scheme = FORMATS[name]
+    group = 32 if scheme == "mxfp4" else args.group_size
     start = time.perf_counter()
     report = quantize_checkpoint(
         args.model_dir,
         args.out_dir,
-        args.bits,
-        args.group_size,
+        bits,
+        group,
         max_shard_bytes=int(args.max_shard_gb * GB),
         progress=not args.no_progress,
+        scheme=scheme,
     )
     ratio = report.quant_nbytes / report.float_nbytes
     print(
-        f"{report.experts} experts quantized to {args.bits} bits (groups of {args.group_size}) "
+        f"{report.experts} experts quantized to {name} (groups of {group}) "
         f"in {time.perf_counter() - start:.1f} s -> {report.folder}"
     )
     print(

@@ -1,4 +1,6 @@
-"""Group-wise int8 / int4 expert weights: quantization, int4 packing, and dequantization on use.
+"""Group-wise int8 / int4 expert weights: quantization, int4 packing, and dequantization on use;
+and the codec that packs an expert of any quantized scheme (these, or MXFP4 of `mxfp4.py`)
+into one buffer and dequantizes it on use.
 
 The format (`quantization_config` version 1 in config.json), for one weight W (out, in) of an
 expert, groups of G consecutive input columns of a row:
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from offload_rt.config import ClampedSwiGLUConfig, QuantConfig
+from offload_rt.experts.mxfp4 import dequantize_mxfp4
 from offload_rt.model.ffn import ClampedSwiGLU, ExpertFFN, SwiGLU
 
 F16 = torch.float16
@@ -218,8 +221,6 @@ class ExpertCodec:
         until the next call, so one thread computes with them at a time."""
         for m, out in self._scratch.items():
             if self.quant.scheme == "mxfp4":
-                from offload_rt.experts.mxfp4 import dequantize_mxfp4  # TEMP until the module lands
-
                 dequantize_mxfp4(views[(m, "blocks")], views[(m, "scales")], out)
                 continue
             codes = views[(m, "qweight")]

@@ -1,8 +1,9 @@
-"""Writing a quantized checkpoint (`offload-rt quantize MODEL_DIR OUT_DIR --bits 8|4`).
+"""Writing a quantized checkpoint (`offload-rt quantize MODEL_DIR OUT_DIR --format int8|int4|mxfp4`).
 
 Every tensor but the expert weights is copied as stored. Each expert projection's `weight` is
-replaced by its `qweight`, `scales` and `offsets` (the format is in `quant.py`), and config.json
-gains a `quantization_config`. Experts are read, quantized and handed to the sharded writer one
+replaced by its `qweight`, `scales` and `offsets` (int8/int4: `experts/quant.py`) or by its
+`blocks` and `scales` (MXFP4: `experts/mxfp4.py`), and config.json gains a
+`quantization_config`. Experts are read, quantized and handed to the sharded writer one
 at a time, so memory holds about one shard, never the whole model. The output is written to
 `OUT_DIR.partial` and renamed when complete, so an interrupted run never leaves a folder that
 looks finished.
@@ -26,11 +27,14 @@ from offload_rt.checkpoint import (
     PerExpertLayout,
     write_checkpoint,
 )
-from offload_rt.config import DEFAULT_GROUP_SIZE, QuantConfig
-from offload_rt.experts.quant import QuantizedTensor, dequantize, quantize
+from offload_rt.config import DEFAULT_GROUP_SIZE, MXFP4_GROUP, QuantConfig
+from offload_rt.experts.mxfp4 import dequantize_mxfp4_new, quantize_mxfp4
+from offload_rt.experts.quant import dequantize, quantize
 from offload_rt.models import family_of, open_checkpoint, parse_config
 
 DEFAULT_SHARD_BYTES = 4 * 10**9  # as Hugging Face's writers: a few GB per file
+# `--format` names: bits and scheme (MXFP4's groups are always 32)
+FORMATS = {"int8": (8, "affine"), "int4": (4, "affine"), "mxfp4": (4, "mxfp4")}
 
 
 @dataclass
@@ -55,10 +59,15 @@ def quantize_checkpoint(
     group_size: int = DEFAULT_GROUP_SIZE,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool = True,
+    scheme: str = "affine",
 ) -> QuantizeReport:
-    """Quantize the experts of the checkpoint in `src` into a new checkpoint folder `dst`."""
+    """Quantize the experts of the checkpoint in `src` into a new checkpoint folder `dst`:
+    group-wise affine codes of `bits` (scheme "affine"), or MXFP4 (scheme "mxfp4", 4 bits in
+    groups of 32 whatever `bits` and `group_size` say)."""
     src, dst = Path(src), Path(dst)
-    quant = QuantConfig(bits, group_size)
+    if scheme == "mxfp4":
+        bits, group_size = 4, MXFP4_GROUP
+    quant = QuantConfig(bits, group_size, scheme)
     _check_destination(src, dst)
     ckpt = open_checkpoint(src)
     try:
@@ -74,7 +83,11 @@ def quantize_checkpoint(
         dense = ckpt.expert_tensor_names()
         present = frozenset(n for n in ckpt.tensors if n not in dense)
         layout = family_of(config).spec(out_cfg, present).experts
-        assert isinstance(layout, PerExpertLayout)
+        if not isinstance(layout, PerExpertLayout):
+            raise CheckpointError(
+                f"{src}: {cfg.model_type} experts cannot be written quantized one tensor per "
+                "expert; quantize supports the families whose hub layout is per expert"
+            )
         report = QuantizeReport(
             dst,
             cfg.num_experts_total,
@@ -130,17 +143,27 @@ def _tensors(
         for key in grid.keys():
             names = layout.names(key)
             for proj, w in ckpt.expert(key.layer, key.expert).items():
-                q = quantize(w, quant, name=f"{key} {proj}")
-                _measure(w, q, quant, report)
-                for part in ("qweight", "scales", "offsets"):
-                    yield names[f"{proj}.{part}"], getattr(q, part)
+                parts = _quantized(w, quant, f"{key} {proj}", report)
+                for part, tensor in parts.items():
+                    yield names[f"{proj}.{part}"], tensor
             bar.update(1)
 
 
-def _measure(
-    w: torch.Tensor, q: QuantizedTensor, quant: QuantConfig, report: QuantizeReport
-) -> None:
-    err = dequantize(q, quant).sub_(w)
+def _quantized(
+    w: torch.Tensor, quant: QuantConfig, name: str, report: QuantizeReport
+) -> dict[str, torch.Tensor]:
+    """One weight's stored parts, its error added to the report."""
+    if quant.scheme == "mxfp4":
+        blocks, scales = quantize_mxfp4(w, name)
+        _measure(w, dequantize_mxfp4_new(blocks, scales, torch.float32), report)
+        return {"blocks": blocks, "scales": scales}
+    q = quantize(w, quant, name)
+    _measure(w, dequantize(q, quant), report)
+    return {"qweight": q.qweight, "scales": q.scales, "offsets": q.offsets}
+
+
+def _measure(w: torch.Tensor, approx: torch.Tensor, report: QuantizeReport) -> None:
+    err = approx.sub_(w)
     report.max_abs_error = max(report.max_abs_error, float(err.abs().max()))
     report.sum_sq_error += float(torch.linalg.vector_norm(err)) ** 2
     report.sum_sq_weight += float(torch.linalg.vector_norm(w.float())) ** 2
