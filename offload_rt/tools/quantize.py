@@ -1,4 +1,4 @@
-"""Writing a quantized checkpoint (`offload-rt quantize MODEL_DIR OUT_DIR --format int8|int4|mxfp4`).
+"""Writing a quantized checkpoint (`offload-rt quantize MODEL OUT --format int8|int4|mxfp4`).
 
 Every tensor but the expert weights is copied as stored. Each expert projection's `weight` is
 replaced by its `qweight`, `scales` and `offsets` (int8/int4: `experts/quant.py`) or by its
