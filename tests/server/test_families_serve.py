@@ -37,3 +37,84 @@ def test_a_family_served_answers_as_it_generates(tmp_path, family):
 
                 with ThreadPoolExecutor(len(PROMPTS)) as pool:
                     assert list(pool.map(ask, PROMPTS)) == want
+
+
+# the shape of GPT-OSS's harmony template (chat_template.jinja in the release): a system
+# message with today's date, the developer's instructions, channels, tool calls as JSON, a
+# namespace, loop controls and the generation tag that transformers' renderer adds
+HARMONY = """{%- set ns = namespace(developer="") -%}
+{%- for m in messages if m.role in ("system", "developer") -%}
+{%- set ns.developer = ns.developer + m.content -%}
+{%- endfor -%}
+<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.
+Knowledge cutoff: 2024-06
+Current date: {{ strftime_now("%Y-%m-%d") }}
+
+Reasoning: {{ reasoning_effort | default("medium") }}
+
+# Valid channels: analysis, commentary, final.<|end|>
+{%- if ns.developer %}<|start|>developer<|message|># Instructions
+
+{{ ns.developer }}<|end|>{% endif -%}
+{%- for m in messages -%}
+{%- if m.role == "user" -%}<|start|>user<|message|>{{ m.content }}<|end|>
+{%- elif m.role == "assistant" -%}
+{%- if m.tool_calls is defined -%}
+{%- for call in m.tool_calls -%}
+<|start|>assistant to=functions.{{ call.function.name }}<|channel|>commentary json<|message|>
+{{- call.function.arguments | tojson }}<|call|>
+{%- if loop.index >= 1 %}{% break %}{% endif -%}
+{%- endfor -%}
+{%- else -%}
+{% generation %}<|start|>assistant<|channel|>final<|message|>{{ m.content }}<|end|>{% endgeneration %}
+{%- endif -%}
+{%- elif m.role not in ("system", "developer") -%}
+{{- raise_exception("unknown role " + m.role) -}}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt %}<|start|>assistant{% endif -%}"""
+
+
+def test_gpt_oss_chat_template_from_its_jinja_file(tmp_path):
+    """A chat_template.jinja beside the tokenizer wins over tokenizer_config.json's template
+    and renders as transformers' apply_chat_template does; `serve` answers a chat with it."""
+    import transformers
+
+    from offload_rt.server.chat import ChatTemplate
+
+    folder = make_demo_checkpoint(tmp_path / "oss", family="gpt_oss")
+    (folder / "chat_template.jinja").write_text(HARMONY)
+    messages = [
+        {"role": "developer", "content": "Answer in French. «Toujours»."},
+        {"role": "user", "content": "What is <b>MoE</b>?"},
+        {
+            "role": "assistant",
+            "tool_calls": [{"function": {"name": "lookup", "arguments": {"q": "MoE é"}}}],
+        },
+        {"role": "user", "content": "And offloading?"},
+    ]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    want = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    got = ChatTemplate.from_folder(folder).render(messages)
+    assert got == want and "functions.lookup" in got and '"MoE é"' in got
+    # what the server's schema takes (its roles: system, user, assistant)
+    messages = [
+        {"role": "system", "content": "Answer in French."},
+        {"role": "user", "content": "What is MoE?"},
+        {"role": "assistant", "content": "Un mélange d'experts."},
+        {"role": "user", "content": "And offloading?"},
+    ]
+    text = ChatTemplate.from_folder(folder).render(messages)
+    assert text.endswith("<|start|>user<|message|>And offloading?<|end|><|start|>assistant")
+    config = ServerConfig(served_model_name="oss", scheduler=SchedulerConfig(max_batch=2))
+    with offload_rt.load(folder) as model:
+        prompt = model.tokenizer.encode(text, add_special_tokens=False)
+        local = model.generate(prompt, max_new_tokens=6).text
+        with LiveServer(model, config) as server:
+            with openai.OpenAI(
+                base_url=server.url + "/v1", api_key="unused", max_retries=0
+            ) as client:
+                answer = client.chat.completions.create(
+                    model="oss", messages=messages, max_tokens=6, temperature=0
+                )
+    assert answer.choices[0].message.content == local
