@@ -66,7 +66,8 @@ Reasoning: {{ reasoning_effort | default("medium") }}
 {%- if loop.index >= 1 %}{% break %}{% endif -%}
 {%- endfor -%}
 {%- else -%}
-{% generation %}<|start|>assistant<|channel|>final<|message|>{{ m.content }}<|end|>{% endgeneration %}
+{% generation %}<|start|>assistant<|channel|>final<|message|>
+{{- m.content }}<|end|>{% endgeneration %}
 {%- endif -%}
 {%- elif m.role not in ("system", "developer") -%}
 {{- raise_exception("unknown role " + m.role) -}}
