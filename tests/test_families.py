@@ -275,3 +275,36 @@ def test_gpt_oss_sliding_rings_under_continuous_batching(tmp_path):
         finally:
             sched.close()
     assert got == want
+
+
+def test_gpt_oss_prefetch_compute_on_miss_trace_and_plan(tmp_path, capsys):
+    """The rest of the runtime on GPT-OSS's experts (biases, clamped SwiGLU): prefetch and
+    compute on a miss behind a slow link change no output; a trace records its grid; `plan`
+    sizes its experts with their biases."""
+    from offload_rt.cli import main
+    from offload_rt.experts.formats import expert_nbytes
+    from offload_rt.experts.traces import read_trace
+    from tests.test_prefetch import SLOW_LINK, decode_logits
+
+    save_family("gpt_oss", tmp_path / "m")
+    opts = dict(cache_experts=5, link_gbps=SLOW_LINK)
+
+    def run(**more):
+        with offload_rt.load(tmp_path / "m", **opts, **more) as model:
+            logits = decode_logits(model, PROMPTS[0], 10)
+            return logits, model.stats(), model.config
+
+    base = run(prefetch=False)
+    logits, stats, cfg = run(prefetch=True, compute_on_miss=True)
+    assert torch.equal(logits, base[0])
+    assert stats["prefetch_loads"] > 0 and stats["host_computed"] > 0
+    d, f = cfg.hidden_size, cfg.moe_intermediate_size
+    assert expert_nbytes(cfg, torch.float32) == (3 * d * f + 2 * f + d) * 4
+    trace = tmp_path / "t.msgpack"
+    argv = ["generate", str(tmp_path / "m"), "--token-ids", "1,17,42,99", "--max-new-tokens"]
+    assert main([*argv, "4", "--cache-experts", "4", "--trace", str(trace)]) == 0
+    recorded = read_trace(trace)
+    assert (recorded.num_layers, recorded.num_experts) == (3, 6)
+    capsys.readouterr()
+    assert main(["plan", str(tmp_path / "m"), "--expert-actors", "2"]) == 0
+    assert "expert-1" in capsys.readouterr().out
