@@ -73,6 +73,14 @@ class ExpertLayout(Protocol):
         and GPT-OSS's "gate_bias", "up_bias", "down_bias". Views where the layout allows."""
         ...
 
+    def stored(
+        self, layer: int, experts: Iterator[dict[str, torch.Tensor]]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """`logical` backwards, for writers: one layer's experts' logical parts, in expert
+        order, as the layout stores them (name, tensor). Consumed lazily where the layout
+        stores experts apart."""
+        ...
+
 
 @dataclass(frozen=True)
 class CheckpointSpec:
@@ -142,6 +150,13 @@ class PerExpertLayout:
     def logical(self, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return stored
 
+    def stored(
+        self, layer: int, experts: Iterator[dict[str, torch.Tensor]]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        for e, parts in enumerate(experts):
+            names = self.names(ExpertKey(layer, e))
+            yield from ((names[part], tensor) for part, tensor in parts.items())
+
 
 @dataclass(frozen=True)
 class FusedLayout:
@@ -172,6 +187,14 @@ class FusedLayout:
     def logical(self, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         gate, up = stored["gate_up"].split(self.intermediate)  # (F, D) each
         return {"gate": gate, "up": up, "down": stored["down"]}
+
+    def stored(
+        self, layer: int, experts: Iterator[dict[str, torch.Tensor]]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        parts = list(experts)
+        gate_up = torch.stack([torch.cat((p["gate"], p["up"])) for p in parts])
+        yield self.gate_up.format(layer=layer), gate_up
+        yield self.down.format(layer=layer), torch.stack([p["down"] for p in parts])
 
 
 @dataclass(frozen=True)

@@ -125,3 +125,34 @@ def test_quantize_to_mxfp4_runs_as_transformers_on_the_dequantized_weights(
     d, f = cfg.hidden_size, cfg.moe_intermediate_size
     assert packed == 3 * (d * f // 2 + d * f // 32)  # 4.25 bits a weight, nothing else
     assert stats["bytes_loaded"] == stats["misses"] * packed
+
+
+def test_quantize_gpt_oss_to_mxfp4_writes_the_release_layout(tmp_path):
+    """A float GPT-OSS quantized to MXFP4 is written in the release's layout (fused blocks and
+    scales per layer, gate and up rows interleaved, biases as they were); the runtime's logits
+    equal transformers' with the weights transformers dequantizes from those very tensors."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from offload_rt.tools.quantize import quantize_checkpoint
+
+    hf = save_family("gpt_oss", tmp_path / "float", intermediate_size=64)
+    quantize_checkpoint(tmp_path / "float", tmp_path / "q", 4, 32, progress=False, scheme="mxfp4")
+    stored = load_file(tmp_path / "q" / "model.safetensors")
+    floats = load_file(tmp_path / "float" / "model.safetensors")
+    for i, layer in enumerate(hf.model.layers):
+        prefix = f"model.layers.{i}.mlp.experts."
+        for name in ("gate_up_proj", "down_proj"):
+            assert prefix + name not in stored
+            blocks, scales = stored[prefix + name + "_blocks"], stored[prefix + name + "_scales"]
+            weight = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+            # close to the float weights: the codes stand for this layer's experts, in order
+            assert (weight - floats[prefix + name]).abs().max() < 0.2
+            with torch.no_grad():
+                getattr(layer.mlp.experts, name).copy_(weight)
+        assert torch.equal(
+            stored[prefix + "gate_up_proj_bias"], floats[prefix + "gate_up_proj_bias"]
+        )
+    with torch.no_grad():
+        want = hf(torch.tensor([PROMPTS[0]])).logits[0]
+    with offload_rt.load(tmp_path / "q", cache_experts=4) as model:
+        assert (model.logits(PROMPTS[0]) - want).abs().max().item() <= 1e-4

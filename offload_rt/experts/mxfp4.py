@@ -53,7 +53,7 @@ def quantize_mxfp4(
     codes 0. Values round to the nearest e2m1 value, ties to the even code (as IEEE and the OCP
     spec do), and saturate at ±6; a negative value that rounds to zero keeps its sign (code 8).
     `name` labels errors (the checkpoint tensor being quantized)."""
-    x = _checked(w, name).float()
+    x = _checked(w, name).float().contiguous()  # a transposed view: rows of 32 in a row
     if not torch.isfinite(x).all():
         raise ValueError(f"{name}: holds inf or nan (in float32); it cannot be quantized")
     rows, cols = x.shape

@@ -8,7 +8,7 @@ Reference: `GptOssForCausalLM` in transformers (`transformers.integrations.mxfp4
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -151,6 +151,33 @@ class GptOssLayout:
             out.update({f"gate.{part}": rows[0::2], f"up.{part}": rows[1::2]})
             out[f"down.{part}"] = stored[f"down_proj_{part}"]
         return out
+
+    def stored(
+        self, layer: int, experts: Iterator[dict[str, torch.Tensor]]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        parts = list(experts)
+        prefix = EXPERTS.format(layer=layer)
+
+        def fused(gate: str, up: str) -> torch.Tensor:  # (E, 2F, ...) interleaved rows
+            return torch.stack([_interleave(p[gate], p[up]) for p in parts])
+
+        def stacked(name: str) -> torch.Tensor:
+            return torch.stack([p[name] for p in parts])
+
+        yield prefix + "gate_up_proj_bias", fused("gate_bias", "up_bias")
+        yield prefix + "down_proj_bias", stacked("down_bias")
+        if self.quant is None:  # stored (in, out)
+            yield prefix + "gate_up_proj", fused("gate", "up").transpose(1, 2).contiguous()
+            yield prefix + "down_proj", stacked("down").transpose(1, 2).contiguous()
+            return
+        for part in ("blocks", "scales"):
+            yield prefix + f"gate_up_proj_{part}", fused(f"gate.{part}", f"up.{part}")
+            yield prefix + f"down_proj_{part}", stacked(f"down.{part}")
+
+
+def _interleave(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Rows (F, ...) of gate and up -> (2F, ...), gate's row i at 2i and up's at 2i + 1."""
+    return torch.stack((gate, up), dim=1).reshape(2 * gate.shape[0], *gate.shape[1:])
 
 
 def spec(cfg: GptOssConfig, present: frozenset) -> CheckpointSpec:

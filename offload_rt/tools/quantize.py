@@ -24,12 +24,13 @@ from offload_rt.checkpoint import (
     INDEX_FILE,
     Checkpoint,
     CheckpointError,
-    PerExpertLayout,
+    ExpertLayout,
     write_checkpoint,
 )
 from offload_rt.config import DEFAULT_GROUP_SIZE, MXFP4_GROUP, QuantConfig
 from offload_rt.experts.mxfp4 import dequantize_mxfp4_new, quantize_mxfp4
 from offload_rt.experts.quant import dequantize, quantize
+from offload_rt.grid import ExpertKey
 from offload_rt.models import family_of, open_checkpoint, parse_config
 
 DEFAULT_SHARD_BYTES = 4 * 10**9  # as Hugging Face's writers: a few GB per file
@@ -83,11 +84,6 @@ def quantize_checkpoint(
         dense = ckpt.expert_tensor_names()
         present = frozenset(n for n in ckpt.tensors if n not in dense)
         layout = family_of(config).spec(out_cfg, present).experts
-        if not isinstance(layout, PerExpertLayout):
-            raise CheckpointError(
-                f"{src}: {cfg.model_type} experts cannot be written quantized one tensor per "
-                "expert; quantize supports the families whose hub layout is per expert"
-            )
         report = QuantizeReport(
             dst,
             cfg.num_experts_total,
@@ -127,26 +123,35 @@ def _dense_nbytes(ckpt: Checkpoint) -> int:
 
 def _tensors(
     ckpt: Checkpoint,
-    layout: PerExpertLayout,
+    layout: ExpertLayout,
     quant: QuantConfig,
     report: QuantizeReport,
     progress: bool,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of the output: the others as stored first, then the experts quantized."""
+    """Every tensor of the output: the others as stored first, then the experts quantized,
+    as the output's layout stores them (one tensor per expert, or fused per layer)."""
     experts = ckpt.expert_tensor_names()
     for name in ckpt.tensors:
         if name not in experts:
             yield name, ckpt.get(name)
     grid = ckpt.config.grid
     bar = tqdm(total=grid.total, unit="expert", desc="quantizing", disable=not progress)
+
+    def quantized(key: ExpertKey) -> dict[str, torch.Tensor]:
+        out = {}
+        for part, w in ckpt.expert(key.layer, key.expert).items():
+            if part.endswith("_bias"):  # GPT-OSS's biases stay float
+                out[part] = w
+                continue
+            q = _quantized(w, quant, f"{key} {part}", report)
+            out.update({f"{part}.{name}": tensor for name, tensor in q.items()})
+        bar.update(1)
+        return out
+
     with bar:
-        for key in grid.keys():
-            names = layout.names(key)
-            for proj, w in ckpt.expert(key.layer, key.expert).items():
-                parts = _quantized(w, quant, f"{key} {proj}", report)
-                for part, tensor in parts.items():
-                    yield names[f"{proj}.{part}"], tensor
-            bar.update(1)
+        for layer in grid.layers:
+            keys = (ExpertKey(layer, e) for e in range(grid.experts))
+            yield from layout.stored(layer, (quantized(k) for k in keys))
 
 
 def _quantized(
