@@ -58,6 +58,26 @@ REFERENCES: dict[str, tuple[str, str, dict]] = {
         # q/k norms over whole projections, a clip tight enough to bite on random weights
         dict(intermediate_size=48, num_experts=6, clip_qkv=0.5, eos_token_id=2),
     ),
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        "Glm4MoeForCausalLM",
+        # DeepSeek-V3's block: a dense first layer, 3 groups of which 2 are kept, a shared
+        # expert, scaled weights; partial rotary, q/k norms, q/k/v biases
+        dict(
+            intermediate_size=96,
+            moe_intermediate_size=48,
+            n_routed_experts=6,
+            n_shared_experts=1,
+            n_group=3,
+            topk_group=2,
+            first_k_dense_replace=1,
+            norm_topk_prob=True,
+            routed_scaling_factor=1.5,
+            head_dim=24,
+            attention_bias=True,
+            use_qk_norm=True,
+        ),
+    ),
     "gpt_oss": (
         "GptOssConfig",
         "GptOssForCausalLM",
@@ -107,6 +127,9 @@ def save_family(
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
             elif p.dim() == 1:  # norm weights
                 p.copy_(1 + torch.randn(p.shape, generator=gen) * 0.1)
+        for name, b in model.named_buffers():  # a router's correction bias: large enough to bite
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.3)
     kwargs: dict = {"save_original_format": not fused}
     if sharded:
         kwargs["max_shard_size"] = "100KB"

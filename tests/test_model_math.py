@@ -5,11 +5,12 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from offload_rt.model import ExpertKey, route
+from offload_rt.model import ExpertKey, RouterSpec, route
 from offload_rt.model.moe import group_by_expert, moe_block
 
 PACKAGE = Path(__file__).resolve().parent.parent / "offload_rt"
@@ -23,12 +24,63 @@ def test_softmax_topk_renormalise_equals_topk_softmax(n, experts, k, seed):
     k = min(k, experts)
     gen = torch.Generator().manual_seed(seed)
     x, router = torch.randn(n, 16, generator=gen), torch.randn(experts, 16, generator=gen)
-    weights, chosen = route(x, router, k)
+    weights, chosen = route(x, router, RouterSpec(k))
     logits = torch.nn.functional.linear(x, router).float()
     top_logits, top_ids = torch.topk(logits, k, dim=-1)
     assert torch.equal(chosen, top_ids)
     torch.testing.assert_close(weights, torch.softmax(top_logits, dim=-1))
     torch.testing.assert_close(weights.sum(-1), torch.ones(n))
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "deepseek_v2"])
+def test_grouped_routers_choose_and_weigh_as_transformers(family):
+    """DeepSeek-V3's and GLM-4.5's sigmoid router (a correction bias only to choose, groups
+    scored by their best two, renormalised, scaled) and DeepSeek-V2's group-limited softmax
+    (groups scored by their best expert, scaled, not renormalised), against transformers'."""
+    import transformers
+
+    gen = torch.Generator().manual_seed(3)
+    e, d, n = 16, 64, 40
+    if family == "deepseek_v2":
+        config = transformers.DeepseekV2Config(
+            hidden_size=d,
+            n_routed_experts=e,
+            num_experts_per_tok=3,
+            n_group=4,
+            topk_group=2,
+            topk_method="group_limited_greedy",
+            routed_scaling_factor=1.5,
+        )
+        reference = transformers.models.deepseek_v2.modeling_deepseek_v2.DeepseekV2TopkRouter
+        spec = RouterSpec(3, "softmax", False, 1.5, 4, 2, "max")
+    else:
+        cls = "DeepseekV3Config" if family == "deepseek_v3" else "Glm4MoeConfig"
+        config = getattr(transformers, cls)(
+            hidden_size=d,
+            n_routed_experts=e,
+            num_experts_per_tok=3,
+            n_group=4,
+            topk_group=2,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+        )
+        module = getattr(transformers.models, family)
+        router_name = "DeepseekV3TopkRouter" if family == "deepseek_v3" else "Glm4MoeTopkRouter"
+        reference = getattr(getattr(module, f"modeling_{family}"), router_name)
+        spec = RouterSpec(3, "sigmoid", True, 2.5, 4, 2, "top2")
+    router = reference(config)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(e, d, generator=gen))
+        correction = None
+        if family != "deepseek_v2":
+            correction = torch.randn(e, generator=gen) * 0.5
+            router.e_score_correction_bias.copy_(correction)
+    x = torch.randn(n, d, generator=gen)
+    _, want_w, want_i = router(x)
+    weights, experts = route(x, router.weight.detach(), spec, correction=correction)
+    order, want_order = experts.argsort(dim=-1), want_i.argsort(dim=-1)
+    assert torch.equal(experts.gather(1, order), want_i.gather(1, want_order))
+    torch.testing.assert_close(weights.gather(1, order), want_w.gather(1, want_order))
 
 
 @settings(max_examples=40, deadline=None)
@@ -64,8 +116,8 @@ def test_moe_block_is_the_weighted_sum_of_each_tokens_experts():
     gen = torch.Generator().manual_seed(0)
     x, router = torch.randn(5, 8, generator=gen), torch.randn(4, 8, generator=gen)
     backend = DenseBackend(torch.randn(4, 8, 8, generator=gen))
-    out = moe_block(x, router, 2, layer=1, backend=backend)
-    weights, chosen = route(x, router, 2)
+    out = moe_block(x, router, RouterSpec(2), layer=1, backend=backend)
+    weights, chosen = route(x, router, RouterSpec(2))
     for t in range(5):
         want = sum(weights[t, j] * (x[t] @ backend.w[chosen[t, j]]) for j in range(2))
         torch.testing.assert_close(out[t], want)

@@ -13,7 +13,7 @@ from offload_rt.model.decoder import (
 from offload_rt.model.ffn import ClampedSwiGLU, ExpertFFN, SwiGLU
 from offload_rt.model.kvcache import KVCache
 from offload_rt.model.layers import AttentionSpec, AttentionWeights, RopeTables
-from offload_rt.model.moe import ExpertBackend, ExpertPrefetcher, route
+from offload_rt.model.moe import ExpertBackend, ExpertPrefetcher, RouterSpec, route
 
 __all__ = [
     "AttentionSpec",
@@ -33,6 +33,7 @@ __all__ = [
     "MoEDecoder",
     "MoEWeights",
     "RopeTables",
+    "RouterSpec",
     "SwiGLU",
     "route",
 ]

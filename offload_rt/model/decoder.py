@@ -32,6 +32,7 @@ from offload_rt.model.layers import (
 from offload_rt.model.moe import (
     ExpertBackend,
     ExpertPrefetcher,
+    RouterSpec,
     moe_block,
     predict_experts,
 )
@@ -49,7 +50,8 @@ DenseMLP = SwiGLU
 @dataclass(frozen=True)
 class MoEWeights:
     router: torch.Tensor  # (E, D)
-    router_bias: torch.Tensor | None = None  # (E,) (GPT-OSS)
+    router_bias: torch.Tensor | None = None  # (E,) joins the logits (GPT-OSS)
+    correction: torch.Tensor | None = None  # (E,) joins the scores to choose (DeepSeek-V3)
     shared: DenseMLP | None = None  # an expert every token uses (Qwen2-MoE)
     shared_gate: torch.Tensor | None = None  # (1, D): shared output · sigmoid(gate x)
 
@@ -77,7 +79,7 @@ class DecoderSpec:
     """The math knobs a family sets beyond the shared config."""
 
     attention: AttentionSpec
-    renormalize: bool  # top-k routing weights divided by their sum (norm_topk_prob)
+    router: RouterSpec  # scores, groups, renormalisation, scale
     # per layer: the window of a sliding-window layer whose KV cache is a ring of that many
     # positions (GPT-OSS), or None for full attention; None: every layer full
     ring_windows: tuple[int | None, ...] | None = None
@@ -230,7 +232,7 @@ class MoEDecoder:
             x = x[live]
         mlp = self.weights.layers[layer].mlp
         assert isinstance(mlp, MoEWeights)
-        if x.shape[0] == 1:
+        if x.shape[0] == 1 and self.spec.router.plain and mlp.correction is None:
             # one matrix-vector product and one sync; ranking E floats in Python beats topk
             # (measured 11 against 30-45 µs a guess, with fewer stalls on a loaded CPU)
             logits = torch.mv(self._guess_routers[layer], x[0])  # (E,)
@@ -242,7 +244,9 @@ class MoEDecoder:
             ranked = order[: c.num_experts_per_tok]
         elif x.shape[0]:
             normed = rms_norm(x, self.weights.layers[layer].post_attn_norm, c.rms_norm_eps)
-            ranked = predict_experts(normed, mlp.router, c.num_experts_per_tok, mlp.router_bias)
+            ranked = predict_experts(
+                normed, mlp.router, self.spec.router, mlp.router_bias, mlp.correction
+            )
         else:
             return
         # the early guess of "both" fetches only the likelier half of what it names (on the
@@ -262,8 +266,9 @@ class MoEDecoder:
 
     def _moe_rows(self, x: torch.Tensor, mlp: MoEWeights, layer: int) -> torch.Tensor:
         """Routed experts, then the shared expert added, as the references sum them."""
-        top_k, renorm = self.config.num_experts_per_tok, self.spec.renormalize
-        out = moe_block(x, mlp.router, top_k, layer, self.backend, renorm, mlp.router_bias)
+        out = moe_block(
+            x, mlp.router, self.spec.router, layer, self.backend, mlp.router_bias, mlp.correction
+        )
         if mlp.shared is not None:
             shared = mlp.shared(x)
             if mlp.shared_gate is not None:

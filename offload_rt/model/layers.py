@@ -73,8 +73,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, heads, T, Hd); cos, sin: (B, 1, T, Hd) from `RopeTables.at`."""
-    return x * cos + _rotate_half(x) * sin
+    """x: (B, heads, T, Hd); cos, sin: (B, 1, T, Hr) from `RopeTables.at`. Tables narrower
+    than the head (GLM's partial rotary) rotate its first Hr dimensions and pass the rest."""
+    rd = cos.shape[-1]
+    if rd == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    rot, rest = x[..., :rd], x[..., rd:]
+    return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
 
 
 @dataclass(frozen=True)

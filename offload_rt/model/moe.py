@@ -36,33 +36,88 @@ class ExpertPrefetcher(Protocol):
         ...
 
 
+SCORINGS = ("softmax", "sigmoid")
+GROUP_SCORES = ("max", "top2")
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """How a family's router turns logits into each token's experts and weights."""
+
+    top_k: int  # experts per token
+    scoring: str = "softmax"  # softmax over the experts, or a sigmoid each (DeepSeek-V3, GLM)
+    renormalize: bool = True  # the chosen weights divided by their sum (norm_topk_prob)
+    scale: float = 1.0  # the weights times this (routed_scaling_factor)
+    groups: int = 1  # experts split into this many equal groups (n_group)
+    groups_kept: int = 1  # tokens choose only among the best groups (topk_group)
+    group_score: str = "max"  # a group's score: its best expert's (V2), its best two summed (V3)
+
+    @property
+    def plain(self) -> bool:
+        """The top-k of the raw logits is the choice (no groups)."""
+        return self.groups == 1
+
+
 def route(
     x: torch.Tensor,
     router: torch.Tensor,
-    top_k: int,
-    renormalize: bool = True,
+    spec: RouterSpec,
     bias: torch.Tensor | None = None,
+    correction: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over experts, top-k, renormalised when `renormalize` (Mixtral always; Qwen and
-    OLMoE when norm_topk_prob). x: (N, D), router: (E, D), bias: (E,) (GPT-OSS's router has
-    one; its top-k logits then softmax is this, renormalised).
-    Returns weights (N, k) float32 and expert ids (N, k)."""
-    probs = torch.softmax(F.linear(x, router, bias).float(), dim=-1)  # (N, E)
-    weights, experts = torch.topk(probs, top_k, dim=-1)
-    if not renormalize:
-        return weights, experts
-    return weights / weights.sum(dim=-1, keepdim=True), experts
+    """x: (N, D), router: (E, D) -> weights (N, k) float32 and expert ids (N, k).
+    Softmax or sigmoid scores; `bias` (E,) joins the logits (GPT-OSS's router: its top-k
+    logits then softmax is this, renormalised); `correction` (E,) joins the scores only to
+    choose (DeepSeek-V3's e_score_correction_bias), the weights are the uncorrected scores;
+    with groups, only experts of the `groups_kept` best groups are chosen. References: the
+    routers of Mixtral, Qwen, GPT-OSS, DeepSeek-V2/V3 and GLM-4.5 in transformers."""
+    if spec.scoring == "sigmoid":  # computed in float32, as the references keep this router
+        scores = torch.sigmoid(F.linear(x.float(), router.float(), bias))  # (N, E)
+    else:
+        scores = torch.softmax(F.linear(x, router, bias).float(), dim=-1)
+    choice = scores if correction is None else scores + correction
+    if spec.groups > 1:
+        choice = _best_groups(choice, spec)
+    if choice is scores:
+        weights, experts = torch.topk(scores, spec.top_k, dim=-1)
+    else:
+        experts = torch.topk(choice, spec.top_k, dim=-1).indices
+        weights = scores.gather(1, experts)
+    if spec.renormalize:
+        total = weights.sum(dim=-1, keepdim=True)
+        weights = weights / (total + 1e-20 if spec.scoring == "sigmoid" else total)
+    if spec.scale != 1.0:
+        weights = weights * spec.scale
+    return weights, experts
+
+
+def _best_groups(choice: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
+    """choice (N, E) with the experts outside each token's best groups at -inf."""
+    n, e = choice.shape
+    grouped = choice.view(n, spec.groups, e // spec.groups)  # (N, G, E/G)
+    if spec.group_score == "top2":
+        score = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, G)
+    else:
+        score = grouped.amax(dim=-1)
+    kept = torch.topk(score, spec.groups_kept, dim=-1).indices  # (N, kept)
+    mask = torch.zeros_like(score, dtype=torch.bool).scatter_(1, kept, True)
+    return grouped.masked_fill(~mask[..., None], float("-inf")).view(n, e)
 
 
 def predict_experts(
-    x: torch.Tensor, router: torch.Tensor, top_k: int, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    router: torch.Tensor,
+    spec: RouterSpec,
+    bias: torch.Tensor | None = None,
+    correction: torch.Tensor | None = None,
 ) -> list[int]:
     """The experts some token of x (N, D) would pick among its top-k under `router` (E, D),
     the largest summed routing weight first: what a layer's router makes of a hidden state
     it will see only later, after it has changed a little. One device-to-host sync."""
-    weights, experts = route(x, router, top_k, bias=bias)  # (N, k) each
+    weights, experts = route(x, router, spec, bias, correction)  # (N, k) each
     if x.shape[0] == 1:
-        return experts[0].tolist()  # topk sorts by weight already
+        order = torch.argsort(weights[0], descending=True, stable=True)
+        return experts[0][order].tolist()
     mass = torch.zeros(router.shape[0], dtype=weights.dtype, device=x.device)  # (E,)
     mass.index_add_(0, experts.reshape(-1), weights.reshape(-1))
     order = torch.argsort(mass, descending=True, stable=True)
@@ -96,14 +151,14 @@ def group_by_expert(layer: int, weights: torch.Tensor, experts: torch.Tensor) ->
 def moe_block(
     x: torch.Tensor,
     router: torch.Tensor,
-    top_k: int,
+    spec: RouterSpec,
     layer: int,
     backend: ExpertBackend,
-    renormalize: bool = True,
     bias: torch.Tensor | None = None,
+    correction: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x: (N, D) -> (N, D): the weighted sum of each token's top-k experts."""
-    weights, experts = route(x, router, top_k, renormalize, bias)
+    weights, experts = route(x, router, spec, bias, correction)
     if x.shape[0] == 1:
         return _single_token(x, weights[0].tolist(), experts[0].tolist(), layer, backend)
     routing = group_by_expert(layer, weights, experts)

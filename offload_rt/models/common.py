@@ -31,6 +31,7 @@ from offload_rt.model import (
     MoEDecoder,
     MoEWeights,
     RopeTables,
+    RouterSpec,
 )
 
 QK_NORMS = ("none", "head", "full")  # no q/k norm; RMSNorm per head (Qwen3); whole (OLMoE)
@@ -49,6 +50,25 @@ class SoftmaxMoEConfig(ModelConfig):
     dense_intermediate_size: int | None = None  # the dense MLP's width in non-MoE layers
     shared_intermediate_size: int | None = None  # a shared expert's width (Qwen2-MoE)
     shared_gate: bool = False  # the shared expert's output scaled by sigmoid(gate x)
+    router_scoring: str = "softmax"  # or "sigmoid" (GLM-4.5, DeepSeek-V3)
+    router_groups: int = 1  # n_group
+    router_groups_kept: int = 1  # topk_group
+    group_score: str = "max"  # "top2": a group scored by its best two experts (DeepSeek-V3)
+    routed_scale: float = 1.0  # routed_scaling_factor
+    correction: bool = False  # the router has an e_score_correction_bias
+    rotary_dim: int | None = None  # dimensions of a head that rotate; None: all (head_dim)
+
+    @property
+    def router_spec(self) -> RouterSpec:
+        return RouterSpec(
+            self.num_experts_per_tok,
+            self.router_scoring,
+            self.renormalize,
+            self.routed_scale,
+            self.router_groups,
+            self.router_groups_kept,
+            self.group_score,
+        )
 
 
 @dataclass(frozen=True)
@@ -65,6 +85,7 @@ class MoENames:
     dense_mlp: str = "model.layers.{layer}.mlp.{proj}.weight"  # proj: gate/up/down_proj
     shared: str = "model.layers.{layer}.mlp.shared_expert.{proj}.weight"
     shared_gate: str = "model.layers.{layer}.mlp.shared_expert_gate.weight"
+    correction: str = "model.layers.{layer}.mlp.gate.e_score_correction_bias"
 
 
 # the names Qwen2-MoE, Qwen3-MoE and OLMoE share: `mlp.gate` routes to `mlp.experts.{e}`
@@ -165,6 +186,8 @@ def dense_shapes(
             shapes.update(_mlp_shapes(names.dense_mlp, layer, cfg.dense_intermediate_size, d))
             continue
         shapes[router.format(layer=layer)] = (cfg.experts_per_layer, d)
+        if cfg.correction:
+            shapes[names.correction.format(layer=layer)] = (cfg.experts_per_layer,)
         if cfg.shared_intermediate_size:
             shapes.update(_mlp_shapes(names.shared, layer, cfg.shared_intermediate_size, d))
             if cfg.shared_gate:
@@ -226,7 +249,13 @@ def _layer_mlp(
         return _mlp(get, names.dense_mlp, layer)
     shared = _mlp(get, names.shared, layer) if cfg.shared_intermediate_size else None
     gate = get(names.shared_gate.format(layer=layer)) if shared and cfg.shared_gate else None
-    return MoEWeights(router=get(router.format(layer=layer)), shared=shared, shared_gate=gate)
+    correction = get(names.correction.format(layer=layer)).float() if cfg.correction else None
+    return MoEWeights(
+        router=get(router.format(layer=layer)),
+        correction=correction,
+        shared=shared,
+        shared_gate=gate,
+    )
 
 
 def dense_weights(
@@ -267,8 +296,9 @@ def build_decoder(
             cfg.rms_norm_eps,
             cfg.clip_qkv,
         ),
-        renormalize=cfg.renormalize,
+        router=cfg.router_spec,
     )
     weights = dense_weights(cfg, names, get, present)
-    rope = RopeTables.build(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, device)
+    rotary = cfg.rotary_dim or cfg.head_dim
+    rope = RopeTables.build(rotary, cfg.rope_theta, cfg.max_position_embeddings, device)
     return MoEDecoder(cfg, spec, weights, backend, rope, prefetcher, predict_from)

@@ -33,6 +33,7 @@ from offload_rt.model import (
     MoEDecoder,
     MoEWeights,
     RopeTables,
+    RouterSpec,
 )
 from offload_rt.models.common import MoENames, SoftmaxMoEConfig, dense_shapes, dense_weights
 
@@ -214,7 +215,8 @@ def build(
     attention = AttentionSpec(
         cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
     )
-    spec = DecoderSpec(attention, renormalize=True, ring_windows=cfg.ring_windows)
+    router = RouterSpec(cfg.num_experts_per_tok, renormalize=True)
+    spec = DecoderSpec(attention, router, ring_windows=cfg.ring_windows)
     rope = RopeTables.build(
         cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, device, cfg.yarn
     )

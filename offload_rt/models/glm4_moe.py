@@ -1,0 +1,119 @@
+"""GLM-4.5 (`glm4_moe`): DeepSeek-V3's MoE block — sigmoid router scores, an
+`e_score_correction_bias` that joins them only to choose, experts chosen within the best
+`topk_group` of `n_group` groups, weights renormalised and times `routed_scaling_factor`,
+`n_shared_experts` shared experts on every token, the first `first_k_dense_replace` layers
+dense — with grouped-query attention: q/k/v biases, rotary on the first
+`partial_rotary_factor` of each head, q/k RMSNorm per head when `use_qk_norm`. Layers past
+`num_hidden_layers` (its multi-token-prediction layer) are not read.
+Reference: `Glm4MoeForCausalLM` in transformers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from offload_rt.config import ConfigError, ConfigReader, core_fields
+from offload_rt.models.common import MoENames, SoftmaxMoEConfig, norm_topk
+from offload_rt.models.family import SoftmaxFamily
+
+NAMES = MoENames(
+    router="model.layers.{layer}.mlp.gate.weight",
+    experts="model.layers.{layer}.mlp.experts.{expert}.{proj}",
+    projections={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+    shared="model.layers.{layer}.mlp.shared_experts.{proj}.weight",
+)
+
+
+def deepseek_moe(r: ConfigReader, rope_kinds: tuple[str, ...] = ("default",)) -> dict[str, Any]:
+    """The core and MoE-block fields DeepSeek-V3's block sets, as GLM-4.5 and DeepSeek name
+    them: dense first layers, routed and shared experts, the router's groups and scale."""
+    layers = r.positive_int("num_hidden_layers")
+    first = r.optional_int("first_k_dense_replace") or 0
+    freq = r.optional_positive_int("moe_layer_freq") or 1
+    moe_layers = tuple(i for i in range(first, layers) if i % freq == 0)
+    core = core_fields(
+        r,
+        experts_field="n_routed_experts",
+        moe_intermediate_field="moe_intermediate_size",
+        moe_layers=moe_layers,
+        rope_kinds=rope_kinds,
+    )
+    dense = len(moe_layers) < layers
+    shared = r.optional_int("n_shared_experts") or 0
+    groups = r.optional_positive_int("n_group") or 1
+    kept = r.optional_positive_int("topk_group") or 1
+    if core["experts_per_layer"] % groups or kept > groups:
+        raise ConfigError(
+            f"{r.source}: n_group {groups} must divide n_routed_experts "
+            f"{core['experts_per_layer']} and be at least topk_group {kept}"
+        )
+    return dict(
+        **core,
+        dense_intermediate_size=r.positive_int("intermediate_size") if dense else None,
+        shared_intermediate_size=core["moe_intermediate_size"] * shared or None,
+        router_groups=groups,
+        router_groups_kept=kept,
+        routed_scale=r.optional_positive_float("routed_scaling_factor") or 1.0,
+    )
+
+
+def parse(r: ConfigReader) -> SoftmaxMoEConfig:
+    fields = deepseek_moe(r)
+    rope = r.d.get("rope_parameters") if isinstance(r.d.get("rope_parameters"), dict) else {}
+    factor = rope.get("partial_rotary_factor", r.d.get("partial_rotary_factor", 0.5))
+    if not isinstance(factor, (int, float)) or not 0 < factor <= 1:
+        raise ConfigError(f"{r.source}: partial_rotary_factor must lie in (0, 1], got {factor!r}")
+    rotary = int(fields["head_dim"] * factor)
+    if rotary % 2:
+        raise ConfigError(f"{r.source}: rotary dimensions {rotary} must be even")
+    return SoftmaxMoEConfig(
+        **fields,
+        renormalize=norm_topk(r),
+        qkv_bias=r.boolean("attention_bias", default=False),
+        qk_norm="head" if r.boolean("use_qk_norm", default=False) else "none",
+        router_scoring="sigmoid",
+        group_score="top2",
+        correction=True,
+        rotary_dim=rotary,
+    )
+
+
+def demo(vocab_size: int) -> dict[str, Any]:
+    return {
+        "architectures": ["Glm4MoeForCausalLM"],
+        "model_type": "glm4_moe",
+        "vocab_size": vocab_size,
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "moe_intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "n_routed_experts": 16,
+        "num_experts_per_tok": 4,
+        "n_shared_experts": 1,
+        "n_group": 4,
+        "topk_group": 2,
+        "first_k_dense_replace": 1,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 2.5,
+        "attention_bias": True,
+        "use_qk_norm": True,
+        "partial_rotary_factor": 0.5,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1e6,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "dtype": "float32",
+    }
+
+
+FAMILY = SoftmaxFamily(
+    model_type="glm4_moe",
+    architectures=("Glm4MoeForCausalLM",),
+    parser=parse,
+    names=NAMES,
+    demo=demo,
+)
