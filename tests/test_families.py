@@ -308,3 +308,50 @@ def test_gpt_oss_prefetch_compute_on_miss_trace_and_plan(tmp_path, capsys):
     capsys.readouterr()
     assert main(["plan", str(tmp_path / "m"), "--expert-actors", "2"]) == 0
     assert "expert-1" in capsys.readouterr().out
+
+
+def test_deepseek_v3_kv_cache_holds_the_latent_and_the_rotary_key(tmp_path):
+    """MLA's cache: per token and layer, the kv_lora_rank latent and the qk_rope_head_dim
+    rotary key, not H full keys and values; printed for DeepSeek-V3's own shapes."""
+    import transformers
+
+    from offload_rt.models import parse_config
+    from offload_rt.models.deepseek import kv_bytes_per_token
+
+    save_family("deepseek_v3", tmp_path)
+    with offload_rt.load(tmp_path) as model:
+        cfg = model.config
+        cache = model.model.new_cache(2, 10)
+        per_token = sum(k.numel() + v.numel() for k, v in zip(cache.keys, cache.values))
+        per_token = per_token * 4 // (2 * 10 * cfg.num_hidden_layers)
+    assert per_token == kv_bytes_per_token(cfg, torch.float32) == (32 + 8) * 4
+    v3 = parse_config(transformers.DeepseekV3Config().to_dict())
+    latent = kv_bytes_per_token(v3, torch.bfloat16)
+    full = v3.num_attention_heads * (v3.nope_dim + v3.rope_dim + v3.v_dim) * 2
+    print(
+        f"DeepSeek-V3 KV cache per token and layer, bfloat16: {latent} B (MLA latent + rope "
+        f"key: ({v3.kv_lora_rank} + {v3.rope_dim}) x 2); full keys and values: {full} B"
+    )
+    assert latent == (512 + 64) * 2 and full == 128 * (128 + 64 + 128) * 2
+
+
+def test_layers_past_num_hidden_layers_are_not_read(tmp_path):
+    """DeepSeek-V3 ships a multi-token-prediction layer after its last decoder layer: its
+    tensors are in the files, not in the model."""
+    hf = save_family("deepseek_v3", tmp_path)
+
+    def add_mtp_layer(tensors):
+        last = hf.config.num_hidden_layers - 1
+        extra = {
+            k.replace(f"layers.{last}.", f"layers.{last + 1}."): v.clone()
+            for k, v in tensors.items()
+            if f"layers.{last}." in k
+        }
+        tensors.update(extra)
+        tensors[f"model.layers.{last + 1}.eh_proj.weight"] = torch.zeros(64, 128)
+
+    _rewrite(tmp_path, add_mtp_layer)
+    with offload_rt.load(tmp_path) as model, torch.no_grad():
+        want = hf(torch.tensor([PROMPTS[0]])).logits[0]
+        assert (model.logits(PROMPTS[0]) - want).abs().max().item() <= 1e-4
+        assert model.config.num_hidden_layers == 3

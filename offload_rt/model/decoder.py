@@ -29,6 +29,7 @@ from offload_rt.model.layers import (
     linear,
     rms_norm,
 )
+from offload_rt.model.mla import MLASpec, MLAWeights, mla_attention
 from offload_rt.model.moe import (
     ExpertBackend,
     ExpertPrefetcher,
@@ -59,7 +60,7 @@ class MoEWeights:
 @dataclass(frozen=True)
 class LayerWeights:
     input_norm: torch.Tensor  # (D,)
-    attn: AttentionWeights
+    attn: AttentionWeights | MLAWeights
     post_attn_norm: torch.Tensor  # (D,)
     mlp: MoEWeights | DenseMLP  # routed experts (+ shared), or a dense MLP
 
@@ -78,7 +79,7 @@ class DenseWeights:
 class DecoderSpec:
     """The math knobs a family sets beyond the shared config."""
 
-    attention: AttentionSpec
+    attention: AttentionSpec | MLASpec  # grouped-query, or latent (DeepSeek)
     router: RouterSpec  # scores, groups, renormalisation, scale
     # per layer: the window of a sliding-window layer whose KV cache is a ring of that many
     # positions (GPT-OSS), or None for full attention; None: every layer full
@@ -154,7 +155,18 @@ class MoEDecoder:
         return self.weights.embed.dtype
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        c = self.config
+        c, spec = self.config, self.spec.attention
+        if isinstance(spec, MLASpec):  # a latent and a rotary key a token: no heads
+            return KVCache.allocate(
+                c.num_hidden_layers,
+                batch,
+                1,
+                max_len,
+                spec.kv_lora_rank,
+                self.weights.embed.device,
+                self.weights.embed.dtype,
+                value_dim=spec.rope_dim,
+            )
         return KVCache.allocate(
             c.num_hidden_layers,
             batch,
@@ -191,9 +203,10 @@ class MoEDecoder:
         ring = None
         if cache.ring_pos is not None:
             ring = cache.ring_step(positions, None if live is None else token_mask)
+        attend = mla_attention if isinstance(self.spec.attention, MLASpec) else attention
         for i, lw in enumerate(self.weights.layers):
             a = rms_norm(h, lw.input_norm, c.rms_norm_eps)
-            h = h + attention(
+            h = h + attend(  # type: ignore[operator]
                 a,
                 lw.attn,
                 self.spec.attention,

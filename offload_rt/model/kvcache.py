@@ -54,22 +54,26 @@ class KVCache:
         device: torch.device,
         dtype: torch.dtype,
         windows: tuple[int | None, ...] | None = None,
+        value_dim: int | None = None,
     ) -> KVCache:
-        """`windows`: per layer, the window W of a sliding layer kept as a ring, or None."""
+        """`windows`: per layer, the window W of a sliding layer kept as a ring, or None.
+        `value_dim`: a value's width when not a key's (MLA's rotary keys beside latents)."""
         windows = windows or (None,) * layers
         rings = {w for w in windows if w is not None}
         if len(rings) > 1:
             raise ValueError(f"ring layers must share one window, got {sorted(rings)}")
 
-        def tensor(w: int | None) -> torch.Tensor:
-            shape = (batch, kv_heads, max_len if w is None else w, head_dim)
+        def tensor(w: int | None, width: int = head_dim) -> torch.Tensor:
+            shape = (batch, kv_heads, max_len if w is None else w, width)
             return torch.zeros(shape, device=device, dtype=dtype)
+
+        vd = value_dim or head_dim
 
         ring_pos = None
         if rings:
             ring_pos = torch.full((batch, rings.pop()), EMPTY, dtype=torch.long, device=device)
         return cls(
-            [tensor(w) for w in windows], [tensor(w) for w in windows], tuple(windows), ring_pos
+            [tensor(w) for w in windows], [tensor(w, vd) for w in windows], tuple(windows), ring_pos
         )
 
     def rows(self, n: int) -> KVCache:

@@ -18,7 +18,8 @@ def default_inv_freq(head_dim: int, theta: float, device: torch.device) -> torch
     return 1.0 / (theta ** (exponent / head_dim))
 
 
-def _mscale(scale: float, gain: float = 1.0) -> float:
+def mscale(scale: float, gain: float = 1.0) -> float:
+    """YaRN's attention gain for a context extended `scale` times (DeepSeek's `yarn_get_mscale`)."""
     return 1.0 if scale <= 1 else 0.1 * gain * math.log(scale) + 1.0
 
 
@@ -27,8 +28,8 @@ def yarn_attention_factor(yarn: YarnConfig) -> float:
     if yarn.attention_factor is not None:
         return yarn.attention_factor
     if yarn.mscale and yarn.mscale_all_dim:
-        return _mscale(yarn.factor, yarn.mscale) / _mscale(yarn.factor, yarn.mscale_all_dim)
-    return _mscale(yarn.factor)
+        return mscale(yarn.factor, yarn.mscale) / mscale(yarn.factor, yarn.mscale_all_dim)
+    return mscale(yarn.factor)
 
 
 def _correction_dim(rotations: float, dim: int, theta: float, context: int) -> float:

@@ -11,7 +11,7 @@ import torch
 from offload_rt.checkpoint import CONFIG_FILE, Checkpoint, CheckpointSpec
 from offload_rt.config import ConfigError, ConfigReader, ModelConfig, read_json_object
 from offload_rt.model import DecoderModel, ExpertBackend, ExpertPrefetcher
-from offload_rt.models import glm4_moe, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
+from offload_rt.models import deepseek, glm4_moe, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
 from offload_rt.models.family import Family
 
 _REGISTERED: tuple[Family, ...] = (
@@ -21,6 +21,8 @@ _REGISTERED: tuple[Family, ...] = (
     olmoe.FAMILY,
     gpt_oss.FAMILY,
     glm4_moe.FAMILY,
+    deepseek.V3,
+    deepseek.V2,
 )
 FAMILIES: dict[str, Family] = {f.model_type: f for f in _REGISTERED}
 

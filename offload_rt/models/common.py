@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -119,6 +120,39 @@ def qwen_core(r: ConfigReader) -> dict:
     return core
 
 
+def deepseek_moe(r: ConfigReader, rope_kinds: tuple[str, ...] = ("default",)) -> dict[str, Any]:
+    """The core and MoE-block fields DeepSeek-V3's block sets, as GLM-4.5 and DeepSeek name
+    them: dense first layers, routed and shared experts, the router's groups and scale."""
+    layers = r.positive_int("num_hidden_layers")
+    first = r.optional_int("first_k_dense_replace") or 0
+    freq = r.optional_positive_int("moe_layer_freq") or 1
+    moe_layers = tuple(i for i in range(first, layers) if i % freq == 0)
+    core = core_fields(
+        r,
+        experts_field="n_routed_experts",
+        moe_intermediate_field="moe_intermediate_size",
+        moe_layers=moe_layers,
+        rope_kinds=rope_kinds,
+    )
+    dense = len(moe_layers) < layers
+    shared = r.optional_int("n_shared_experts") or 0
+    groups = r.optional_positive_int("n_group") or 1
+    kept = r.optional_positive_int("topk_group") or 1
+    if core["experts_per_layer"] % groups or kept > groups:
+        raise ConfigError(
+            f"{r.source}: n_group {groups} must divide n_routed_experts "
+            f"{core['experts_per_layer']} and be at least topk_group {kept}"
+        )
+    return dict(
+        **core,
+        dense_intermediate_size=r.positive_int("intermediate_size") if dense else None,
+        shared_intermediate_size=core["moe_intermediate_size"] * shared or None,
+        router_groups=groups,
+        router_groups_kept=kept,
+        routed_scale=r.optional_positive_float("routed_scaling_factor") or 1.0,
+    )
+
+
 def no_sliding_window(r: ConfigReader) -> None:
     if r.boolean("use_sliding_window", default=False):
         raise ConfigError(
@@ -166,10 +200,19 @@ def _router_name(cfg: SoftmaxMoEConfig, names: MoENames, present: frozenset) -> 
     return names.fused_router if fused in present else names.router
 
 
+AttentionShapes = Callable[[Any, str], dict[str, tuple[int, ...]]]
+AttentionReader = Callable[[Any, Getter, str], Any]
+
+
 def dense_shapes(
-    cfg: SoftmaxMoEConfig, names: MoENames, present: frozenset
+    cfg: SoftmaxMoEConfig,
+    names: MoENames,
+    present: frozenset,
+    attention: AttentionShapes | None = None,
 ) -> dict[str, tuple[int, ...]]:
-    """Every tensor the coordinator holds, with its expected shape."""
+    """Every tensor the coordinator holds, with its expected shape; `attention` gives a
+    layer's attention tensors (default: grouped-query attention's, Llama's names)."""
+    attention = attention or _attention_shapes
     d, v = cfg.hidden_size, cfg.vocab_size
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, d)}
     shapes["model.norm.weight"] = (d,)
@@ -180,7 +223,7 @@ def dense_shapes(
         p = f"model.layers.{layer}."
         shapes[p + "input_layernorm.weight"] = (d,)
         shapes[p + "post_attention_layernorm.weight"] = (d,)
-        shapes.update(_attention_shapes(cfg, p))
+        shapes.update(attention(cfg, p))
         if not cfg.grid.has_layer(layer):
             assert cfg.dense_intermediate_size is not None
             shapes.update(_mlp_shapes(names.dense_mlp, layer, cfg.dense_intermediate_size, d))
@@ -259,8 +302,13 @@ def _layer_mlp(
 
 
 def dense_weights(
-    cfg: SoftmaxMoEConfig, names: MoENames, get: Getter, present: frozenset
+    cfg: SoftmaxMoEConfig,
+    names: MoENames,
+    get: Getter,
+    present: frozenset,
+    attention: AttentionReader | None = None,
 ) -> DenseWeights:
+    attention = attention or _attention
     router = _router_name(cfg, names, present)
     layers = []
     for i in range(cfg.num_hidden_layers):
@@ -268,7 +316,7 @@ def dense_weights(
         layers.append(
             LayerWeights(
                 input_norm=get(p + "input_layernorm.weight"),
-                attn=_attention(cfg, get, p),
+                attn=attention(cfg, get, p),
                 post_attn_norm=get(p + "post_attention_layernorm.weight"),
                 mlp=_layer_mlp(cfg, names, get, i, router),
             )

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from offload_rt.config import ConfigError, ConfigReader, core_fields
-from offload_rt.models.common import MoENames, SoftmaxMoEConfig, norm_topk
+from offload_rt.config import ConfigError, ConfigReader
+from offload_rt.models.common import MoENames, SoftmaxMoEConfig, deepseek_moe, norm_topk
 from offload_rt.models.family import SoftmaxFamily
 
 NAMES = MoENames(
@@ -21,39 +21,6 @@ NAMES = MoENames(
     projections={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
     shared="model.layers.{layer}.mlp.shared_experts.{proj}.weight",
 )
-
-
-def deepseek_moe(r: ConfigReader, rope_kinds: tuple[str, ...] = ("default",)) -> dict[str, Any]:
-    """The core and MoE-block fields DeepSeek-V3's block sets, as GLM-4.5 and DeepSeek name
-    them: dense first layers, routed and shared experts, the router's groups and scale."""
-    layers = r.positive_int("num_hidden_layers")
-    first = r.optional_int("first_k_dense_replace") or 0
-    freq = r.optional_positive_int("moe_layer_freq") or 1
-    moe_layers = tuple(i for i in range(first, layers) if i % freq == 0)
-    core = core_fields(
-        r,
-        experts_field="n_routed_experts",
-        moe_intermediate_field="moe_intermediate_size",
-        moe_layers=moe_layers,
-        rope_kinds=rope_kinds,
-    )
-    dense = len(moe_layers) < layers
-    shared = r.optional_int("n_shared_experts") or 0
-    groups = r.optional_positive_int("n_group") or 1
-    kept = r.optional_positive_int("topk_group") or 1
-    if core["experts_per_layer"] % groups or kept > groups:
-        raise ConfigError(
-            f"{r.source}: n_group {groups} must divide n_routed_experts "
-            f"{core['experts_per_layer']} and be at least topk_group {kept}"
-        )
-    return dict(
-        **core,
-        dense_intermediate_size=r.positive_int("intermediate_size") if dense else None,
-        shared_intermediate_size=core["moe_intermediate_size"] * shared or None,
-        router_groups=groups,
-        router_groups_kept=kept,
-        routed_scale=r.optional_positive_float("routed_scaling_factor") or 1.0,
-    )
 
 
 def parse(r: ConfigReader) -> SoftmaxMoEConfig:

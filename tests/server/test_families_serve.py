@@ -18,7 +18,10 @@ from tests.server.live import LiveServer
 PROMPTS = ["Hello", "The quick brown fox", "offload", "Qwen runs on one small GPU"]
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss"])
+@pytest.mark.parametrize(
+    "family",
+    ["qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss", "glm4_moe", "deepseek_v3", "deepseek_v2"],
+)
 def test_a_family_served_answers_as_it_generates(tmp_path, family):
     folder = make_demo_checkpoint(tmp_path / family, family=family)
     config = ServerConfig(served_model_name=family, scheduler=SchedulerConfig(max_batch=4))
