@@ -37,8 +37,10 @@ FLOAT_DTYPES = tuple(DTYPES.values())
 QUANT_PARTS = {
     "affine": {"qweight": torch.uint8, "scales": torch.float16, "offsets": torch.float16},
     "mxfp4": {"blocks": torch.uint8, "scales": torch.uint8},
+    "fp8": {"weight": torch.float8_e4m3fn, "weight_scale_inv": torch.float32},
 }
-STORED_DTYPES = {**DTYPES, "U8": torch.uint8}
+FP8 = torch.float8_e4m3fn
+STORED_DTYPES = {**DTYPES, "U8": torch.uint8, "F8_E4M3": FP8}
 # the logical parts of a routed SwiGLU expert, whatever a family calls its tensors
 EXPERT_PARTS = ("gate", "up", "down")
 
@@ -131,6 +133,8 @@ class PerExpertLayout:
         assert self.quant is not None
         if q == "qweight":
             return self.quant.codes_shape(rows, cols)
+        if q == "weight":  # fp8: one byte a weight
+            return rows, cols
         if q == "blocks":  # MXFP4 codes as the release stores them: 16 bytes a group of 32
             return rows, cols // self.quant.group_size, self.quant.group_size // 2
         return self.quant.groups_shape(rows, cols)
@@ -342,8 +346,25 @@ def _read_infos(handle, path: Path, names: list[str] | None) -> dict[str, Tensor
     return infos
 
 
+def dequantize_blocks(w: torch.Tensor, scale_inv: torch.Tensor, quant: QuantConfig) -> torch.Tensor:
+    """An fp8 weight (out, in) and its float32 scale per block of quant's (row_block,
+    group_size), (ceil(out / rows), ceil(in / columns)) -> the float32 weight w · scale, as
+    DeepSeek-V3's release defines it (blocks at the edges may be partial)."""
+    rows, cols = w.shape
+    rb, cb = quant.row_block, quant.group_size
+    if scale_inv.shape != (-(-rows // rb), -(-cols // cb)):
+        raise CheckpointError(
+            f"an fp8 weight {list(w.shape)} in blocks of {[rb, cb]} needs scales "
+            f"{[-(-rows // rb), -(-cols // cb)]}, got {list(scale_inv.shape)}"
+        )
+    scale = scale_inv.repeat_interleave(rb, dim=0)[:rows].repeat_interleave(cb, dim=1)[:, :cols]
+    return w.float() * scale
+
+
 def _check_tensors(tensors: Mapping[str, TensorInfo], spec: CheckpointSpec) -> None:
-    expected = {name: (shape, FLOAT_DTYPES) for name, shape in spec.dense.items()}
+    quant = spec.config.quantization
+    dense = FLOAT_DTYPES + ((FP8,) if quant is not None and quant.scheme == "fp8" else ())
+    expected = {name: (shape, dense) for name, shape in spec.dense.items()}
     expected.update(spec.experts.tensors())
     for name, (shape, dtypes) in expected.items():
         info = tensors.get(name)

@@ -22,8 +22,11 @@ QUANT_VERSION = 1  # bumped when the tensor layout of quantized experts changes
 QUANT_BITS = (8, 4)
 # "affine": offset + code · scale per group of G (`experts/quant.py`); "mxfp4": e2m1 codes times
 # a power of two per 32 columns (`experts/mxfp4.py`), as OpenAI released GPT-OSS's experts
-QUANT_SCHEMES = ("affine", "mxfp4")
+QUANT_SCHEMES = ("affine", "mxfp4", "fp8")
 MXFP4_METHOD = "mxfp4"  # quantization_config.quant_method of the GPT-OSS release
+# DeepSeek-V3's release: float8_e4m3fn weights, a float32 `weight_scale_inv` per block of
+# weight_block_size (rows, columns); w = fp8 · scale
+FP8_METHOD = "fp8"
 MXFP4_GROUP = 32  # columns sharing one MXFP4 exponent
 # MLX's and HQQ's default (GPTQ's is 128): a smaller group spans a smaller range, so a finer
 # step, for 32 bits of float16 scale and offset per group: 0.5 bits per weight at 64
@@ -42,6 +45,7 @@ class QuantConfig:
     bits: int  # bits per weight code: 8, or 4 (two codes per byte)
     group_size: int  # consecutive input columns sharing one scale (and one offset: affine)
     scheme: str = "affine"  # one of QUANT_SCHEMES
+    row_block: int = 1  # fp8: consecutive rows sharing one scale (weight_block_size[0])
 
     def __post_init__(self) -> None:
         if self.scheme not in QUANT_SCHEMES:
@@ -66,21 +70,30 @@ class QuantConfig:
         return rows, cols * self.bits // 8
 
     def groups_shape(self, rows: int, cols: int) -> tuple[int, int]:
-        """Shape of its `scales` and `offsets` (float16; mxfp4: uint8 exponents, no offsets)."""
-        return rows, cols // self.group_size
+        """Shape of its `scales` and `offsets` (float16; mxfp4: uint8 exponents, no offsets;
+        fp8: float32 `weight_scale_inv`, a block of row_block rows and group_size columns)."""
+        return rows // self.row_block, cols // self.group_size
 
     @property
     def group_nbytes(self) -> int:
-        """Bytes of a group's scale and offset (affine: float16 each; mxfp4: one exponent)."""
+        """Bytes of a group's scale and offset (affine: float16 each; mxfp4: one exponent;
+        fp8: a float32 scale)."""
         return 1 if self.scheme == "mxfp4" else 4
 
     def nbytes(self, rows: int, cols: int) -> int:
         """Bytes of one quantized (rows, cols) weight: codes, scales and offsets."""
-        return rows * cols * self.bits // 8 + self.group_nbytes * rows * (cols // self.group_size)
+        groups = (rows // self.row_block) * (cols // self.group_size)
+        return rows * cols * self.bits // 8 + self.group_nbytes * groups
 
     def check_widths(self, hidden: int, intermediate: int, source: str) -> None:
-        """Groups split the input columns: w1, w3 have `hidden`, w2 `intermediate`."""
+        """Groups split the input columns: w1, w3 have `hidden`, w2 `intermediate`; fp8's
+        blocks split the rows too (an expert's blocks whole: its gate and up stack)."""
         for name, width in (("hidden_size", hidden), ("intermediate_size", intermediate)):
+            if width % self.row_block:
+                raise ConfigError(
+                    f"{source}: weight_block_size rows {self.row_block} do not divide {name} "
+                    f"{width}; expert weights must be whole blocks"
+                )
             if width % self.group_size:
                 raise ConfigError(
                     f"{source}: quantization group_size {self.group_size} does not divide "
@@ -105,6 +118,16 @@ class QuantConfig:
             raise ConfigError(f"{where}: must be an object, got {d!r}")
         if d.get("quant_method") == MXFP4_METHOD:  # the GPT-OSS release's experts
             return cls(4, MXFP4_GROUP, "mxfp4")
+        if d.get("quant_method") == FP8_METHOD:  # DeepSeek-V3's release
+            block = d.get("weight_block_size")
+            fmt = d.get("fmt", "e4m3")
+            ok = isinstance(block, list) and len(block) == 2
+            if not ok or not all(isinstance(b, int) and b > 0 for b in block) or fmt != "e4m3":
+                raise ConfigError(
+                    f"{where}: fp8 needs fmt 'e4m3' and weight_block_size [rows, columns] of "
+                    f"positive integers, got fmt {fmt!r}, weight_block_size {block!r}"
+                )
+            return cls(8, block[1], "fp8", block[0])
         if d.get("quant_method") != QUANT_METHOD or d.get("version") != QUANT_VERSION:
             raise ConfigError(
                 f"{where}: quant_method {d.get('quant_method')!r} version {d.get('version')!r} "

@@ -119,6 +119,13 @@ def _expand(
     grouped.add_(offsets[..., None])
 
 
+def _expand_blocks(w: torch.Tensor, scale_inv: torch.Tensor, out: torch.Tensor) -> None:
+    """out (R, C) = fp8 w · its block's scale, in place (whole blocks: `check_widths`)."""
+    rb, cb = out.shape[0] // scale_inv.shape[0], out.shape[1] // scale_inv.shape[1]
+    out.copy_(w)
+    out.view(scale_inv.shape[0], rb, scale_inv.shape[1], cb).mul_(scale_inv[:, None, :, None])
+
+
 @dataclass(frozen=True)
 class _Part:
     start: int  # byte offset in the packed buffer
@@ -140,11 +147,12 @@ class _Part:
 SCHEME_PARTS = {
     "affine": {"scales": F16, "offsets": F16, "qweight": torch.uint8},
     "mxfp4": {"scales": torch.uint8, "blocks": torch.uint8},
+    "fp8": {"weight_scale_inv": torch.float32, "weight": torch.float8_e4m3fn},
 }
 
 
 def _part_shape(quant: QuantConfig, part: str, rows: int, cols: int) -> tuple[int, ...]:
-    if part == "qweight":
+    if part in ("qweight", "weight"):
         return quant.codes_shape(rows, cols)
     if part == "blocks":  # MXFP4's codes, as the release stores them: 16 bytes a group of 32
         return rows, cols // quant.group_size, quant.group_size // 2
@@ -222,6 +230,9 @@ class ExpertCodec:
         for m, out in self._scratch.items():
             if self.quant.scheme == "mxfp4":
                 dequantize_mxfp4(views[(m, "blocks")], views[(m, "scales")], out)
+                continue
+            if self.quant.scheme == "fp8":
+                _expand_blocks(views[(m, "weight")], views[(m, "weight_scale_inv")], out)
                 continue
             codes = views[(m, "qweight")]
             if self.quant.bits == 4:

@@ -8,7 +8,14 @@ from typing import Any
 
 import torch
 
-from offload_rt.checkpoint import CONFIG_FILE, Checkpoint, CheckpointSpec
+from offload_rt.checkpoint import (
+    CONFIG_FILE,
+    FP8,
+    Checkpoint,
+    CheckpointError,
+    CheckpointSpec,
+    dequantize_blocks,
+)
 from offload_rt.config import ConfigError, ConfigReader, ModelConfig, read_json_object
 from offload_rt.model import DecoderModel, ExpertBackend, ExpertPrefetcher
 from offload_rt.models import deepseek, glm4_moe, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
@@ -74,7 +81,13 @@ def build_model(
     behind `backend`."""
 
     def get(name: str) -> torch.Tensor:
-        return ckpt.get(name).to(device=device, dtype=dtype)
+        t = ckpt.get(name)
+        if t.dtype == FP8:  # DeepSeek-V3's dense fp8 weights: dequantized once, here
+            quant = ckpt.config.quantization
+            if quant is None or quant.scheme != "fp8":
+                raise CheckpointError(f"{name}: fp8 weights need quant_method 'fp8' in config")
+            t = dequantize_blocks(t, ckpt.get(name + "_scale_inv"), quant)
+        return t.to(device=device, dtype=dtype)
 
     family = FAMILIES[ckpt.config.model_type]
     present = frozenset(ckpt.tensors)
