@@ -355,3 +355,28 @@ def test_layers_past_num_hidden_layers_are_not_read(tmp_path):
         want = hf(torch.tensor([PROMPTS[0]])).logits[0]
         assert (model.logits(PROMPTS[0]) - want).abs().max().item() <= 1e-4
         assert model.config.num_hidden_layers == 3
+
+
+@pytest.mark.parametrize("family_name", ["deepseek_v3", "glm4_moe"])
+def test_grouped_router_families_prefetch_compute_on_miss_and_quantize(tmp_path, family_name):
+    """DeepSeek-V3's block (grouped sigmoid router with a correction bias; dense layer 0):
+    the guesses for prefetch go through the full router, and neither prefetch nor compute on
+    a miss changes an output; its experts quantize to int8 and stay close to float."""
+    from offload_rt.tools.quantize import quantize_checkpoint
+    from tests.test_prefetch import SLOW_LINK, decode_logits
+
+    save_family(family_name, tmp_path / "m")
+    opts = dict(cache_experts=4, link_gbps=SLOW_LINK)
+
+    def run(folder, **more):
+        with offload_rt.load(folder, **opts, **more) as model:
+            return decode_logits(model, PROMPTS[0], 10), model.stats()
+
+    base = run(tmp_path / "m", prefetch=False)
+    logits, stats = run(tmp_path / "m", prefetch=True, compute_on_miss=True)
+    assert torch.equal(logits, base[0])
+    assert stats["prefetch_loads"] > 0 and stats["host_computed"] > 0
+    quantize_checkpoint(tmp_path / "m", tmp_path / "q8", 8, 16, progress=False)
+    quantized, _ = run(tmp_path / "q8", prefetch=True)
+    # the first step (later ones follow each model's own greedy tokens)
+    assert (quantized[0] - base[0][0]).abs().max().item() < 0.05
