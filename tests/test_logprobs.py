@@ -117,3 +117,34 @@ def test_a_scored_prompt_may_fill_the_context_and_bad_values_are_refused(model):
     ]:
         with pytest.raises(RequestError, match=field):
             model.generate(PROMPTS[0], **kw)
+
+
+def test_token_bytes_of_byte_level_and_sentencepiece_vocabularies(demo):
+    from tokenizers import Tokenizer, decoders, models
+
+    from offload_rt.engine.tokenizer import TextTokenizer
+
+    tok = demo.tokenizer  # byte-level: one token per byte
+    ids = tok.encode("é!")
+    assert [tok.token_bytes(i) for i in ids] == [b"<s>", b"\xc3", b"\xa9", b"!"]
+    assert [tok.token_text(i) for i in ids] == ["<s>", "bytes:\\xc3", "bytes:\\xa9", "!"]
+    assert tok.prefix_lengths(ids) == [0, 0, 1, 1]  # the half character decodes to U+FFFD
+    vocab = {"<unk>": 0, "<s>": 1, "\u2581the": 2, "<0x0A>": 3, "<0xC3>": 4, "é": 5}
+    sp = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    sp.decoder = decoders.Sequence(
+        [
+            decoders.Replace("\u2581", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )  # fmt: skip  (Mistral's and Llama's tokenizer.json decoder)
+    sp_tok = TextTokenizer(sp)
+    assert [sp_tok.token_bytes(i) for i in range(1, 6)] == [
+        b"<s>",
+        b" the",
+        b"\n",
+        b"\xc3",
+        "é".encode(),
+    ]
+    assert sp_tok.token_text(4) == "bytes:\\xc3" and sp_tok.token_text(2) == " the"

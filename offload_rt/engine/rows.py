@@ -60,7 +60,7 @@ def check_request(
     fit the context, when it is only scored); logit_bias must name ids of the vocabulary."""
     if not prompt:
         raise RequestError(f"{what} is empty: give at least one token")
-    room = 1 if params.max_new_tokens > 0 or params.prompt_logprobs is None else 0
+    room = 1 if params.max_new_tokens > 0 else 0
     if len(prompt) + room > context:
         raise RequestError(
             f"{what} has {len(prompt)} tokens; the context length is {context}, "
