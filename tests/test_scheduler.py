@@ -184,3 +184,5 @@ def test_prefill_groups_keep_within_the_token_budget():
     groups = _prefill_groups(admitted, budget=16)
     assert [[row for row, _ in g] for g in groups] == [[0, 1, 2], [3], [4, 5]]
     assert all(max(len(r.prompt) for _, r in g) * len(g) <= 16 for g in groups if len(g) > 1)
+    copies = [(i, req(6)) for i in range(5)]  # one prompt, n = 5: one prefill of 6 tokens
+    assert len(_prefill_groups(copies, budget=16)) == 1

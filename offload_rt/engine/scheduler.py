@@ -312,13 +312,14 @@ def _prefill_groups(
 ) -> list[list[tuple[int, Request]]]:
     """Requests joining at one step boundary, in groups prefilled together: one forward reads
     each expert once for the group, instead of once per prompt. A group's padded size
-    (prompts x longest) stays within `budget` tokens; a longer prompt goes alone."""
+    (distinct prompts x longest) stays within `budget` tokens; a longer prompt goes alone. A
+    prompt given again (n choices) costs nothing more: it is prefilled once for its group."""
     groups: list[list[tuple[int, Request]]] = []
     for item in admitted:
         group = groups[-1] if groups else None
         if group is not None:
-            width = max(len(item[1].prompt), *(len(r.prompt) for _, r in group))
-            if width * (len(group) + 1) <= budget:
+            prompts = {tuple(r.prompt) for _, r in group} | {tuple(item[1].prompt)}
+            if max(len(p) for p in prompts) * len(prompts) <= budget:
                 group.append(item)
                 continue
         groups.append([item])
