@@ -75,11 +75,10 @@ def test_scheduler_scores_prompts_in_one_prefill_and_generates_beside(model):
     model.model.forward = counting
     try:
         collectors = [Collector() for _ in range(len(PROMPTS) * 2 + 1)]
-        with sched._cond:  # held: every request joins at the same step boundary
-            for i, c in enumerate(collectors[:-1]):  # each prompt twice (n = 2)
-                p = PROMPTS[i // 2]
-                sched.submit(p, SamplingParams(max_new_tokens=0, prompt_logprobs=2), c)
-            sched.submit(PROMPTS[0], SamplingParams(max_new_tokens=5, logprobs=1), collectors[-1])
+        score = SamplingParams(max_new_tokens=0, prompt_logprobs=2)
+        items = [(PROMPTS[i // 2], score, c) for i, c in enumerate(collectors[:-1])]  # n = 2
+        items.append((PROMPTS[0], SamplingParams(max_new_tokens=5, logprobs=1), collectors[-1]))
+        sched.submit_together(items)  # one step boundary for all
         results = [c.wait()[-1].result for c in collectors]
     finally:
         model.model.forward = forward

@@ -40,6 +40,7 @@ from offload_rt.model import DecoderModel
 log = logging.getLogger(__name__)
 
 Decode = Callable[[list[int]], str]
+Listener = Callable[["Event"], None]  # a request's events, on the scheduler's thread
 
 
 @dataclass(frozen=True)
@@ -131,27 +132,41 @@ class Scheduler:
     ) -> Request:
         """Queue a request; raises RequestError for a prompt that cannot be served and
         QueueFull when the queue is full. Events then arrive on the scheduler's thread."""
-        check_request(prompt, params, self.max_len, self.model.config.vocab_size)
-        state = new_state(prompt, params, self.eos_ids)
-        stream = TextStream(self.decode, params.stop_strings) if self.decode else None
-        budget = min(params.max_new_tokens, self.max_len - len(prompt))
-        req = Request(next(self._ids), list(prompt), budget, state, on_event, stream)
-        if budget == 0 and params.prompt_logprobs is None:  # answer at once, without the model
-            on_event(Event([], "", result=to_result(state, self.decode)))
-            return req
+        return self.submit_together([(prompt, params, on_event)])[0]
+
+    def submit_together(
+        self, items: list[tuple[list[int], SamplingParams, Listener]]
+    ) -> list[Request]:
+        """Queue requests at one step boundary (the prompts and n choices of one API call):
+        free rows permitting, they are prefilled in one forward, a prompt given several times
+        once. All or none: a RequestError or QueueFull for one queues none."""
+        for prompt, params, _ in items:
+            check_request(prompt, params, self.max_len, self.model.config.vocab_size)
+        reqs = [self._request(*item) for item in items]
+        queued = [r for r in reqs if r.budget > 0 or r.state.params.prompt_logprobs is not None]
         with self._cond:
             if self._closing:
                 raise RuntimeError("the scheduler is closed")
-            if len(self.waiting) >= self.config.max_queue:
-                self.stats.refused += 1
+            free = sum(r is None for r in self.rows)
+            if queued and len(self.waiting) + len(queued) - free > self.config.max_queue:
+                self.stats.refused += len(queued)
                 raise QueueFull(
                     f"{self.config.max_batch} requests are running and {len(self.waiting)} "
                     "are waiting, the most this server queues: try again later"
                 )
-            self.stats.submitted += 1
-            self.waiting.append(req)
+            self.stats.submitted += len(queued)
+            self.waiting.extend(queued)
             self._cond.notify()
-        return req
+        for r in reqs:
+            if r not in queued:  # nothing to generate or score: answered without the model
+                r.on_event(Event([], "", result=to_result(r.state, self.decode)))
+        return reqs
+
+    def _request(self, prompt: list[int], params: SamplingParams, on_event: Listener) -> Request:
+        state = new_state(prompt, params, self.eos_ids)
+        stream = TextStream(self.decode, params.stop_strings) if self.decode else None
+        budget = min(params.max_new_tokens, self.max_len - len(prompt))
+        return Request(next(self._ids), list(prompt), budget, state, on_event, stream)
 
     def queue_depth(self) -> int:
         return len(self.waiting)

@@ -171,3 +171,24 @@ def test_python_client_gets_the_local_models_logprobs(live, demo_model):
         assert max(abs(a - b) for a, b in pairs) <= TOL
     assert [len(r.prompt_logprobs) for r in scored] == [len(demo_model.encode(PROMPTS[0])), 3]
     assert all(r.token_ids == [] and r.logprobs is None for r in scored)
+
+
+def test_the_prompts_and_choices_of_one_request_share_one_prefill(client, demo_model):
+    forwards: list[tuple[int, ...]] = []
+    forward = demo_model.model.forward
+
+    def counting(tokens, *args, **kwargs):
+        forwards.append(tuple(tokens.shape))
+        return forward(tokens, *args, **kwargs)
+
+    demo_model.model.forward = counting
+    try:
+        prompts = [PROMPTS[0], PROMPTS[3]]
+        got = client.completions.create(
+            model=MODEL_NAME, prompt=prompts, n=3, max_tokens=0, echo=True, logprobs=1
+        )
+        assert len(got.choices) == 6 and {c.text for c in got.choices} == set(prompts)
+        longest = max(len(demo_model.encode(p)) for p in prompts)
+        assert forwards == [(2, longest)]  # one forward; each prompt in it once
+    finally:
+        demo_model.model.forward = forward
