@@ -102,7 +102,7 @@ def _params(
     prompt_logprobs: int | None,
 ) -> SamplingParams:
     room = s.engine.scheduler.max_len - len(prompt)
-    least = 0 if getattr(body, "echo", False) else 1  # echo alone may ask for no new token
+    least = 0 if body.echoes() else 1  # an echoed prompt may be all that is asked for
     if not least <= max_tokens <= room:
         raise RequestError(
             f"max_tokens must be in [{least}, {room}] for this prompt of {len(prompt)} tokens "

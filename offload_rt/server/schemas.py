@@ -50,6 +50,10 @@ class CommonRequest(BaseModel):
     ignore_eos: StrictBool = False  # vLLM's extension
     user: StrictStr | None = None
 
+    def echoes(self) -> bool:
+        """Whether the answer holds the prompt (then no new token may be asked for)."""
+        return False
+
     def sampling(
         self, max_new_tokens: int, choice: int, logprobs: int | None, prompt_logprobs: int | None
     ) -> SamplingParams:
@@ -105,6 +109,9 @@ class CompletionRequest(CommonRequest):
                 f"{len(self.prompts())} prompts x n = {self.n} make more than {MAX_CHOICES} "
                 "choices in one request"
             )
+
+    def echoes(self) -> bool:
+        return self.echo
 
     def token_logprobs(self) -> int | None:
         """How many top tokens come with each new token's log-probability; None: none."""
