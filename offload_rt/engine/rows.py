@@ -94,7 +94,9 @@ def sample_rows(rows: list[SequenceState | None], logits: torch.Tensor, live: li
     _record_logprobs(rows, logits, live)
 
 
-def _record_logprobs(rows: list[SequenceState | None], logits: torch.Tensor, live: list[bool]):
+def _record_logprobs(
+    rows: list[SequenceState | None], logits: torch.Tensor, live: list[bool]
+) -> None:
     asking = [i for i, r in enumerate(rows) if live[i] and r and r.logprobs is not None]
     if not asking:
         return

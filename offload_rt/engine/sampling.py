@@ -130,12 +130,12 @@ def _bias_pairs(bias: object) -> tuple[tuple[int, float], ...]:
     pairs = []
     for item in bias:
         if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise RequestError(f"logit_bias entries are (token id, bias) pairs, got {item!r}")
+            raise RequestError(f"logit_bias entries are (token id, bias) pairs, got {item!r}"[:200])
         token, value = item
         _check_int("a logit_bias token id", token, minimum=0)
         if not _is_number(value) or not -100 <= value <= 100:
             raise RequestError(
-                f"logit_bias of token {token} must be a number in [-100, 100], got {value!r}"
+                f"logit_bias of token {token} must be a number in [-100, 100], got {value!r}"[:200]
             )
         pairs.append((token, float(value)))
     if len({t for t, _ in pairs}) != len(pairs):
