@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
+import torch
 
 import offload_rt
 from offload_rt.demo import make_demo_checkpoint
@@ -46,7 +47,6 @@ def test_a_family_served_answers_as_it_generates(tmp_path, family):
 
 def check_prompt_logprobs(folder, prompts: list[list[int]], scored) -> None:
     """Echoed prompt log-probabilities equal the family's transformers reference's."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
