@@ -22,6 +22,7 @@ import msgpack
 
 from offload_rt import protocol
 from offload_rt.engine.generate import GenerationResult
+from offload_rt.engine.logprobs import TokenLogprob
 from offload_rt.protocol import RemoteError
 
 Prompt = str | Sequence[int]
@@ -47,6 +48,9 @@ def _request(prompt: Prompt, stream: bool, **kw: Any) -> bytes:
     stop = kw.pop("stop", None)
     if stop is not None and not isinstance(stop, (str, int)):
         stop = list(stop)
+    bias = kw.get("logit_bias")
+    if isinstance(bias, dict):  # msgpack map keys must be strings here: send pairs
+        kw["logit_bias"] = [[t, b] for t, b in bias.items()]
     return protocol.pack({"prompt": prompt, "stop": stop, "stream": stream, **kw})
 
 
@@ -63,8 +67,20 @@ def _is_batch(prompt: object) -> bool:
 
 def _result(frame: dict[str, Any]) -> GenerationResult:
     return GenerationResult(
-        frame["token_ids"], frame["text"], frame["finish_reason"], frame["prompt_tokens"]
+        frame["token_ids"],
+        frame["text"],
+        frame["finish_reason"],
+        frame["prompt_tokens"],
+        _logprobs(frame.get("logprobs")),
+        _logprobs(frame.get("prompt_logprobs")),
     )
+
+
+def _logprobs(wire: list | None) -> list[TokenLogprob] | None:
+    """[token, logprob, [[id, logprob], ...]] entries (protocol.py) as the local model's."""
+    if wire is None:
+        return None
+    return [TokenLogprob(t, lp, tuple((i, v) for i, v in top)) for t, lp, top in wire]
 
 
 def _raise_for(status: int, body: bytes) -> None:
@@ -98,7 +114,8 @@ class RemoteModel:
         self, prompt: Prompt | Sequence[Prompt], **kw: Any
     ) -> GenerationResult | list[GenerationResult]:
         """Arguments of `OffloadModel.generate`: max_new_tokens, temperature, top_p, top_k,
-        seed, stop. A list of prompts goes as concurrent requests, batched by the server."""
+        seed, stop, logprobs, prompt_logprobs, the penalties, logit_bias, min_tokens,
+        ignore_eos. A list of prompts goes as concurrent requests, batched by the server."""
         if not _is_batch(prompt):
             return self._one(prompt, kw)  # type: ignore[arg-type]
         with ThreadPoolExecutor(min(MAX_PARALLEL, len(prompt))) as pool:  # type: ignore[arg-type]

@@ -3,11 +3,17 @@
 POST /v1/offload/generate with a msgpack map (content type application/msgpack):
     {"v": 1, "prompt": str | [int], "max_new_tokens": int, "temperature": float,
      "top_p": float, "top_k": int, "seed": int | nil, "stop": str | int | [str | int] | nil,
-     "stream": bool}
-The answer is a sequence of msgpack maps, one after the other in the body:
-    {"v": 1, "type": "token", "token_ids": [int], "text": str}      (streaming only)
+     "stream": bool, "logprobs": int | nil, "prompt_logprobs": int | nil,
+     "presence_penalty": float, "frequency_penalty": float, "repetition_penalty": float,
+     "logit_bias": [[int, float]] | nil, "min_tokens": int, "ignore_eos": bool}
+(every field but the prompt optional; meanings as in SamplingParams). The answer is a
+sequence of msgpack maps, one after the other in the body:
+    {"v": 1, "type": "token", "token_ids": [int], "text": str,
+     "logprobs": [Logprob]}                                          (streaming only)
     {"v": 1, "type": "done", "token_ids": [int], "text": str | nil,
-     "finish_reason": "stop" | "length", "prompt_tokens": int}      (the last frame)
+     "finish_reason": "stop" | "length", "prompt_tokens": int,
+     "logprobs": [Logprob] | nil, "prompt_logprobs": [Logprob] | nil} (the last frame)
+with Logprob = [token id, logprob | nil, [[token id, logprob], ...]] (the top tokens).
     {"v": 1, "type": "error", "status": int, "message": str}        (instead of "done")
 Errors before the first frame come with their HTTP status (400, 401, 413, 429, 500) and one
 error frame — or, from the parts of the server that answer before reading the body (auth, size
@@ -40,6 +46,14 @@ REQUEST_FIELDS = {
     "seed": (int, type(None)),
     "stop": (str, int, list, type(None)),
     "stream": (bool,),
+    "logprobs": (int, type(None)),
+    "prompt_logprobs": (int, type(None)),
+    "presence_penalty": (int, float),
+    "frequency_penalty": (int, float),
+    "repetition_penalty": (int, float),
+    "logit_bias": (list, type(None)),
+    "min_tokens": (int,),
+    "ignore_eos": (bool,),
 }
 
 

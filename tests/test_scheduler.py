@@ -184,3 +184,25 @@ def test_prefill_groups_keep_within_the_token_budget():
     groups = _prefill_groups(admitted, budget=16)
     assert [[row for row, _ in g] for g in groups] == [[0, 1, 2], [3], [4, 5]]
     assert all(max(len(r.prompt) for _, r in g) * len(g) <= 16 for g in groups if len(g) > 1)
+    copies = [(i, req(6)) for i in range(5)]  # one prompt, n = 5: one prefill of 6 tokens
+    assert len(_prefill_groups(copies, budget=16)) == 1
+
+
+def _good():
+    return [1, 2, 3], SamplingParams(max_new_tokens=3), Collector()
+
+
+def test_submit_together_queues_all_or_none(model):
+    sched = _scheduler(model, max_batch=1, max_queue=2)
+    try:
+        with pytest.raises(RequestError, match="token ids"):
+            sched.submit_together([_good(), ([1, 10**9], SamplingParams(), Collector()), _good()])
+        assert sched.stats.submitted == 0 and sched.queue_depth() == 0
+        with pytest.raises(QueueFull):  # 1 free row + 2 waiting places: 4 is one too many
+            sched.submit_together([_good() for _ in range(4)])
+        assert sched.stats.submitted == 0 and sched.stats.refused == 4
+        items = [_good() for _ in range(3)]
+        sched.submit_together(items)
+        assert all(c.wait()[-1].result.token_ids for _, _, c in items)
+    finally:
+        sched.close()

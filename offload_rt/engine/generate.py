@@ -8,20 +8,20 @@ expert.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
-from offload_rt.engine.sampling import RequestError, Sampler, SamplingParams
+from offload_rt.engine.logprobs import TokenLogprob, prompt_logprobs
+from offload_rt.engine.rows import (
+    GenerationResult,
+    check_finished,
+    check_request,
+    new_state,
+    sample_rows,
+    to_result,
+)
+from offload_rt.engine.sampling import SamplingParams
 from offload_rt.model import DecoderModel
-
-
-@dataclass
-class GenerationResult:
-    token_ids: list[int]  # the new tokens only (a closing EOS or stop token included)
-    text: str | None  # the new tokens decoded, cut before a stop string; None without tokenizer
-    finish_reason: str  # "stop" (EOS, stop token or stop string) or "length"
-    prompt_tokens: int  # tokens in the prompt
 
 
 class BatchDecoder:
@@ -40,19 +40,40 @@ class BatchDecoder:
         return cls(model, [[] for _ in range(rows)], max_len)
 
     @torch.inference_mode()
-    def prefill_rows(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
-        """Prefill prompts together, as `prefill` does a static batch, into the given free
-        rows; returns their logits after each last prompt token (len(rows), V)."""
-        batch = BatchDecoder(self.model, prompts, max(len(p) for p in prompts))
-        logits = batch.prefill()
-        self.cache.copy_rows(torch.tensor(rows, device=self.device), batch.cache)
+    def prefill_rows(
+        self, rows: list[int], prompts: list[list[int]], score: list[int | None] | None = None
+    ) -> tuple[torch.Tensor, list[list[TokenLogprob] | None]]:
+        """Prefill prompts together, as `prefill_scored` does a static batch, into the given
+        free rows; returns their logits after each last prompt token (len(rows), V) and their
+        prompt log-probabilities where `score` asks. A prompt given several times (n choices)
+        is prefilled once and its keys and values copied to each of its rows."""
+        score = score or [None] * len(prompts)
+        unique: dict[tuple[int, ...], int] = {}
+        source = [unique.setdefault(tuple(p), len(unique)) for p in prompts]  # its unique one
+        asks: list[int | None] = [None] * len(unique)  # the most top-k any copy asks for
+        for u, k in zip(source, score):
+            if k is not None:
+                asks[u] = max(k, asks[u] or 0)
+        batch = BatchDecoder(self.model, [list(p) for p in unique], max(len(p) for p in prompts))
+        logits, scored = batch.prefill_scored(asks)
+        index = torch.tensor(rows, device=self.device)
+        pick = torch.tensor(source, device=self.device)
+        self.cache.copy_rows(index, batch.cache, pick)
         for row, p in zip(rows, prompts):
             self.lengths[row] = len(p)
-        return logits
+        return logits[pick], [_cut(scored[u], k) for u, k in zip(source, score)]
 
-    @torch.inference_mode()
     def prefill(self) -> torch.Tensor:
         """Returns each row's logits after its last prompt token: (B, V)."""
+        return self.prefill_scored([None] * len(self.prompts))[0]
+
+    @torch.inference_mode()
+    def prefill_scored(
+        self, score: list[int | None]
+    ) -> tuple[torch.Tensor, list[list[TokenLogprob] | None]]:
+        """Each row's logits after its last prompt token (B, V), and, for the rows where
+        `score` gives a top-k, the log-probabilities of its prompt tokens: lm_head then runs
+        on every position of those rows only."""
         width = max(self.lengths)
         tokens = torch.zeros((len(self.prompts), width), dtype=torch.long)
         for i, p in enumerate(self.prompts):
@@ -69,7 +90,11 @@ class BatchDecoder:
             start=0,
         )
         last = hidden[torch.arange(len(self.prompts)), lengths.to(self.device) - 1]  # (B, D)
-        return self.model.logits(last)
+        scored = [
+            None if k is None else prompt_logprobs(hidden[i, : len(p)], p, k, self.model.logits)
+            for i, (p, k) in enumerate(zip(self.prompts, score))
+        ]
+        return self.model.logits(last), scored
 
     @torch.inference_mode()
     def step(self, tokens: list[int], live: list[bool]) -> torch.Tensor:
@@ -91,17 +116,6 @@ class BatchDecoder:
         return self.model.logits(hidden[:, 0])
 
 
-@dataclass
-class SequenceState:
-    params: SamplingParams
-    sampler: Sampler
-    stop_ids: frozenset[int]
-    prompt_len: int
-    tokens: list[int] = field(default_factory=list)
-    text: str | None = None
-    finish_reason: str | None = None
-
-
 def generate(
     model: DecoderModel,
     prompts: list[list[int]],
@@ -111,74 +125,34 @@ def generate(
 ) -> list[GenerationResult]:
     """Generate for every prompt together; each row stops on its own."""
     context = model.config.max_position_embeddings
-    for i, p in enumerate(prompts):
-        check_prompt(p, context, model.config.vocab_size, f"prompt {i}")
-    rows = [
-        SequenceState(sp, Sampler(sp), frozenset(eos_ids) | frozenset(sp.stop_token_ids), len(p))
-        for p, sp in zip(prompts, params)
-    ]
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        check_request(p, sp, context, model.config.vocab_size, f"prompt {i}")
+    rows = [new_state(p, sp, eos_ids) for p, sp in zip(prompts, params)]
     budget = [min(sp.max_new_tokens, context - len(p)) for p, sp in zip(prompts, params)]
-    if max(budget) == 0:
+    score = [sp.prompt_logprobs for sp in params]
+    if max(budget) == 0 and all(k is None for k in score):
         return [to_result(r, decode) for r in rows]
     decoder = BatchDecoder(model, prompts, max(len(p) + b for p, b in zip(prompts, budget)))
-    logits = decoder.prefill()
+    logits, scored = decoder.prefill_scored(score)
+    for r, b, s in zip(rows, budget, scored):
+        r.prompt_logprobs = s
+        if b == 0:  # scored only: nothing to generate
+            r.finish_reason = "length"
     while True:
         live = [r.finish_reason is None for r in rows]
+        if not any(live):
+            return [to_result(r, decode) for r in rows]
         sample_rows(rows, logits, live)
         for r, b in zip(rows, budget):
             if r.finish_reason is None:
                 check_finished(r, b, decode)
         live = [r.finish_reason is None for r in rows]
-        if not any(live):
-            return [to_result(r, decode) for r in rows]
-        logits = decoder.step([r.tokens[-1] if r.tokens else 0 for r in rows], live)
+        if any(live):
+            logits = decoder.step([r.tokens[-1] if r.tokens else 0 for r in rows], live)
 
 
-def check_prompt(prompt: list[int], context: int, vocab: int, what: str = "the prompt") -> None:
-    """A prompt must leave room for one new token and hold only ids of the vocabulary."""
-    if not prompt:
-        raise RequestError(f"{what} is empty: give at least one token")
-    if len(prompt) >= context:
-        raise RequestError(
-            f"{what} has {len(prompt)} tokens; the context length is {context}, "
-            "which leaves no room for a new token"
-        )
-    bad = [t for t in prompt if t < 0 or t >= vocab]
-    if bad:
-        raise RequestError(f"{what}: token ids must lie in [0, {vocab}), got {bad[0]}")
-
-
-def sample_rows(rows: list[SequenceState], logits: torch.Tensor, live: list[bool]) -> None:
-    greedy = torch.argmax(logits, dim=-1).tolist()
-    sampled = [i for i, r in enumerate(rows) if live[i] and not r.params.greedy]
-    cpu = logits[sampled].float().cpu() if sampled else None
-    for i, r in enumerate(rows):
-        if not live[i]:
-            continue
-        if r.params.greedy:
-            r.tokens.append(greedy[i])
-        else:
-            r.tokens.append(r.sampler.sample(cpu[sampled.index(i)]))
-
-
-def check_finished(
-    r: SequenceState, budget: int, decode: Callable[[list[int]], str] | None
-) -> None:
-    if r.tokens[-1] in r.stop_ids:
-        r.finish_reason = "stop"
-        return
-    if r.params.stop_strings and decode is not None:
-        text = decode(r.tokens)
-        cut = min((text.find(s) for s in r.params.stop_strings if s in text), default=-1)
-        if cut >= 0:
-            r.text, r.finish_reason = text[:cut], "stop"
-            return
-    if len(r.tokens) >= budget:
-        r.finish_reason = "length"
-
-
-def to_result(r: SequenceState, decode: Callable[[list[int]], str] | None) -> GenerationResult:
-    text = r.text
-    if text is None and decode is not None:
-        text = decode(r.tokens)
-    return GenerationResult(r.tokens, text, r.finish_reason or "length", r.prompt_len)
+def _cut(scored: list[TokenLogprob] | None, k: int | None) -> list[TokenLogprob] | None:
+    """A copy's prompt log-probabilities with its own top-k (the unique prompt's may be more)."""
+    if k is None or scored is None:
+        return None
+    return [TokenLogprob(t.token, t.logprob, t.top[:k]) for t in scored]

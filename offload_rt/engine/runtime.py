@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from tqdm import tqdm
@@ -105,8 +105,12 @@ class OffloadModel:
         top_k: int = 0,
         seed: int | None = None,
         stop: str | int | Sequence[str | int] | None = None,
+        **options: Any,
     ) -> GenerationResult | list[GenerationResult]:
-        """One prompt (text or token ids) gives one result; a list of prompts, a list."""
+        """One prompt (text or token ids) gives one result; a list of prompts, a list.
+        options: the other fields of `SamplingParams`: logprobs, prompt_logprobs,
+        presence_penalty, frequency_penalty, repetition_penalty, logit_bias, min_tokens,
+        ignore_eos."""
         self._check_open()
         batch = _is_batch(prompt)
         prompts = [self.encode(p) for p in (prompt if batch else [prompt])]
@@ -119,6 +123,7 @@ class OffloadModel:
             top_p=top_p,
             top_k=top_k,
             seed=seed,
+            **options,
         )
         decode = self.tokenizer.decode if self.tokenizer is not None else None
         results = generate(

@@ -22,22 +22,25 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from offload_rt.engine.generate import (
-    BatchDecoder,
+from offload_rt.engine.generate import BatchDecoder
+from offload_rt.engine.logprobs import TokenLogprob
+from offload_rt.engine.rows import (
     GenerationResult,
     SequenceState,
     check_finished,
-    check_prompt,
+    check_request,
+    new_state,
     sample_rows,
     to_result,
 )
-from offload_rt.engine.sampling import Sampler, SamplingParams
+from offload_rt.engine.sampling import SamplingParams
 from offload_rt.engine.textstream import TextStream
 from offload_rt.model import DecoderModel
 
 log = logging.getLogger(__name__)
 
 Decode = Callable[[list[int]], str]
+Listener = Callable[["Event"], None]  # a request's events, on the scheduler's thread
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,8 @@ class Event:
     text: str  # the text that is safe to send now ("" without a tokenizer)
     result: GenerationResult | None = None  # set on the last event of a completed request
     error: str | None = None  # set on the last event of a request that failed on the server
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of token_ids, when asked
+    prompt_logprobs: list[TokenLogprob] | None = None  # on a request's first event, when asked
 
 
 @dataclass(eq=False)
@@ -127,28 +132,41 @@ class Scheduler:
     ) -> Request:
         """Queue a request; raises RequestError for a prompt that cannot be served and
         QueueFull when the queue is full. Events then arrive on the scheduler's thread."""
-        check_prompt(prompt, self.max_len, self.model.config.vocab_size)
-        stops = frozenset(self.eos_ids) | frozenset(params.stop_token_ids)
-        state = SequenceState(params, Sampler(params), stops, len(prompt))
-        stream = TextStream(self.decode, params.stop_strings) if self.decode else None
-        budget = min(params.max_new_tokens, self.max_len - len(prompt))
-        req = Request(next(self._ids), list(prompt), budget, state, on_event, stream)
-        if budget == 0:  # nothing to generate: answer at once, without the model
-            on_event(Event([], "", result=to_result(state, self.decode)))
-            return req
+        return self.submit_together([(prompt, params, on_event)])[0]
+
+    def submit_together(
+        self, items: list[tuple[list[int], SamplingParams, Listener]]
+    ) -> list[Request]:
+        """Queue requests at one step boundary (the prompts and n choices of one API call):
+        free rows permitting, they are prefilled in one forward, a prompt given several times
+        once. All or none: a RequestError or QueueFull for one queues none."""
+        for prompt, params, _ in items:
+            check_request(prompt, params, self.max_len, self.model.config.vocab_size)
+        reqs = [self._request(*item) for item in items]
+        queued = [r for r in reqs if r.budget > 0 or r.state.params.prompt_logprobs is not None]
         with self._cond:
             if self._closing:
                 raise RuntimeError("the scheduler is closed")
-            if len(self.waiting) >= self.config.max_queue:
-                self.stats.refused += 1
+            free = sum(r is None for r in self.rows)
+            if queued and len(self.waiting) + len(queued) - free > self.config.max_queue:
+                self.stats.refused += len(queued)
                 raise QueueFull(
                     f"{self.config.max_batch} requests are running and {len(self.waiting)} "
                     "are waiting, the most this server queues: try again later"
                 )
-            self.stats.submitted += 1
-            self.waiting.append(req)
+            self.stats.submitted += len(queued)
+            self.waiting.extend(queued)
             self._cond.notify()
-        return req
+        for r in reqs:
+            if r not in queued:  # nothing to generate or score: answered without the model
+                r.on_event(Event([], "", result=to_result(r.state, self.decode)))
+        return reqs
+
+    def _request(self, prompt: list[int], params: SamplingParams, on_event: Listener) -> Request:
+        state = new_state(prompt, params, self.eos_ids)
+        stream = TextStream(self.decode, params.stop_strings) if self.decode else None
+        budget = min(params.max_new_tokens, self.max_len - len(prompt))
+        return Request(next(self._ids), list(prompt), budget, state, on_event, stream)
 
     def queue_depth(self) -> int:
         return len(self.waiting)
@@ -220,10 +238,17 @@ class Scheduler:
 
     def _prefill(self, group: list[tuple[int, Request]]) -> None:
         rows = [row for row, _ in group]
-        logits = self.decoder.prefill_rows(rows, [req.prompt for _, req in group])
-        sample_rows([req.state for _, req in group], logits, [True] * len(group))
-        for row, req in group:
-            self._advance(row, req)
+        score = [req.state.params.prompt_logprobs for _, req in group]
+        logits, scored = self.decoder.prefill_rows(rows, [req.prompt for _, req in group], score)
+        for (_, req), s in zip(group, scored):
+            req.state.prompt_logprobs = s
+        generating = [req.budget > 0 for _, req in group]
+        sample_rows([req.state for _, req in group], logits, generating)
+        for (row, req), more in zip(group, generating):
+            if more:
+                self._advance(row, req)
+            else:
+                self._score_only(row, req)
 
     def _step(self) -> None:
         n = max(self._occupied()) + 1  # rows past the last running one are skipped
@@ -249,15 +274,29 @@ class Scheduler:
             return
         state = req.state
         check_finished(state, req.budget, self.decode)
+        lps = state.logprobs[-1:] if state.logprobs is not None else []
+        first = state.prompt_logprobs if len(state.tokens) == 1 else None
         if state.finish_reason is None:
             piece = req.stream.piece(state.tokens) if req.stream else ""
-            self._emit(req, Event([state.tokens[-1]], piece))
+            self._emit(req, Event([state.tokens[-1]], piece, logprobs=lps, prompt_logprobs=first))
             return
         self.rows[row] = None
         self.stats.completed += 1
         result = to_result(state, self.decode)
         piece = req.stream.finish(result.text or "") if req.stream else ""
-        self._emit(req, Event([state.tokens[-1]], piece, result=result))
+        event = Event([state.tokens[-1]], piece, result, logprobs=lps, prompt_logprobs=first)
+        self._emit(req, event)
+
+    def _score_only(self, row: int, req: Request) -> None:
+        """A request that asked only for its prompt's log-probabilities (echo, no new
+        token): done once prefilled."""
+        if req.cancelled.is_set():
+            return  # its row is freed and counted at the next boundary
+        self.rows[row] = None
+        self.stats.completed += 1
+        req.state.finish_reason = "length"
+        result = to_result(req.state, self.decode)
+        self._emit(req, Event([], "", result=result, prompt_logprobs=result.prompt_logprobs))
 
     def _emit(self, req: Request, event: Event) -> None:
         """A listener that fails (its connection closed under it) loses its request, and
@@ -288,13 +327,14 @@ def _prefill_groups(
 ) -> list[list[tuple[int, Request]]]:
     """Requests joining at one step boundary, in groups prefilled together: one forward reads
     each expert once for the group, instead of once per prompt. A group's padded size
-    (prompts x longest) stays within `budget` tokens; a longer prompt goes alone."""
+    (distinct prompts x longest) stays within `budget` tokens; a longer prompt goes alone. A
+    prompt given again (n choices) costs nothing more: it is prefilled once for its group."""
     groups: list[list[tuple[int, Request]]] = []
     for item in admitted:
         group = groups[-1] if groups else None
         if group is not None:
-            width = max(len(item[1].prompt), *(len(r.prompt) for _, r in group))
-            if width * (len(group) + 1) <= budget:
+            prompts = {tuple(r.prompt) for _, r in group} | {tuple(item[1].prompt)}
+            if max(len(p) for p in prompts) * len(prompts) <= budget:
                 group.append(item)
                 continue
         groups.append([item])

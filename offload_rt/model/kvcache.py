@@ -81,14 +81,17 @@ class KVCache:
         ring = None if self.ring_pos is None else self.ring_pos[:n]
         return KVCache([k[:n] for k in self.keys], [v[:n] for v in self.values], self.windows, ring)
 
-    def copy_rows(self, index: torch.Tensor, other: KVCache) -> None:
-        """Rows `index` of this cache <- every row of `other` (a cache of the same layers,
-        as long or shorter)."""
+    def copy_rows(
+        self, index: torch.Tensor, other: KVCache, pick: torch.Tensor | None = None
+    ) -> None:
+        """Rows `index` of this cache <- rows `pick` of `other` (default: every row, in order;
+        a cache of the same layers, as long or shorter)."""
         for mine, theirs in ((self.keys, other.keys), (self.values, other.values)):
             for layer, t in zip(mine, theirs):  # (B, K, S, Hd) <- (k, K, width, Hd)
-                layer[index, :, : t.shape[2]] = t
+                layer[index, :, : t.shape[2]] = t if pick is None else t[pick]
         if self.ring_pos is not None and other.ring_pos is not None:
-            self.ring_pos[index] = other.ring_pos
+            ring = other.ring_pos
+            self.ring_pos[index] = ring if pick is None else ring[pick]
 
     def write(
         self,

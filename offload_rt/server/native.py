@@ -11,6 +11,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from offload_rt import protocol
 from offload_rt.engine import GenerationResult, RequestError, SamplingParams
+from offload_rt.engine.logprobs import TokenLogprob
 from offload_rt.engine.scheduler import Event, QueueFull
 from offload_rt.server.streams import ClientGone, ServerSideError, serving, wait_results
 
@@ -61,10 +62,19 @@ async def _frames(events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
             yield protocol.pack({"type": "error", "status": 500, "message": e.error})
         elif e.result is not None:
             if e.token_ids or e.text:
-                yield protocol.pack({"type": "token", "token_ids": e.token_ids, "text": e.text})
+                yield protocol.pack(_token(e))
             yield protocol.pack(_done(e.result))
         else:
-            yield protocol.pack({"type": "token", "token_ids": e.token_ids, "text": e.text})
+            yield protocol.pack(_token(e))
+
+
+def _token(e: Event) -> dict:
+    return {
+        "type": "token",
+        "token_ids": e.token_ids,
+        "text": e.text,
+        "logprobs": _wire(e.logprobs),
+    }
 
 
 def _done(r: GenerationResult) -> dict:
@@ -74,7 +84,15 @@ def _done(r: GenerationResult) -> dict:
         "text": r.text,
         "finish_reason": r.finish_reason,
         "prompt_tokens": r.prompt_tokens,
+        "logprobs": _wire(r.logprobs),
+        "prompt_logprobs": _wire(r.prompt_logprobs),
     }
+
+
+def _wire(entries: list[TokenLogprob] | None) -> list | None:
+    if entries is None:
+        return None
+    return [[e.token, e.logprob, [list(pair) for pair in e.top]] for e in entries]
 
 
 def error_response(status: int, message: str) -> Response:

@@ -1,6 +1,7 @@
 """OpenAI-compatible endpoints: /v1/models, /v1/completions, /v1/chat/completions.
 
-Each prompt becomes one scheduler request; they all join the running batch. Streaming answers
+Each choice (n of them per prompt) becomes one scheduler request; they all join the running
+batch, and the n choices of a prompt that join together share its prefill. Streaming answers
 are server-sent events in OpenAI's chunk format, ending with `data: [DONE]`.
 """
 
@@ -16,6 +17,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from offload_rt.engine import GenerationResult, RequestError, SamplingParams
+from offload_rt.engine.tokenizer import TextTokenizer
+from offload_rt.server.choices import ChatChoice, CompletionChoice
 from offload_rt.server.guard import error_body
 from offload_rt.server.schemas import ChatRequest, CommonRequest, CompletionRequest
 from offload_rt.server.streams import Serving, merge, serving, submit_all, wait_results
@@ -37,19 +40,24 @@ async def completions(body: CompletionRequest, request: Request):
     s = serving(request)
     body.refuse_unsupported()
     tok = _tokenizer(s)
-    prompts = [tok.encode(p) if isinstance(p, str) else list(p) for p in body.prompts()]
-    params = [_params(s, body, p, body.max_tokens or DEFAULT_COMPLETION_TOKENS) for p in prompts]
-    streams = await submit_all(s.engine, prompts, params)
+    given = body.prompts()
+    prompts = [tok.encode(p) if isinstance(p, str) else list(p) for p in given]
+    max_tokens = DEFAULT_COMPLETION_TOKENS if body.max_tokens is None else body.max_tokens
+    choices, params = [], []
+    for p, text in zip(prompts, given):
+        echo = (text if isinstance(text, str) else tok.decode(p)) if body.echo else None
+        for j in range(body.n):
+            choices.append(CompletionChoice(len(choices), tok, p, echo, body.logprobs is not None))
+            params.append(_params(s, body, p, max_tokens, j, body.prompt_logprobs()))
+    streams = await submit_all(s.engine, [c.prompt for c in choices], params)
     meta = _meta("cmpl", "text_completion", s.model_name)
+    prompt_tokens = sum(len(p) for p in prompts)
     if body.stream:
-        chunks = _completion_chunks(streams, meta, [len(p) for p in prompts], body.include_usage)
-        return _sse(chunks)
+        want_lps = body.logprobs is not None
+        return _sse(_completion_chunks(streams, choices, meta, prompt_tokens, body, want_lps))
     results = await wait_results(streams, request)
-    choices = [
-        {"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
-        for i, r in enumerate(results)
-    ]
-    return {**meta, "choices": choices, "usage": _usage(results)}
+    finals = [c.final(r) for c, r in zip(choices, results)]
+    return {**meta, "choices": finals, "usage": _usage(prompt_tokens, results)}
 
 
 @router.post("/v1/chat/completions")
@@ -61,20 +69,21 @@ async def chat_completions(body: ChatRequest, request: Request):
         raise RequestError(f"model {s.model_name!r} has no chat template: use /v1/completions")
     text = s.chat.render([m.as_template_input() for m in body.messages])
     prompt = tok.encode(text, add_special_tokens=False)  # the template spells its own <s>
-    limit = body.max_completion_tokens or body.max_tokens
-    params = _params(s, body, prompt, limit or s.engine.scheduler.max_len - len(prompt))
-    streams = await submit_all(s.engine, [prompt], [params])
+    limit = next((v for v in (body.max_completion_tokens, body.max_tokens) if v is not None), None)
+    limit = s.engine.scheduler.max_len - len(prompt) if limit is None else limit
+    params = [_params(s, body, prompt, limit, j, None) for j in range(body.n)]
+    choices = [ChatChoice(j, tok, body.logprobs) for j in range(body.n)]
+    streams = await submit_all(s.engine, [prompt] * body.n, params)
     meta = _meta("chatcmpl", "chat.completion", s.model_name)
     if body.stream:
         meta["object"] = "chat.completion.chunk"
-        return _sse(_chat_chunks(streams[0], meta, len(prompt), body.include_usage))
-    (r,) = await wait_results(streams, request)
-    message = {"role": "assistant", "content": r.text}
-    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": r.finish_reason}
-    return {**meta, "choices": [choice], "usage": _usage([r])}
+        return _sse(_chat_chunks(streams, choices, meta, len(prompt), body.include_usage))
+    results = await wait_results(streams, request)
+    finals = [c.final(r) for c, r in zip(choices, results)]
+    return {**meta, "choices": finals, "usage": _usage(len(prompt), results)}
 
 
-def _tokenizer(s: Serving):
+def _tokenizer(s: Serving) -> TextTokenizer:
     tok = s.engine.model.tokenizer
     if tok is None:
         raise RequestError(
@@ -84,14 +93,22 @@ def _tokenizer(s: Serving):
     return tok
 
 
-def _params(s: Serving, body: CommonRequest, prompt: list[int], max_tokens: int) -> SamplingParams:
+def _params(
+    s: Serving,
+    body: CommonRequest,
+    prompt: list[int],
+    max_tokens: int,
+    choice: int,
+    prompt_logprobs: int | None,
+) -> SamplingParams:
     room = s.engine.scheduler.max_len - len(prompt)
-    if max_tokens < 1 or max_tokens > room:
+    least = 0 if body.echoes() else 1  # an echoed prompt may be all that is asked for
+    if not least <= max_tokens <= room:
         raise RequestError(
-            f"max_tokens must be in [1, {room}] for this prompt of {len(prompt)} tokens "
+            f"max_tokens must be in [{least}, {room}] for this prompt of {len(prompt)} tokens "
             f"(the server holds {s.engine.scheduler.max_len} positions), got {max_tokens}"
         )
-    return body.sampling(max_tokens)
+    return body.sampling(max_tokens, choice, body.token_logprobs(), prompt_logprobs)
 
 
 def _meta(prefix: str, kind: str, model: str) -> dict[str, Any]:
@@ -103,8 +120,9 @@ def _meta(prefix: str, kind: str, model: str) -> dict[str, Any]:
     }
 
 
-def _usage(results: list[GenerationResult]) -> dict[str, int]:
-    return _counts(sum(r.prompt_tokens for r in results), sum(len(r.token_ids) for r in results))
+def _usage(prompt_tokens: int, results: list[GenerationResult]) -> dict[str, int]:
+    """A prompt counts once, however many choices it has (as OpenAI counts)."""
+    return _counts(prompt_tokens, sum(len(r.token_ids) for r in results))
 
 
 def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
@@ -116,39 +134,32 @@ def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
     return StreamingResponse(lines(), media_type="text/event-stream")
 
 
-async def _completion_chunks(streams, meta, prompt_lens, include_usage):
-    tokens = [0] * len(streams)
+async def _completion_chunks(streams, choices, meta, prompt_tokens, body, want_lps):
+    tokens = 0
     async for i, e in merge(streams):
         if e.error is not None:
             yield {"error": error_body(e.error, 500)}
             return
-        tokens[i] += len(e.token_ids)
-        reason = e.result.finish_reason if e.result is not None else None
-        if e.text or reason:
-            choice = {"index": i, "text": e.text, "logprobs": None, "finish_reason": reason}
-            yield {**meta, "choices": [choice]}
-    if include_usage:
-        yield {**meta, "choices": [], "usage": _counts(sum(prompt_lens), sum(tokens))}
+        tokens += len(e.token_ids)
+        for entry in choices[i].chunks(e, want_lps):
+            yield {**meta, "choices": [entry]}
+    if body.include_usage:
+        yield {**meta, "choices": [], "usage": _counts(prompt_tokens, tokens)}
 
 
-async def _chat_chunks(stream, meta, prompt_len, include_usage):
-    yield {**meta, "choices": [_delta({"role": "assistant", "content": ""}, None)]}
+async def _chat_chunks(streams, choices, meta, prompt_tokens, include_usage):
+    for c in choices:
+        yield {**meta, "choices": [c.first()]}
     tokens = 0
-    async for e in stream:
+    async for i, e in merge(streams):
         if e.error is not None:
             yield {"error": error_body(e.error, 500)}
             return
         tokens += len(e.token_ids)
-        if e.text:
-            yield {**meta, "choices": [_delta({"content": e.text}, None)]}
-        if e.result is not None:
-            yield {**meta, "choices": [_delta({}, e.result.finish_reason)]}
+        for entry in choices[i].chunks(e):
+            yield {**meta, "choices": [entry]}
     if include_usage:
-        yield {**meta, "choices": [], "usage": _counts(prompt_len, tokens)}
-
-
-def _delta(delta: dict[str, str], reason: str | None) -> dict[str, Any]:
-    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        yield {**meta, "choices": [], "usage": _counts(prompt_tokens, tokens)}
 
 
 def _counts(prompt: int, completion: int) -> dict[str, int]:

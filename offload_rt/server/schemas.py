@@ -1,9 +1,10 @@
 """Request bodies of the OpenAI-compatible endpoints, validated strictly: a wrong type is a
 400 that names the field, never a guess ("5" is not 5).
 
-Fields the runtime cannot honour (n > 1, logprobs, echo, penalties, logit_bias, tools) are
-refused by name rather than silently ignored; unknown extra fields are ignored, as OpenAI's
-own server does for forward compatibility.
+Fields the runtime cannot honour (suffix, best_of > 1, tools) are refused by name rather than
+silently ignored; unknown extra fields are ignored, as OpenAI's own server does for forward
+compatibility. Beside OpenAI's fields, vLLM's extensions top_k, repetition_penalty,
+min_tokens and ignore_eos.
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from offload_rt.engine import RequestError, SamplingParams
+from offload_rt.engine.logprobs import MAX_TOP_LOGPROBS
 
 Number = StrictInt | StrictFloat
 MAX_STOPS = 16
 MAX_PROMPTS = 64  # prompts in one completion request
+MAX_N = 16  # choices per prompt
+MAX_CHOICES = 64  # prompts x n in one request: each is a scheduler request
+TopK = Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)]
 
 
 class StreamOptions(BaseModel):
@@ -36,33 +41,45 @@ class CommonRequest(BaseModel):
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOPS)] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    n: StrictInt = 1
-    logprobs: StrictBool | StrictInt | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
     presence_penalty: Number = 0.0
     frequency_penalty: Number = 0.0
-    logit_bias: dict[StrictStr, Number] | None = None
+    repetition_penalty: Number = 1.0  # vLLM's extension
+    logit_bias: dict[StrictStr, Number] | None = None  # token id (a JSON key) -> bias
+    min_tokens: StrictInt = 0  # vLLM's extension
+    ignore_eos: StrictBool = False  # vLLM's extension
     user: StrictStr | None = None
 
-    def refuse_unsupported(self) -> None:
-        if self.n != 1:
-            raise RequestError(f"n must be 1 (one choice per prompt), got {self.n}")
-        if self.logprobs not in (None, False, 0):
-            raise RequestError("logprobs are not supported by this server")
-        if self.presence_penalty or self.frequency_penalty:
-            raise RequestError("presence_penalty and frequency_penalty are not supported")
-        if self.logit_bias:
-            raise RequestError("logit_bias is not supported")
+    def echoes(self) -> bool:
+        """Whether the answer holds the prompt (then no new token may be asked for)."""
+        return False
 
-    def sampling(self, max_new_tokens: int) -> SamplingParams:
+    def sampling(
+        self, max_new_tokens: int, choice: int, logprobs: int | None, prompt_logprobs: int | None
+    ) -> SamplingParams:
+        """The parameters of choice `choice` of n: with a seed, choice i samples with
+        seed + i (vLLM's rule), so the n choices differ and a rerun repeats them.
+        logprobs, prompt_logprobs: top tokens with each new / prompt token (None: none)."""
         if self.temperature > 2:  # OpenAI's range; the sampler would take up to 100
             raise RequestError(f"temperature must be in [0, 2], got {self.temperature}")
+        seed = None if self.seed is None else self.seed + choice
+        if seed is not None and not 0 <= seed < 2**63:
+            raise RequestError(f"seed + n - 1 must lie in [0, 2**63), got seed {self.seed}")
         return SamplingParams.with_stop(
             self.stop,
             max_new_tokens=max_new_tokens,
             temperature=float(self.temperature),
             top_p=float(self.top_p),
             top_k=0 if self.top_k == -1 else self.top_k,
-            seed=self.seed,
+            seed=seed,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            presence_penalty=float(self.presence_penalty),
+            frequency_penalty=float(self.frequency_penalty),
+            repetition_penalty=float(self.repetition_penalty),
+            logit_bias=_bias(self.logit_bias),
+            min_tokens=self.min_tokens,
+            ignore_eos=self.ignore_eos,
         )
 
     @property
@@ -77,14 +94,32 @@ class CompletionRequest(CommonRequest):
         | Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_PROMPTS)]
         | Annotated[list[list[StrictInt]], Field(min_length=1, max_length=MAX_PROMPTS)]
     )
+    logprobs: TopK | None = None  # the completions form: how many top tokens, 0 to 20
     echo: StrictBool = False
     suffix: StrictStr | None = None
     best_of: StrictInt | None = None
 
     def refuse_unsupported(self) -> None:
-        super().refuse_unsupported()
-        if self.echo or self.suffix or self.best_of not in (None, 1):
-            raise RequestError("echo, suffix and best_of are not supported")
+        if self.suffix:
+            raise RequestError("suffix is not supported by this server")
+        if self.best_of not in (None, 1):
+            raise RequestError(f"best_of must be 1 (n gives several choices), got {self.best_of}")
+        if len(self.prompts()) * self.n > MAX_CHOICES:
+            raise RequestError(
+                f"{len(self.prompts())} prompts x n = {self.n} make more than {MAX_CHOICES} "
+                "choices in one request"
+            )
+
+    def echoes(self) -> bool:
+        return self.echo
+
+    def token_logprobs(self) -> int | None:
+        """How many top tokens come with each new token's log-probability; None: none."""
+        return self.logprobs
+
+    def prompt_logprobs(self) -> int | None:
+        """The prompt's own log-probabilities come back with echo and logprobs together."""
+        return self.logprobs if self.echo else None
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -115,8 +150,24 @@ class ChatRequest(CommonRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: StrictInt | None = None
     tools: list[dict] | None = None
+    logprobs: StrictBool = False  # the chat form: a flag, and top_logprobs says how many
+    top_logprobs: TopK | None = None
 
     def refuse_unsupported(self) -> None:
-        super().refuse_unsupported()
         if self.tools:
             raise RequestError("tools are not supported by this server")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise RequestError("top_logprobs needs logprobs: true")
+
+    def token_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+def _bias(bias: dict[str, float | int] | None) -> dict[int, float]:
+    """OpenAI's logit_bias: JSON object keys are strings that spell token ids."""
+    out = {}
+    for key, value in (bias or {}).items():
+        if not key.strip().lstrip("-").isdigit() or len(key) > 12:
+            raise RequestError(f"logit_bias keys must be token ids, got {key[:40]!r}")
+        out[int(key)] = float(value)
+    return out

@@ -39,15 +39,8 @@ def serving(request: Request) -> Serving:
 async def submit_all(
     engine: ServingEngine, prompts: Sequence[list[int]], params: Sequence[SamplingParams]
 ) -> list[AsyncIterator[Event]]:
-    streams: list[AsyncIterator[Event]] = []
-    try:
-        for p, sp in zip(prompts, params):
-            streams.append(await engine.stream(p, sp))
-    except BaseException:
-        for st in streams:  # a later prompt was refused: drop the ones already queued
-            await st.aclose()  # type: ignore[attr-defined]
-        raise
-    return streams
+    """One API call's requests, queued together: all or none."""
+    return await engine.stream_together(prompts, params)
 
 
 async def merge(streams: list[AsyncIterator[Event]]) -> AsyncIterator[tuple[int, Event]]:

@@ -4,6 +4,7 @@ template), loaded once, and a live server in front of it."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 import offload_rt
 from offload_rt.demo import make_demo_checkpoint
@@ -30,3 +31,11 @@ def live(demo_model):
     config = ServerConfig(served_model_name=MODEL_NAME, scheduler=SchedulerConfig(max_batch=8))
     with LiveServer(demo_model, config) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def demo_reference(demo_dir):
+    """The demo checkpoint as the transformers reference reads it, in float32."""
+    from transformers import MixtralForCausalLM
+
+    return MixtralForCausalLM.from_pretrained(demo_dir, dtype=torch.float32).eval()

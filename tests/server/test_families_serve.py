@@ -1,6 +1,7 @@
 """Tier 4 over the families: `offload-rt serve`'s app in front of each non-Mixtral demo
 checkpoint, with continuous batching and a capped cache; the openai client's answers equal
-the local model's own `generate`, and concurrent requests get their solo tokens."""
+the local model's own `generate`, concurrent requests get their solo tokens, and echoed
+prompt log-probabilities equal the family's transformers reference's."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
+import torch
 
 import offload_rt
 from offload_rt.demo import make_demo_checkpoint
@@ -40,6 +42,24 @@ def test_a_family_served_answers_as_it_generates(tmp_path, family):
 
                 with ThreadPoolExecutor(len(PROMPTS)) as pool:
                     assert list(pool.map(ask, PROMPTS)) == want
+                scored = client.completions.create(
+                    model=family, prompt=PROMPTS, max_tokens=0, echo=True, logprobs=1
+                )
+        check_prompt_logprobs(folder, [model.encode(p) for p in PROMPTS], scored)
+
+
+def check_prompt_logprobs(folder, prompts: list[list[int]], scored) -> None:
+    """Echoed prompt log-probabilities equal the family's transformers reference's."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    for ids, choice in zip(prompts, sorted(scored.choices, key=lambda c: c.index)):
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), dim=-1)
+        got = choice.logprobs.token_logprobs
+        assert got[0] is None and len(got) == len(ids)
+        want = [ref[i, t].item() for i, t in enumerate(ids[1:])]
+        assert max(abs(a - b) for a, b in zip(got[1:], want)) <= 1e-4
 
 
 # the shape of GPT-OSS's harmony template (chat_template.jinja in the release): a system

@@ -17,10 +17,15 @@ from tests.server.live import LiveServer
 
 KEY = "k3y"
 AUTH = {"authorization": f"Bearer {KEY}"}
+# as the openai client sends it: without it FastAPI reads no JSON and every body is a 400
+# before any field is looked at
+JSON = {**AUTH, "content-type": "application/json"}
 CONTEXT = 2048  # the demo's
 BAD_VALUES = ["8", [8], {"a": 1}, True, -1, 10**30, -(10**30), 1e308, None, "", [], [[[]]]]
 FIELDS = ["max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "n", "logprobs",
-          "presence_penalty", "logit_bias", "stream_options", "max_completion_tokens"]  # fmt: skip
+          "presence_penalty", "logit_bias", "stream_options", "max_completion_tokens",
+          "top_logprobs", "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos",
+          "echo"]  # fmt: skip
 
 
 def _json_cases() -> list[tuple[str, str, dict, bytes]]:
@@ -33,10 +38,10 @@ def _json_cases() -> list[tuple[str, str, dict, bytes]]:
             body = {**good, field: value}
             if _acceptable(path, field, value):
                 continue
-            cases.append(("POST", path, AUTH, _dumps(body)))
+            cases.append(("POST", path, JSON, _dumps(body)))
         for raw in [b"", b"{", b"[]", b"null", b"42", b'"x"', b"{'a': 1}", b"\xff\xfe", b"{" * 5000,
                     b'{"prompt": "Hi", "max_tokens": 4', b"NaN", b'{"prompt": NaN}']:  # fmt: skip
-            cases.append(("POST", path, AUTH, raw))
+            cases.append(("POST", path, JSON, raw))
     completions = [
         {"prompt": 5},
         {"prompt": None},
@@ -55,12 +60,12 @@ def _json_cases() -> list[tuple[str, str, dict, bytes]]:
         {"prompt": "Hi", "seed": 2**70},
         {"prompt": "Hi", "stop": [""]},
         {"prompt": "Hi", "stop": ["x"] * 100},
-        {"prompt": "Hi", "echo": True},
+        {"prompt": "Hi", "echo": True, "max_tokens": -1},
         {"prompt": "Hi", "best_of": 3},
-        {"prompt": "Hi", "n": 2},
+        {"prompt": "Hi", "n": 17},
         {},
     ]
-    cases += [("POST", "/v1/completions", AUTH, _dumps(b)) for b in completions]
+    cases += [("POST", "/v1/completions", JSON, _dumps(b)) for b in completions]
     chats = [
         {"messages": []},
         {"messages": "Hi"},
@@ -73,18 +78,29 @@ def _json_cases() -> list[tuple[str, str, dict, bytes]]:
         {"messages": [{"role": "system", "content": "a"}]},  # the Mixtral template refuses it
         {"messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function"}]},
     ]
-    cases += [("POST", "/v1/chat/completions", AUTH, _dumps(b)) for b in chats]
+    cases += [("POST", "/v1/chat/completions", JSON, _dumps(b)) for b in chats]
     return cases
 
 
 def _acceptable(path: str, field: str, value: object) -> bool:
     """The few (field, value) pairs of the grid that make a valid request."""
-    ok = [("stop", None), ("stop", []), ("seed", None), ("logprobs", None), ("top_k", -1),
-          ("max_tokens", None), ("max_completion_tokens", None), ("logit_bias", None),
-          ("logit_bias", {}), ("stream_options", None), ("stream_options", {"a": 1}),
-          ("stream", True)]  # fmt: skip
-    if path == "/v1/completions" and field == "max_completion_tokens":
-        return True  # a chat field: /v1/completions ignores it, as it ignores any extra
+    ok = [("stop", None), ("stop", []), ("stop", "8"), ("seed", None), ("logprobs", None),
+          ("top_k", -1), ("top_k", 10**30), ("max_tokens", None), ("max_completion_tokens", None),
+          ("logit_bias", None), ("logit_bias", {}), ("stream_options", None),
+          ("stream_options", {"a": 1}), ("stream", True), ("presence_penalty", -1),
+          ("frequency_penalty", -1), ("top_logprobs", None), ("ignore_eos", True)]  # fmt: skip
+    chat_only = ("max_completion_tokens", "top_logprobs")
+    if (
+        path == "/v1/completions"
+        and field in chat_only
+        or path != "/v1/completions"
+        and (field == "echo")
+    ):
+        return True  # the other endpoint's field: ignored, as any extra
+    if path == "/v1/completions":
+        ok.append(("echo", True))
+    else:
+        ok.append(("logprobs", True))
     return any(field == f and type(value) is type(v) and value == v for f, v in ok)
 
 
@@ -175,5 +191,81 @@ def test_hostile_requests_get_4xx_and_the_server_goes_on(guarded, demo_model):
         want = demo_model.generate("Hello", max_new_tokens=6).text
         r = http.post("/v1/completions", headers=AUTH, json={"prompt": "Hello", "max_tokens": 6,
                                                               "temperature": 0})  # fmt: skip
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+    assert guarded.scheduler.running() == 0 and guarded.scheduler.stats.failed == 0
+
+
+COMPLETION = {"prompt": "Hi", "max_tokens": 4}
+CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+# (path, body, a fragment the error message must hold: the field at fault)
+NEW_FIELDS = [
+    ("/v1/completions", {"n": 10**6}, "body.n"),
+    ("/v1/completions", {"n": 0}, "body.n"),
+    ("/v1/completions", {"prompt": ["a", "b", "c", "d", "e"], "n": 16}, "n = 16"),
+    ("/v1/completions", {"logprobs": 21}, "body.logprobs"),
+    ("/v1/completions", {"logprobs": 1000}, "body.logprobs"),
+    ("/v1/completions", {"logprobs": -1}, "body.logprobs"),
+    ("/v1/completions", {"echo": "yes"}, "body.echo"),
+    ("/v1/completions", {"max_tokens": 0}, "max_tokens must be in [1,"),
+    ("/v1/completions", {"echo": True, "max_tokens": -1}, "max_tokens must be in [0,"),
+    ("/v1/completions", {"logit_bias": {"abc": 1}}, "logit_bias keys"),
+    ("/v1/completions", {"logit_bias": {"999999": 1}}, "logit_bias: token ids"),
+    ("/v1/completions", {"logit_bias": {"5": "x"}}, "body.logit_bias.5"),
+    ("/v1/completions", {"logit_bias": {"5": None}}, "body.logit_bias.5"),
+    ("/v1/completions", {"logit_bias": {"5": 1e9}}, "logit_bias of token 5"),
+    ("/v1/completions", {"logit_bias": {"-3": 1}}, "logit_bias token id"),
+    ("/v1/completions", {"logit_bias": [1, 2]}, "body.logit_bias"),
+    ("/v1/completions", {"logit_bias": {str(i): 1 for i in range(2000)}}, "logit_bias has 2000"),
+    ("/v1/completions", {"min_tokens": -1}, "min_tokens"),
+    ("/v1/completions", {"min_tokens": 5}, "min_tokens (5) must be at most"),
+    ("/v1/completions", {"min_tokens": "3"}, "body.min_tokens"),
+    ("/v1/completions", {"repetition_penalty": 0}, "repetition_penalty"),
+    ("/v1/completions", {"repetition_penalty": 3}, "repetition_penalty"),
+    ("/v1/completions", {"repetition_penalty": "x"}, "body.repetition_penalty"),
+    ("/v1/completions", {"presence_penalty": 2.5}, "presence_penalty"),
+    ("/v1/completions", {"frequency_penalty": -3}, "frequency_penalty"),
+    ("/v1/completions", {"ignore_eos": "yes"}, "body.ignore_eos"),
+    ("/v1/completions", {"best_of": 3}, "best_of"),
+    ("/v1/completions", {"suffix": "x"}, "suffix"),
+    ("/v1/completions", {"seed": 2**63 - 2, "n": 3}, "seed"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 1000}, "body.top_logprobs"),
+    ("/v1/chat/completions", {"top_logprobs": 3}, "top_logprobs needs logprobs"),
+    ("/v1/chat/completions", {"logprobs": 5}, "body.logprobs"),
+    ("/v1/chat/completions", {"n": 10**9}, "body.n"),
+    ("/v1/chat/completions", {"logit_bias": {"x1": 2}}, "logit_bias keys"),
+    ("/v1/chat/completions", {"min_tokens": -1}, "min_tokens"),
+    ("/v1/chat/completions", {"max_tokens": 0}, "max_tokens must be in [1,"),
+]
+NEW_NATIVE = [
+    ({"logprobs": 50}, "logprobs must be at most 20"),
+    ({"prompt_logprobs": -1}, "prompt_logprobs"),
+    ({"logit_bias": {"a": 1}}, "logit_bias must be"),
+    ({"logit_bias": [[1]]}, "logit_bias entries"),
+    ({"logit_bias": [[10**9, 1.0]]}, "logit_bias: token ids"),
+    ({"logit_bias": [[1, "x"]]}, "logit_bias of token 1"),
+    ({"min_tokens": -1}, "min_tokens"),
+    ({"ignore_eos": 1}, "ignore_eos"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"presence_penalty": "a"}, "presence_penalty"),
+]
+
+
+def test_the_new_fields_are_refused_by_name_and_the_server_serves_after(guarded, demo_model):
+    with httpx.Client(base_url=guarded.url, timeout=30) as http:
+        for path, body, fragment in NEW_FIELDS:
+            base = COMPLETION if path == "/v1/completions" else CHAT
+            r = http.post(path, headers=AUTH, json={**base, **body})
+            assert r.status_code == 400, (path, body, r.status_code, r.text[:300])
+            assert fragment in r.json()["error"]["message"], (body, r.text[:300])
+        for body in NEW_NATIVE:
+            packed = msgpack.packb({"prompt": "Hi", "max_new_tokens": 4, **body[0]})
+            r = http.post(protocol.PATH, headers=AUTH, content=packed)
+            assert r.status_code == 400, (body, r.status_code)
+            assert body[1] in msgpack.unpackb(r.content)["message"], (body, r.content[:300])
+        kw = dict(max_new_tokens=6, presence_penalty=1.0, logit_bias={40: 3.0}, min_tokens=2)
+        want = demo_model.generate("Hello", **kw).text
+        r = http.post("/v1/completions", headers=AUTH, json={
+            "prompt": "Hello", "max_tokens": 6, "temperature": 0, "presence_penalty": 1.0,
+            "logit_bias": {"40": 3}, "min_tokens": 2})  # fmt: skip
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
     assert guarded.scheduler.running() == 0 and guarded.scheduler.stats.failed == 0

@@ -1,0 +1,137 @@
+"""One sequence of a batch: its state, how its next token is chosen, when it stops.
+
+Shared by the static batch of `generate` and the scheduler's continuous batch: a row behaves
+the same in either, so its tokens are those of its solo run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from offload_rt.engine.logprobs import TokenLogprob, token_logprobs
+from offload_rt.engine.penalties import adjust_scores
+from offload_rt.engine.sampling import RequestError, Sampler, SamplingParams
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]  # the new tokens only (a closing EOS or stop token included)
+    text: str | None  # the new tokens decoded, cut before a stop string; None without tokenizer
+    finish_reason: str  # "stop" (EOS, stop token or stop string) or "length"
+    prompt_tokens: int  # tokens in the prompt
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when asked (`logprobs`)
+    prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token, when asked
+
+
+@dataclass
+class SequenceState:
+    params: SamplingParams
+    sampler: Sampler
+    stop_ids: frozenset[int]  # tokens that end the sequence: EOS (unless ignored), stop tokens
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)
+    text: str | None = None
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # grows with tokens when params.logprobs is set
+    prompt_logprobs: list[TokenLogprob] | None = None  # set by the prefill when asked
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt)
+
+
+def new_state(prompt: list[int], params: SamplingParams, eos_ids: Iterable[int]) -> SequenceState:
+    stops = frozenset(params.stop_token_ids) | frozenset(() if params.ignore_eos else eos_ids)
+    lps = [] if params.logprobs is not None else None
+    return SequenceState(params, Sampler(params), stops, list(prompt), logprobs=lps)
+
+
+def check_request(
+    prompt: list[int],
+    params: SamplingParams,
+    context: int,
+    vocab: int,
+    what: str = "the prompt",
+) -> None:
+    """A prompt must hold only ids of the vocabulary and leave room for one new token (or
+    fit the context, when it is only scored); logit_bias must name ids of the vocabulary."""
+    if not prompt:
+        raise RequestError(f"{what} is empty: give at least one token")
+    room = 1 if params.max_new_tokens > 0 else 0
+    if len(prompt) + room > context:
+        raise RequestError(
+            f"{what} has {len(prompt)} tokens; the context length is {context}, "
+            "which leaves no room for a new token"
+        )
+    bad = [t for t in prompt if t < 0 or t >= vocab]
+    if bad:
+        raise RequestError(f"{what}: token ids must lie in [0, {vocab}), got {bad[0]}")
+    bad = [t for t, _ in params.logit_bias if t >= vocab]
+    if bad:
+        raise RequestError(f"logit_bias: token ids must lie in [0, {vocab}), got {bad[0]}")
+
+
+def sample_rows(rows: list[SequenceState | None], logits: torch.Tensor, live: list[bool]) -> None:
+    """Append each live row's next token, chosen from its adjusted scores; record its
+    log-probability under the raw logits (B, V) where asked."""
+    scores = logits
+    adjusted = [i for i, r in enumerate(rows) if live[i] and r and r.params.adjusts_logits]
+    if adjusted:
+        scores = logits.to(torch.float32, copy=True)  # the raw logits stay, for logprobs
+        for i in adjusted:
+            r = rows[i]
+            assert r is not None
+            scores[i] = adjust_scores(logits[i], r.params, r.prompt, r.tokens, r.stop_ids)
+    greedy = torch.argmax(scores, dim=-1).tolist()
+    sampled = [i for i, r in enumerate(rows) if live[i] and r and not r.params.greedy]
+    cpu = scores[sampled].float().cpu() if sampled else None
+    for i, r in enumerate(rows):
+        if live[i] and r is not None:
+            r.tokens.append(r.sampler.sample(cpu[sampled.index(i)]) if i in sampled else greedy[i])
+    _record_logprobs(rows, logits, live)
+
+
+def _record_logprobs(
+    rows: list[SequenceState | None], logits: torch.Tensor, live: list[bool]
+) -> None:
+    asking = [i for i, r in enumerate(rows) if live[i] and r and r.logprobs is not None]
+    if not asking:
+        return
+    k = max(rows[i].params.logprobs for i in asking)  # type: ignore[union-attr,type-var]
+    tokens = torch.tensor([rows[i].tokens[-1] for i in asking])  # type: ignore[union-attr]
+    for i, lp in zip(asking, token_logprobs(logits[asking], tokens, k)):
+        r = rows[i]
+        assert r is not None and r.logprobs is not None and r.params.logprobs is not None
+        r.logprobs.append(TokenLogprob(lp.token, lp.logprob, lp.top[: r.params.logprobs]))
+
+
+def check_finished(
+    r: SequenceState, budget: int, decode: Callable[[list[int]], str] | None
+) -> None:
+    if len(r.tokens) < r.params.min_tokens:  # stop tokens were masked; stop strings wait too
+        if len(r.tokens) >= budget:
+            r.finish_reason = "length"
+        return
+    if r.tokens[-1] in r.stop_ids:
+        r.finish_reason = "stop"
+        return
+    if r.params.stop_strings and decode is not None:
+        text = decode(r.tokens)
+        cut = min((text.find(s) for s in r.params.stop_strings if s in text), default=-1)
+        if cut >= 0:
+            r.text, r.finish_reason = text[:cut], "stop"
+            return
+    if len(r.tokens) >= budget:
+        r.finish_reason = "length"
+
+
+def to_result(r: SequenceState, decode: Callable[[list[int]], str] | None) -> GenerationResult:
+    text = r.text
+    if text is None and decode is not None:
+        text = decode(r.tokens)
+    return GenerationResult(
+        r.tokens, text, r.finish_reason or "length", r.prompt_len, r.logprobs, r.prompt_logprobs
+    )
