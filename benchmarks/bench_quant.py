@@ -1,7 +1,8 @@
 """Quantized experts against float32: bytes per expert, logits error, greedy agreement, speed.
 
-For fp32 (the baseline) and its int8 and int4 copies written by `quantize_checkpoint`, prints
-side by side:
+For fp32 (the baseline) and its int8, int4 and MXFP4 copies written by `quantize_checkpoint`
+(int8/int4: group-wise affine codes; MXFP4: e2m1 codes with a power-of-two scale per 32
+weights, as GPT-OSS's experts are released), prints side by side:
   - bytes of one packed expert, and its ratio to the float32 expert and to a 16-bit one
     (scales and offsets included);
   - the logits error: each prompt decoded greedily by fp32 for --new tokens, then every variant
@@ -13,10 +14,14 @@ side by side:
     every expert resident, and with `cache_experts` a quarter of the experts behind a simulated
     --link-gbps host->device link (the offloading case: misses move the packed bytes).
 
-The model: bench_local.py's random checkpoint (hidden 1024, 8 layers, 8 experts, fp32),
-reused from --workdir, or any float checkpoint given with --checkpoint. Run from the repository
-root: `python benchmarks/bench_quant.py` (10-15 minutes on 2 cores, the first run quantizing
-the checkpoint twice); `--quick` runs the 2-layer model with fewer prompts and steps.
+The model (--family): bench_local.py's random Mixtral checkpoint (`mixtral`, the default:
+hidden 1024, intermediate 2816, 8 layers, 8 experts, top-2, fp32), or bench_families.py's
+random Qwen3-30B-A3B-shaped one with 32 experts a layer, cut to 4 layers (`qwen3_moe`: hidden
+2048, 32 experts of width 768, top-8, fp32; 2.4 GB of experts, about the Mixtral one's 2.2),
+written into --workdir on first use and reused; or any float checkpoint given with
+--checkpoint. Run from the repository root: `python benchmarks/bench_quant.py [--family
+qwen3_moe]` (15-20 minutes on 2 cores, the first run quantizing the checkpoint three times);
+`--quick` runs a 2-layer model with fewer prompts and steps.
 """
 
 from __future__ import annotations
@@ -29,28 +34,33 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import bench_families
+import bench_local
 import torch
-from bench_local import MODEL, checkpoint, make_prompts
 
 import offload_rt
 from offload_rt import OffloadModel
 from offload_rt.checkpoint import Checkpoint
 from offload_rt.config import DEFAULT_GROUP_SIZE, ModelConfig, QuantConfig
 from offload_rt.engine import BatchDecoder
+from offload_rt.experts.mxfp4 import dequantize_mxfp4_new
 from offload_rt.experts.quant import QuantizedTensor, dequantize
 from offload_rt.experts.recorder import RoutingRecorder
 from offload_rt.model.ffn import SwiGLU
 from offload_rt.models import open_checkpoint, read_config
-from offload_rt.tools.quantize import quantize_checkpoint
+from offload_rt.tools.quantize import FORMATS, quantize_checkpoint
 
-VARIANTS = ("fp32", "int8", "int4")
+VARIANTS = ("fp32", "int8", "int4", "mxfp4")
+# --family: the random checkpoint's builder, and its decoder layers (--quick: 2)
+FAMILY_LAYERS = {"mixtral": bench_local.MODEL["num_hidden_layers"], "qwen3_moe": 4}
 
 
 @dataclass(frozen=True)
 class Options:
-    folder: Path | None  # a float checkpoint given by the user; None: bench_local's
+    folder: Path | None  # a float checkpoint given by the user; None: --family's random one
     workdir: Path  # where checkpoints are cached
-    layers: int  # of bench_local's checkpoint
+    family: str  # which random checkpoint (FAMILY_LAYERS)
+    layers: int  # of the random checkpoint
     group_size: int  # quantization group
     prompts: int  # prompts for accuracy
     token_ids: list[list[int]] | None  # given prompts instead of random ones
@@ -72,6 +82,7 @@ def parse_options() -> Options:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", type=Path, default=Path("/tmp/offload_rt_bench"))
     p.add_argument("--checkpoint", type=Path, default=None, help="a float checkpoint folder")
+    p.add_argument("--family", choices=list(FAMILY_LAYERS), default="mixtral", help="random model")
     p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE)
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--new", type=int, default=32, help="greedy tokens compared per prompt")
@@ -92,14 +103,15 @@ def parse_options() -> Options:
     if a.quick:
         n = 3 if ids is None else len(ids)
         return Options(
-            a.checkpoint, a.workdir, 2, a.group_size, n, ids, a.new, 8, 1, a.link_gbps, dev
-        )
+            a.checkpoint, a.workdir, a.family, 2, a.group_size, n, ids, a.new, 8, 1,
+            a.link_gbps, dev,
+        )  # fmt: skip
     prompts = a.prompts if ids is None else len(ids)
-    layers = MODEL["num_hidden_layers"]
     return Options(
         a.checkpoint,
         a.workdir,
-        layers,
+        a.family,
+        FAMILY_LAYERS[a.family],
         a.group_size,
         prompts,
         ids,
@@ -111,16 +123,29 @@ def parse_options() -> Options:
     )
 
 
-def quantized(folder: Path, workdir: Path, bits: int, group: int) -> Path:
-    """The int8 / int4 copy of `folder`, written on first use and reused after."""
-    out = workdir / f"{folder.name}-int{bits}-g{group}"
+def float_checkpoint(opts: Options) -> Path:
+    """The float checkpoint: the user's, or --family's random one (written on first use)."""
+    if opts.folder is not None:
+        return opts.folder
+    if opts.family == "qwen3_moe":  # bench_families' model with its --quick's 32 experts
+        model = {**bench_families.MODEL, **bench_families.QUICK, "num_hidden_layers": opts.layers}
+        return bench_families.checkpoint(opts.workdir, model)
+    return bench_local.checkpoint(opts.workdir, opts.layers)
+
+
+def quantized(folder: Path, workdir: Path, name: str, group: int) -> Path:
+    """The int8 / int4 / mxfp4 copy of `folder`, written on first use and reused after."""
+    bits, scheme = FORMATS[name]
+    out = workdir / (
+        f"{folder.name}-mxfp4" if scheme == "mxfp4" else f"{folder.name}-{name}-g{group}"
+    )
     if (out / "config.json").is_file():
         return out
     start = time.perf_counter()
     shutil.rmtree(out, ignore_errors=True)
-    report = quantize_checkpoint(folder, out, bits, group, progress=False)
+    report = quantize_checkpoint(folder, out, bits, group, progress=False, scheme=scheme)
     print(
-        f"quantized to int{bits} in {time.perf_counter() - start:.1f} s: weight error max "
+        f"quantized to {name} in {time.perf_counter() - start:.1f} s: weight error max "
         f"{report.max_abs_error:.3g}, relative RMS {report.relative_rms_error:.4f}",
         flush=True,
     )
@@ -208,6 +233,13 @@ def ffn(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
 def dequantized(ckpt: Checkpoint, layer: int, expert: int) -> dict[str, torch.Tensor]:
     parts, quant = ckpt.expert(layer, expert), ckpt.config.quantization
     assert quant is not None
+    if quant.scheme == "mxfp4":
+        return {
+            proj: dequantize_mxfp4_new(
+                parts[f"{proj}.blocks"], parts[f"{proj}.scales"], torch.float32
+            )
+            for proj in ("gate", "up", "down")
+        }
     return {
         proj: dequantize(
             QuantizedTensor(*(parts[f"{proj}.{p}"] for p in ("qweight", "scales", "offsets"))),
@@ -324,19 +356,24 @@ def main() -> None:
     if opts.device.type == "cuda":
         print(f"device: {torch.cuda.get_device_name(opts.device)} (capped runs: the real link)")
     print(
+        f"{bench_families.utc_now()}; CPU {bench_families.cpu_model()}, {os.cpu_count()} cores; "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; load average "
         f"{os.getloadavg()[0]:.2f} (other work on the machine skews the tokens/s figures)",
         flush=True,
     )
-    folder = opts.folder or checkpoint(opts.workdir, opts.layers)
+    folder = float_checkpoint(opts)
     cfg = read_config(folder)
-    folders = {
-        "fp32": folder,
-        "int8": quantized(folder, opts.workdir, 8, opts.group_size),
-        "int4": quantized(folder, opts.workdir, 4, opts.group_size),
-    }
-    print(f"model {folder}: groups of {QuantConfig(8, opts.group_size).group_size}", flush=True)
-    prompts = opts.token_ids or make_prompts(opts.prompts, cfg.vocab_size)
+    folders = {"fp32": folder}
+    for name in VARIANTS[1:]:
+        folders[name] = quantized(folder, opts.workdir, name, opts.group_size)
+    print(
+        f"model {folder} ({cfg.model_type}: {cfg.num_hidden_layers} layers, hidden "
+        f"{cfg.hidden_size}, {cfg.experts_per_layer} experts of width "
+        f"{cfg.moe_intermediate_size}, top-{cfg.num_experts_per_tok}): int8/int4 in groups of "
+        f"{QuantConfig(8, opts.group_size).group_size}, mxfp4 in groups of 32",
+        flush=True,
+    )
+    prompts = opts.token_ids or bench_local.make_prompts(opts.prompts, cfg.vocab_size)
     nbytes = expert_bytes(folders)
     expert_err = expert_output_error(folders)
     acc = accuracy(folders, prompts, opts.new, opts.device)
@@ -349,7 +386,7 @@ def main() -> None:
         link_gbps=opts.link_gbps if opts.device.type == "cpu" else None,
     )
     report(cfg, nbytes, expert_err, acc, resident, capped, opts)
-    print(f"load average {os.getloadavg()[0]:.2f} at the end")
+    print(f"{bench_families.utc_now()}; load average {os.getloadavg()[0]:.2f} at the end")
 
 
 if __name__ == "__main__":
