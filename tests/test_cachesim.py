@@ -11,7 +11,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from offload_rt.cli_cachesim import add_parser, run
+from offload_rt.cli.cachesim import add_parser, run
 from offload_rt.experts.cachesim import ExpertCaches, format_table, simulate
 from offload_rt.experts.policies import LRU, POLICIES, Decayed
 from offload_rt.experts.traces import (

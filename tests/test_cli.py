@@ -98,7 +98,7 @@ def test_demo_on_a_local_ray(tmp_path):
 
 def test_gpu_memory_option_reaches_the_placement(reference):
     from offload_rt.cli import build_parser
-    from offload_rt.cli_options import ray_options
+    from offload_rt.cli.options import ray_options
 
     args = build_parser().parse_args(["plan", str(reference[0]), "--gpu-memory-gb", "20"])
     assert ray_options(args).gpu_memory_bytes == 20 * 2**30

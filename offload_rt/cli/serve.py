@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from offload_rt.cli_options import add_model_options, load_model
+from offload_rt.cli.options import add_model_options, load_model
 
 API_KEY_ENV = "OFFLOAD_RT_API_KEY"  # read here, at the edge: keeps the key out of `ps`
 

@@ -1,4 +1,5 @@
-"""`offload-rt` commands: demo, generate, plan, cache-sim, serve, convert, quantize."""
+"""`offload-rt` commands: demo, generate and plan here; cache-sim, serve, convert and quantize
+in their modules of this package, each a thin command over the public API."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import time
 from pathlib import Path
 
 import offload_rt
-from offload_rt import cli_cachesim, cli_convert, cli_quantize, cli_serve
 from offload_rt.checkpoint import CheckpointError
-from offload_rt.cli_options import add_model_options, add_ray_options, load_model, ray_options
+from offload_rt.cli import cachesim, convert, quantize, serve
+from offload_rt.cli.options import add_model_options, add_ray_options, load_model, ray_options
 from offload_rt.config import DTYPE_NAMES
 from offload_rt.demo import demo_name, make_demo_checkpoint
 from offload_rt.engine import GenerationResult, OffloadModel, RequestError
@@ -58,10 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("model_dir", type=Path)
     plan.add_argument("--dtype", default=None, choices=list(DTYPE_NAMES))
     add_ray_options(plan)
-    cli_cachesim.add_parser(sub)
-    cli_serve.add_parser(sub)
-    cli_convert.add_parser(sub)
-    cli_quantize.add_parser(sub)
+    cachesim.add_parser(sub)
+    serve.add_parser(sub)
+    convert.add_parser(sub)
+    quantize.add_parser(sub)
     return parser
 
 
@@ -147,17 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         "demo": cmd_demo,
         "generate": cmd_generate,
         "plan": cmd_plan,
-        "cache-sim": cli_cachesim.run,
-        "serve": cli_serve.run,
-        "convert": cli_convert.run,
-        "quantize": cli_quantize.run,
+        "cache-sim": cachesim.run,
+        "serve": serve.run,
+        "convert": convert.run,
+        "quantize": quantize.run,
     }
     try:
         return commands[args.command](args)
     except (CheckpointError, RequestError, ValueError) as e:
         print(f"offload-rt: error: {e}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,7 +13,7 @@ import argparse
 import time
 from pathlib import Path
 
-from offload_rt.cli_convert import GB
+from offload_rt.cli.convert import GB
 from offload_rt.config import DEFAULT_GROUP_SIZE, QUANT_BITS
 from offload_rt.tools.quantize import DEFAULT_SHARD_BYTES, FORMATS, quantize_checkpoint
 
