@@ -1,5 +1,5 @@
 """A layer call's groups as Ray arguments: wire messages (`wire.py`) packed straight from the
-groups, cut into `bytes` frames, and decoded back into groups (issue 3).
+groups, cut into `bytes` frames, and decoded back into groups.
 
 Ray passes a `bytes` argument or return value as it is, where it pickles any other type; and
 one under its inline limit (max_direct_call_object_size, 100 KiB by default) rides inside the

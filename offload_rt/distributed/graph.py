@@ -1,4 +1,4 @@
-"""One Ray Compiled Graph spanning every expert actor, for the per-layer scatter/gather (issue 3).
+"""One Ray Compiled Graph spanning every expert actor, for the per-layer scatter/gather.
 
 InputNode -> one `run_graph.bind` per actor -> MultiOutputNode, compiled once: a layer call
 then writes each actor's request into a channel and reads the responses back, skipping Ray's

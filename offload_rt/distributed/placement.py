@@ -1,4 +1,4 @@
-"""Placement of every (layer, expert) on the expert actors of a Ray cluster (issue 3).
+"""Placement of every (layer, expert) on the expert actors of a Ray cluster.
 
 Actors: one per GPU, or one per node without GPUs (a CPU actor computes in host RAM); with an
 explicit count, actors are dealt round-robin over the nodes, so actors 0, 1, 2... land on

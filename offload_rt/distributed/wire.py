@@ -1,4 +1,4 @@
-"""Wire schema shared by the coordinator and the expert actors (issue 3).
+"""Wire schema shared by the coordinator and the expert actors.
 
 One message is a msgpack header followed by a tensor's raw bytes, as Petals does: msgpack for
 the structure, no pickling, and the element bytes copied as they are, so bfloat16 travels
