@@ -1,5 +1,5 @@
-"""`offload-rt` commands: demo, generate and plan here; cache-sim, serve, convert and quantize
-in their modules of this package, each a thin command over the public API."""
+"""`offload-rt` commands: demo, generate and plan here; cache-sim, serve, convert, quantize
+and eval in their modules of this package, each a thin command over the public API."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import offload_rt
 from offload_rt.checkpoint import CheckpointError
 from offload_rt.cli import cachesim, convert, quantize, serve
+from offload_rt.cli import eval as eval_cmd
 from offload_rt.cli.options import (
     add_model_argument,
     add_model_options,
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_parser(sub)
     convert.add_parser(sub)
     quantize.add_parser(sub)
+    eval_cmd.add_parser(sub)
     return parser
 
 
@@ -161,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         "serve": serve.run,
         "convert": convert.run,
         "quantize": quantize.run,
+        "eval": eval_cmd.run,
     }
     try:
         return commands[args.command](args)
