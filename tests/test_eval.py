@@ -107,6 +107,7 @@ def test_the_command_reads_text_through_the_tokenizer(tmp_path, capsys):
         (["--token-ids", "{missing}"], "missing.txt: no such file"),
         (["--token-ids", "{empty}"], "empty.txt is empty"),
         (["--token-ids", "{words}"], "token ids must be integers"),
+        (["--token-ids", "{one}"], "one.txt gives 1 token(s); perplexity needs at least 2"),
         (["--token-ids", "{ids}", "--window", "1"], "window must be at least 2"),
         (["--token-ids", "{ids}", "--window", "999"], "longer than"),
         (["--token-ids", "{big}"], "token id 500 is outside"),
@@ -117,7 +118,12 @@ def test_the_command_reads_text_through_the_tokenizer(tmp_path, capsys):
 def test_bad_input_is_an_error_naming_it(tiny, tmp_path, capsys, extra, message):
     folder, _, _, ids_file = tiny
     files = {"missing": tmp_path / "missing.txt", "ids": ids_file}
-    for name, content in (("empty", " \n"), ("words", "1 two 3"), ("big", "1 500 2")):
+    for name, content in (
+        ("empty", " \n"),
+        ("words", "1 two 3"),
+        ("one", "5\n"),
+        ("big", "1 500 2"),
+    ):
         files[name] = tmp_path / f"{name}.txt"
         files[name].write_text(content)
     args = [a.format(**files) for a in extra]

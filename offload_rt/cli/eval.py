@@ -57,9 +57,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run `eval`; bad input raises ValueError naming the file or option at fault."""
+    path = args.text if args.text is not None else args.token_ids
+    content = read_source(path)  # before loading: a typo should not wait for the weights
     folder = model_folder(args.model_dir)
     with load_model(args, folder) as model:
-        ids = read_tokens(model, args.text, args.token_ids)
+        ids = to_tokens(model, content, path, tokenized=args.token_ids is not None)
+        if len(ids) < 2:
+            raise ValueError(f"{path} gives {len(ids)} token(s); perplexity needs at least 2")
         if args.against is None:
             report = evaluate(model, ids, args.window, progress=not args.no_progress)
         else:
@@ -74,26 +78,29 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_tokens(model: OffloadModel, text: Path | None, token_ids: Path | None) -> list[int]:
-    """The token ids to evaluate: the text file through the model's tokenizer, or the ids."""
-    path = text if text is not None else token_ids
-    assert path is not None  # argparse requires one of them
+def read_source(path: Path) -> str:
+    """The contents of --text or --token-ids: a file that exists and is not blank."""
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
     content = path.read_text(encoding="utf-8")
     if not content.strip():
         raise ValueError(f"{path} is empty")
-    if text is not None:
-        if model.tokenizer is None:
-            raise ValueError(
-                f"{model.checkpoint.folder} has no tokenizer.json to tokenize {path}: "
-                "give --token-ids instead"
-            )
-        return model.tokenizer.encode(content)
-    try:
-        return [int(t) for t in re.split(r"[\s,]+", content.strip())]
-    except ValueError as e:
-        raise ValueError(f"{path}: token ids must be integers ({e})") from e
+    return content
+
+
+def to_tokens(model: OffloadModel, content: str, path: Path, tokenized: bool) -> list[int]:
+    """The ids to evaluate: `content` through the model's tokenizer, or ids as written."""
+    if tokenized:
+        try:
+            return [int(t) for t in re.split(r"[\s,]+", content.strip())]
+        except ValueError as e:
+            raise ValueError(f"{path}: token ids must be integers ({e})") from e
+    if model.tokenizer is None:
+        raise ValueError(
+            f"{model.checkpoint.folder} has no tokenizer.json to tokenize {path}: "
+            "give --token-ids instead"
+        )
+    return model.tokenizer.encode(content)
 
 
 @contextmanager
