@@ -127,6 +127,7 @@ def test_moe_block_is_the_weighted_sum_of_each_tokens_experts():
 LAYERS = {  # module -> the offload_rt modules it may import (DESIGN.md's table)
     "config": {"grid"},
     "grid": set(),
+    "hub": set(),  # hub ids to folders: huggingface_hub only
     "dtypes": {"config"},
     "checkpoint": {"config", "grid"},
     "model": {"config", "grid", "model"},
@@ -153,6 +154,7 @@ LAYERS = {  # module -> the offload_rt modules it may import (DESIGN.md's table)
         "experts",
         "distributed",
         "engine",
+        "hub",
     },
     "demo": {"config", "checkpoint", "models"},
     "protocol": {"engine"},

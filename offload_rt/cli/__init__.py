@@ -1,5 +1,5 @@
-"""`offload-rt` commands: demo, generate and plan here; cache-sim, serve, convert and quantize
-in their modules of this package, each a thin command over the public API."""
+"""`offload-rt` commands: demo, generate and plan here; cache-sim, serve, convert, quantize
+and eval in their modules of this package, each a thin command over the public API."""
 
 from __future__ import annotations
 
@@ -12,12 +12,21 @@ from pathlib import Path
 import offload_rt
 from offload_rt.checkpoint import CheckpointError
 from offload_rt.cli import cachesim, convert, quantize, serve
-from offload_rt.cli.options import add_model_options, add_ray_options, load_model, ray_options
+from offload_rt.cli import eval as eval_cmd
+from offload_rt.cli.options import (
+    add_model_argument,
+    add_model_options,
+    add_ray_options,
+    load_model,
+    model_folder,
+    ray_options,
+)
 from offload_rt.config import DTYPE_NAMES
 from offload_rt.demo import demo_name, make_demo_checkpoint
 from offload_rt.engine import GenerationResult, OffloadModel, RequestError
 from offload_rt.experts.formats import expert_nbytes
 from offload_rt.experts.traces import write_trace
+from offload_rt.hub import HubError
 from offload_rt.models import FAMILIES, open_checkpoint, read_config
 
 DEMO_CACHE_SHARE = 4  # a quarter of the demo's experts on the device, so the cache works
@@ -51,18 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--family", default="mixtral", choices=sorted(FAMILIES), help="the demo model's family"
     )
     _add_load_options(demo, cache_experts=None)
-    gen = sub.add_parser("generate", help="generate from a Hugging Face Mixtral checkpoint")
-    gen.add_argument("model_dir", type=Path)
+    gen = sub.add_parser("generate", help="generate from a checkpoint folder or hub id")
+    add_model_argument(gen)
     gen.add_argument("--trace", type=Path, default=None, help="write the routing trace (msgpack)")
     _add_load_options(gen, cache_experts=None)
     plan = sub.add_parser("plan", help="print where the Ray backend would place each expert")
-    plan.add_argument("model_dir", type=Path)
+    add_model_argument(plan)
     plan.add_argument("--dtype", default=None, choices=list(DTYPE_NAMES))
     add_ray_options(plan)
     cachesim.add_parser(sub)
     serve.add_parser(sub)
     convert.add_parser(sub)
     quantize.add_parser(sub)
+    eval_cmd.add_parser(sub)
     return parser
 
 
@@ -111,7 +121,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    with load_model(args, args.model_dir, record_routing=args.trace is not None) as model:
+    folder = model_folder(args.model_dir)
+    with load_model(args, folder, record_routing=args.trace is not None) as model:
         result, seconds = _generate(model, args)
         print(result.text if result.text is not None else result.token_ids)
         _report(model, result, seconds)
@@ -128,7 +139,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from offload_rt.distributed.cluster import join_ray, plan_for_cluster
     from offload_rt.engine.loader import resolve_dtype
 
-    ckpt = open_checkpoint(args.model_dir)
+    ckpt = open_checkpoint(model_folder(args.model_dir))
     cfg = ckpt.config
     expert_bytes = expert_nbytes(cfg, resolve_dtype(args.dtype, ckpt))
     connected = join_ray(args.address)
@@ -152,9 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         "serve": serve.run,
         "convert": convert.run,
         "quantize": quantize.run,
+        "eval": eval_cmd.run,
     }
     try:
         return commands[args.command](args)
-    except (CheckpointError, RequestError, ValueError) as e:
+    except (CheckpointError, RequestError, ValueError, HubError) as e:
         print(f"offload-rt: error: {e}", file=sys.stderr)
         return 2

@@ -11,9 +11,31 @@ from offload_rt.config import DTYPE_NAMES
 from offload_rt.distributed.cluster import RayOptions
 from offload_rt.engine import OffloadModel, load
 from offload_rt.experts.policies import DEFAULT_POLICY, RUNTIME_POLICIES
+from offload_rt.hub import parse_hub_id, resolve_model
 from offload_rt.model.decoder import PREDICT_FROM
 
 GIB = 1 << 30
+
+
+def add_model_argument(p: argparse.ArgumentParser, name: str = "model_dir") -> None:
+    """The positional MODEL: a checkpoint folder, or a hub id that `model_folder` resolves."""
+    p.add_argument(
+        name,
+        metavar="MODEL",
+        help="checkpoint folder, or Hugging Face hub id org/name[@revision] (downloaded once "
+        "into the hub cache; HF_HOME, HF_TOKEN, HF_HUB_OFFLINE apply; a folder always wins)",
+    )
+
+
+def model_folder(spec: str) -> Path:
+    """The folder of a MODEL argument; a hub id not cached while offline raises HubError."""
+    return resolve_model(spec)
+
+
+def hub_repo(spec: str) -> str | None:
+    """The hub repo (org/name) a MODEL argument names; None for a local folder."""
+    hub_id = parse_hub_id(spec)
+    return hub_id.repo if hub_id is not None else None
 
 
 def add_ray_options(p: argparse.ArgumentParser) -> None:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from offload_rt.cli.convert import GB
+from offload_rt.cli.options import add_model_argument, model_folder
 from offload_rt.config import DEFAULT_GROUP_SIZE, QUANT_BITS
 from offload_rt.tools.quantize import DEFAULT_SHARD_BYTES, FORMATS, quantize_checkpoint
 
@@ -23,7 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser(
         "quantize", help="write a checkpoint with int8, int4 or MXFP4 experts"
     )
-    p.add_argument("model_dir", type=Path, help="Hugging Face checkpoint folder")
+    add_model_argument(p)
     p.add_argument("out_dir", type=Path, help="new folder for the quantized checkpoint")
     kind = p.add_mutually_exclusive_group(required=True)
     kind.add_argument("--format", choices=list(FORMATS), help="expert weight format")
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     group = 32 if scheme == "mxfp4" else args.group_size
     start = time.perf_counter()
     report = quantize_checkpoint(
-        args.model_dir,
+        model_folder(args.model_dir),
         args.out_dir,
         bits,
         group,

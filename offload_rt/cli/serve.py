@@ -1,26 +1,36 @@
-"""`offload-rt serve MODEL_DIR`: the HTTP server (OpenAI-compatible + native msgpack)."""
+"""`offload-rt serve MODEL`: the HTTP server (OpenAI-compatible + native msgpack); MODEL is a
+checkpoint folder or a hub id."""
 
 from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
-from offload_rt.cli.options import add_model_options, load_model
+from offload_rt.cli.options import (
+    add_model_argument,
+    add_model_options,
+    hub_repo,
+    load_model,
+    model_folder,
+)
 
 API_KEY_ENV = "OFFLOAD_RT_API_KEY"  # read here, at the edge: keeps the key out of `ps`
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a checkpoint over HTTP (OpenAI API + msgpack)")
-    p.add_argument("model_dir", type=Path)
+    add_model_argument(p)
     add_model_options(p, cache_experts=None)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
         "--api-key", default=None, help=f"require this bearer token (or set ${API_KEY_ENV})"
     )
-    p.add_argument("--served-model-name", default=None, help="model id in the API (default: dir)")
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="model id in the API (default: the hub id, or the folder's name)",
+    )
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     p.add_argument(
@@ -42,10 +52,10 @@ def run(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
-        served_model_name=args.served_model_name,
+        served_model_name=args.served_model_name or hub_repo(args.model_dir),
         scheduler=scheduler,
     )
-    with load_model(args, args.model_dir) as model:
+    with load_model(args, model_folder(args.model_dir)) as model:
         app = build_app(model, config)
         auth = "bearer token required" if config.api_key else "no API key"
         print(f"serving {args.model_dir} on http://{args.host}:{args.port} ({auth})", flush=True)

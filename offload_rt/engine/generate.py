@@ -74,6 +74,20 @@ class BatchDecoder:
         """Each row's logits after its last prompt token (B, V), and, for the rows where
         `score` gives a top-k, the log-probabilities of its prompt tokens: lm_head then runs
         on every position of those rows only."""
+        hidden = self.prefill_hidden()
+        lengths = torch.tensor(self.lengths, device=self.device)
+        last = hidden[torch.arange(len(self.prompts)), lengths - 1]  # (B, D)
+        scored = [
+            None if k is None else prompt_logprobs(hidden[i, : len(p)], p, k, self.model.logits)
+            for i, (p, k) in enumerate(zip(self.prompts, score))
+        ]
+        return self.model.logits(last), scored
+
+    @torch.inference_mode()
+    def prefill_hidden(self) -> torch.Tensor:
+        """Put every row's prompt through the model into the cache; returns the final-normed
+        hidden states (B, T, D) of every position (those past a row's length are padding), for
+        callers that want more than the last position's logits (`engine/evaluate.py`)."""
         width = max(self.lengths)
         tokens = torch.zeros((len(self.prompts), width), dtype=torch.long)
         for i, p in enumerate(self.prompts):
@@ -81,7 +95,7 @@ class BatchDecoder:
         lengths = torch.tensor(self.lengths)
         positions = torch.arange(width).expand(len(self.prompts), width)
         mask = positions < lengths[:, None]  # (B, T) False on padding
-        hidden = self.model.forward(
+        return self.model.forward(
             tokens.to(self.device),
             positions.to(self.device),
             self.cache,
@@ -89,12 +103,6 @@ class BatchDecoder:
             token_mask=None if bool(mask.all()) else mask.to(self.device),
             start=0,
         )
-        last = hidden[torch.arange(len(self.prompts)), lengths.to(self.device) - 1]  # (B, D)
-        scored = [
-            None if k is None else prompt_logprobs(hidden[i, : len(p)], p, k, self.model.logits)
-            for i, (p, k) in enumerate(zip(self.prompts, score))
-        ]
-        return self.model.logits(last), scored
 
     @torch.inference_mode()
     def step(self, tokens: list[int], live: list[bool]) -> torch.Tensor:

@@ -27,6 +27,7 @@ from offload_rt.experts import LocalExpertBackend, OffloadOptions
 from offload_rt.experts.policies import DEFAULT_POLICY, runtime_policy
 from offload_rt.experts.recorder import RoutingRecorder
 from offload_rt.experts.traces import RoutingTrace
+from offload_rt.hub import resolve_model
 from offload_rt.model import DecoderModel
 from offload_rt.model.decoder import PREDICT_FROM
 from offload_rt.model.moe import ExpertBackend
@@ -225,7 +226,9 @@ def load(
     cache_policy: str = DEFAULT_POLICY,
     record_routing: bool = False,
 ) -> OffloadModel:
-    """Open a Hugging Face checkpoint folder of a supported family (`offload_rt.models`).
+    """Open a Hugging Face checkpoint folder of a supported family (`offload_rt.models`), or
+    a hub id `org/name[@revision]` (`offload_rt.hub`: downloaded once into the hub cache,
+    honouring HF_HOME, HF_TOKEN and HF_HUB_OFFLINE; an existing folder always wins).
 
     backend: "local" (experts in this process) or "ray" (experts in Ray actors).
     cache_experts: local backend: the most experts resident on the device at once, over all
@@ -266,7 +269,7 @@ def load(
         raise ValueError(f"host_experts must be a non-negative integer, got {host_experts!r}")
     runtime_policy(cache_policy, 1)  # an unknown name fails before anything is read
     dev = resolve_device(device)
-    ckpt = open_checkpoint(path)
+    ckpt = open_checkpoint(resolve_model(path))
     on_close = None
     experts: ModelBackend | None = None
     try:
