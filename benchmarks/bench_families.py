@@ -1,14 +1,20 @@
-"""Decode throughput of a Qwen3-MoE model: offload_rt against transformers, and behind a link.
+"""Decode throughput of an MoE family's model: offload_rt against transformers, and behind a link.
 
-Model: a Qwen3-30B-A3B-shaped `Qwen3MoeForCausalLM` cut to 2 layers (hidden 2048, 128
-experts of width 768, top-8 renormalised, 32 heads / 4 KV heads of 128, vocab 32000, float32;
-one expert 18.9 MB, 4.8 GB of experts), random, written once with `save_pretrained` into
---workdir (default ~/.cache/offload_rt) and reused afterwards.
+Models (--family), random, written once with `save_pretrained` into --workdir (default
+~/.cache/offload_rt) and reused afterwards, float32:
+  qwen3_moe (default): a Qwen3-30B-A3B-shaped `Qwen3MoeForCausalLM` cut to 2 layers (hidden
+      2048, 128 experts of width 768, top-8 renormalised, 32 heads / 4 KV heads of 128, vocab
+      32000; one expert 18.9 MB, 4.8 GB of experts);
+  deepseek_v2: a DeepSeek-V2-Lite-shaped `DeepseekV2ForCausalLM` cut to 3 layers, the first
+      dense (width 10944), then 2 MoE layers (hidden 2048, 64 experts of width 1408, top-6
+      softmax `greedy` not renormalised, 2 shared experts; multi-head latent attention with
+      16 heads, kv_lora_rank 512, no query latent; vocab cut to 32000 from 102400, no YaRN;
+      one expert 34.6 MB, 4.4 GB of experts).
 
 Part 1, against transformers: greedy generation of --new-tokens tokens after the same
 16-token prompts, at batch 1 and batch 8, by
-  (a) transformers' `Qwen3MoeForCausalLM.generate` (do_sample=False, use_cache=True; its
-      default attention and experts kernels, named in the output),
+  (a) transformers' `generate` (do_sample=False, use_cache=True; its default attention and
+      experts kernels, named in the output),
   (b) offload_rt's `generate`, local backend, every expert resident, float32,
 timed in alternating rounds after one untimed warm-up each; figures are medians over rounds.
 Decode tokens/s counts the steps after the first token: each engine stamps the time its
@@ -18,16 +24,17 @@ per row; prefill is not in it. End-to-end tokens/s (the whole `generate` call) i
 beside it. Both engines must produce the same greedy tokens (printed).
 
 Part 2, behind a simulated 16 GB/s link (--link-gbps): bench_offload.py's measurement on
-this model, with the cache at a quarter of the experts (64 of 256): its configurations (every
-expert resident, no prefetch, prefetch from attention / moe / both — `both` is what `load`
-turns on — compute on a miss) in alternating repeats, and its bound: 1 / max(the resident
-run's time per token, the no-prefetch run's bytes per token / 16 GB/s); `/bound` is the
-median over repeats of each run's ratio to its own repeat's bound.
+this model, with the cache at a quarter of the experts (Qwen3: 64 of 256; DeepSeek: 32 of
+128): its configurations (every expert resident, no prefetch, prefetch from attention / moe /
+both — `both` is what `load` turns on — compute on a miss) in alternating repeats, and its
+bound: 1 / max(the resident run's time per token, the no-prefetch run's bytes per token / 16
+GB/s); `/bound` is the median over repeats of each run's ratio to its own repeat's bound.
 
-Run from the repository root: `python3 benchmarks/bench_families.py` (about 3 minutes on 2
-cores once the checkpoint exists; writing it, 5.2 GiB, takes under a minute more; part 1 holds
-both engines at once, about 9.5 GiB); `--quick` runs a 2-layer, 32-expert variant with few
-tokens as a smoke test (about 40 s). On a GPU (`--device cuda`) part 2 uses the real link.
+Run from the repository root: `python3 benchmarks/bench_families.py [--family deepseek_v2]`
+(about 3 minutes on 2 cores for Qwen3 once the checkpoint exists, 4 for DeepSeek; writing it,
+about 5 GiB, takes under a minute more; part 1 holds both engines at once, 9-9.5 GiB);
+`--quick` runs a variant with fewer experts (Qwen3: 32, DeepSeek: 16) and few tokens as a
+smoke test (about 40 s). On a GPU (`--device cuda`) part 2 uses the real link.
 """
 
 from __future__ import annotations
@@ -49,12 +56,24 @@ import bench_offload
 import torch
 import torch.nn.functional as F
 from bench_local import PROMPT_LEN, make_prompts, measure, warm_all_experts
-from transformers import LogitsProcessor, LogitsProcessorList, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import (
+    DeepseekV2Config,
+    DeepseekV2ForCausalLM,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
 from transformers.utils import logging as hf_logging
 
 import offload_rt
 from offload_rt import ModelConfig, OffloadModel
+from offload_rt.model import AttentionWeights, DenseMLP, MoEWeights, SwiGLU
+from offload_rt.model.mla import MLAWeights
 from offload_rt.models import read_config
+from offload_rt.models.deepseek import DeepseekConfig
 
 MODEL = dict(  # Qwen3-30B-A3B's shape (config.json on the hub), cut to 2 layers, vocab 32000
     vocab_size=32000,
@@ -79,14 +98,68 @@ MODEL = dict(  # Qwen3-30B-A3B's shape (config.json on the hub), cut to 2 layers
     initializer_range=0.1,
 )
 QUICK = dict(num_experts=32)  # --quick: 32 experts a layer (1.2 GB of experts)
+DEEPSEEK_V2 = dict(  # DeepSeek-V2-Lite's shape (config.json on the hub), cut to 3 layers
+    vocab_size=32000,  # cut from 102400: the lm_head and embedding of a 3-layer model
+    hidden_size=2048,
+    intermediate_size=10944,  # the dense first layer's MLP
+    moe_intermediate_size=1408,
+    num_hidden_layers=3,
+    first_k_dense_replace=1,
+    n_routed_experts=64,
+    num_experts_per_tok=6,
+    n_shared_experts=2,
+    topk_method="greedy",
+    n_group=1,
+    topk_group=1,
+    norm_topk_prob=False,
+    routed_scaling_factor=1.0,
+    q_lora_rank=None,  # V2-Lite has no query latent
+    kv_lora_rank=512,
+    qk_nope_head_dim=128,
+    qk_rope_head_dim=64,
+    v_head_dim=128,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=4096,  # V2-Lite's YaRN (to 160k positions) left out
+    tie_word_embeddings=False,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+    initializer_range=0.1,
+)
 BATCHES = (1, 8)
 GB = 1e9
 
 
 @dataclass(frozen=True)
+class Family:
+    """A model this benchmark builds, and transformers' classes for it."""
+
+    name: str  # the --family value
+    folder: str  # the checkpoint folder's name stem
+    config: type[PretrainedConfig]
+    model: type[PreTrainedModel]
+    shape: dict  # the config's fields
+    quick: dict  # --quick's overrides: fewer experts
+    experts_field: str  # the config field counting a layer's routed experts
+
+
+QWEN3_MOE = Family(
+    "qwen3_moe", "qwen3", Qwen3MoeConfig, Qwen3MoeForCausalLM, MODEL, QUICK, "num_experts"
+)
+DEEPSEEK = Family(
+    "deepseek_v2", "deepseek-v2", DeepseekV2Config, DeepseekV2ForCausalLM, DEEPSEEK_V2,
+    dict(n_routed_experts=16), "n_routed_experts",  # --quick: 1.1 GB of experts
+)  # fmt: skip
+FAMILIES = {f.name: f for f in (QWEN3_MOE, DEEPSEEK)}
+
+
+@dataclass(frozen=True)
 class Options:
     workdir: Path  # where the random checkpoint is cached
-    model: dict  # Qwen3MoeConfig fields
+    family: Family
+    model: dict  # the family's config fields (its shape, or --quick's)
     new_tokens: int  # greedy tokens per row and run (part 1)
     rounds: int  # timed rounds per engine and batch (part 1); the median is reported
     offload_steps: int  # timed decode steps per run (part 2)
@@ -111,6 +184,7 @@ class Replay:
 def parse_options() -> Options:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "offload_rt")
+    p.add_argument("--family", choices=sorted(FAMILIES), default="qwen3_moe")
     p.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per run (part 1)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (part 1); median kept")
     p.add_argument("--offload-steps", type=int, default=32, help="decode steps a run (part 2)")
@@ -119,25 +193,28 @@ def parse_options() -> Options:
         "--link-gbps", type=float, default=None, help="simulated link (default: 16 on a CPU)"
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    p.add_argument("--quick", action="store_true", help="32 experts, 4 tokens, 1 round")
+    p.add_argument("--quick", action="store_true", help="fewer experts, 4 tokens, 1 round")
     a = p.parse_args()
     if a.new_tokens < 2:
         p.error("--new-tokens must be at least 2: decode is timed from the first to the last")
     dev = torch.device(a.device)
     link = a.link_gbps if a.link_gbps is not None or dev.type == "cuda" else 16.0
+    fam = FAMILIES[a.family]
     if a.quick:
-        return Options(a.workdir, {**MODEL, **QUICK}, 4, 1, 8, 1, link, dev)
+        return Options(a.workdir, fam, {**fam.shape, **fam.quick}, 4, 1, 8, 1, link, dev)
     return Options(
-        a.workdir, MODEL, a.new_tokens, a.rounds, a.offload_steps, a.offload_repeats, link, dev
-    )
+        a.workdir, fam, fam.shape, a.new_tokens, a.rounds, a.offload_steps,
+        a.offload_repeats, link, dev,
+    )  # fmt: skip
 
 
-def checkpoint(workdir: Path, model: dict) -> Path:
+def checkpoint(workdir: Path, model: dict, fam: Family = QWEN3_MOE) -> Path:
     """This benchmark's random checkpoint folder, written on first use (to a temporary name,
     then renamed, so an interrupted build is never reused); the model is freed after."""
-    name = f"bench-qwen3-{model['num_hidden_layers']}l"
-    if model["num_experts"] != MODEL["num_experts"]:
-        name += f"-e{model['num_experts']}"
+    name = f"bench-{fam.folder}-{model['num_hidden_layers']}l"
+    experts = model[fam.experts_field]
+    if experts != fam.shape[fam.experts_field]:
+        name += f"-e{experts}"
     folder = workdir / name
     if (folder / "config.json").is_file():
         return folder
@@ -146,7 +223,7 @@ def checkpoint(workdir: Path, model: dict) -> Path:
     print(f"writing a random checkpoint to {folder} ...", flush=True)
     start = time.perf_counter()
     torch.manual_seed(0)
-    hf = Qwen3MoeForCausalLM(Qwen3MoeConfig(**model, dtype="float32"))
+    hf = fam.model(fam.config(**model, dtype="float32"))
     hf.save_pretrained(partial)
     del hf
     gc.collect()
@@ -168,7 +245,7 @@ class _Stamp(LogitsProcessor):
         return scores
 
 
-def hf_runner(model: Qwen3MoeForCausalLM) -> Callable[[list[list[int]], int], GenerateRun]:
+def hf_runner(model: PreTrainedModel) -> Callable[[list[list[int]], int], GenerateRun]:
     def run(prompts: list[list[int]], new_tokens: int) -> GenerateRun:
         stamp = _Stamp(model.device)
         ids = torch.tensor(prompts, device=model.device)
@@ -248,7 +325,7 @@ def against_transformers(
     """transformers and offload_rt (every expert resident), alternating round by round; and
     the replay floor of one batch-1 token's products (`replay_seconds`)."""
     start = time.perf_counter()
-    hf = Qwen3MoeForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().to(opts.device)
+    hf = opts.family.model.from_pretrained(folder, dtype=torch.float32).eval().to(opts.device)
     print(
         f"transformers loaded in {time.perf_counter() - start:.0f} s: attention "
         f"{hf.config._attn_implementation}, experts "
@@ -276,15 +353,34 @@ def against_transformers(
 
 def token_matrices(ort: OffloadModel) -> list[torch.Tensor]:
     """The weight matrices one batch-1 decode token multiplies, as the runtime holds them:
-    per MoE layer q/k/v stacked, o, the router and top-k experts' w13 and w2; then lm_head.
+    per layer its attention's and its MLP's (a dense layer's, or the router and the shared
+    experts), then top-k experts' w13 and w2 per MoE layer; then lm_head.
     (bench_local.token_matrices takes two experts a layer: Mixtral's top-2.)"""
     mats = []
     for lw in ort.model.weights.layers:
-        mats += [lw.attn.wqkv, lw.attn.wo, lw.mlp.router]
+        mats += attention_matrices(lw.attn)
+        if isinstance(lw.mlp, MoEWeights):
+            mats.append(lw.mlp.router)
+            if lw.mlp.shared is not None:
+                mats += [lw.mlp.shared.w13, lw.mlp.shared.w2]
+        elif isinstance(lw.mlp, DenseMLP):
+            mats += [lw.mlp.w13, lw.mlp.w2]
     top_k = ort.config.num_experts_per_tok
     for slot in range(top_k * len(ort.model.grid.layers)):  # any resident experts: same shapes
-        mats += list(ort.backend.store.weights(slot))
+        ffn = ort.backend.store.weights(slot)
+        assert isinstance(ffn, SwiGLU), f"float experts expected, got {type(ffn).__name__}"
+        mats += [ffn.w13, ffn.w2]
     return [*mats, ort.model.weights.lm_head]
+
+
+def attention_matrices(w: AttentionWeights | MLAWeights) -> list[torch.Tensor]:
+    """q/k/v stacked and o; or latent attention's projections, its absorbed per-head key
+    and value up-projections (H matrix-vector products) replayed as one (H N, R) product."""
+    if isinstance(w, AttentionWeights):
+        return [w.wqkv, w.wo]
+    queries = [w.wq] if w.wq is not None else [w.wq_a, w.wq_b]
+    ups = [w.w_uk.flatten(0, 1), w.w_uv.flatten(0, 1)]  # (H N, R), (H V, R)
+    return [m for m in (*queries, w.wkv_a, *ups, w.wo) if m is not None]
 
 
 def replay_seconds(ort: OffloadModel, device: torch.device, passes: int = 7) -> Replay:
@@ -406,6 +502,21 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
+def describe_attention(cfg: ModelConfig) -> str:
+    """The heads (and for DeepSeek its latent attention, dense layers and shared experts)."""
+    if not isinstance(cfg, DeepseekConfig):
+        heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        return f"{heads} heads / {kv} KV heads of {cfg.head_dim}"
+    dense = cfg.num_hidden_layers - len(cfg.moe_layers)
+    return (
+        f"{cfg.shared_intermediate_size // cfg.moe_intermediate_size} shared experts, "
+        f"{dense} dense layer(s) of width {cfg.dense_intermediate_size}, latent attention: "
+        f"{cfg.num_attention_heads} heads, kv_lora_rank {cfg.kv_lora_rank}, q/k "
+        f"{cfg.nope_dim} + rope {cfg.rope_dim}, v {cfg.v_dim}, query latent "
+        f"{cfg.q_lora_rank or 'none'}"
+    )
+
+
 def main() -> None:
     opts = parse_options()
     hf_logging.disable_progress_bar()
@@ -415,13 +526,12 @@ def main() -> None:
         f"{torch.get_num_threads()} threads; device {opts.device}; load average "
         f"{os.getloadavg()[0]:.2f} (other work on the machine skews every figure)"
     )
-    folder = checkpoint(opts.workdir, opts.model)
+    folder = checkpoint(opts.workdir, opts.model, opts.family)
     cfg = read_config(folder)
     print(
         f"model {folder}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
         f"{cfg.experts_per_layer} experts of width {cfg.moe_intermediate_size}, top-"
-        f"{cfg.num_experts_per_tok}, {cfg.num_attention_heads} heads / "
-        f"{cfg.num_key_value_heads} KV heads of {cfg.head_dim}, vocab {cfg.vocab_size}, "
+        f"{cfg.num_experts_per_tok}, {describe_attention(cfg)}, vocab {cfg.vocab_size}, "
         f"float32 ({cfg.num_experts_total * cfg.expert_numel * 4 / GB:.2f} GB of experts); "
         f"part 1: {opts.new_tokens} new tokens after a {PROMPT_LEN}-token prompt, "
         f"{opts.rounds} rounds",
