@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -74,6 +74,11 @@ class ExpertLayout(Protocol):
         "up", "down" as (out, in) matrices (quantized: "gate.qweight", "gate.blocks", ...),
         and GPT-OSS's "gate_bias", "up_bias", "down_bias". Views where the layout allows."""
         ...
+
+
+@runtime_checkable
+class WritableLayout(ExpertLayout, Protocol):
+    """A layout `quantize` can write experts in."""
 
     def stored(
         self, layer: int, experts: Iterator[dict[str, torch.Tensor]]
@@ -191,14 +196,6 @@ class FusedLayout:
     def logical(self, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         gate, up = stored["gate_up"].split(self.intermediate)  # (F, D) each
         return {"gate": gate, "up": up, "down": stored["down"]}
-
-    def stored(
-        self, layer: int, experts: Iterator[dict[str, torch.Tensor]]
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        parts = list(experts)
-        gate_up = torch.stack([torch.cat((p["gate"], p["up"])) for p in parts])
-        yield self.gate_up.format(layer=layer), gate_up
-        yield self.down.format(layer=layer), torch.stack([p["down"] for p in parts])
 
 
 @dataclass(frozen=True)

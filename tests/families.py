@@ -20,6 +20,20 @@ COMMON = dict(
     initializer_range=0.1,
 )
 
+# DeepSeek-V3's MoE block as GLM-4.5 and DeepSeek share it: 6 experts in 3 groups of which 2
+# are kept, a dense first layer; and DeepSeek's latent attention shape
+DEEPSEEK_BLOCK = dict(
+    intermediate_size=96,
+    moe_intermediate_size=48,
+    n_routed_experts=6,
+    n_group=3,
+    topk_group=2,
+    first_k_dense_replace=1,
+)
+MLA = dict(
+    kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=20, num_key_value_heads=4
+)
+
 # family -> (transformers config class, model class, its own fields); 6 experts a layer
 REFERENCES: dict[str, tuple[str, str, dict]] = {
     "mixtral": (
@@ -64,13 +78,8 @@ REFERENCES: dict[str, tuple[str, str, dict]] = {
         # DeepSeek-V3's block: a dense first layer, 3 groups of which 2 are kept, a shared
         # expert, scaled weights; partial rotary, q/k norms, q/k/v biases
         dict(
-            intermediate_size=96,
-            moe_intermediate_size=48,
-            n_routed_experts=6,
+            **DEEPSEEK_BLOCK,
             n_shared_experts=1,
-            n_group=3,
-            topk_group=2,
-            first_k_dense_replace=1,
             norm_topk_prob=True,
             routed_scaling_factor=1.5,
             head_dim=24,
@@ -84,20 +93,11 @@ REFERENCES: dict[str, tuple[str, str, dict]] = {
         # a query latent, YaRN with mscale_all_dim, 3 groups of 2 kept, a dense first layer,
         # a shared expert, a correction bias, scaled renormalised weights
         dict(
-            intermediate_size=96,
-            moe_intermediate_size=48,
-            n_routed_experts=6,
+            **DEEPSEEK_BLOCK,
+            **MLA,
             n_shared_experts=1,
-            n_group=3,
-            topk_group=2,
-            first_k_dense_replace=1,
             routed_scaling_factor=2.5,
             q_lora_rank=40,
-            kv_lora_rank=32,
-            qk_nope_head_dim=16,
-            qk_rope_head_dim=8,
-            v_head_dim=20,
-            num_key_value_heads=4,
             rope_parameters=dict(
                 rope_type="yarn",
                 rope_theta=10000.0,
@@ -115,21 +115,12 @@ REFERENCES: dict[str, tuple[str, str, dict]] = {
         "DeepseekV2ForCausalLM",
         # V2-Lite's shape: no query latent; group-limited softmax routing, two shared experts
         dict(
-            intermediate_size=96,
-            moe_intermediate_size=48,
-            n_routed_experts=6,
+            **DEEPSEEK_BLOCK,
+            **MLA,
             n_shared_experts=2,
-            n_group=3,
-            topk_group=2,
             topk_method="group_limited_greedy",
-            first_k_dense_replace=1,
             routed_scaling_factor=1.5,
             q_lora_rank=None,
-            kv_lora_rank=32,
-            qk_nope_head_dim=16,
-            qk_rope_head_dim=8,
-            v_head_dim=20,
-            num_key_value_heads=4,
         ),
     ),
     "gpt_oss": (

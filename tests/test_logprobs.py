@@ -94,8 +94,9 @@ def test_scheduler_scores_prompts_in_one_prefill_and_generates_beside(model):
 def test_a_long_prompt_is_scored_in_chunks(model, reference):
     _, hf = reference
     n = CHUNK_POSITIONS + 40  # over one chunk; the tiny model's context is 256, so score here
-    ids = torch.randint(3, 128, (n,)).tolist()
-    hidden = torch.randn(n, model.config.hidden_size)
+    gen = torch.Generator().manual_seed(11)
+    ids = torch.randint(3, 128, (n,), generator=gen).tolist()
+    hidden = torch.randn(n, model.config.hidden_size, generator=gen)
     whole = torch.log_softmax(model.model.logits(hidden[:-1]).float(), dim=-1)
     lps = prompt_logprobs(hidden, ids, 2, model.model.logits)
     assert len(lps) == n and lps[0].logprob is None

@@ -66,11 +66,10 @@ def route(
     correction: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x: (N, D), router: (E, D) -> weights (N, k) float32 and expert ids (N, k).
-    Softmax or sigmoid scores; `bias` (E,) joins the logits (GPT-OSS's router: its top-k
-    logits then softmax is this, renormalised); `correction` (E,) joins the scores only to
-    choose (DeepSeek-V3's e_score_correction_bias), the weights are the uncorrected scores;
-    with groups, only experts of the `groups_kept` best groups are chosen. References: the
-    routers of Mixtral, Qwen, GPT-OSS, DeepSeek-V2/V3 and GLM-4.5 in transformers."""
+    Softmax or sigmoid scores; `bias` (E,) joins the logits (top-k logits then a softmax over
+    them is this, renormalised); `correction` (E,) joins the scores only to choose, the
+    weights are the uncorrected scores; with groups, only experts of the `groups_kept` best
+    groups are chosen. The families' parsers (`offload_rt/models/`) say which applies."""
     if spec.scoring == "sigmoid":  # computed in float32, as the references keep this router
         scores = torch.sigmoid(F.linear(x.float(), router.float(), bias))  # (N, E)
     else:

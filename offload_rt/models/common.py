@@ -97,6 +97,16 @@ MLP_EXPERT_NAMES = MoENames(
 )
 
 
+# the names of DeepSeek-V3's MoE block, as GLM-4.5 and DeepSeek-V2/V3 store it: the router
+# (`mlp.gate`, with its correction bias), routed experts, `shared_experts` without a gate
+DEEPSEEK_NAMES = MoENames(
+    router="model.layers.{layer}.mlp.gate.weight",
+    experts="model.layers.{layer}.mlp.experts.{expert}.{proj}",
+    projections={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+    shared="model.layers.{layer}.mlp.shared_experts.{proj}.weight",
+)
+
+
 def sparse_layers(r: ConfigReader, layers: int) -> tuple[int, ...]:
     """Qwen's rule: MoE unless in `mlp_only_layers` or off the `decoder_sparse_step` grid."""
     step = r.optional_positive_int("decoder_sparse_step") or 1

@@ -29,6 +29,7 @@ from offload_rt.model import (
 from offload_rt.model.mla import MLASpec, MLAWeights
 from offload_rt.model.rope import mscale
 from offload_rt.models.common import (
+    DEEPSEEK_NAMES,
     Getter,
     MoENames,
     SoftmaxMoEConfig,
@@ -38,7 +39,6 @@ from offload_rt.models.common import (
     expert_layout,
     norm_topk,
 )
-from offload_rt.models.glm4_moe import NAMES
 
 V2_METHODS = ("greedy", "group_limited_greedy")
 
@@ -156,7 +156,7 @@ class DeepseekFamily:
     model_type: str
     architectures: tuple[str, ...]
     parser: Callable[[ConfigReader], DeepseekConfig]
-    names: MoENames = NAMES
+    names: MoENames = DEEPSEEK_NAMES
 
     def parse(self, r: ConfigReader) -> DeepseekConfig:
         return self.parser(r)

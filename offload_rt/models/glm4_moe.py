@@ -12,15 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 from offload_rt.config import ConfigError, ConfigReader
-from offload_rt.models.common import MoENames, SoftmaxMoEConfig, deepseek_moe, norm_topk
-from offload_rt.models.family import SoftmaxFamily
-
-NAMES = MoENames(
-    router="model.layers.{layer}.mlp.gate.weight",
-    experts="model.layers.{layer}.mlp.experts.{expert}.{proj}",
-    projections={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
-    shared="model.layers.{layer}.mlp.shared_experts.{proj}.weight",
+from offload_rt.models.common import (
+    DEEPSEEK_NAMES,
+    SoftmaxMoEConfig,
+    deepseek_moe,
+    norm_topk,
 )
+from offload_rt.models.family import SoftmaxFamily
 
 
 def parse(r: ConfigReader) -> SoftmaxMoEConfig:
@@ -81,6 +79,6 @@ FAMILY = SoftmaxFamily(
     model_type="glm4_moe",
     architectures=("Glm4MoeForCausalLM",),
     parser=parse,
-    names=NAMES,
+    names=DEEPSEEK_NAMES,
     demo=demo,
 )

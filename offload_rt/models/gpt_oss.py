@@ -67,9 +67,9 @@ def parse(r: ConfigReader) -> GptOssConfig:
         moe_layers=tuple(range(layers)),
         rope_kinds=("default", "yarn"),
     )
-    core["clamped_swiglu"] = ClampedSwiGLUConfig(
-        limit=r.positive_float("swiglu_limit") if "swiglu_limit" in r.d else 7.0,
-        alpha=r.positive_float("swiglu_alpha") if "swiglu_alpha" in r.d else 1.702,
+    core["clamped_swiglu"] = ClampedSwiGLUConfig(  # transformers' defaults when absent
+        limit=r.optional_positive_float("swiglu_limit") or 7.0,
+        alpha=r.optional_positive_float("swiglu_alpha") or 1.702,
     )
     bias = r.boolean("attention_bias", default=True)
     return GptOssConfig(
@@ -156,6 +156,8 @@ class GptOssLayout:
     def stored(
         self, layer: int, experts: Iterator[dict[str, torch.Tensor]]
     ) -> Iterator[tuple[str, torch.Tensor]]:
+        """MXFP4 experts (what `quantize` writes) in the release's fused layout."""
+        assert self.quant is not None, "float GPT-OSS experts are not written here"
         parts = list(experts)
         prefix = EXPERTS.format(layer=layer)
 
@@ -167,10 +169,6 @@ class GptOssLayout:
 
         yield prefix + "gate_up_proj_bias", fused("gate_bias", "up_bias")
         yield prefix + "down_proj_bias", stacked("down_bias")
-        if self.quant is None:  # stored (in, out)
-            yield prefix + "gate_up_proj", fused("gate", "up").transpose(1, 2).contiguous()
-            yield prefix + "down_proj", stacked("down").transpose(1, 2).contiguous()
-            return
         for part in ("blocks", "scales"):
             yield prefix + f"gate_up_proj_{part}", fused(f"gate.{part}", f"up.{part}")
             yield prefix + f"down_proj_{part}", stacked(f"down.{part}")

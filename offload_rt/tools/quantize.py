@@ -24,7 +24,7 @@ from offload_rt.checkpoint import (
     INDEX_FILE,
     Checkpoint,
     CheckpointError,
-    ExpertLayout,
+    WritableLayout,
     write_checkpoint,
 )
 from offload_rt.config import DEFAULT_GROUP_SIZE, MXFP4_GROUP, QuantConfig
@@ -84,6 +84,8 @@ def quantize_checkpoint(
         dense = ckpt.expert_tensor_names()
         present = frozenset(n for n in ckpt.tensors if n not in dense)
         layout = family_of(config).spec(out_cfg, present).experts
+        if not isinstance(layout, WritableLayout):
+            raise CheckpointError(f"{src}: {cfg.model_type} experts cannot be written quantized")
         report = QuantizeReport(
             dst,
             cfg.num_experts_total,
@@ -123,7 +125,7 @@ def _dense_nbytes(ckpt: Checkpoint) -> int:
 
 def _tensors(
     ckpt: Checkpoint,
-    layout: ExpertLayout,
+    layout: WritableLayout,
     quant: QuantConfig,
     report: QuantizeReport,
     progress: bool,
