@@ -99,7 +99,8 @@ CONFIGS: dict[str, dict | None] = {  # set_offload options of the capped model; 
 def decode(model: OffloadModel, prompt: list[int], steps: int) -> Run:
     decoder = BatchDecoder(model.model, [prompt], PROMPT_LEN + steps)
     logits = decoder.prefill()
-    tracker = model.backend.tracker
+    prefetcher = model.backend.prefetcher
+    tracker = None if prefetcher is None else prefetcher.tracker
     before, tracked = model.stats(), asdict(tracker.stats) if tracker else {}
     tokens: list[int] = []
     _sync(model.device)

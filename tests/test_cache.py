@@ -131,15 +131,16 @@ def test_a_call_needing_more_experts_than_slots_still_completes():
     assert (s["misses"], s["evictions"], s["resident_max"]) == (4, 3, 1)
 
 
-def test_resident_experts_run_before_missing_ones_load():
+def test_resident_experts_run_before_missing_ones_load(monkeypatch):
     source = FakeSource()
     backend = make_backend(source, capacity=4)
     x = torch.ones(1, D)
     backend.run({k: x for k in keys(2, 6)})
     order: list[ExpertKey] = []
-    compute, arriving = backend._compute, backend._compute_arriving
-    backend._compute = lambda key, inp: order.append(key) or compute(key, inp)
-    backend._compute_arriving = lambda key, inp: order.append(key) or arriving(key, inp)
+    runner = backend.runner
+    resident, arriving = runner.resident, runner.arriving
+    monkeypatch.setattr(runner, "resident", lambda k, inp: order.append(k) or resident(k, inp))
+    monkeypatch.setattr(runner, "arriving", lambda k, inp: order.append(k) or arriving(k, inp))
     backend.run({k: x for k in keys(0, 2, 5, 6)})
     assert order == keys(2, 6, 0, 5)
 
@@ -188,12 +189,11 @@ def test_stacked_swiglu_matches_separate_projections():
 
 
 def test_simulated_link_charges_every_move_and_changes_nothing():
-    from offload_rt.experts.store import SimulatedLink
+    from offload_rt.experts.transport import SimulatedLink
 
     source = FakeSource()
-    link = SimulatedLink(bytes_per_s=1e9)
-    store = ExpertStore(source, FORMAT, torch.device("cpu"), 2, None, link)
-    backend = LocalExpertBackend(store, SlotCache(2), GRID)
+    store = ExpertStore(source, FORMAT, torch.device("cpu"), 2, None)
+    backend = LocalExpertBackend(store, SlotCache(2), GRID, link=SimulatedLink(bytes_per_s=1e9))
     x = torch.randn(1, D, generator=torch.Generator().manual_seed(5))
     for e in (0, 1, 2, 0, 1, 2):
         key = ExpertKey(0, e)
@@ -206,7 +206,7 @@ def test_simulated_link_charges_every_move_and_changes_nothing():
 
 
 class OvershootingClock:
-    """perf_counter/sleep for the store module: every sleep lasts `late` seconds too long,
+    """perf_counter/sleep for the transport module: every sleep lasts `late` seconds too long,
     as real sleeps do (about 70 µs on the CI machine)."""
 
     def __init__(self, late: float) -> None:
@@ -223,11 +223,11 @@ def test_simulated_link_keeps_its_rate_when_sleeps_overshoot(monkeypatch):
     """Moves queued back to back end at the exact link's times, whatever each sleep adds:
     a late wake-up delays that move's end as seen, not the next move's start. A move asked
     for while the link is idle starts when it is asked for."""
-    from offload_rt.experts import store as store_module
+    from offload_rt.experts import transport
 
     clock = OvershootingClock(late=0.5e-3)
-    monkeypatch.setattr(store_module, "time", clock)
-    link = store_module.SimulatedLink(bytes_per_s=1e6)  # 1 ms per 1000 bytes
+    monkeypatch.setattr(transport, "time", clock)
+    link = transport.SimulatedLink(bytes_per_s=1e6)  # 1 ms per 1000 bytes
     queued = clock.now
     for _ in range(10):
         link.hold(1000, queued)  # ten moves queued at once

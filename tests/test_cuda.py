@@ -39,8 +39,8 @@ def test_cuda_host_tier_is_pinned(reference):
     with offload_rt.load(reference[0], device="cuda", cache_experts=2) as model:
         model.generate(PROMPTS[0], max_new_tokens=4)
         store = model.backend.store
-        assert store.host_resident() > 0
-        assert all(buf.is_pinned() for buf in store._host.values())
+        assert store.host_buffers()
+        assert all(buf.is_pinned() for buf in store.host_buffers())
         assert store.pool.device.type == "cuda"
 
 
@@ -68,8 +68,8 @@ def test_cuda_prefetch_and_compute_on_miss_match_the_reference(reference, option
     CPU's kernels differ from the GPU's, so logits are held to 1e-4, tokens exactly."""
     folder, hf = reference
     with offload_rt.load(folder, device="cuda", cache_experts=3, **options) as model:
-        if model.backend.miss_cost is not None:
-            model.backend.miss_cost.host_fixed_s = 0.0  # the CPU taken as free: every miss
+        if model.backend.planner is not None:
+            model.backend.planner.cost.host_fixed_s = 0.0  # the CPU taken as free: every miss
             # whose copy would wait runs there, so the path is exercised whatever the timing
         stats = check_against_reference(model, hf)
     if options.get("compute_on_miss"):

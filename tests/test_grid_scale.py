@@ -77,7 +77,7 @@ def test_backend_bookkeeping_with_prefetch_over_the_whole_grid():
             assert len(out) == 8
             upcoming = GRID.next_layer(layer)
             if upcoming is not None:
-                backend.prefetch(upcoming, rng.sample(range(128), 8))
+                backend.prefetcher.fetch(upcoming, rng.sample(range(128), 8))
     backend.settle()
     s = backend.stats()
     assert s["hits"] + s["misses"] == 2 * 94 * 8 and s["resident_max"] <= 512

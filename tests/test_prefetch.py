@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 import offload_rt
 from offload_rt.engine import BatchDecoder
 from offload_rt.experts import ExpertStore, LocalExpertBackend, OffloadOptions, SlotCache
-from offload_rt.experts.store import SimulatedLink
+from offload_rt.experts.transport import SimulatedLink
 from offload_rt.model import SwiGLU
 from tests.conftest import save_reference
 from tests.test_cache import FORMAT, GRID, D, F, FakeSource, keys, reference
@@ -83,20 +83,21 @@ def test_compute_on_miss_changes_no_output(reference, cache_experts, prefetch):
     assert got[3]["bytes_loaded"] < base[3]["bytes_loaded"]
 
 
-def test_loads_run_while_resident_experts_compute():
+def test_loads_run_while_resident_experts_compute(monkeypatch):
     """The resident expert's compute blocks until the missing expert's load has begun on the
-    loader thread, and the prefetch of the next layer likewise: a loader that ran loads only
-    between computes would never set the events, and the call would fail on the timeout."""
+    loader thread (it reads the expert into the host tier), and the prefetch of the next
+    layer likewise: a loader that ran loads only between computes would never set the
+    events, and the call would fail on the timeout."""
     source = FakeSource()
     backend = prefetching_backend(source, capacity=4, link=slow_link())
     x = torch.randn(1, D, generator=torch.Generator().manual_seed(1))
     backend.run({k: x for k in keys(0)})
     started = {k: threading.Event() for k in [*keys(1), *keys(2, layer=1)]}
-    load, compute = backend.store.load, backend._compute
+    read, compute = backend.store.host_buffer, backend.runner.resident
 
-    def traced_load(key, slot, *landed):
+    def traced_read(key):
         started[key].set()
-        load(key, slot, *landed)
+        return read(key)
 
     def blocking_compute(key, inp):
         if key == keys(0)[0]:
@@ -104,8 +105,9 @@ def test_loads_run_while_resident_experts_compute():
                 assert event.wait(timeout=10), "a load did not start while layer 0 computed"
         return compute(key, inp)
 
-    backend.store.load, backend._compute = traced_load, blocking_compute
-    backend.prefetch(1, [2])
+    monkeypatch.setattr(backend.store, "host_buffer", traced_read)
+    monkeypatch.setattr(backend.runner, "resident", blocking_compute)
+    backend.prefetcher.fetch(1, [2])
     out = backend.run({k: x for k in keys(0, 1)})
     for k in keys(0, 1):
         torch.testing.assert_close(out[k], reference(source, k, x))
@@ -149,15 +151,16 @@ def test_prefetch_stats_on_a_predictable_model(tmp_path, reference):
 
 
 def prefetching_backend(source: FakeSource, capacity: int, link: SimulatedLink | None = None):
-    store = ExpertStore(source, FORMAT, torch.device("cpu"), capacity, None, link)
-    return LocalExpertBackend(store, SlotCache(capacity), GRID, OffloadOptions(prefetch=True))
+    store = ExpertStore(source, FORMAT, torch.device("cpu"), capacity, None)
+    options = OffloadOptions(prefetch=True)
+    return LocalExpertBackend(store, SlotCache(capacity), GRID, options, link)
 
 
 def test_prefetch_counters_on_a_scripted_sequence():
     source = FakeSource()
     backend = prefetching_backend(source, capacity=4)
     x = torch.randn(1, D, generator=torch.Generator().manual_seed(2))
-    backend.prefetch(1, [2, 5])
+    backend.prefetcher.fetch(1, [2, 5])
     backend.settle()
     out = backend.run({k: x for k in keys(2, 5, layer=1)})
     for k in keys(2, 5, layer=1):
@@ -166,7 +169,7 @@ def test_prefetch_counters_on_a_scripted_sequence():
     assert (s["hits"], s["misses"], s["prefetch_loads"], s["prefetch_used"]) == (2, 0, 2, 2)
     assert (s["prefetch_recall"], s["prefetch_precision"], s["prefetch_on_time"]) == (1, 1, 1)
     # a half-right guess: 3 is used, 4 is loaded for nothing and goes first when room is needed
-    backend.prefetch(1, [3, 4])
+    backend.prefetcher.fetch(1, [3, 4])
     backend.settle()
     backend.run({k: x for k in keys(3, 6, layer=1)})
     s = backend.stats()
@@ -183,7 +186,7 @@ def test_prefetch_never_evicts_the_running_layer_or_a_predicted_expert():
     backend = prefetching_backend(FakeSource(), capacity=3)
     x = torch.randn(1, D, generator=torch.Generator().manual_seed(3))
     backend.run({k: x for k in keys(0, 1, layer=0)})
-    backend.prefetch(1, [4, 5])  # one free slot: 4 takes it; 5 finds only layer 0's experts
+    backend.prefetcher.fetch(1, [4, 5])  # one free slot: 4 takes it; 5 finds only layer 0's experts
     backend.settle()
     assert set(backend.cache.resident_keys()) == {*keys(0, 1), *keys(4, layer=1)}
     assert backend.stats()["prefetch_loads"] == 1
@@ -198,8 +201,8 @@ def test_late_and_cancelled_prefetches():
     source = FakeSource()
     backend = prefetching_backend(source, capacity=8, link=slow_link())
     x = torch.randn(1, D, generator=torch.Generator().manual_seed(4))
-    backend.prefetch(1, [2, 5, 7])  # 2 starts at once; 5 and 7 queue
-    backend.prefetch(1, [2, 7])  # a newer guess drops 5 before it starts
+    backend.prefetcher.fetch(1, [2, 5, 7])  # 2 starts at once; 5 and 7 queue
+    backend.prefetcher.fetch(1, [2, 7])  # a newer guess drops 5 before it starts
     backend.run({k: x for k in keys(2, 6, layer=1)})  # 2 still on its way: late; 7 unused
     s = backend.stats()
     assert source.reads == keys(2, 6, layer=1)
@@ -214,7 +217,7 @@ def test_demand_loads_go_before_queued_prefetches():
     source = FakeSource()
     backend = prefetching_backend(source, capacity=8, link=slow_link())
     x = torch.randn(1, D, generator=torch.Generator().manual_seed(5))
-    backend.prefetch(1, [2, 5])  # 2 starts (unless the worker is slow to wake); 5 queues
+    backend.prefetcher.fetch(1, [2, 5])  # 2 starts (unless the worker is slow to wake); 5 queues
     backend.run({k: x for k in keys(3, layer=0)})  # layer 0 needs 3: it goes before 5
     backend.settle()
     reads = source.reads
@@ -227,7 +230,7 @@ def test_a_failed_prefetch_leaves_the_expert_to_a_demand_load():
     source = FakeSource(fail={keys(4, layer=1)[0]})
     backend = prefetching_backend(source, capacity=4)
     x = torch.randn(1, D, generator=torch.Generator().manual_seed(6))
-    backend.prefetch(1, [4])
+    backend.prefetcher.fetch(1, [4])
     backend.settle()
     assert keys(4, layer=1)[0] not in backend.cache
     source.fail.clear()
@@ -252,10 +255,12 @@ def test_prefetch_is_on_by_default_only_for_a_capped_cache_behind_a_link(referen
         with offload_rt.load(folder, **options) as model:
             assert model.model.prefetcher is None and "prefetch_recall" not in model.stats()
     with offload_rt.load(folder, cache_experts=4, link_gbps=SLOW_LINK) as model:
-        assert model.model.prefetcher is model.backend
+        assert model.model.prefetcher is not None
+        assert model.model.prefetcher is model.backend.prefetcher
         assert "prefetch_recall" in model.stats()
     with offload_rt.load(folder, cache_experts=4, prefetch=True) as model:
-        assert model.model.prefetcher is model.backend
+        assert model.model.prefetcher is not None
+        assert model.model.prefetcher is model.backend.prefetcher
 
 
 def test_cli_prints_the_prefetch_counters_and_takes_the_options(reference):
@@ -312,8 +317,8 @@ def test_an_arriving_expert_starts_on_w13_before_its_w2_lands():
     """Behind a slow link, a missing expert's w13 matmul runs while its w2 (a third of its
     bytes) still moves; the w2 matmul waits for the whole load. The output is unchanged."""
     source = FakeSource()
-    store = ExpertStore(source, FORMAT, torch.device("cpu"), 2, None, slow_link())
-    backend = LocalExpertBackend(store, SlotCache(2), GRID)
+    store = ExpertStore(source, FORMAT, torch.device("cpu"), 2, None)
+    backend = LocalExpertBackend(store, SlotCache(2), GRID, link=slow_link())
     seen = []
     up, down = SwiGLU.up, SwiGLU.down
 
@@ -321,7 +326,7 @@ def test_an_arriving_expert_starts_on_w13_before_its_w2_lands():
 
     def traced(name, fn, key):
         def run(self, *args):
-            loads.extend([backend.loads[key]] if not loads else [])  # gone once it has ended
+            loads.extend([backend.loads.future(key)] if not loads else [])  # gone once ended
             seen.append((name, loads[0].done()))
             return fn(self, *args)
 

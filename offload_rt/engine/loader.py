@@ -15,7 +15,7 @@ from offload_rt.dtypes import DTYPE_NAMES, DTYPES
 from offload_rt.experts import ExpertStore, LocalExpertBackend, OffloadOptions, SlotCache
 from offload_rt.experts.formats import expert_format, expert_nbytes
 from offload_rt.experts.policies import DEFAULT_POLICY, runtime_policy
-from offload_rt.experts.store import SimulatedLink
+from offload_rt.experts.transport import SimulatedLink
 
 if TYPE_CHECKING:
     from offload_rt.distributed.backend import RayExpertBackend
@@ -71,9 +71,9 @@ def local_backend(
     host = 0 if device.type == "cpu" and link_gbps is None else host_experts
     link = None if link_gbps is None else SimulatedLink(link_gbps * 1e9)
     fmt = expert_format(cfg, device, dtype)
-    store = ExpertStore(ckpt, fmt, device, capacity, host, link)
+    store = ExpertStore(ckpt, fmt, device, capacity, host)
     cache = SlotCache(capacity, runtime_policy(cache_policy, len(cfg.grid.layers)))
-    return LocalExpertBackend(store, cache, cfg.grid, options or OffloadOptions())
+    return LocalExpertBackend(store, cache, cfg.grid, options or OffloadOptions(), link)
 
 
 def ray_backend(

@@ -156,9 +156,8 @@ class OffloadModel:
         if not isinstance(self.backend, LocalExpertBackend):
             raise ValueError("prefetch and compute_on_miss are local backend options")
         _check_predict_from(prefetch_from)
-        self.backend.set_options(OffloadOptions(prefetch, compute_on_miss))
-        self.model.prefetcher = self.backend if prefetch else None
-        self.model.predict_from = prefetch_from
+        self.backend.set_options(OffloadOptions(prefetch, compute_on_miss, prefetch_from))
+        self.model.prefetcher = self.backend.prefetcher
 
     def routing_trace(self) -> RoutingTrace:
         """Every complete forward pass's experts so far (`load(record_routing=True)`); the
@@ -280,7 +279,7 @@ def load(
         if prefetch is None:
             prefetch = _prefetch_pays(backend, capacity < cfg.num_experts_total, dev, link_gbps)
         if backend == "local":
-            options = OffloadOptions(prefetch=prefetch, compute_on_miss=compute_on_miss)
+            options = OffloadOptions(prefetch, compute_on_miss, prefetch_from)
             experts = local_backend(
                 ckpt, dev, dt, capacity, host_experts, link_gbps, options, cache_policy
             )
@@ -293,12 +292,12 @@ def load(
                 host_experts=host_experts if host_experts is not None else opts.host_experts,
             )
             experts, on_close = ray_backend(ckpt, dt, opts)
-        prefetcher = experts if prefetch and isinstance(experts, LocalExpertBackend) else None
+        prefetcher = experts.prefetcher if isinstance(experts, LocalExpertBackend) else None
         grid = ckpt.config.grid
         recorder = (
             RoutingRecorder(experts, len(grid.layers), grid.experts) if record_routing else None
         )
-        model = build_model(ckpt, dev, dt, recorder or experts, prefetcher, prefetch_from)
+        model = build_model(ckpt, dev, dt, recorder or experts, prefetcher)
     except BaseException:
         if experts is not None:
             experts.close()

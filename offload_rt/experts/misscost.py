@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 
+from offload_rt.experts.store import ExpertStore
+from offload_rt.experts.transport import Transport
 from offload_rt.model.ffn import ExpertFFN
+from offload_rt.model.moe import ExpertKey
 
 CALIBRATION_ROWS = 16  # enough rows to see the per-row cost past the weight-reading cost
 CALIBRATION_REPEATS = 3  # best of: the first run also warms the CPU's caches and BLAS
@@ -58,6 +62,33 @@ class MissCost:
         many = _best_seconds(ffn, CALIBRATION_ROWS)
         self.host_fixed_s = one
         self.host_row_s = max(0.0, (many - one) / (CALIBRATION_ROWS - 1))
+
+
+class MissPlanner:
+    """Per missing expert of a layer call: its host weights to run on the CPU, or None to
+    wait for its copy (`MissCost` on the transport's estimate of when the copy ends)."""
+
+    def __init__(self, store: ExpertStore, transport: Transport, cost: MissCost) -> None:
+        self.store = store
+        self.transport = transport
+        self.cost = cost
+        self.host_computed = 0  # missing experts run on the CPU instead of loaded
+
+    def choose(
+        self, key: ExpertKey, rows: int, load: Future | None, copies_ahead: int = 0
+    ) -> ExpertFFN | None:
+        """The expert's host weights when computing it on the CPU beats waiting for its copy
+        (`load` in flight, or a new one queued after `copies_ahead` more); None to copy."""
+        weights = self.store.host_weights(key)
+        if weights is None:
+            return None
+        wait = self.transport.eta(load, nbytes=(copies_ahead + 1) * self.store.nbytes)
+        return weights if self.cost.prefer_host(rows, wait, lambda: weights) else None
+
+    def run(self, x: torch.Tensor, ffn: ExpertFFN) -> torch.Tensor:
+        """The expert on the CPU: x (n, D) from the device and back."""
+        self.host_computed += 1
+        return ffn(x.to(ffn.w13.device)).to(x.device)
 
 
 def _best_seconds(ffn: ExpertFFN, rows: int) -> float:

@@ -93,7 +93,6 @@ class DecoderModel(Protocol):
     grid: ExpertGrid
     backend: ExpertBackend
     prefetcher: ExpertPrefetcher | None
-    predict_from: str
 
     @property
     def device(self) -> torch.device: ...
@@ -125,10 +124,7 @@ class MoEDecoder:
         backend: ExpertBackend,
         rope: RopeTables,
         prefetcher: ExpertPrefetcher | None = None,
-        predict_from: str = "both",
     ) -> None:
-        if predict_from not in PREDICT_FROM:
-            raise ValueError(f"predict_from must be one of {PREDICT_FROM}, got {predict_from!r}")
         self.config = cfg
         self.grid = cfg.grid
         self.spec = spec
@@ -136,7 +132,6 @@ class MoEDecoder:
         self.backend = backend
         self.rope = rope
         self.prefetcher = prefetcher  # None: no guesses of the next layer's experts
-        self.predict_from = predict_from
         # per MoE layer, the router with its MoE input norm's weight folded in (E, D): a
         # single token's guess is then one matrix-vector product, since the norm's 1/rms
         # factor and the softmax are monotonic and leave the order of the router's logits
@@ -237,7 +232,8 @@ class MoEDecoder:
     ) -> None:
         """Hand the prefetcher MoE layer `layer`'s router's choice on h (B, T, D), as that
         layer would make it with h as its MoE input. Reads h, changes nothing."""
-        if self.prefetcher is None or self.predict_from not in (at, "both") or layer is None:
+        prefetcher = self.prefetcher
+        if prefetcher is None or prefetcher.predict_from not in (at, "both") or layer is None:
             return
         c = self.config
         x = h.reshape(-1, c.hidden_size)  # (N, D)
@@ -262,11 +258,7 @@ class MoEDecoder:
             )
         else:
             return
-        # the early guess of "both" fetches only the likelier half of what it names (on the
-        # benchmark model a token's first choice is right 3 times in 4, its second 1 in 2):
-        # a wrong load that has started cannot be taken back when the later guess corrects it
-        early = at == "attention" and self.predict_from == "both"
-        self.prefetcher.prefetch(layer, ranked, -(-len(ranked) // 2) if early else None)
+        prefetcher.prefetch(layer, ranked, at)
 
     def _moe(
         self, x: torch.Tensor, mlp: MoEWeights, layer: int, live: torch.Tensor | None

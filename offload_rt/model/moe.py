@@ -30,9 +30,11 @@ class ExpertBackend(Protocol):
 class ExpertPrefetcher(Protocol):
     """Takes the model's guess of a layer's experts ahead of time (a backend with a cache)."""
 
-    def prefetch(self, layer: int, ranked: Sequence[int], fetch: int | None = None) -> None:
-        """Experts of `layer` the current tokens are likely to use, most likely first; load
-        the first `fetch` of them (None: all) and keep the rest if they are resident."""
+    predict_from: str  # where the model guesses: "attention", "moe" or "both"
+
+    def prefetch(self, layer: int, ranked: Sequence[int], at: str) -> None:
+        """Experts of `layer` the current tokens are likely to use, most likely first, as
+        guessed at `at` ("attention" or "moe"); how many to load is the prefetcher's rule."""
         ...
 
 

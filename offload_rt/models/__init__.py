@@ -75,7 +75,6 @@ def build_model(
     dtype: torch.dtype,
     backend: ExpertBackend,
     prefetcher: ExpertPrefetcher | None = None,
-    predict_from: str = "both",
 ) -> DecoderModel:
     """The checkpoint's decoder: dense weights read onto `device` in `dtype`, routed experts
     behind `backend`."""
@@ -91,7 +90,7 @@ def build_model(
 
     family = FAMILIES[ckpt.config.model_type]
     present = frozenset(ckpt.tensors)
-    return family.build(ckpt.config, get, present, backend, device, prefetcher, predict_from)
+    return family.build(ckpt.config, get, present, backend, device, prefetcher)
 
 
 __all__ = [

@@ -344,7 +344,6 @@ def build_decoder(
     backend: ExpertBackend,
     device: torch.device,
     prefetcher: ExpertPrefetcher | None,
-    predict_from: str,
 ) -> MoEDecoder:
     spec = DecoderSpec(
         attention=AttentionSpec(
@@ -359,4 +358,4 @@ def build_decoder(
     weights = dense_weights(cfg, names, get, present)
     rotary = cfg.rotary_dim or cfg.head_dim
     rope = RopeTables.build(rotary, cfg.rope_theta, cfg.max_position_embeddings, device)
-    return MoEDecoder(cfg, spec, weights, backend, rope, prefetcher, predict_from)
+    return MoEDecoder(cfg, spec, weights, backend, rope, prefetcher)

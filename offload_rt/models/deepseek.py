@@ -177,7 +177,6 @@ class DeepseekFamily:
         backend: ExpertBackend,
         device: torch.device,
         prefetcher: ExpertPrefetcher | None,
-        predict_from: str,
     ) -> DecoderModel:
         weights = dense_weights(cfg, self.names, get, present, _mla_weights)
         attention = MLASpec(
@@ -194,7 +193,7 @@ class DeepseekFamily:
             cfg.rope_dim, cfg.rope_theta, cfg.max_position_embeddings, device, cfg.yarn
         )
         spec = DecoderSpec(attention, cfg.router_spec)
-        return MoEDecoder(cfg, spec, weights, backend, rope, prefetcher, predict_from)
+        return MoEDecoder(cfg, spec, weights, backend, rope, prefetcher)
 
     def demo_config(self, vocab_size: int) -> dict[str, Any]:
         return demo(self.model_type, vocab_size)

@@ -39,7 +39,6 @@ class Family(Protocol):
         backend: ExpertBackend,
         device: torch.device,
         prefetcher: ExpertPrefetcher | None,
-        predict_from: str,
     ) -> DecoderModel:
         """The decoder from its dense weights (`get` reads one onto the device) and the
         backend that runs its routed experts."""
@@ -74,11 +73,8 @@ class SoftmaxFamily:
         backend: ExpertBackend,
         device: torch.device,
         prefetcher: ExpertPrefetcher | None,
-        predict_from: str,
     ) -> DecoderModel:
-        return build_decoder(
-            cfg, self.names, get, present, backend, device, prefetcher, predict_from
-        )
+        return build_decoder(cfg, self.names, get, present, backend, device, prefetcher)
 
     def demo_config(self, vocab_size: int) -> dict[str, Any]:
         return self.demo(vocab_size)

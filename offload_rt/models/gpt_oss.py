@@ -200,7 +200,6 @@ def build(
     backend: ExpertBackend,
     device: torch.device,
     prefetcher: ExpertPrefetcher | None,
-    predict_from: str,
 ) -> DecoderModel:
     weights = dense_weights(cfg, NAMES, get, present)
     layers = []
@@ -218,9 +217,7 @@ def build(
     rope = RopeTables.build(
         cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, device, cfg.yarn
     )
-    return MoEDecoder(
-        cfg, spec, replace(weights, layers=layers), backend, rope, prefetcher, predict_from
-    )
+    return MoEDecoder(cfg, spec, replace(weights, layers=layers), backend, rope, prefetcher)
 
 
 def demo(vocab_size: int) -> dict[str, Any]:
