@@ -44,19 +44,32 @@ def test_cuda_host_tier_is_pinned(reference):
         assert store.pool.device.type == "cuda"
 
 
+def assert_near_greedy(hf, prompt: list[int], tokens: list[int], margin: float) -> None:
+    """Each of `tokens` is the reference's greedy choice after the same prefix, or scores within
+    `margin` of it there (a near-tie that a lower precision may break the other way)."""
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1]  # (n, V)
+    chosen = logits.gather(1, torch.tensor(tokens)[:, None])[:, 0]  # (n,)
+    gap = logits.max(-1).values - chosen
+    assert gap.max().item() <= margin, f"tokens {tokens}: gaps to the reference's best {gap}"
+
+
 def test_cuda_bfloat16_stays_close_to_float32(reference):
     """bfloat16 keeps 8 bits of mantissa: logits agree with the float32 reference to a few
-    hundredths, not to 1e-4; the capped cache still generates every token asked for."""
+    hundredths, not to 1e-4. The capped cache's greedy tokens are checked by value: each is
+    the reference's own choice after the same prefix, or within twice that error of it (a
+    random token scores about 2 below the best on this model)."""
     folder, hf = reference
     with offload_rt.load(folder, device="cuda", dtype="bfloat16", cache_experts=4) as m:
         ours = m.logits(PROMPTS[0]).float().cpu()
-        r = m.generate(PROMPTS[1], max_new_tokens=8)
+        results = m.generate(PROMPTS, max_new_tokens=8)
         assert m.stats()["evictions"] > 0
     with torch.no_grad():
         ref = hf(torch.tensor([PROMPTS[0]])).logits[0]
     assert (ours - ref).abs().max().item() < 0.1
-    assert len(r.token_ids) == 8 or r.finish_reason == "stop"
-    assert all(0 <= t < hf.config.vocab_size for t in r.token_ids)
+    for prompt, r in zip(PROMPTS, results):
+        assert r.token_ids and (len(r.token_ids) == 8 or r.finish_reason == "stop")
+        assert_near_greedy(hf, prompt, r.token_ids, margin=0.2)
 
 
 @pytest.mark.parametrize(

@@ -39,9 +39,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def subcommands() -> set[str]:
-    parser = build_parser()
-    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    return {name for a in actions for name in a.choices}
+    usage = build_parser().format_usage()  # "usage: offload-rt [-h] {demo,generate,...} ..."
+    found = re.search(r"\{([a-z,-]+)\}", usage)
+    assert found, usage
+    return set(found.group(1).split(","))
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
