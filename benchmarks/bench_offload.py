@@ -85,7 +85,7 @@ def parse_options() -> Options:
     return Options(a.workdir, MODEL["num_hidden_layers"], a.steps, a.repeats, device, link)
 
 
-CONFIGS: dict[str, dict | None] = {  # set_offload options of the capped model; None: resident
+CONFIGS: dict[str, dict | None] = {  # load options of the capped model; None: resident
     "resident": None,
     "no prefetch": dict(prefetch=False),
     "prefetch (attention)": dict(prefetch=True, prefetch_from="attention"),
@@ -121,24 +121,24 @@ def decode(model: OffloadModel, prompt: list[int], steps: int) -> Run:
 
 
 def measure(folder: Path, capacity: int, prompt: list[int], opts: Options) -> dict:
-    """Two models: every expert resident, and the capped one behind the link, switched from
-    configuration to configuration (`set_offload`) and warmed again before each run, so
-    every run starts from the same cache state and the host tier is read once."""
+    """The model with every expert resident, loaded once; the capped one behind the link,
+    loaded afresh with each configuration's options for each run (the options are fixed for
+    a model's life) and warmed before it, so every run starts from the same cache state."""
     runs: dict[str, list[Run]] = {name: [] for name in CONFIGS}
     dev = opts.device
-    with (
-        offload_rt.load(folder, device=dev, prefetch=False) as resident,
-        offload_rt.load(
-            folder, device=dev, cache_experts=capacity, link_gbps=opts.link_gbps
-        ) as capped,
-    ):
+    with offload_rt.load(folder, device=dev, prefetch=False) as resident:
         for repeat in range(opts.repeats):
             for name, config in CONFIGS.items():
-                model = resident if config is None else capped
-                if config is not None:
-                    capped.set_offload(**config)
-                model.warm()
-                runs[name].append(decode(model, prompt, opts.steps))
+                if config is None:
+                    resident.warm()
+                    runs[name].append(decode(resident, prompt, opts.steps))
+                    continue
+                capped = offload_rt.load(
+                    folder, device=dev, cache_experts=capacity, link_gbps=opts.link_gbps, **config
+                )
+                with capped:
+                    capped.warm()
+                    runs[name].append(decode(capped, prompt, opts.steps))
             print(f"repeat {repeat + 1}/{opts.repeats} done", flush=True)
     return runs
 

@@ -45,7 +45,6 @@ from offload_rt.config import DEFAULT_GROUP_SIZE, ModelConfig, QuantConfig
 from offload_rt.engine import BatchDecoder
 from offload_rt.experts.mxfp4 import dequantize_mxfp4_new
 from offload_rt.experts.quant import QuantizedTensor, dequantize
-from offload_rt.experts.recorder import RoutingRecorder
 from offload_rt.model.ffn import SwiGLU
 from offload_rt.models import open_checkpoint, read_config
 from offload_rt.tools.quantize import FORMATS, quantize_checkpoint
@@ -153,21 +152,17 @@ def quantized(folder: Path, workdir: Path, name: str, group: int) -> Path:
 
 
 def decode(model: OffloadModel, prompt: list[int], n: int, forced: list[int] | None) -> Decode:
-    """Batch-1 greedy decode of n tokens (never stopping at EOS), or along `forced` tokens."""
-    grid = model.model.grid
-    rec = RoutingRecorder(model.model.backend, len(grid.layers), grid.experts)
-    model.model.backend = rec
-    try:
-        decoder = BatchDecoder(model.model, [prompt], len(prompt) + n)
-        logits = [decoder.prefill()[0]]
-        tokens = []
-        for i in range(n):
-            tokens.append(int(logits[-1].argmax()) if forced is None else forced[i])
-            if i + 1 < n:
-                logits.append(decoder.step([tokens[-1]], [True])[0])
-    finally:
-        model.model.backend = rec.inner
-    return Decode(tokens, torch.stack(logits), rec.trace().passes)
+    """Batch-1 greedy decode of n tokens (never stopping at EOS), or along `forced` tokens;
+    the model loaded with `record_routing=True`, whose passes of this decode it returns."""
+    before = len(model.routing_trace().passes)
+    decoder = BatchDecoder(model.model, [prompt], len(prompt) + n)
+    logits = [decoder.prefill()[0]]
+    tokens = []
+    for i in range(n):
+        tokens.append(int(logits[-1].argmax()) if forced is None else forced[i])
+        if i + 1 < n:
+            logits.append(decoder.step([tokens[-1]], [True])[0])
+    return Decode(tokens, torch.stack(logits), model.routing_trace().passes[before:])
 
 
 def accuracy(
@@ -176,13 +171,13 @@ def accuracy(
     """Per variant: max logits error, fp32 logits' std, prompts in full agreement, partings.
     "bf16" is the fp32 checkpoint run wholly in bfloat16: the error of a precision in common
     use, for scale."""
-    with offload_rt.load(folders["fp32"], device=device) as m:
+    with offload_rt.load(folders["fp32"], device=device, record_routing=True) as m:
         base = [decode(m, p, n, None) for p in prompts]
     spread = statistics.mean(float(d.logits.std()) for d in base)
     out = {"fp32": {"err": 0.0, "spread": spread, "agree": len(prompts), "parts": []}}
     others = [(name, folders[name], None) for name in VARIANTS[1:]]
     for name, folder, dtype in [*others, ("bf16", folders["fp32"], "bfloat16")]:
-        with offload_rt.load(folder, device=device, dtype=dtype) as m:
+        with offload_rt.load(folder, device=device, dtype=dtype, record_routing=True) as m:
             forced = [decode(m, p, n, b.tokens) for p, b in zip(prompts, base)]
             free = [decode(m, p, n, None) for p in prompts]
         err = max(float((f.logits.float() - b.logits).abs().max()) for f, b in zip(forced, base))

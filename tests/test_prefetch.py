@@ -279,21 +279,21 @@ def test_cli_prints_the_prefetch_counters_and_takes_the_options(reference):
     assert on.stdout.splitlines()[0] == off.stdout.splitlines()[0]
 
 
-def test_set_offload_switches_the_options_between_requests(reference):
+def test_offload_options_of_load_change_no_tokens(reference):
     folder, _ = reference
-    with offload_rt.load(folder, cache_experts=5, link_gbps=SLOW_LINK, prefetch=False) as model:
+    opts = dict(cache_experts=5, link_gbps=SLOW_LINK)
+    with offload_rt.load(folder, **opts, prefetch=False) as model:
         plain = model.generate(PROMPTS, max_new_tokens=12)
-        assert "prefetch_recall" not in model.stats()
-        model.set_offload(prefetch=True, prefetch_from="moe", compute_on_miss=True)
+        assert "prefetch_recall" not in model.stats() and "host_computed" not in model.stats()
+    more = dict(prefetch=True, prefetch_from="moe", compute_on_miss=True)
+    with offload_rt.load(folder, **opts, **more) as model:
+        assert model.model.prefetcher is model.backend.prefetcher
+        assert model.backend.prefetcher is not None
+        assert model.backend.prefetcher.predict_from == "moe"
         switched = model.generate(PROMPTS, max_new_tokens=12)
         stats = model.stats()
         assert stats["prefetch_loads"] > 0 and stats["host_computed"] > 0
-        with pytest.raises(ValueError, match="prefetch_from"):
-            model.set_offload(prefetch=True, prefetch_from="router")
     assert [r.token_ids for r in switched] == [r.token_ids for r in plain]
-    with offload_rt.load(folder, cache_experts=5) as model:
-        with pytest.raises(ValueError, match="compute_on_miss"):
-            model.set_offload(prefetch=True, compute_on_miss=True)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -12,6 +12,7 @@ import pytest
 from offload_rt.engine import RequestError, SamplingParams
 from offload_rt.engine.scheduler import Event, QueueFull, Scheduler, SchedulerConfig
 from offload_rt.engine.textstream import TextStream
+from offload_rt.models import build_model
 
 TIMEOUT = 60  # seconds for any one request in these tests
 
@@ -147,9 +148,12 @@ class FailingOnce:
 
 def test_a_failing_step_ends_its_requests_with_an_error_and_the_scheduler_goes_on(model):
     want = model.generate([1, 2, 3], max_new_tokens=5)
-    sched = _scheduler(model)
-    backend = model.model.backend
-    model.model.backend = FailingOnce(backend)
+    # the same checkpoint's decoder built over a backend whose first call fails
+    failing = build_model(
+        model.checkpoint, model.device, model.model.dtype, FailingOnce(model.backend)
+    )
+    decode = model.tokenizer.decode if model.tokenizer else None
+    sched = Scheduler(failing, model.config.eos_token_ids, decode, SchedulerConfig())
     try:
         first = Collector()
         sched.submit([1, 2, 3], SamplingParams(max_new_tokens=5), first)
@@ -159,7 +163,6 @@ def test_a_failing_step_ends_its_requests_with_an_error_and_the_scheduler_goes_o
         assert second.wait()[-1].result.token_ids == want.token_ids
         assert sched.stats.failed == 1
     finally:
-        model.model.backend = backend
         sched.close()
 
 

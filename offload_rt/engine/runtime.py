@@ -147,18 +147,6 @@ class OffloadModel:
                 self.backend.run({key: x for key in grid.layer_keys(layer)})
         return int(self.stats()["resident"])
 
-    def set_offload(
-        self, prefetch: bool, prefetch_from: str = "both", compute_on_miss: bool = False
-    ) -> None:
-        """Switch speculative prefetch and compute on a miss (local backend) between requests,
-        as `load` takes them; no output changes either way."""
-        self._check_open()
-        if not isinstance(self.backend, LocalExpertBackend):
-            raise ValueError("prefetch and compute_on_miss are local backend options")
-        _check_predict_from(prefetch_from)
-        self.backend.set_options(OffloadOptions(prefetch, compute_on_miss, prefetch_from))
-        self.model.prefetcher = self.backend.prefetcher
-
     def routing_trace(self) -> RoutingTrace:
         """Every complete forward pass's experts so far (`load(record_routing=True)`); the
         first pass of the first `generate` is the prompt."""

@@ -46,14 +46,15 @@ class OffloadOptions:
     prefetch_from: str = "both"  # where the model guesses: "attention", "moe" or "both"
 
 
-def _check(options: OffloadOptions, store: ExpertStore, transport: Transport) -> None:
+def _check(options: OffloadOptions, store: ExpertStore, link: Link | None) -> None:
     if options.compute_on_miss and not store.format.host_computable:
         raise ValueError(
             "compute_on_miss is not supported with quantized experts: they are dequantized "
             "into device scratch on use, not on the CPU"
         )
-    if options.compute_on_miss and not (transport.behind_link and store.has_host_tier):
-        bandwidth = transport.link.bytes_per_s
+    bandwidth = None if link is None else link.bytes_per_s
+    behind_link = store.device.type != "cpu" or bandwidth is not None
+    if options.compute_on_miss and not (behind_link and store.has_host_tier):
         raise ValueError(
             "compute_on_miss runs missing experts on the CPU from the host tier: it needs a "
             "device behind a link (a GPU, or link_gbps on a CPU) and host_experts != 0; got "
@@ -97,35 +98,26 @@ class LocalExpertBackend:
         options: OffloadOptions = OffloadOptions(),
         link: Link | None = None,
     ) -> None:
+        """`link`: how experts cross into the device slots (None: the device's own copy; a
+        `SimulatedLink` on a machine without a GPU). The options are fixed for its life."""
+        _check(options, store, link)
         self.store = store
         self.cache = cache
         self.grid = grid
+        self.options = options
         self.transport = Transport(store, link)
         self.loads = LoadTable(self.transport, cache)
-        self.eviction = Eviction(cache, grid)
+        self.eviction = Eviction(cache, grid, prefetching=options.prefetch)
         self.runner = ExpertRunner(store, cache, self.loads)
-        cost = MissCost(device_is_host=store.device.type == "cpu")
-        self._planner = MissPlanner(store, self.transport, cost)  # kept while switched off
-        self.prefetcher: PrefetchController | None = None
-        self.planner: MissPlanner | None = None
-        self.set_options(options)
-
-    def set_options(self, options: OffloadOptions) -> None:
-        """Turn prefetch and compute on a miss on or off (between forward passes: loads in
-        flight finish first); counters carry on."""
-        _check(options, self.store, self.transport)
-        self.settle()
-        self.options = options
-        self.eviction.prefetching = options.prefetch
-        if not options.prefetch:
-            self.prefetcher = None
-        elif self.prefetcher is None:
+        self.prefetcher: PrefetchController | None = None  # the model's, when prefetch is on
+        if options.prefetch:
             self.prefetcher = PrefetchController(
-                self.cache, self.eviction, self.loads, options.prefetch_from
+                cache, self.eviction, self.loads, options.prefetch_from
             )
-        else:
-            self.prefetcher.predict_from = options.prefetch_from
-        self.planner = self._planner if options.compute_on_miss else None
+        self.planner: MissPlanner | None = None
+        if options.compute_on_miss:
+            cost = MissCost(device_is_host=store.device.type == "cpu")
+            self.planner = MissPlanner(store, self.transport, cost)
 
     def run(self, groups: Mapping[ExpertKey, torch.Tensor]) -> dict[ExpertKey, torch.Tensor]:
         keys = sorted(groups)

@@ -113,11 +113,6 @@ class Transport:
         cuda = store.device.type == "cuda"
         self._stream = torch.cuda.Stream(store.device) if cuda else None
 
-    @property
-    def behind_link(self) -> bool:
-        """Device slots apart from host RAM: a GPU, or a simulated link."""
-        return self.store.device.type != "cpu" or self.link.bytes_per_s is not None
-
     def submit(self, key: ExpertKey, slot: int, urgent: bool) -> Load:
         """Queue `key`'s move into `slot`; urgent (a layer waits for it) goes before every
         prefetch."""
