@@ -5,13 +5,14 @@ output."""
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
 import offload_rt
 from offload_rt.cli import main
 from offload_rt.experts import SlotCache
-from offload_rt.experts.policies import RUNTIME_POLICIES, runtime_policy
+from offload_rt.experts.policies import LFU, LRU, RUNTIME_POLICIES, ranks_victims, runtime_policy
 from offload_rt.grid import ExpertKey
 from tests.conftest import save_reference
 
@@ -75,3 +76,67 @@ def test_bad_policies_are_refused(four_layers):
         offload_rt.load(four_layers, cache_policy="fifo")
     with pytest.raises(ValueError, match="cache_policy: these apply to the local backend"):
         offload_rt.load(four_layers, backend="ray", cache_policy="lfu")
+
+
+class UnrankedLRU(LRU):
+    """LRU choosing among every candidate (overriding `choose_victim`: no rank heap)."""
+
+    def choose_victim(self, candidates, now):
+        return min(candidates, key=self.rank)
+
+
+class UnrankedLFU(LFU):
+    def choose_victim(self, candidates, now):
+        return min(candidates, key=self.rank)
+
+
+class CountingLRU(LRU):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ranked = 0
+
+    def rank(self, key):
+        self.ranked += 1
+        return super().rank(key)
+
+
+@pytest.mark.parametrize("policy, reference", [(LRU, UnrankedLRU), (LFU, UnrankedLFU)])
+def test_the_rank_heap_evicts_what_ranking_every_candidate_does(policy, reference):
+    """Random lookups, touches, demotions, pins and preferred victims on two caches, one with
+    the rank heap and one ranking every candidate at each eviction: the same victims."""
+    assert ranks_victims(policy()) and not ranks_victims(reference())
+    caches = [SlotCache(6, policy()), SlotCache(6, reference())]
+    rng = random.Random(7)
+    for now in range(3000):
+        key = ExpertKey(rng.randrange(2), rng.randrange(10))
+        op = rng.random()
+        pinned = {ExpertKey(rng.randrange(2), rng.randrange(10)) for _ in range(rng.randrange(4))}
+        prefer = [ExpertKey(0, rng.randrange(10))] if rng.random() < 0.1 else []
+        for cache in caches:
+            if op < 0.1:
+                cache.touch(key)
+            elif op < 0.15:
+                cache.demote(key)
+            elif op < 0.2:  # a prefetch: a slot without a use
+                if key not in cache:
+                    cache.acquire(key, pinned, prefer, now)
+            elif cache.lookup(key, now) is None:
+                cache.acquire(key, pinned | {key}, prefer, now)
+        assert caches[0].resident_keys() == caches[1].resident_keys()
+    assert caches[0].stats == caches[1].stats and caches[0].stats.evictions > 1000
+
+
+def test_an_lru_eviction_ranks_a_few_residents_not_all():
+    capacity, policy = 512, CountingLRU()
+    cache = SlotCache(capacity, policy)
+    keys = [ExpertKey(layer, e) for layer in range(16) for e in range(128)]
+    for key in keys[:capacity]:
+        cache.lookup(key)
+        cache.acquire(key, pinned=set())
+    policy.ranked = 0
+    for key in keys[capacity:]:  # every lookup a miss, every acquire an eviction
+        assert cache.lookup(key) is None
+        cache.acquire(key, pinned={key})
+    evictions = len(keys) - capacity
+    assert cache.stats.evictions == evictions
+    assert policy.ranked < 8 * evictions  # ranking every candidate: 512 a eviction

@@ -3,17 +3,22 @@ counters.
 
 Pure bookkeeping, no tensors: the store owns the memory, this class decides which slot an
 expert goes to and, by its `CachePolicy` (`policies.py`, shared with the simulator), which
-resident expert leaves to make room.
+resident expert leaves to make room. Under a policy that ranks its victims (lru, lfu) the
+residents are kept in a heap by rank, so an eviction costs O(log capacity) amortised instead
+of ranking every resident; the other policies see every candidate.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
-from collections.abc import Container, Iterable
+from collections.abc import Container, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 
-from offload_rt.experts.policies import LRU
+from offload_rt.experts.policies import LRU, ranks_victims
 from offload_rt.model.moe import ExpertKey
+
+HEAP_SLACK = 4  # rebuild the rank heap once it holds this many entries per slot (stale ones)
 
 
 @dataclass
@@ -42,6 +47,7 @@ class SlotCache:
         self._order: OrderedDict[ExpertKey, int] = OrderedDict()
         self._free = list(range(capacity - 1, -1, -1))  # pop() hands out slot 0 first
         self.stats = CacheStats()
+        self._heap = RankHeap(self.policy, capacity) if ranks_victims(self.policy) else None
 
     def __contains__(self, key: ExpertKey) -> bool:
         return key in self._order
@@ -55,6 +61,8 @@ class SlotCache:
             return None
         self._order.move_to_end(key)
         self.stats.hits += 1
+        if self._heap is not None:
+            self._heap.push(key, self._order)
         return slot
 
     def slot_of(self, key: ExpertKey) -> int:
@@ -65,12 +73,16 @@ class SlotCache:
         if key in self._order:
             self._order.move_to_end(key)
             self.policy.touch(key)
+            if self._heap is not None:
+                self._heap.push(key, self._order)
 
     def demote(self, key: ExpertKey) -> None:
         """Make a resident `key` the first to go (it was loaded for a use that did not come)."""
         if key in self._order:
             self._order.move_to_end(key, last=False)
             self.policy.demote(key)
+            if self._heap is not None:
+                self._heap.push(key, self._order)
 
     def acquire(
         self,
@@ -86,15 +98,19 @@ class SlotCache:
             slot = self._free.pop()
         else:
             victim = next((k for k in prefer if k in self._order and k not in pinned), None)
-            if victim is None:
+            if victim is None and self._heap is not None:
+                victim = self._heap.least(self._order, pinned)
+            elif victim is None:
                 candidates = [k for k in self._order if k not in pinned]
-                if not candidates:
-                    return None
-                victim = self.policy.choose_victim(candidates, now)
+                victim = self.policy.choose_victim(candidates, now) if candidates else None
+            if victim is None:
+                return None
             slot = self._order.pop(victim)
             self.policy.on_evict(victim, now)
             self.stats.evictions += 1
         self._order[key] = slot
+        if self._heap is not None:
+            self._heap.push(key, self._order)
         self.stats.resident = len(self._order)
         self.stats.resident_max = max(self.stats.resident_max, self.stats.resident)
         return slot
@@ -109,3 +125,48 @@ class SlotCache:
     def resident_keys(self) -> list[ExpertKey]:
         """Least recently used first."""
         return list(self._order)
+
+    def residents(self) -> Iterator[ExpertKey]:
+        """`resident_keys` lazily: valid until the cache next changes."""
+        return iter(self._order)
+
+
+class RankHeap:
+    """The residents by their policy's `rank`, least first (lru, lfu: `ranks_victims`).
+
+    An entry is pushed whenever a resident's rank may have changed; one is stale once its key
+    has left or its rank has changed since, and is dropped when it comes to the top. Rebuilt
+    from the residents when stale entries pile up, so a push costs O(log capacity) amortised.
+    """
+
+    def __init__(self, policy: LRU, capacity: int) -> None:
+        self.policy = policy
+        self.limit = HEAP_SLACK * capacity
+        self._heap: list[tuple] = []  # (rank..., key)
+
+    def push(self, key: ExpertKey, residents: Mapping[ExpertKey, int]) -> None:
+        if len(self._heap) >= self.limit:
+            self._heap = [self.policy.rank(k) for k in residents]
+            heapq.heapify(self._heap)
+        else:
+            heapq.heappush(self._heap, self.policy.rank(key))
+
+    def least(
+        self, residents: Mapping[ExpertKey, int], pinned: Container[ExpertKey]
+    ) -> ExpertKey | None:
+        """The resident of least rank not in `pinned` (what `choose_victim` would pick among
+        them); None if every resident is pinned."""
+        held, victim = [], None
+        while self._heap:
+            entry = heapq.heappop(self._heap)
+            key = entry[-1]
+            if key not in residents or entry != self.policy.rank(key):
+                continue
+            if key in pinned:
+                held.append(entry)
+                continue
+            victim = key
+            break
+        for entry in held:
+            heapq.heappush(self._heap, entry)
+        return victim

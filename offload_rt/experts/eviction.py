@@ -10,7 +10,7 @@ every load evicts other layers' experts before them.
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterator
+from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass
 
 from offload_rt.experts.cache import SlotCache
@@ -75,9 +75,10 @@ class Eviction:
                 return
             yield key, slot
 
-    def _cheap_victims(self) -> list[ExpertKey]:
-        """With prefetch on, residents of layers past the first, least recent first."""
+    def _cheap_victims(self) -> Iterable[ExpertKey]:
+        """With prefetch on, residents of layers past the first, least recent first (lazily:
+        the cache takes the first it may evict)."""
         if not self.prefetching:
-            return []
+            return ()
         first = self.grid.first_layer
-        return [k for k in self.cache.resident_keys() if k.layer != first]
+        return (k for k in self.cache.residents() if k.layer != first)

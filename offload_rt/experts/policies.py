@@ -76,8 +76,12 @@ class LRU:
     def last_use(self, key: ExpertKey) -> int:
         return self._last.get(key, 0)
 
+    def rank(self, key: ExpertKey) -> tuple:
+        """The least goes first; it changes only by `on_access`, `touch` and `demote`."""
+        return (self._last.get(key, 0), key)
+
     def choose_victim(self, candidates: Sequence[ExpertKey], now: int) -> ExpertKey:
-        return min(candidates, key=lambda k: (self._last.get(k, 0), k))
+        return min(candidates, key=self.rank)
 
 
 class LFU(LRU):
@@ -94,8 +98,8 @@ class LFU(LRU):
         super().on_access(key, now)
         self._count[key] += 1
 
-    def choose_victim(self, candidates: Sequence[ExpertKey], now: int) -> ExpertKey:
-        return min(candidates, key=lambda k: (self._count[k], self.last_use(k), k))
+    def rank(self, key: ExpertKey) -> tuple:
+        return (self._count.get(key, 0), self.last_use(key), key)
 
 
 class Decayed:
@@ -290,6 +294,13 @@ def runtime_policy(name: str, num_layers: int) -> LRU:
         f"cache_policy {name!r} is not one the runtime runs; choose from {RUNTIME_POLICIES}"
         + (" (belady needs the future: it is the simulator's bound)" if name == "belady" else "")
     )
+
+
+def ranks_victims(policy: object) -> bool:
+    """Whether `policy` evicts the candidate of least `rank` (lru, lfu): a rank that changes
+    only when the policy is told of a use, so a cache can keep its residents in a heap by it
+    instead of ranking them all at every eviction."""
+    return getattr(type(policy), "choose_victim", None) is LRU.choose_victim
 
 
 def make_policy(name: str, trace: RoutingTrace) -> CachePolicy:
