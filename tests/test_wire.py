@@ -9,25 +9,12 @@ import pytest
 import torch
 
 from offload_rt.distributed.frames import decode_groups, encode_groups, pack_groups
-from offload_rt.distributed.wire import (
-    MAX_HEADER_BYTES,
-    WIRE_VERSION,
-    ExpertRequest,
-    ExpertResponse,
-    WireError,
-    decode,
-    decode_request,
-    decode_response,
-    decode_tensor,
-    encode,
-    encode_tensor,
-    join_groups,
-    split_groups,
-)
+from offload_rt.distributed.wire import MAX_HEADER_BYTES, WIRE_VERSION, WireError
 from offload_rt.model import ExpertKey
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 COUNTS = [(3,), (1, 2, 5), (0,), (0, 0), (4, 0, 2), (1,) * 8]
+KINDS = ["request", "response"]
 
 
 def random_tensor(n: int, d: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -39,138 +26,137 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
-def request(counts: tuple[int, ...] = (2, 3), d: int = 16, dtype=torch.float32) -> ExpertRequest:
-    experts = tuple(range(1, 2 * len(counts), 2))
-    return ExpertRequest(5, experts, counts, random_tensor(sum(counts), d, dtype))
+def grouped(layer: int, counts: tuple[int, ...], tensor: torch.Tensor) -> dict:
+    """`tensor` (N, D) cut into groups of `counts` rows, experts 1, 3, 5, ..."""
+    parts = tensor.split(list(counts))
+    return {ExpertKey(layer, 2 * i + 1): part for i, part in enumerate(parts)}
+
+
+def request_groups(counts: tuple[int, ...] = (2, 3), d: int = 16, dtype=torch.float32) -> dict:
+    return grouped(5, counts, random_tensor(sum(counts), d, dtype))
+
+
+def round_trip(kind: str, groups: dict) -> dict:
+    return decode_groups(kind, [encode_groups(kind, groups)])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("counts", COUNTS)
 @pytest.mark.parametrize("d", [1, 16])
-@pytest.mark.parametrize("cls", [ExpertRequest, ExpertResponse])
-def test_message_round_trip(cls, d, counts, dtype):
-    tensor = random_tensor(sum(counts), d, dtype)
-    msg = cls(7, tuple(range(len(counts))), counts, tensor)
-    out = decode(encode(msg))
-    assert type(out) is cls
-    assert (out.layer, out.experts, out.counts) == (7, msg.experts, counts)
-    got = out.hidden if cls is ExpertRequest else out.outputs
-    assert got.dtype == dtype and got.shape == (sum(counts), d)
-    assert torch.equal(bits(got), bits(tensor))
+@pytest.mark.parametrize("kind", KINDS)
+def test_groups_round_trip(kind, d, counts, dtype):
+    groups = grouped(7, counts, random_tensor(sum(counts), d, dtype))
+    out = round_trip(kind, groups)
+    assert list(out) == list(groups)
+    for key, t in groups.items():
+        assert out[key].dtype == dtype and out[key].shape == t.shape
+        assert torch.equal(bits(out[key]), bits(t))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("counts", [(3,), (2, 0, 1)])
+def test_the_message_is_the_documented_header_then_the_groups_row_by_row(dtype, counts):
+    groups = grouped(4, counts, random_tensor(sum(counts), 8, dtype))
+    header = {
+        "version": WIRE_VERSION,
+        "kind": "response",
+        "layer": 4,
+        "experts": [k.expert for k in groups],
+        "counts": list(counts),
+        "transposed": [False] * len(counts),
+        "dtype": str(dtype).removeprefix("torch."),
+        "shape": [sum(counts), 8],
+    }
+    payload = b"".join(bits(t).numpy().tobytes() for t in groups.values())
+    assert encode_groups("response", groups) == msgpack.packb(header) + payload
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_special_values_keep_their_bits(dtype):
     tensor = torch.tensor([[float("nan"), float("inf"), -float("inf"), -0.0, 1e-3]], dtype=dtype)
-    out = decode_response(encode(ExpertResponse(0, (4,), (1,), tensor)))
-    assert torch.equal(bits(out.outputs), bits(tensor))
+    out = round_trip("response", {ExpertKey(0, 4): tensor})
+    assert torch.equal(bits(out[ExpertKey(0, 4)]), bits(tensor))
 
 
-def test_decoded_tensor_owns_writable_memory():
-    data = bytearray(encode(request()))
-    out = decode_request(data)
-    before = out.hidden.clone()
+def test_decoded_groups_own_writable_memory():
+    groups = request_groups()
+    data = bytearray(encode_groups("request", groups))
+    out = decode_groups("request", [data])
+    before = {k: t.clone() for k, t in out.items()}
     data[-8:] = b"\xff" * 8
-    assert torch.equal(out.hidden, before)
-    out.hidden.add_(1)  # writable: no warning, no error
+    assert all(torch.equal(out[k], before[k]) for k in out)
+    out[ExpertKey(5, 3)].add_(1)  # writable: no warning, no error
 
 
-def test_non_contiguous_tensor_is_sent_by_value():
-    t = random_tensor(6, 4, torch.float32).T.contiguous().T  # (6, 4), column-major
-    assert not t.is_contiguous()
-    out = decode_request(encode(ExpertRequest(0, (0, 1), (2, 4), t)))
-    assert torch.equal(out.hidden, t)
+def test_a_group_in_neither_memory_order_is_sent_by_value():
+    t = random_tensor(6, 8, torch.float32)[:, ::2]  # (6, 4), neither row- nor column-major
+    assert not t.is_contiguous() and not t.T.is_contiguous()
+    out = round_trip("request", {ExpertKey(0, 0): t[:2], ExpertKey(0, 1): t[2:]})
+    assert torch.equal(out[ExpertKey(0, 0)], t[:2]) and torch.equal(out[ExpertKey(0, 1)], t[2:])
 
 
 def test_groups_round_trip_in_ascending_expert_order():
     groups = {ExpertKey(3, 6): random_tensor(2, 8, torch.bfloat16, 1)}
     groups[ExpertKey(3, 1)] = random_tensor(0, 8, torch.bfloat16, 2)
     groups[ExpertKey(3, 4)] = random_tensor(3, 8, torch.bfloat16, 3)
-    req = ExpertRequest.from_groups(groups)
-    assert (req.layer, req.experts, req.counts) == (3, (1, 4, 6), (0, 3, 2))
-    back = decode_request(encode(req)).groups()
+    back = round_trip("request", groups)
     assert list(back) == sorted(groups)
     for key, t in groups.items():
         assert torch.equal(bits(back[key]), bits(t))
-    resp = ExpertResponse.from_groups({k: v * 2 for k, v in back.items()})
-    assert decode_response(encode(resp)).groups().keys() == groups.keys()
-
-
-def test_join_and_split_refuse_inconsistent_groups():
-    with pytest.raises(WireError, match="at least one expert"):
-        join_groups({})
-    mixed = {ExpertKey(0, 1): torch.zeros(1, 4), ExpertKey(1, 2): torch.zeros(1, 4)}
-    with pytest.raises(WireError, match=r"span layers \[0, 1\]"):
-        join_groups(mixed)
-    with pytest.raises(WireError, match=r"sum to 3, tensor has 4"):
-        split_groups(torch.zeros(4, 2), (1, 2))
+    response = round_trip("response", {k: v * 2 for k, v in back.items()})
+    assert list(response) == sorted(groups)
 
 
 @pytest.mark.parametrize(
-    "msg, match",
+    "groups, match",
     [
-        (ExpertRequest(0, (1,), (2,), torch.zeros(2, 4, dtype=torch.float64)), "float64"),
-        (ExpertRequest(0, (1,), (2,), torch.zeros(2, 4, 1)), r"\(N, D\)"),
-        (ExpertRequest(0, (1, 2), (2, 2), torch.zeros(3, 4)), "sum to 4"),
-        (ExpertRequest(0, (1,), (-1,), torch.zeros(0, 4)), "non-negative"),
-        (ExpertRequest(-1, (1,), (0,), torch.zeros(0, 4)), "layer"),
-        (ExpertResponse(0, (1, 1), (1, 1), torch.zeros(2, 4)), "repeat"),
-        (ExpertResponse(0, (1, 2), (2,), torch.zeros(2, 4)), "2 experts but 1 counts"),
+        ({ExpertKey(0, 1): torch.zeros(2, 4, dtype=torch.float64)}, "float64"),
+        ({ExpertKey(0, 1): torch.zeros(2, 4, 1)}, r"\(n, D\)"),
+        ({ExpertKey(-1, 1): torch.zeros(0, 4)}, "layer must be a non-negative integer"),
+        ({ExpertKey(0, -2): torch.zeros(1, 4)}, "experts must be non-negative integers"),
     ],
 )
-def test_encode_refuses_invalid_messages(msg, match):
+def test_encode_refuses_groups_the_wire_cannot_carry(groups, match):
     with pytest.raises(WireError, match=match):
-        encode(msg)
-
-
-@pytest.mark.parametrize("shape", [(), (0,), (5,), (2, 3, 4), (1, 0, 7)])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_bare_tensor_round_trip(shape, dtype):
-    t = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape))).to(dtype)
-    out = decode_tensor(encode_tensor(t))
-    assert out.shape == t.shape and out.dtype == dtype
-    assert torch.equal(bits(out), bits(t))
+        encode_groups("request", groups)
 
 
 def test_kinds_are_not_confused():
-    req, resp = encode(request()), encode(ExpertResponse(0, (1,), (1,), torch.zeros(1, 2)))
+    request = encode_groups("request", request_groups())
+    response = encode_groups("response", {ExpertKey(0, 1): torch.zeros(1, 2)})
     with pytest.raises(WireError, match="expected kind 'response', got 'request'"):
-        decode_response(req)
+        decode_groups("response", [request])
     with pytest.raises(WireError, match="expected kind 'request', got 'response'"):
-        decode_request(resp)
-    with pytest.raises(WireError, match="got kind 'tensor'"):
-        decode(encode_tensor(torch.zeros(2)))
-    with pytest.raises(WireError, match="expected kind 'tensor', got 'request'"):
-        decode_tensor(req)
+        decode_groups("request", [response])
 
 
 # ---- untrusted bytes
 
 
-def header_of(msg: ExpertRequest) -> dict:
+def header_of(groups: dict) -> dict:
     return {
         "version": WIRE_VERSION,
         "kind": "request",
-        "layer": msg.layer,
-        "experts": list(msg.experts),
-        "counts": list(msg.counts),
-        "transposed": [False] * len(msg.counts),
+        "layer": 5,
+        "experts": [k.expert for k in groups],
+        "counts": [t.shape[0] for t in groups.values()],
+        "transposed": [False] * len(groups),
         "dtype": "float32",
-        "shape": list(msg.hidden.shape),
+        "shape": [sum(t.shape[0] for t in groups.values()), 16],
     }
 
 
 def craft(payload: bytes | None = None, **changes) -> bytes:
     """A request (counts (2, 3), D 16, float32) with header fields replaced or (None) removed."""
-    msg = request()
-    header = {**header_of(msg), **changes}
+    groups = request_groups()
+    header = {**header_of(groups), **changes}
     header = {k: v for k, v in header.items() if v is not None}
-    body = msg.hidden.numpy().tobytes() if payload is None else payload
+    body = b"".join(t.numpy().tobytes() for t in groups.values()) if payload is None else payload
     return msgpack.packb(header) + body
 
 
-VALID = encode(request())
-HEADER_LEN = len(msgpack.packb(header_of(request())))
+VALID = encode_groups("request", request_groups())
+HEADER_LEN = len(msgpack.packb(header_of(request_groups())))
 CORRUPTIONS = {
     # truncations anywhere: in the header, at its end, in the payload
     **{f"truncated at {n}": (VALID[:n], "truncated") for n in (0, 1, 2, 9, 30, HEADER_LEN - 1)},
@@ -226,7 +212,7 @@ CORRUPTIONS = {
 @pytest.mark.parametrize("data, match", CORRUPTIONS.values(), ids=CORRUPTIONS.keys())
 def test_corrupt_bytes_raise_wire_error(data, match):
     with pytest.raises(WireError, match=match):
-        decode(data)
+        decode_groups("request", [data])
 
 
 def test_random_bytes_and_mutations_never_escape_as_other_errors():
@@ -238,10 +224,11 @@ def test_random_bytes_and_mutations_never_escape_as_other_errors():
         samples.append(bytes(data))
     for data in samples:
         try:
-            msg = decode(data)
+            groups = decode_groups("request", [data])
         except WireError:
             continue
-        assert sum(msg.counts) == msg.hidden.shape[0]  # whatever decodes is consistent
+        # whatever decodes is consistent: (n, D) groups of one D and dtype
+        assert len({(t.dim(), t.shape[1], t.dtype) for t in groups.values()}) == 1
 
 
 def some_groups(counts: tuple[int, ...], dtype: torch.dtype, d: int = 16) -> dict:
@@ -250,16 +237,6 @@ def some_groups(counts: tuple[int, ...], dtype: torch.dtype, d: int = 16) -> dic
         ExpertKey(2, e): torch.randn(n, d, generator=gen).to(dtype)
         for e, n in zip((6, 1, 4), counts)
     }
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("counts", [(1,), (2, 1), (0, 3, 1), (5, 0)])
-def test_encode_groups_equals_the_two_step_encoding(dtype, counts):
-    groups = some_groups(counts, dtype)
-    assert encode_groups("request", groups) == encode(ExpertRequest.from_groups(groups))
-    assert encode_groups("response", groups) == encode(ExpertResponse.from_groups(groups))
-    back = decode_response(encode_groups("response", groups)).groups()
-    assert all(torch.equal(back[k], groups[k]) for k in groups)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -277,8 +254,11 @@ def test_transposed_groups_travel_transposed(dtype):
     assert all(torch.equal(bits(out[k]), bits(t)) for k, t in groups.items())
     assert out[ExpertKey(0, 0)].stride() == (1, 6) and out[ExpertKey(0, 9)].is_contiguous()
     assert msg.endswith(bits(groups[ExpertKey(0, 9)]).numpy().tobytes())  # last, row by row
-    whole = decode_response(msg).outputs  # the message's (N, D) matrix, row by row
-    assert torch.equal(bits(whole), bits(torch.cat([groups[k] for k in sorted(groups)])))
+    # the payload: each group in ascending order, the transposed ones as their transposes
+    payload = b"".join(bits(groups[k].T if k.expert < 9 else groups[k]).numpy().tobytes()
+                       for k in sorted(groups))  # fmt: skip
+    assert msg.endswith(payload)
+    assert msgpack.unpackb(msg[: len(msg) - len(payload)])["shape"] == [14, 5]
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 40, 500])

@@ -21,8 +21,6 @@ import numpy as np
 import torch
 
 from offload_rt.distributed.wire import (
-    DTYPE_NAMES,
-    DTYPES,
     Buffer,
     WireError,
     check_groups,
@@ -33,6 +31,7 @@ from offload_rt.distributed.wire import (
     read_header,
     split_payload,
 )
+from offload_rt.dtypes import DTYPE_NAMES, DTYPES
 from offload_rt.model.moe import ExpertKey
 
 

@@ -5,13 +5,13 @@ the structure, no pickling, and the element bytes copied as they are, so bfloat1
 without a detour through numpy dtypes. The header is a map:
 
     version  int               WIRE_VERSION; any other value is refused
-    kind     str               "request" | "response" | "tensor"
-    layer    int               decoder layer (request, response)
-    experts  [int, ...]        expert ids within the layer, one group each (request, response)
-    counts   [int, ...]        tokens in each group; they sum to shape[0] (request, response)
-    transposed [bool, ...]     per group: its bytes hold the group's transpose (request, response)
+    kind     str               "request" | "response"
+    layer    int               decoder layer
+    experts  [int, ...]        expert ids within the layer, one group each
+    counts   [int, ...]        tokens in each group; they sum to shape[0]
+    transposed [bool, ...]     per group: its bytes hold the group's transpose
     dtype    str               "float32" | "bfloat16" | "float16"
-    shape    [int, ...]        (N, D) for request and response; any rank for a bare tensor
+    shape    [int, int]        (N, D)
 
 The payload holds the groups one after another in `experts` order, counts[i] * D elements
 each: group i's (counts[i], D) matrix row by row, or where transposed[i] its (D, counts[i])
@@ -19,111 +19,31 @@ transpose row by row. So a group travels in the memory order it has (the experts
 4+ rows are transposed views, `model.layers.linear`) without a transposing copy, and comes
 back as the same kind of view. Decoding treats the bytes as untrusted: sizes are bounded
 before anything is allocated, and every inconsistency raises `WireError` naming what is wrong.
-The hot path of a layer call, straight from groups to Ray frames and back, is `frames.py`.
+The codec, straight from a layer call's groups to Ray frames and back, is `frames.py`; this
+module holds the schema's header and its checks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import msgpack
-import numpy as np
 import torch
 
-from offload_rt.dtypes import DTYPE_NAMES, DTYPES
-from offload_rt.model.moe import ExpertKey
+from offload_rt.dtypes import DTYPES
 
 WIRE_VERSION = 2  # 2: the `transposed` field
 MAX_HEADER_BYTES = 64 * 1024  # a header of 4096 experts is under 40 KiB
 HEADER_STEP = 1024  # bytes of a message the decoder reads at a time until the header ends
 MAX_GROUPS = 4096  # experts in one message; far above any MoE's experts per layer
-MAX_DIMS = 8  # rank of a bare tensor
 MAX_DIM_SIZE = 2**40  # one dimension; bounds the arithmetic on declared shapes
-_KINDS = ("request", "response", "tensor")
+_KINDS = ("request", "response")
 _INCOMPLETE = object()  # a header that goes on past the bytes seen so far
 
 
 class WireError(ValueError):
     """Bytes that are not a valid message of this wire version, or a message that cannot be sent."""
-
-
-@dataclass(frozen=True, eq=False)
-class ExpertRequest:
-    layer: int  # decoder layer of every expert in the request
-    experts: tuple[int, ...]  # expert ids within the layer, one token group each
-    counts: tuple[int, ...]  # tokens in each group, in `experts` order
-    hidden: torch.Tensor  # (N, D) the groups' hidden states concatenated, N = sum(counts)
-
-    @classmethod
-    def from_groups(cls, groups: Mapping[ExpertKey, torch.Tensor]) -> ExpertRequest:
-        return cls(*join_groups(groups))
-
-    def groups(self) -> dict[ExpertKey, torch.Tensor]:
-        """expert -> its tokens (n, D), views into `hidden`."""
-        return _keyed(self.layer, self.experts, split_groups(self.hidden, self.counts))
-
-
-@dataclass(frozen=True, eq=False)
-class ExpertResponse:
-    layer: int  # decoder layer, as in the request
-    experts: tuple[int, ...]  # expert ids, in the request's order
-    counts: tuple[int, ...]  # tokens in each group, as in the request
-    outputs: torch.Tensor  # (N, D) each group's expert output, concatenated
-
-    @classmethod
-    def from_groups(cls, groups: Mapping[ExpertKey, torch.Tensor]) -> ExpertResponse:
-        return cls(*join_groups(groups))
-
-    def groups(self) -> dict[ExpertKey, torch.Tensor]:
-        """expert -> its outputs (n, D), views into `outputs`."""
-        return _keyed(self.layer, self.experts, split_groups(self.outputs, self.counts))
-
-
-Message = ExpertRequest | ExpertResponse
-
-
-def join_groups(
-    groups: Mapping[ExpertKey, torch.Tensor],
-) -> tuple[int, tuple[int, ...], tuple[int, ...], torch.Tensor]:
-    """Groups of one layer -> (layer, expert ids, counts, tensor (N, D)), experts ascending."""
-    if not groups:
-        raise WireError("no expert groups to join: a message needs at least one expert")
-    keys = sorted(groups)
-    layers = {key.layer for key in keys}
-    if len(layers) != 1:
-        raise WireError(f"expert groups span layers {sorted(layers)}; a message carries one layer")
-    tensors = [groups[key] for key in keys]
-    counts = tuple(t.shape[0] for t in tensors)
-    return keys[0].layer, tuple(k.expert for k in keys), counts, torch.cat(tensors)  # (N, D)
-
-
-def split_groups(tensor: torch.Tensor, counts: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
-    """(N, D) -> one view per group, (counts[i], D) each."""
-    if sum(counts) != tensor.shape[0]:
-        raise WireError(f"counts {list(counts)} sum to {sum(counts)}, tensor has {tensor.shape[0]}")
-    return tuple(tensor.split(list(counts)))
-
-
-def _keyed(layer: int, experts: tuple[int, ...], parts: tuple) -> dict[ExpertKey, torch.Tensor]:
-    return {ExpertKey(layer, e): part for e, part in zip(experts, parts)}
-
-
-# ---- encoding
-
-
-def encode(msg: Message) -> bytes:
-    kind = "request" if isinstance(msg, ExpertRequest) else "response"
-    tensor = msg.hidden if isinstance(msg, ExpertRequest) else msg.outputs
-    check_groups(msg.layer, list(msg.experts), list(msg.counts), list(tensor.shape))
-    header = {
-        "layer": msg.layer,
-        "experts": list(msg.experts),
-        "counts": list(msg.counts),
-        "transposed": [False] * len(msg.counts),
-    }
-    return _encode(kind, header, tensor)
 
 
 def pack_header(
@@ -150,68 +70,7 @@ def pack_header(
     )
 
 
-def encode_tensor(tensor: torch.Tensor) -> bytes:
-    """A bare tensor of any rank up to MAX_DIMS (for weights or tests)."""
-    if tensor.dim() > MAX_DIMS:
-        raise WireError(f"tensor of rank {tensor.dim()} exceeds the wire's {MAX_DIMS} dimensions")
-    return _encode("tensor", {}, tensor)
-
-
-def _encode(kind: str, fields: dict[str, Any], tensor: torch.Tensor) -> bytes:
-    name = DTYPE_NAMES.get(tensor.dtype)
-    if name is None:
-        raise WireError(f"dtype {tensor.dtype} cannot be sent; supported: {list(DTYPES)}")
-    header = {
-        "version": WIRE_VERSION,
-        "kind": kind,
-        **fields,
-        "dtype": name,
-        "shape": list(tensor.shape),
-    }
-    if tensor.dtype == torch.bfloat16:
-        tensor = tensor.view(torch.int16)  # numpy has no bfloat16: its bits travel as int16
-    return msgpack.packb(header) + np.ascontiguousarray(tensor.detach().cpu().numpy()).tobytes()
-
-
-# ---- decoding
-
 Buffer = bytes | bytearray | memoryview
-
-
-def decode(data: Buffer) -> Message:
-    header, payload = read_header((data,))
-    kind = header["kind"]
-    if kind == "tensor":
-        raise WireError("expected an expert request or response, got kind 'tensor'")
-    layer, experts, counts, transposed, shape = group_fields(header)
-    tensor = payload_tensor(header, payload, shape)
-    if any(transposed):  # the message's (N, D) matrix, row by row
-        tensor = torch.cat(split_payload(tensor, counts, transposed)) if counts else tensor
-    cls = ExpertRequest if kind == "request" else ExpertResponse
-    return cls(layer, tuple(experts), tuple(counts), tensor)
-
-
-def decode_request(data: Buffer) -> ExpertRequest:
-    return _expect(decode(data), ExpertRequest)
-
-
-def decode_response(data: Buffer) -> ExpertResponse:
-    return _expect(decode(data), ExpertResponse)
-
-
-def decode_tensor(data: Buffer) -> torch.Tensor:
-    header, payload = read_header((data,))
-    if header["kind"] != "tensor":
-        raise WireError(f"expected kind 'tensor', got {header['kind']!r}")
-    return payload_tensor(header, payload, _int_list(header, "shape"))
-
-
-def _expect(msg: Message, cls: type) -> Any:
-    if not isinstance(msg, cls):
-        want = "request" if cls is ExpertRequest else "response"
-        got = "request" if isinstance(msg, ExpertRequest) else "response"
-        raise WireError(f"expected kind {want!r}, got {got!r}")
-    return msg
 
 
 def read_header(frames: Sequence[Buffer]) -> tuple[dict[str, Any], list[memoryview]]:
@@ -325,8 +184,8 @@ def payload_tensor(
     dtype = DTYPES.get(name) if isinstance(name, str) else None
     if dtype is None:
         raise WireError(f"dtype {name!r} is not one of {list(DTYPES)}")
-    if len(shape) > MAX_DIMS or any(d > MAX_DIM_SIZE for d in shape):
-        raise WireError(f"shape {shape}: at most {MAX_DIMS} sizes of at most {MAX_DIM_SIZE} each")
+    if any(d > MAX_DIM_SIZE for d in shape):
+        raise WireError(f"shape {shape}: sizes of at most {MAX_DIM_SIZE} each")
     numel = 1
     for d in shape:
         numel *= d
