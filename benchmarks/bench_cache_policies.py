@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
+from offload_rt.analysis.cachesim import simulate
+from offload_rt.analysis.traces import RoutingTrace, read_trace
 from offload_rt.experts import ExpertStore, LocalExpertBackend, SlotCache
-from offload_rt.experts.cachesim import simulate
 from offload_rt.experts.formats import FloatFormat
 from offload_rt.experts.policies import DEFAULT_POLICY, RUNTIME_POLICIES, runtime_policy
-from offload_rt.experts.traces import RoutingTrace, read_trace
 from offload_rt.grid import ExpertGrid, ExpertKey
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from offload_rt.experts.cachesim import SimResult, format_table, simulate
-from offload_rt.experts.traces import RoutingTrace, read_trace
+from offload_rt.analysis.cachesim import SimResult, format_table, simulate
+from offload_rt.analysis.traces import RoutingTrace, read_trace
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TRACE = REPO.parent / "shared" / "data" / "mixtral-8x7b-routing-trace.txt"

@@ -62,10 +62,10 @@ from bench_offload import Run, per_token
 from transformers import GptOssConfig, GptOssForCausalLM
 
 import offload_rt
-from offload_rt.checkpoint import write_checkpoint
 from offload_rt.experts.formats import expert_nbytes
 from offload_rt.experts.mxfp4 import GROUP, dequantize_mxfp4_new
 from offload_rt.models import read_config
+from offload_rt.tools.writer import write_checkpoint
 
 LAYERS = 4
 MODEL = dict(  # openai/gpt-oss-20b's config.json, cut to LAYERS layers, vocab 32000, no EOS

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-from offload_rt.checkpoint import INDEX_FILE, CheckpointSpec, write_checkpoint
+from offload_rt.checkpoint import INDEX_FILE, CheckpointSpec
 from offload_rt.models import FAMILIES, parse_config
+from offload_rt.tools.writer import write_checkpoint
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 # Mixtral-Instruct's chat template: [INST] user [/INST] answer</s>, roles alternating

@@ -11,16 +11,17 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from offload_rt.cli.cachesim import add_parser, run
-from offload_rt.experts.cachesim import ExpertCaches, format_table, simulate
-from offload_rt.experts.policies import LRU, POLICIES, Decayed
-from offload_rt.experts.traces import (
+from offload_rt.analysis.cachesim import ExpertCaches, format_table, simulate
+from offload_rt.analysis.policies import POLICIES
+from offload_rt.analysis.traces import (
     RoutingTrace,
     TraceError,
     read_text_trace,
     read_trace,
     write_trace,
 )
+from offload_rt.cli.cachesim import add_parser, run
+from offload_rt.experts.policies import LRU, Decayed
 from offload_rt.model.moe import ExpertKey
 
 SHARED_TRACE = (

@@ -241,7 +241,7 @@ def test_a_trace_of_a_family_has_its_grid_and_replays(tmp_path, capsys):
     capsys.readouterr()
     assert main(["cache-sim", str(trace), "--capacity", "2", "--global", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    from offload_rt.experts.traces import read_trace
+    from offload_rt.analysis.traces import read_trace
 
     recorded = read_trace(trace)
     assert (recorded.num_layers, recorded.num_experts) == (2, 6)  # MoE layers 1-2 only
@@ -281,9 +281,9 @@ def test_gpt_oss_prefetch_compute_on_miss_trace_and_plan(tmp_path, capsys):
     """The rest of the runtime on GPT-OSS's experts (biases, clamped SwiGLU): prefetch and
     compute on a miss behind a slow link change no output; a trace records its grid; `plan`
     sizes its experts with their biases."""
+    from offload_rt.analysis.traces import read_trace
     from offload_rt.cli import main
     from offload_rt.experts.formats import expert_nbytes
-    from offload_rt.experts.traces import read_trace
     from tests.test_prefetch import SLOW_LINK, decode_logits
 
     save_family("gpt_oss", tmp_path / "m")

@@ -8,11 +8,11 @@ import random
 
 import torch
 
+from offload_rt.analysis.cachesim import simulate
+from offload_rt.analysis.traces import RoutingTrace, read_trace, write_trace
 from offload_rt.distributed.placement import NodeInfo, plan_placement, replan
 from offload_rt.experts import ExpertStore, LocalExpertBackend, OffloadOptions, SlotCache
-from offload_rt.experts.cachesim import simulate
 from offload_rt.experts.formats import FloatFormat
-from offload_rt.experts.traces import RoutingTrace, read_trace, write_trace
 from offload_rt.grid import ExpertGrid, ExpertKey
 
 # one dense first layer, as DeepSeek-V3's and some Qwen variants have: MoE from layer 1

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from offload_rt.checkpoint import write_checkpoint
 from offload_rt.demo import byte_level_tokenizer
 from offload_rt.models import FAMILIES, parse_config
+from offload_rt.tools.writer import write_checkpoint
 
 MEASURE = textwrap.dedent(
     """

@@ -132,7 +132,8 @@ LAYERS = {  # module -> the offload_rt modules it may import (DESIGN.md's table)
     "checkpoint": {"config", "grid"},
     "model": {"config", "grid", "model"},
     "models": {"config", "grid", "checkpoint", "model", "models"},
-    "experts": {"config", "grid", "checkpoint", "model", "experts"},
+    "experts": {"config", "grid", "dtypes", "checkpoint", "model", "experts"},
+    "analysis": {"config", "grid", "model", "experts", "analysis"},  # traces, simulator
     "distributed": {
         "config",
         "grid",
@@ -153,14 +154,15 @@ LAYERS = {  # module -> the offload_rt modules it may import (DESIGN.md's table)
         "models",
         "experts",
         "distributed",
+        "analysis",
         "engine",
         "hub",
     },
-    "demo": {"config", "checkpoint", "models"},
+    "demo": {"config", "checkpoint", "models", "tools"},
     "protocol": {"engine"},
     "server": {"engine", "protocol", "server"},
     "client": {"engine", "protocol"},  # nothing of the server
-    "convert": {"config", "checkpoint", "convert", "models"},  # the checkpoint layer's converter
+    "convert": {"config", "checkpoint", "convert", "models", "tools"},  # an offline tool
 }
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import offload_rt
-from offload_rt.experts.traces import read_trace, write_trace
+from offload_rt.analysis.traces import read_trace, write_trace
 
 
 def test_recorded_trace_equals_the_reference_routing(reference, tmp_path):

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import offload_rt
+from offload_rt.analysis.traces import write_trace
 from offload_rt.checkpoint import CheckpointError
 from offload_rt.cli import cachesim, convert, quantize, serve
 from offload_rt.cli import eval as eval_cmd
@@ -25,7 +26,6 @@ from offload_rt.config import DTYPE_NAMES
 from offload_rt.demo import demo_name, make_demo_checkpoint
 from offload_rt.engine import GenerationResult, OffloadModel, RequestError
 from offload_rt.experts.formats import expert_nbytes
-from offload_rt.experts.traces import write_trace
 from offload_rt.hub import HubError
 from offload_rt.models import FAMILIES, open_checkpoint, read_config
 

@@ -4,7 +4,7 @@
     offload-rt cache-sim --list-policies
 
 TRACE is a msgpack trace (`offload-rt generate --trace`) or the text format of
-`../shared/data/mixtral-8x7b-routing-trace.txt`; `offload_rt.experts.cachesim` gives the rules.
+`../shared/data/mixtral-8x7b-routing-trace.txt`; `offload_rt.analysis.cachesim` gives the rules.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import argparse
 import json
 from pathlib import Path
 
-from offload_rt.experts.cachesim import SimResult, simulate
-from offload_rt.experts.policies import POLICIES
-from offload_rt.experts.traces import read_trace
+from offload_rt.analysis.cachesim import SimResult, simulate
+from offload_rt.analysis.policies import POLICIES
+from offload_rt.analysis.traces import read_trace
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

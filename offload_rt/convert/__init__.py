@@ -25,18 +25,19 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from offload_rt.checkpoint import DTYPES, CheckpointError, write_checkpoint
+from offload_rt.checkpoint import DTYPES, CheckpointError
 from offload_rt.config import DTYPE_NAMES, ModelConfig
 from offload_rt.convert.params import ConvertError, config_from_params, read_params
 from offload_rt.convert.tokenizer import SpmError, SpmModel, read_spm, write_tokenizer_files
 from offload_rt.convert.weights import Sources, hf_tensors, interleaved_to_half_split
 from offload_rt.models import open_checkpoint, parse_config
+from offload_rt.tools.writer import write_checkpoint
 
 PARAMS_FILE = "params.json"
 SPM_FILE = "tokenizer.model"
-GiB = 2**30
-# a shard waits in RAM until it is written: 2 GiB keeps a 16-32 GiB machine comfortable
-DEFAULT_SHARD_BYTES = 2 * GiB
+# a shard waits in RAM until it is written: 2 GB keeps a 16-32 GB machine comfortable; in
+# 10^9 bytes, the unit of `--max-shard-gb` in both `convert` and `quantize`
+DEFAULT_SHARD_BYTES = 2 * 10**9
 # Mixtral's tokenizer.model has these; used only when SRC has none
 DEFAULT_BOS, DEFAULT_EOS = 1, 2
 

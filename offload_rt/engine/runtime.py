@@ -10,6 +10,8 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
+from offload_rt.analysis.recorder import RoutingRecorder
+from offload_rt.analysis.traces import RoutingTrace
 from offload_rt.checkpoint import Checkpoint
 from offload_rt.distributed.cluster import RayOptions
 from offload_rt.engine.generate import GenerationResult, generate
@@ -25,8 +27,6 @@ from offload_rt.engine.sampling import RequestError, SamplingParams
 from offload_rt.engine.tokenizer import TextTokenizer
 from offload_rt.experts import LocalExpertBackend, OffloadOptions
 from offload_rt.experts.policies import DEFAULT_POLICY, runtime_policy
-from offload_rt.experts.recorder import RoutingRecorder
-from offload_rt.experts.traces import RoutingTrace
 from offload_rt.hub import resolve_model
 from offload_rt.model import DecoderModel
 from offload_rt.model.decoder import PREDICT_FROM

@@ -17,6 +17,8 @@ import functools
 
 import torch
 
+from offload_rt.dtypes import DTYPES
+
 GROUP = 32  # columns sharing one exponent
 FP4_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # e2m1 codes 0 .. 7
 FP4_VALUES = FP4_MAGNITUDES + tuple(-v for v in FP4_MAGNITUDES)  # code 8 + c is -(code c)
@@ -24,7 +26,7 @@ FP4_VALUES = FP4_MAGNITUDES + tuple(-v for v in FP4_MAGNITUDES)  # code 8 + c is
 _MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 _EMAX = 2  # exponent of e2m1's largest magnitude, 6 = 1.5 · 2^2
 _E8M0_MIN, _E8M0_MAX = -127, 127
-OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+OUT_DTYPES = tuple(DTYPES.values())  # the compute dtypes
 # index entries (int32) a dequantization step handles at once: on the CPU 4 MiB, which stays in
 # cache between the two passes over it; a GPU prefers fewer, larger launches
 _CHUNK = {"cpu": 1 << 20}

@@ -1,5 +1,5 @@
 """Expert-cache replacement policies, one implementation each for the runtime's device cache
-(`SlotCache`) and the trace simulator (`cachesim.simulate`).
+(`SlotCache`) and the trace simulator (`offload_rt.analysis.cachesim.simulate`).
 
 Every policy sees the same three calls from both:
   * `on_access(key, now)` for every expert a step uses, hit or miss, before any eviction of
@@ -11,21 +11,18 @@ Every policy sees the same three calls from both:
 trace, so per-layer and global caches share one clock. Ties go to the smallest key, so every
 run of a policy on a trace gives the same figures whatever the order of the candidates.
 
-`POLICIES` maps each name to a factory taking the trace; only `belady` reads the trace's
-future, the others use it for its shape alone; `runtime_policy` makes the others for a model.
+`runtime_policy` makes one for a model; the simulator's registry (`analysis/policies.py`)
+adds Belady's optimum, which reads the trace's future.
 The runtime also calls `touch` (a prefetch names a resident expert: most recent, no use
 counted) and `demote` (a prefetched expert went unused: first to go among equals).
 """
 
 from __future__ import annotations
 
-import bisect
-import math
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
-from offload_rt.experts.traces import RoutingTrace
 from offload_rt.model.moe import ExpertKey
 
 HALF_LIFE_TOKENS = 64.0  # decay of past uses: long against LRU's memory of a few tokens, short
@@ -53,10 +50,6 @@ class LRU:
         self._tick = 0
         self._low = 0  # below every use: where demoted experts go
         self._last: dict[ExpertKey, int] = {}
-
-    @classmethod
-    def from_trace(cls, trace: RoutingTrace) -> LRU:
-        return cls()
 
     def on_access(self, key: ExpertKey, now: int) -> None:
         self._tick += 1
@@ -144,10 +137,6 @@ class LRFU(LRU):
         self.num_layers = num_layers
         self.counts = Decayed(half_life)  # ExpertKey -> decayed uses; subclasses add more items
 
-    @classmethod
-    def from_trace(cls, trace: RoutingTrace) -> LRFU:
-        return cls(trace.num_layers)
-
     def token(self, now: int) -> int:
         return now // self.num_layers
 
@@ -233,48 +222,6 @@ class Markov(LRFU):
         return min(candidates, key=rank)
 
 
-class Belady:
-    """Optimal replacement (Belady 1966): evict the resident expert whose next use is
-    farthest in the future, read from the trace. The upper bound for any policy."""
-
-    name = "belady"
-
-    def __init__(self, trace: RoutingTrace) -> None:
-        self._uses: dict[ExpertKey, list[int]] = defaultdict(list)  # key -> steps, ascending
-        for index, layer, keys in trace.steps():
-            for key in keys:
-                self._uses[key].append(trace.step(index, layer))
-
-    @classmethod
-    def from_trace(cls, trace: RoutingTrace) -> Belady:
-        return cls(trace)
-
-    def on_access(self, key: ExpertKey, now: int) -> None:
-        pass
-
-    def on_evict(self, key: ExpertKey, now: int) -> None:
-        pass
-
-    def next_use(self, key: ExpertKey, now: int) -> float:
-        uses = self._uses.get(key, [])
-        i = bisect.bisect_right(uses, now)
-        return uses[i] if i < len(uses) else math.inf
-
-    def choose_victim(self, candidates: Sequence[ExpertKey], now: int) -> ExpertKey:
-        return min(candidates, key=lambda k: (-self.next_use(k, now), k))
-
-
-PolicyFactory = Callable[[RoutingTrace], CachePolicy]
-
-POLICIES: dict[str, PolicyFactory] = {
-    LRU.name: LRU.from_trace,
-    LFU.name: LFU.from_trace,
-    LRFU.name: LRFU.from_trace,
-    Markov.name: Markov.from_trace,
-    Belady.name: Belady.from_trace,
-}
-
-
 RUNTIME_POLICIES = ("lru", "lfu", "lrfu", "markov")  # those that need no future knowledge
 DEFAULT_POLICY = "markov"  # the best of these on the real Mixtral trace (bench_cache_policies.py)
 
@@ -301,11 +248,3 @@ def ranks_victims(policy: object) -> bool:
     only when the policy is told of a use, so a cache can keep its residents in a heap by it
     instead of ranking them all at every eviction."""
     return getattr(type(policy), "choose_victim", None) is LRU.choose_victim
-
-
-def make_policy(name: str, trace: RoutingTrace) -> CachePolicy:
-    """The policy registered as `name`, set up for `trace`."""
-    factory = POLICIES.get(name)
-    if factory is None:
-        raise ValueError(f"unknown cache policy {name!r}; choose from {', '.join(POLICIES)}")
-    return factory(trace)

@@ -1,1 +1,2 @@
-"""Offline tools over checkpoints (quantize), apart from the runtime."""
+"""Offline tools over checkpoints, apart from the runtime: the sharded writer (`writer.py`)
+and the quantizer (`quantize.py`)."""

@@ -20,18 +20,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from offload_rt.checkpoint import (
-    INDEX_FILE,
-    Checkpoint,
-    CheckpointError,
-    WritableLayout,
-    write_checkpoint,
-)
+from offload_rt.checkpoint import INDEX_FILE, Checkpoint, CheckpointError, WritableLayout
 from offload_rt.config import DEFAULT_GROUP_SIZE, MXFP4_GROUP, QuantConfig
 from offload_rt.experts.mxfp4 import dequantize_mxfp4_new, quantize_mxfp4
 from offload_rt.experts.quant import dequantize, quantize
 from offload_rt.grid import ExpertKey
 from offload_rt.models import family_of, open_checkpoint, parse_config
+from offload_rt.tools.writer import write_checkpoint
 
 DEFAULT_SHARD_BYTES = 4 * 10**9  # as Hugging Face's writers: a few GB per file
 # `--format` names: bits and scheme (MXFP4's groups are always 32)

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import torch
 
-from offload_rt.experts.traces import RoutingTrace
+from offload_rt.analysis.traces import RoutingTrace
 from offload_rt.model.moe import ExpertBackend, ExpertKey
 
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from offload_rt.experts.policies import CachePolicy, make_policy
-from offload_rt.experts.traces import RoutingTrace
+from offload_rt.analysis.policies import make_policy
+from offload_rt.analysis.traces import RoutingTrace
+from offload_rt.experts.policies import CachePolicy
 from offload_rt.model.moe import ExpertKey
 
 
