@@ -1,4 +1,4 @@
-"""Where experts live on one machine: the tiered store, the LRU device cache, the local backend."""
+"""Where experts live on one machine: the tiered store, the device cache, the local backend."""
 
 from offload_rt.experts.backend import LocalExpertBackend, OffloadOptions
 from offload_rt.experts.cache import CacheStats, SlotCache
