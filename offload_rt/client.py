@@ -21,9 +21,8 @@ import httpx
 import msgpack
 
 from offload_rt import protocol
-from offload_rt.engine.generate import GenerationResult
-from offload_rt.engine.logprobs import TokenLogprob
 from offload_rt.protocol import RemoteError
+from offload_rt.results import GenerationResult, TokenLogprob
 
 Prompt = str | Sequence[int]
 DEFAULT_TIMEOUT_S = 600.0  # one request: a long generation on a slow, offloaded model

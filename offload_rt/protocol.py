@@ -29,7 +29,7 @@ from typing import Any
 
 import msgpack
 
-from offload_rt.engine.sampling import RequestError
+from offload_rt.results import RequestError
 
 VERSION = 1
 PATH = "/v1/offload/generate"

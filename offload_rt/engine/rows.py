@@ -13,17 +13,8 @@ import torch
 
 from offload_rt.engine.logprobs import TokenLogprob, token_logprobs
 from offload_rt.engine.penalties import adjust_scores
-from offload_rt.engine.sampling import RequestError, Sampler, SamplingParams
-
-
-@dataclass
-class GenerationResult:
-    token_ids: list[int]  # the new tokens only (a closing EOS or stop token included)
-    text: str | None  # the new tokens decoded, cut before a stop string; None without tokenizer
-    finish_reason: str  # "stop" (EOS, stop token or stop string) or "length"
-    prompt_tokens: int  # tokens in the prompt
-    logprobs: list[TokenLogprob] | None = None  # one per new token, when asked (`logprobs`)
-    prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token, when asked
+from offload_rt.engine.sampling import Sampler, SamplingParams
+from offload_rt.results import GenerationResult, RequestError
 
 
 @dataclass

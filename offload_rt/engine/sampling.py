@@ -12,12 +12,9 @@ from dataclasses import dataclass, fields
 import torch
 
 from offload_rt.engine.logprobs import MAX_TOP_LOGPROBS
+from offload_rt.results import RequestError
 
 MAX_LOGIT_BIAS = 1024  # entries of logit_bias: more is a request to refuse, not to serve
-
-
-class RequestError(ValueError):
-    """A generation request that cannot be served as asked; the message names the field."""
 
 
 @dataclass(frozen=True)
