@@ -114,7 +114,8 @@ class RemoteModel:
     ) -> GenerationResult | list[GenerationResult]:
         """Arguments of `OffloadModel.generate`: max_new_tokens, temperature, top_p, top_k,
         seed, stop, logprobs, prompt_logprobs, the penalties, logit_bias, min_tokens,
-        ignore_eos. A list of prompts goes as concurrent requests, batched by the server."""
+        ignore_eos, json_schema. A list of prompts goes as concurrent requests, batched by
+        the server."""
         if not _is_batch(prompt):
             return self._one(prompt, kw)  # type: ignore[arg-type]
         with ThreadPoolExecutor(min(MAX_PARALLEL, len(prompt))) as pool:  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from offload_rt.engine.grammar import Grammars, RowGrammar, mask_rows
 from offload_rt.engine.logprobs import TokenLogprob, token_logprobs
 from offload_rt.engine.penalties import adjust_scores
 from offload_rt.engine.sampling import Sampler, SamplingParams
@@ -28,16 +29,31 @@ class SequenceState:
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None  # grows with tokens when params.logprobs is set
     prompt_logprobs: list[TokenLogprob] | None = None  # set by the prefill when asked
+    grammar: RowGrammar | None = None  # what the next token may be (params.json_schema)
 
     @property
     def prompt_len(self) -> int:
         return len(self.prompt)
 
 
-def new_state(prompt: list[int], params: SamplingParams, eos_ids: Iterable[int]) -> SequenceState:
+def new_state(
+    prompt: list[int],
+    params: SamplingParams,
+    eos_ids: Iterable[int],
+    grammars: Grammars | None = None,
+) -> SequenceState:
+    """grammars: the model's compiler of JSON schemas (None: a model without tokenizer.json,
+    which cannot take params.json_schema)."""
     stops = frozenset(params.stop_token_ids) | frozenset(() if params.ignore_eos else eos_ids)
     lps = [] if params.logprobs is not None else None
-    return SequenceState(params, Sampler(params), stops, list(prompt), logprobs=lps)
+    grammar = None
+    if params.json_schema is not None:
+        if grammars is None:
+            raise RequestError("json_schema needs the model's tokenizer.json, which it lacks")
+        grammar = grammars.row(params.json_schema)
+    return SequenceState(
+        params, Sampler(params), stops, list(prompt), logprobs=lps, grammar=grammar
+    )
 
 
 def check_request(
@@ -66,22 +82,28 @@ def check_request(
 
 
 def sample_rows(rows: list[SequenceState | None], logits: torch.Tensor, live: list[bool]) -> None:
-    """Append each live row's next token, chosen from its adjusted scores; record its
-    log-probability under the raw logits (B, V) where asked."""
+    """Append each live row's next token, chosen from its adjusted scores, then its
+    grammar's mask; advance its grammar; record its log-probability under the raw logits
+    (B, V) where asked."""
     scores = logits
     adjusted = [i for i, r in enumerate(rows) if live[i] and r and r.params.adjusts_logits]
-    if adjusted:
+    constrained = [i for i, r in enumerate(rows) if live[i] and r and r.grammar is not None]
+    if adjusted or constrained:
         scores = logits.to(torch.float32, copy=True)  # the raw logits stay, for logprobs
         for i in adjusted:
             r = rows[i]
             assert r is not None
             scores[i] = adjust_scores(logits[i], r.params, r.prompt, r.tokens, r.stop_ids)
+    if constrained:
+        mask_rows(scores, logits, constrained, [rows[i].grammar for i in constrained])  # type: ignore[misc,union-attr]
     greedy = torch.argmax(scores, dim=-1).tolist()
     sampled = [i for i, r in enumerate(rows) if live[i] and r and not r.params.greedy]
     cpu = scores[sampled].float().cpu() if sampled else None
     for i, r in enumerate(rows):
         if live[i] and r is not None:
             r.tokens.append(r.sampler.sample(cpu[sampled.index(i)]) if i in sampled else greedy[i])
+            if r.grammar is not None:
+                r.grammar.advance(r.tokens[-1])
     _record_logprobs(rows, logits, live)
 
 
@@ -102,6 +124,9 @@ def _record_logprobs(
 def check_finished(
     r: SequenceState, budget: int, decode: Callable[[list[int]], str] | None
 ) -> None:
+    if r.grammar is not None and r.grammar.done:  # the schema's value is complete
+        r.finish_reason = "stop"
+        return
     if len(r.tokens) < r.params.min_tokens:  # stop tokens were masked; stop strings wait too
         if len(r.tokens) >= budget:
             r.finish_reason = "length"

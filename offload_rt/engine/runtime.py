@@ -13,6 +13,7 @@ from tqdm import tqdm
 from offload_rt.checkpoint import Checkpoint
 from offload_rt.distributed.cluster import RayOptions
 from offload_rt.engine.generate import GenerationResult, generate
+from offload_rt.engine.grammar import Grammars
 from offload_rt.engine.loader import (
     BACKENDS,
     local_backend,
@@ -59,6 +60,12 @@ class OffloadModel:
         self.model = model
         self.backend = backend
         self.tokenizer = tokenizer
+        # JSON schemas compiled against the tokenizer, for json_schema (constrained decoding)
+        self.grammars = (
+            None
+            if tokenizer is None
+            else Grammars(tokenizer.tokenizer, self.config.vocab_size, self.config.eos_token_ids)
+        )
         self.on_close = on_close
         self.recorder = recorder  # the model's view of its backend when routing is recorded
         self.closed = False
@@ -111,7 +118,7 @@ class OffloadModel:
         """One prompt (text or token ids) gives one result; a list of prompts, a list.
         options: the other fields of `SamplingParams`: logprobs, prompt_logprobs,
         presence_penalty, frequency_penalty, repetition_penalty, logit_bias, min_tokens,
-        ignore_eos."""
+        ignore_eos, json_schema (a dict or its JSON text: the output follows it)."""
         self._check_open()
         batch = _is_batch(prompt)
         prompts = [self.encode(p) for p in (prompt if batch else [prompt])]
@@ -127,9 +134,8 @@ class OffloadModel:
             **options,
         )
         decode = self.tokenizer.decode if self.tokenizer is not None else None
-        results = generate(
-            self.model, prompts, [params] * len(prompts), self.config.eos_token_ids, decode
-        )
+        eos = self.config.eos_token_ids
+        results = generate(self.model, prompts, [params] * len(prompts), eos, decode, self.grammars)
         return results if batch else results[0]
 
     def warm(self) -> int:

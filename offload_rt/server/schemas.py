@@ -1,6 +1,11 @@
 """Request bodies of the OpenAI-compatible endpoints, validated strictly: a wrong type is a
 400 that names the field, never a guess ("5" is not 5).
 
+`response_format` (both endpoints): `{"type": "text"}`, `{"type": "json_object"}` (any JSON
+object) or `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`; the JSON
+ones through constrained decoding (offload_rt/engine/grammar.py), the schema always enforced
+whatever `strict` says.
+
 Fields the runtime cannot honour (suffix, best_of > 1, tools) are refused by name rather than
 silently ignored; unknown extra fields are ignored, as OpenAI's own server does for forward
 compatibility. Beside OpenAI's fields, vLLM's extensions top_k, repetition_penalty,
@@ -9,7 +14,8 @@ min_tokens and ignore_eos.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
@@ -27,6 +33,45 @@ TopK = Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)]
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: StrictBool = False
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+
+    def schema_text(self) -> str | None:
+        return None
+
+
+class JsonObjectFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["json_object"]
+
+    def schema_text(self) -> str | None:
+        return json.dumps(JSON_OBJECT)
+
+
+class JsonSchemaSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: Annotated[StrictStr, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]  # OpenAI's rule
+    description: StrictStr | None = None
+    schema_: dict[StrictStr, Any] = Field(alias="schema")  # a JSON object
+    strict: StrictBool | None = None  # the schema is always enforced
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+    def schema_text(self) -> str | None:
+        return json.dumps(self.json_schema.schema_)
+
+
+JSON_OBJECT = {"type": "object"}  # json_object mode: any JSON object
+ResponseFormat = Annotated[
+    TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")
+]
 
 
 class CommonRequest(BaseModel):
@@ -48,6 +93,7 @@ class CommonRequest(BaseModel):
     logit_bias: dict[StrictStr, Number] | None = None  # token id (a JSON key) -> bias
     min_tokens: StrictInt = 0  # vLLM's extension
     ignore_eos: StrictBool = False  # vLLM's extension
+    response_format: ResponseFormat | None = None
     user: StrictStr | None = None
 
     def echoes(self) -> bool:
@@ -80,6 +126,9 @@ class CommonRequest(BaseModel):
             logit_bias=_bias(self.logit_bias),
             min_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos,
+            json_schema=None
+            if self.response_format is None
+            else self.response_format.schema_text(),
         )
 
     @property
