@@ -102,7 +102,7 @@ class Grammars:
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
         except ValueError as e:
-            raise RequestError(f"json_schema: {e}") from e
+            raise RequestError(f"json_schema cannot be compiled: {e}"[:2000]) from e
         tokenizer = self._llg_tokenizer()
         error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
         if error:
