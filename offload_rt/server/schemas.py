@@ -17,7 +17,16 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
 
 from offload_rt.engine import RequestError, SamplingParams
 from offload_rt.engine.logprobs import MAX_TOP_LOGPROBS
@@ -27,6 +36,7 @@ MAX_STOPS = 16
 MAX_PROMPTS = 64  # prompts in one completion request
 MAX_N = 16  # choices per prompt
 MAX_CHOICES = 64  # prompts x n in one request: each is a scheduler request
+MAX_TOOL_CALLS = 128  # in one assistant message
 TopK = Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)]
 
 
@@ -183,16 +193,64 @@ class TextPart(BaseModel):
     text: StrictStr
 
 
-class ChatMessage(BaseModel):
+class CalledFunction(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: StrictStr | list[TextPart]
+    name: StrictStr
+    arguments: StrictStr  # JSON text, as OpenAI sends it
 
-    def as_template_input(self) -> dict[str, str]:
-        text = self.content
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+    def as_template_input(self) -> dict[str, Any]:
+        """As transformers' chat templates take a call: its arguments a mapping when they
+        are a JSON object (templates write them with tojson), else the text as sent."""
+        try:
+            args: Any = json.loads(self.function.arguments)
+        except ValueError:
+            args = None
+        if not isinstance(args, dict):
+            args = self.function.arguments
+        return {"id": self.id, "type": self.type,
+                "function": {"name": self.function.name, "arguments": args}}  # fmt: skip
+
+
+class ChatMessage(BaseModel):
+    """A message as OpenAI's chat takes it, passed to the checkpoint's chat template, which
+    decides which roles and fields it can render (and refuses the others with a 400)."""
+
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | list[TextPart] | None = None  # None: an assistant's tool calls only
+    name: StrictStr | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOL_CALLS)] | None = None
+    tool_call_id: StrictStr | None = None  # a tool message: the call it answers
+
+    @model_validator(mode="after")
+    def _fields_of_the_role(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"{self.role} messages need content")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"tool_calls belong to assistant messages, not {self.role}")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        return self
+
+    def as_template_input(self) -> dict[str, Any]:
+        text = self.content or ""
         if not isinstance(text, str):
             text = "".join(part.text for part in text)
-        return {"role": self.role, "content": text}
+        out: dict[str, Any] = {"role": self.role, "content": text}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_calls is not None:
+            out["tool_calls"] = [call.as_template_input() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class ChatRequest(CommonRequest):

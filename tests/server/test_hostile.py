@@ -78,6 +78,10 @@ def _json_cases() -> list[tuple[str, str, dict, bytes]]:
         {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
         {"messages": [{"role": "system", "content": "a"}]},  # the Mixtral template refuses it
         {"messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function"}]},
+        {"messages": [{"role": "developer", "content": "a"}, {"role": "user", "content": "b"}]},
+        {"messages": [{"role": "tool", "content": "x"}]},  # no tool_call_id
+        {"messages": [{"role": "user", "content": "x", "tool_calls": [{"id": "a"}]}]},
+        {"messages": [{"role": "assistant", "tool_calls": [{"id": 5, "function": {}}]}]},
     ]
     cases += [("POST", "/v1/chat/completions", JSON, _dumps(b)) for b in chats]
     return cases
