@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from offload_rt.engine import RequestError, SamplingParams
-from offload_rt.engine.grammar import Grammars, mask_rows, schema_text
+from offload_rt.engine.grammar import Grammars, schema_text
 from offload_rt.engine.rows import new_state, sample_rows
 
 EOS = 2  # the demo's </s>
@@ -48,20 +48,19 @@ def test_rows_with_and_without_grammars_in_one_batch(demo):
     assert demo.tokenizer.decode(rows[2].tokens) in "-0123456789"
 
 
-def test_mask_rows_keeps_only_the_allowed_tokens(demo):
-    grammars = demo.grammars
-    row = grammars.row(schema_text({"enum": ["xy"]}))
-    scores = torch.zeros(2, demo.config.vocab_size)
-    mask_rows(scores, scores.clone(), [1], [row])
-    assert torch.equal(scores[0], torch.zeros(demo.config.vocab_size))
-    (allowed,) = torch.nonzero(scores[1] == 0)[:, 0].tolist()  # only the opening quote
+def test_the_mask_keeps_only_the_allowed_tokens(demo):
+    row = demo.grammars.row(schema_text({"enum": ["xy"]}))
+    scores = torch.zeros(demo.config.vocab_size)
+    row.mask(scores, scores.clone())
+    (allowed,) = torch.nonzero(scores == 0)[:, 0].tolist()  # only the opening quote
     assert demo.tokenizer.decode([allowed]) == '"'
+    assert torch.isneginf(scores).sum() == scores.numel() - 1
     # everything else already -inf (min_tokens' mask on the only stop): the grammar's tokens
     # by the raw logits
-    raw = torch.randn(1, demo.config.vocab_size)
+    raw = torch.randn(demo.config.vocab_size)
     scores = torch.full_like(raw, float("-inf"))
-    mask_rows(scores, raw, [0], [row])
-    assert scores[0, allowed] == raw[0, allowed] and torch.isinf(scores).sum() == raw.numel() - 1
+    row.mask(scores, raw)
+    assert scores[allowed] == raw[allowed] and torch.isneginf(scores).sum() == raw.numel() - 1
 
 
 def test_each_schema_compiles_once(demo, monkeypatch):

@@ -6,7 +6,7 @@ tokenizer.json into a matcher; each step, the matcher's bitmask of allowed token
 others' scores to -inf before the row samples, and the sampled token advances the matcher.
 The row ends ("stop") once the grammar is complete; EOS is allowed only where the grammar
 may end. A schema is compiled once (the first request that names it) and every later row
-takes a copy of that matcher. Shape legend: B rows, V vocabulary, W = ceil(V / 32) words.
+takes a copy of that matcher. Shape legend: V vocabulary, W = ceil(V / 32) words.
 """
 
 from __future__ import annotations
@@ -58,6 +58,20 @@ class RowGrammar:
     def fill(self, bits: np.ndarray) -> None:
         """The allowed tokens into bits (W,) int32, bit t % 32 of word t // 32."""
         self.matcher.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
+
+    def mask(self, scores: torch.Tensor, logits: torch.Tensor) -> None:
+        """In place: scores (V,) float32 keep only the tokens the grammar allows next. When
+        nothing is left (min_tokens masking the only stop the grammar allows), the grammar's
+        tokens by the raw logits (V,): the grammar wins. One row's ops stay under torch's
+        grain for threads, which a whole batch's would not (milliseconds on a busy CPU)."""
+        vocab = scores.shape[-1]
+        bits = np.zeros((vocab + 31) // 32, dtype=np.int32)  # (W,)
+        self.fill(bits)
+        banned = np.unpackbits(bits.view(np.uint8), bitorder="little")[:vocab] == 0  # (V,)
+        banned_t = torch.from_numpy(banned).to(scores.device)
+        scores.masked_fill_(banned_t, float("-inf"))
+        if bool(torch.isneginf(scores).all()):
+            scores.copy_(logits).masked_fill_(banned_t, float("-inf"))
 
     def advance(self, token: int) -> None:
         if not self.matcher.consume_token(token):
@@ -129,24 +143,3 @@ class Grammars:
                         f"this model's tokenizer cannot drive constrained decoding: {e}"
                     ) from e
             return self._tokenizer
-
-
-def mask_rows(
-    scores: torch.Tensor, logits: torch.Tensor, rows: list[int], grammars: list[RowGrammar]
-) -> None:
-    """In place: scores (B, V) float32 of the given rows keep only the tokens their grammars
-    allow. A row left with nothing (min_tokens masking the only stop the grammar allows)
-    samples its grammar's tokens by the raw logits (B, V): the grammar wins. Row by row, in
-    place on views: an op on one row stays under torch's grain for threads, where gathering
-    rows by index costs milliseconds on a busy CPU."""
-    vocab = scores.shape[-1]
-    bits = np.zeros((len(rows), (vocab + 31) // 32), dtype=np.int32)  # (n, W)
-    for k, g in enumerate(grammars):
-        g.fill(bits[k])
-    banned = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :vocab] == 0
-    banned_t = torch.from_numpy(banned).to(scores.device)  # (n, V)
-    for k, i in enumerate(rows):
-        row = scores[i]  # (V,) a view
-        row.masked_fill_(banned_t[k], float("-inf"))
-        if bool(torch.isneginf(row).all()):
-            row.copy_(logits[i]).masked_fill_(banned_t[k], float("-inf"))

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from offload_rt.engine.grammar import Grammars, RowGrammar, mask_rows
+from offload_rt.engine.grammar import Grammars, RowGrammar
 from offload_rt.engine.logprobs import TokenLogprob, token_logprobs
 from offload_rt.engine.penalties import adjust_scores
 from offload_rt.engine.sampling import Sampler, SamplingParams
@@ -82,29 +82,36 @@ def check_request(
 
 
 def sample_rows(rows: list[SequenceState | None], logits: torch.Tensor, live: list[bool]) -> None:
-    """Append each live row's next token, chosen from its adjusted scores, then its
-    grammar's mask; advance its grammar; record its log-probability under the raw logits
-    (B, V) where asked."""
-    scores = logits
-    adjusted = [i for i, r in enumerate(rows) if live[i] and r and r.params.adjusts_logits]
-    constrained = [i for i, r in enumerate(rows) if live[i] and r and r.grammar is not None]
-    if adjusted or constrained:
-        scores = logits.to(torch.float32, copy=True)  # the raw logits stay, for logprobs
-        for i in adjusted:
-            r = rows[i]
-            assert r is not None
-            scores[i] = adjust_scores(logits[i], r.params, r.prompt, r.tokens, r.stop_ids)
-    if constrained:
-        mask_rows(scores, logits, constrained, [rows[i].grammar for i in constrained])  # type: ignore[misc,union-attr]
-    greedy = torch.argmax(scores, dim=-1).tolist()
-    sampled = [i for i, r in enumerate(rows) if live[i] and r and not r.params.greedy]
-    cpu = scores[sampled].float().cpu() if sampled else None
+    """Append each live row's next token, chosen from its own scores (the raw logits (B, V),
+    or a copy adjusted by its penalties and bias, then masked by its grammar); advance its
+    grammar; record its log-probability under the raw logits where asked."""
+    plain = {i for i, r in enumerate(rows) if live[i] and r and r.params.greedy and _raw(r)}
+    greedy = torch.argmax(logits, dim=-1).tolist() if plain else []  # one op for those rows
     for i, r in enumerate(rows):
         if live[i] and r is not None:
-            r.tokens.append(r.sampler.sample(cpu[sampled.index(i)]) if i in sampled else greedy[i])
+            r.tokens.append(greedy[i] if i in plain else _next_token(r, logits[i]))
             if r.grammar is not None:
                 r.grammar.advance(r.tokens[-1])
     _record_logprobs(rows, logits, live)
+
+
+def _raw(r: SequenceState) -> bool:
+    """Whether the row samples from the raw logits."""
+    return not r.params.adjusts_logits and r.grammar is None
+
+
+def _next_token(r: SequenceState, logits: torch.Tensor) -> int:
+    """One row's token from its raw logits (V,), which stay as they are (for logprobs)."""
+    scores = logits
+    if r.params.adjusts_logits:
+        scores = adjust_scores(logits, r.params, r.prompt, r.tokens, r.stop_ids)  # a copy
+    if r.grammar is not None:
+        if scores is logits:
+            scores = logits.to(torch.float32, copy=True)
+        r.grammar.mask(scores, logits)
+    if r.params.greedy:
+        return int(torch.argmax(scores))
+    return r.sampler.sample(scores.float().cpu())
 
 
 def _record_logprobs(
