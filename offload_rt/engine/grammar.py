@@ -61,17 +61,25 @@ class RowGrammar:
 
     def mask(self, scores: torch.Tensor, logits: torch.Tensor) -> None:
         """In place: scores (V,) float32 keep only the tokens the grammar allows next. When
-        nothing is left (min_tokens masking the only stop the grammar allows), the grammar's
-        tokens by the raw logits (V,): the grammar wins. One row's ops stay under torch's
-        grain for threads, which a whole batch's would not (milliseconds on a busy CPU)."""
+        nothing is left (min_tokens masking the only stop the grammar allows), the allowed
+        tokens take the raw logits (V,): the grammar wins. On the CPU through numpy (one
+        thread): torch spreads an elementwise op over a large vocabulary across its threads,
+        and on a busy machine each such op waits milliseconds for them."""
         vocab = scores.shape[-1]
         bits = np.zeros((vocab + 31) // 32, dtype=np.int32)  # (W,)
         self.fill(bits)
         banned = np.unpackbits(bits.view(np.uint8), bitorder="little")[:vocab] == 0  # (V,)
-        banned_t = torch.from_numpy(banned).to(scores.device)
-        scores.masked_fill_(banned_t, float("-inf"))
-        if bool(torch.isneginf(scores).all()):
-            scores.copy_(logits).masked_fill_(banned_t, float("-inf"))
+        if scores.device.type != "cpu":
+            banned_t = torch.from_numpy(banned).to(scores.device)
+            scores.masked_fill_(banned_t, float("-inf"))
+            if bool(torch.isneginf(scores).all()):
+                scores.copy_(logits).masked_fill_(banned_t, float("-inf"))
+            return
+        view = scores.numpy()
+        np.copyto(view, -np.inf, where=banned)
+        if view.max() == -np.inf:
+            view[:] = logits.float().numpy()
+            np.copyto(view, -np.inf, where=banned)
 
     def advance(self, token: int) -> None:
         if not self.matcher.consume_token(token):
