@@ -34,6 +34,7 @@ import offload_rt
 from offload_rt.demo import demo_name, make_demo_checkpoint
 from offload_rt.engine.generate import BatchDecoder
 from offload_rt.engine.grammar import Grammars, RowGrammar, schema_text
+from offload_rt.engine.rows import float_copy
 
 CORPUS_BYTES = 96 << 20  # of Python sources: enough distinct text for 150000 tokens
 
@@ -129,7 +130,7 @@ def walk(grammars: Grammars, tokens: list[int], rows: int, step: Step) -> tuple[
         torch.argmax(logits, dim=-1).tolist()
         mid = time.perf_counter()
         for i, m in enumerate(matchers):  # as sample_rows does for a constrained row
-            scores = logits[i].to(torch.float32, copy=True)
+            scores = float_copy(logits[i])
             m.mask(scores, logits[i])
             int(torch.argmax(scores))
             m.advance(token)

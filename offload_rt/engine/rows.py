@@ -95,6 +95,14 @@ def sample_rows(rows: list[SequenceState | None], logits: torch.Tensor, live: li
     _record_logprobs(rows, logits, live)
 
 
+def float_copy(x: torch.Tensor) -> torch.Tensor:
+    """x (V,) as a float32 copy; on the CPU through numpy, whose copy runs on one thread
+    where torch's waits for its threads on a busy machine (see RowGrammar.mask)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return torch.from_numpy(x.numpy().copy())
+    return x.to(torch.float32, copy=True)
+
+
 def _raw(r: SequenceState) -> bool:
     """Whether the row samples from the raw logits."""
     return not r.params.adjusts_logits and r.grammar is None
@@ -107,7 +115,7 @@ def _next_token(r: SequenceState, logits: torch.Tensor) -> int:
         scores = adjust_scores(logits, r.params, r.prompt, r.tokens, r.stop_ids)  # a copy
     if r.grammar is not None:
         if scores is logits:
-            scores = logits.to(torch.float32, copy=True)
+            scores = float_copy(logits)
         r.grammar.mask(scores, logits)
     if r.params.greedy:
         return int(torch.argmax(scores))
