@@ -36,7 +36,9 @@ import torch
 
 from offload_rt.config import ClampedSwiGLUConfig, QuantConfig
 from offload_rt.experts.mxfp4 import dequantize_mxfp4
+from offload_rt.model.cpukernels import affine_gemv
 from offload_rt.model.ffn import ClampedSwiGLU, ExpertFFN, SwiGLU
+from offload_rt.model.layers import linear
 
 F16 = torch.float16
 
@@ -196,8 +198,7 @@ class ExpertCodec:
         dtype: torch.dtype,
         clamped: ClampedSwiGLUConfig | None = None,
     ) -> None:
-        self.quant = quant
-        self.clamped = clamped
+        self.quant, self.clamped, self.dtype, self.device = quant, clamped, dtype, device
         self.layout = _Layout(hidden, intermediate, quant, None if clamped is None else dtype)
         self.nbytes = self.layout.nbytes
         shapes = self.layout.matrices
@@ -224,24 +225,49 @@ class ExpertCodec:
             for i, name in enumerate(names):
                 view[i * rows : (i + 1) * rows].copy_(tensors[name].reshape(view[:rows].shape))
 
+    def expand(self, views: Mapping[tuple[str, str], torch.Tensor], m: str) -> torch.Tensor:
+        """Matrix `m` ("w13" or "w2") of the slot in the compute dtype, in the codec's scratch:
+        valid until the next call, so one thread computes with it at a time."""
+        out = self._scratch[m]
+        if self.quant.scheme == "mxfp4":
+            return dequantize_mxfp4(views[(m, "blocks")], views[(m, "scales")], out)
+        if self.quant.scheme == "fp8":
+            _expand_blocks(views[(m, "weight")], views[(m, "weight_scale_inv")], out)
+            return out
+        codes = views[(m, "qweight")]
+        if self.quant.bits == 4:
+            codes = unpack_int4(codes, self._codes[m])
+        _expand(codes, views[(m, "scales")], views[(m, "offsets")], out)
+        return out
+
     def dequantize(self, views: Mapping[tuple[str, str], torch.Tensor]) -> ExpertFFN:
-        """The slot's expert in the compute dtype. Its matrices are the codec's scratch: valid
-        until the next call, so one thread computes with them at a time."""
-        for m, out in self._scratch.items():
-            if self.quant.scheme == "mxfp4":
-                dequantize_mxfp4(views[(m, "blocks")], views[(m, "scales")], out)
-                continue
-            if self.quant.scheme == "fp8":
-                _expand_blocks(views[(m, "weight")], views[(m, "weight_scale_inv")], out)
-                continue
-            codes = views[(m, "qweight")]
-            if self.quant.bits == 4:
-                codes = unpack_int4(codes, self._codes[m])
-            _expand(codes, views[(m, "scales")], views[(m, "offsets")], out)
-        w13, w2 = self._scratch["w13"], self._scratch["w2"]
+        """The slot's expert ready to compute. Affine codes on the CPU stay packed
+        (`AffineMatrix`); otherwise its matrices are expanded into the codec's scratch."""
+        if self.quant.scheme == "affine" and self.device.type == "cpu":
+            w13, w2 = (AffineMatrix(self, views, m) for m in ("w13", "w2"))
+        else:
+            w13, w2 = self.expand(views, "w13"), self.expand(views, "w2")
         if self.clamped is None:
             return SwiGLU(w13, w2)
         c = self.clamped
         return ClampedSwiGLU(
             w13, views[("w13", "bias")], w2, views[("w2", "bias")], c.limit, c.alpha
         )
+
+
+class AffineMatrix:
+    """One affine int8/int4 matrix of a slot, multiplied straight from its codes: one row
+    through the compiled kernel of `model/cpukernels.py`, more rows (or where no kernel
+    applies) expanded into the codec's scratch first."""
+
+    def __init__(
+        self, codec: ExpertCodec, views: Mapping[tuple[str, str], torch.Tensor], m: str
+    ) -> None:
+        self.codec, self.views, self.m = codec, views, m
+        self.shape = torch.Size(codec.layout.matrices[m])
+        self.dtype, self.device = codec.dtype, codec.device
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        parts = [self.views[(self.m, p)] for p in ("qweight", "scales", "offsets")]
+        y = affine_gemv(x, *parts, bits=self.codec.quant.bits)
+        return linear(x, self.codec.expand(self.views, self.m)) if y is None else y
