@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import offload_rt
 from offload_rt.config import QuantConfig
-from offload_rt.experts.quant import ExpertCodec, dequantize, quantize
+from offload_rt.experts.quant import AffineMatrix, ExpertCodec, dequantize, quantize
 from offload_rt.model import cpukernels
 from offload_rt.model.layers import linear
 
@@ -81,7 +81,8 @@ def test_a_packed_expert_computes_from_its_codes_as_the_dequantized_one(
     buf = torch.empty(codec.nbytes, dtype=torch.uint8)
     codec.pack(parts, buf)
     views = codec.views(buf)
-    ffn = codec.dequantize(views)
+    ffn = codec.ffn(views)
+    assert isinstance(ffn.w13, AffineMatrix)
     w13, w2 = codec.expand(views, "w13").double(), codec.expand(views, "w2").double()
 
     def reference(x: torch.Tensor) -> torch.Tensor:

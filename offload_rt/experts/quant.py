@@ -240,19 +240,29 @@ class ExpertCodec:
         _expand(codes, views[(m, "scales")], views[(m, "offsets")], out)
         return out
 
+    def ffn(self, views: Mapping[tuple[str, str], torch.Tensor]) -> ExpertFFN:
+        """The slot's expert ready to compute: affine codes on the CPU stay packed
+        (`AffineMatrix`), anything else is dequantized (valid until the next call)."""
+        if self.quant.scheme != "affine" or self.device.type != "cpu":
+            return self.dequantize(views)
+        return self._expert(*(AffineMatrix(self, views, m) for m in ("w13", "w2")), views)
+
     def dequantize(self, views: Mapping[tuple[str, str], torch.Tensor]) -> ExpertFFN:
-        """The slot's expert ready to compute. Affine codes on the CPU stay packed
-        (`AffineMatrix`); otherwise its matrices are expanded into the codec's scratch."""
-        if self.quant.scheme == "affine" and self.device.type == "cpu":
-            w13, w2 = (AffineMatrix(self, views, m) for m in ("w13", "w2"))
-        else:
-            w13, w2 = self.expand(views, "w13"), self.expand(views, "w2")
+        """The slot's expert with its matrices expanded into the codec's scratch: valid until
+        the next call, so one thread computes with them at a time."""
+        return self._expert(self.expand(views, "w13"), self.expand(views, "w2"), views)
+
+    def _expert(
+        self,
+        w13: torch.Tensor | AffineMatrix,
+        w2: torch.Tensor | AffineMatrix,
+        views: Mapping[tuple[str, str], torch.Tensor],
+    ) -> ExpertFFN:
         if self.clamped is None:
-            return SwiGLU(w13, w2)
+            return SwiGLU(w13, w2)  # type: ignore[arg-type]
         c = self.clamped
-        return ClampedSwiGLU(
-            w13, views[("w13", "bias")], w2, views[("w2", "bias")], c.limit, c.alpha
-        )
+        b13, b2 = views[("w13", "bias")], views[("w2", "bias")]
+        return ClampedSwiGLU(w13, b13, w2, b2, c.limit, c.alpha)  # type: ignore[arg-type]
 
 
 class AffineMatrix:
