@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 import offload_rt
 from offload_rt.config import QuantConfig
-from offload_rt.experts.quant import AffineMatrix, ExpertCodec, dequantize, quantize
+from offload_rt.experts.mxfp4 import dequantize_mxfp4_new, quantize_mxfp4
+from offload_rt.experts.quant import ExpertCodec, QuantMatrix, dequantize, quantize
 from offload_rt.model import cpukernels
 from offload_rt.model.layers import linear
 
@@ -59,6 +60,27 @@ def test_affine_gemv_equals_dequantize_then_multiply(kernels_on_small_shapes, bi
     assert relative_error(got, want) <= TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mxfp4_gemv_equals_dequantize_then_multiply(kernels_on_small_shapes, dtype):
+    blocks, scales = quantize_mxfp4(torch.randn(80, 512) / 16)
+    scales[0, 0], blocks[1, 2] = 0, 0x8F  # 2^-127 (subnormal in float32); -0 beside -6
+    x = torch.randn(1, 512).to(dtype)
+    got = cpukernels.mxfp4_gemv(x, blocks, scales)
+    assert got is not None and got.dtype == dtype
+    want = F.linear(x.double(), dequantize_mxfp4_new(blocks, scales, torch.float32).double())
+    assert relative_error(got, want) <= TOLERANCE[dtype]
+
+
+def test_fp8_gemv_equals_dequantize_then_multiply(kernels_on_small_shapes):
+    w = (torch.randn(64, 256) * 40).to(torch.float8_e4m3fn)
+    scale_inv = torch.rand(64 // 16, 256 // 128) + 0.5  # blocks of 16 rows and 128 columns
+    x = torch.randn(1, 256)
+    got = cpukernels.fp8_gemv(x, w, scale_inv)
+    assert got is not None
+    dense = w.double() * scale_inv.double().repeat_interleave(16, 0).repeat_interleave(128, 1)
+    assert relative_error(got, F.linear(x.double(), dense)) <= TOLERANCE[torch.float32]
+
+
 def test_an_odd_number_of_int4_groups_is_left_to_the_eager_path(kernels_on_small_shapes):
     quant = QuantConfig(4, 32)
     q = quantize(torch.randn(16, 96) / 16, quant)  # 3 groups: one would span both nibbles
@@ -82,7 +104,7 @@ def test_a_packed_expert_computes_from_its_codes_as_the_dequantized_one(
     codec.pack(parts, buf)
     views = codec.views(buf)
     ffn = codec.ffn(views)
-    assert isinstance(ffn.w13, AffineMatrix)
+    assert isinstance(ffn.w13, QuantMatrix)
     w13, w2 = codec.expand(views, "w13").double(), codec.expand(views, "w2").double()
 
     def reference(x: torch.Tensor) -> torch.Tensor:
@@ -113,6 +135,7 @@ CHILD = """
 import torch, torch.nn.functional as F
 from torch._inductor import cpu_vec_isa
 from offload_rt.config import QuantConfig
+from offload_rt.experts.mxfp4 import dequantize_mxfp4_new, quantize_mxfp4
 from offload_rt.experts.quant import dequantize, quantize
 from offload_rt.model import cpukernels
 cpukernels.MIN_NUMEL = 0

@@ -36,7 +36,7 @@ import torch
 
 from offload_rt.config import ClampedSwiGLUConfig, QuantConfig
 from offload_rt.experts.mxfp4 import dequantize_mxfp4
-from offload_rt.model.cpukernels import affine_gemv
+from offload_rt.model.cpukernels import affine_gemv, fp8_gemv, mxfp4_gemv
 from offload_rt.model.ffn import ClampedSwiGLU, ExpertFFN, SwiGLU
 from offload_rt.model.layers import linear
 
@@ -241,11 +241,11 @@ class ExpertCodec:
         return out
 
     def ffn(self, views: Mapping[tuple[str, str], torch.Tensor]) -> ExpertFFN:
-        """The slot's expert ready to compute: affine codes on the CPU stay packed
-        (`AffineMatrix`), anything else is dequantized (valid until the next call)."""
-        if self.quant.scheme != "affine" or self.device.type != "cpu":
+        """The slot's expert ready to compute: on the CPU its codes stay packed (`QuantMatrix`);
+        elsewhere it is dequantized (valid until the next call)."""
+        if self.device.type != "cpu":
             return self.dequantize(views)
-        return self._expert(*(AffineMatrix(self, views, m) for m in ("w13", "w2")), views)
+        return self._expert(*(QuantMatrix(self, views, m) for m in ("w13", "w2")), views)
 
     def dequantize(self, views: Mapping[tuple[str, str], torch.Tensor]) -> ExpertFFN:
         """The slot's expert with its matrices expanded into the codec's scratch: valid until
@@ -254,8 +254,8 @@ class ExpertCodec:
 
     def _expert(
         self,
-        w13: torch.Tensor | AffineMatrix,
-        w2: torch.Tensor | AffineMatrix,
+        w13: torch.Tensor | QuantMatrix,
+        w2: torch.Tensor | QuantMatrix,
         views: Mapping[tuple[str, str], torch.Tensor],
     ) -> ExpertFFN:
         if self.clamped is None:
@@ -265,9 +265,9 @@ class ExpertCodec:
         return ClampedSwiGLU(w13, b13, w2, b2, c.limit, c.alpha)  # type: ignore[arg-type]
 
 
-class AffineMatrix:
-    """One affine int8/int4 matrix of a slot, multiplied straight from its codes: one row
-    through the compiled kernel of `model/cpukernels.py`, more rows (or where no kernel
+class QuantMatrix:
+    """One quantized matrix of a slot, multiplied straight from its codes: one row through the
+    compiled kernel of `model/cpukernels.py` for its scheme, more rows (or where no kernel
     applies) expanded into the codec's scratch first."""
 
     def __init__(
@@ -278,6 +278,15 @@ class AffineMatrix:
         self.dtype, self.device = codec.dtype, codec.device
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        parts = [self.views[(self.m, p)] for p in ("qweight", "scales", "offsets")]
-        y = affine_gemv(x, *parts, bits=self.codec.quant.bits)
+        y = self._packed(x)
         return linear(x, self.codec.expand(self.views, self.m)) if y is None else y
+
+    def _packed(self, x: torch.Tensor) -> torch.Tensor | None:
+        part = {p: v for (m, p), v in self.views.items() if m == self.m}
+        scheme = self.codec.quant.scheme
+        if scheme == "mxfp4":
+            return mxfp4_gemv(x, part["blocks"], part["scales"])
+        if scheme == "fp8":
+            return fp8_gemv(x, part["weight"], part["weight_scale_inv"])
+        bits = self.codec.quant.bits
+        return affine_gemv(x, part["qweight"], part["scales"], part["offsets"], bits)

@@ -12,7 +12,10 @@ widened into a float copy:
     affine int8/int4 (`experts/quant.py`), K inputs in groups of G:
     y[n] = sum_g scales[n, g] · (sum_{j in g} codes[n, j] · x[j]) + sum_g offsets[n, g] · xsum[g]
     where xsum[g] is the sum of x over group g, so each weight costs one widening and one
-    multiply-add.
+    multiply-add;
+    MXFP4 (`experts/mxfp4.py`): y[n] = sum_g 2^(e[n, g] - 127) · sum_{j in g} fp4(code) · x[j],
+    the e2m1 value decoded by arithmetic in registers;
+    FP8 (DeepSeek's block-scaled e4m3): y[n] = sum_blocks scale_inv · sum_j w[n, j] · x[j].
 
 Each kernel is traced once per shape, dtype and thread count (`make_fx`) and compiled with
 `torch._inductor.compile`, which calls it with no guards to check (about 5 µs a call against
@@ -79,6 +82,37 @@ def _affine4_gemv(
     low = ((packed & 15).float().view(n, half, -1) * xg[0]).sum(-1)  # (N, n/2)
     high = ((packed >> 4).float().view(n, half, -1) * xg[1]).sum(-1)
     return _affine_sums(x, torch.cat([low, high], dim=-1), scales, offsets)
+
+
+def _fp4_values(codes: torch.Tensor) -> torch.Tensor:
+    """e2m1 codes (uint8, < 16) -> their values in float32, by arithmetic (no table gather):
+    sign bit 3, exponent bits 2-1, mantissa bit 0; exponent 0 is subnormal (0 or 0.5)."""
+    exponent, mantissa = (codes >> 1) & 3, (codes & 1).float()
+    normal = (1 + 0.5 * mantissa) * torch.exp2(exponent.float() - 1)
+    magnitude = torch.where(exponent == 0, 0.5 * mantissa, normal)
+    return torch.where(codes >= 8, -magnitude, magnitude)
+
+
+def _mxfp4_gemv(
+    x_even: torch.Tensor, x_odd: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor
+) -> torch.Tensor:
+    """x's even and odd columns, each (1, K / 2); blocks (N, K / 32, 16) uint8 (a byte: column
+    2k in its low nibble, 2k + 1 in its high one); scales (N, K / 32) e8m0 -> (1, N)."""
+    n, groups, pairs = blocks.shape
+    even, odd = x_even.float().view(1, groups, pairs), x_odd.float().view(1, groups, pairs)
+    low, high = _fp4_values(blocks & 15), _fp4_values(blocks >> 4)  # (N, n, 16)
+    dots = (low * even + high * odd).sum(-1)  # (N, n)
+    y = (dots * torch.exp2(scales.float() - 127)).sum(-1)
+    return y.to(x_even.dtype)[None]
+
+
+def _fp8_gemv(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """x (1, K); w (N, K) float8 e4m3; scale_inv (N / R, K / C) float32, one per block of R rows
+    and C columns -> (1, N)."""
+    (n, k), (rb, cb) = w.shape, scale_inv.shape
+    dots = (w.float().view(n, cb, k // cb) * x.float().view(1, cb, -1)).sum(-1)  # (N, K / C)
+    scale = scale_inv[:, None, :].expand(rb, n // rb, cb).reshape(n, cb)
+    return (dots * scale).sum(-1).to(x.dtype)[None]
 
 
 class _Compiled:
@@ -150,3 +184,22 @@ def affine_gemv(
     fn = _affine4_gemv if bits == 4 else _affine8_gemv
     kernel = COMPILED.get(fn, (x, codes, scales, offsets))
     return None if kernel is None else kernel(x.contiguous(), codes, scales, offsets)
+
+
+def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+    """x (1, K) times an MXFP4 matrix read as its codes (`experts/mxfp4.py`); None where no
+    compiled kernel applies."""
+    if not _applies(x, scales.shape[0] * x.shape[1]):
+        return None
+    x_even, x_odd = x[:, 0::2].contiguous(), x[:, 1::2].contiguous()
+    kernel = COMPILED.get(_mxfp4_gemv, (x_even, x_odd, blocks, scales))
+    return None if kernel is None else kernel(x_even, x_odd, blocks, scales)
+
+
+def fp8_gemv(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor | None:
+    """x (1, K) times a block-scaled float8 matrix read as stored (DeepSeek's FP8); None where
+    no compiled kernel applies."""
+    if not _applies(x, w.numel()):
+        return None
+    kernel = COMPILED.get(_fp8_gemv, (x, w, scale_inv))
+    return None if kernel is None else kernel(x.contiguous(), w, scale_inv)
