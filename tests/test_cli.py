@@ -120,6 +120,8 @@ def test_threads_option_sets_torchs_threads(reference):
             assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+    args = build_parser().parse_args(["generate", str(reference[0]), "--dense-quant", "int8"])
+    assert args.dense_quant == "int8"
     args = build_parser().parse_args(["serve", str(reference[0]), "--threads", "0"])
     with pytest.raises(ValueError, match="--threads must be at least 1"):
         load_model(args, reference[0])

@@ -103,6 +103,13 @@ def add_model_options(p: argparse.ArgumentParser, cache_experts: int | None) -> 
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default=None, choices=list(DTYPE_NAMES))
     p.add_argument(
+        "--dense-quant",
+        default=None,
+        choices=["int8", "int4"],
+        help="quantize attention, dense MLPs and lm_head at load, as llama.cpp does (changes "
+        "outputs by the quantization error; the experts keep the checkpoint's format)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -134,4 +141,5 @@ def load_model(args: argparse.Namespace, path: Path, record_routing: bool = Fals
         compute_on_miss=args.compute_on_miss,
         cache_policy=args.cache_policy,
         record_routing=record_routing,
+        dense_quant=args.dense_quant,
     )
