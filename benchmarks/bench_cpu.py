@@ -3,9 +3,9 @@
 The model is bench_local's random Mixtral (hidden 1024, intermediate 2816, 8 layers, 8 experts,
 top-2, vocab 32000), written once into --workdir; its int8 and int4 copies are bench_quant's
 (group 64). llama.cpp runs from a build of its source (`--llama-cpp`, the tree holding
-`convert_hf_to_gguf.py` and `build/bin/llama-bench`; README's "CPU anchor" gives the build
-steps): the checkpoint is converted by its own `convert_hf_to_gguf.py` to f32, bf16 and f16
-GGUFs, and `llama-quantize` makes q8_0 and q4_0 from the f32 one. The converter wants a
+`convert_hf_to_gguf.py` and `build/bin/llama-bench`; the build steps are in docs/benchmarks.md,
+"CPU decode against llama.cpp"): its own converter makes f32, bf16 and f16 GGUFs of the
+checkpoint, and `llama-quantize` q8_0 and q4_0 ones from the f32 file. The converter wants a
 tokenizer it knows, so a small sentencepiece `tokenizer.model` is trained for it (token ids
 above its vocabulary become padding entries; decode speed does not depend on them).
 
@@ -16,8 +16,9 @@ so background load hits all alike; the medians over rounds are reported with the
 the CPU's model name and the load average of each round.
 
 Pairs: float32, bfloat16 and float16 models against llama.cpp's f32, bf16 and f16 GGUFs;
-offload_rt's int8 / int4 experts (dense weights in --quant-dtype) against q8_0 / q4_0 (llama.cpp
-quantizes its dense weights as well).
+offload_rt's int8 / int4 experts against q8_0 / q4_0, with attention and lm_head quantized to
+int8 / int4 as well (`dense_quant`; llama.cpp's q8_0 file holds them in q8_0, its q4_0 file in
+q4_0 but lm_head in q6_K), activations in --quant-dtype.
 
 Run from the repository root: `python benchmarks/bench_cpu.py` (about 10 minutes on 2 cores the
 first time, converting and compiling; 4-5 after).
@@ -71,7 +72,8 @@ class Options:
     threads: int
     tokens: int  # generated per timed run
     rounds: int
-    quant_dtype: torch.dtype  # offload_rt's dense weights and activations with int8/int4 experts
+    quant_dtype: torch.dtype  # offload_rt's activations (and float weights) with int8/int4 experts
+    dense_quant: bool  # with int8/int4 experts, attention and lm_head quantized alike
     pairs: list[Pair]
 
 
@@ -82,15 +84,28 @@ def parse_options() -> Options:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--tokens", type=int, default=64, help="tokens generated per timed run")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds; medians reported")
-    p.add_argument("--quant-dtype", default="float32", help="dense dtype with int8/int4 experts")
+    p.add_argument("--quant-dtype", default="float32", help="compute dtype with int8/int4 experts")
+    p.add_argument(
+        "--dense-quant",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="quantize attention and lm_head as the experts (llama.cpp quantizes them too)",
+    )
     p.add_argument("--only", nargs="*", default=None, help="rows by offload_rt format")
     a = p.parse_args()
     pairs = [x for x in PAIRS if a.only is None or x.ours in a.only]
     for tool in ("build/bin/llama-bench", "build/bin/llama-quantize", "convert_hf_to_gguf.py"):
         if not (a.llama_cpp / tool).is_file():
-            sys.exit(f"{a.llama_cpp / tool} is missing: build llama.cpp as README says")
+            sys.exit(f"{a.llama_cpp / tool} is missing: build llama.cpp as docs/benchmarks.md says")
     return Options(
-        a.workdir, a.llama_cpp, a.threads, a.tokens, a.rounds, DTYPES[a.quant_dtype], pairs
+        a.workdir,
+        a.llama_cpp,
+        a.threads,
+        a.tokens,
+        a.rounds,
+        DTYPES[a.quant_dtype],
+        a.dense_quant,
+        pairs,
     )
 
 
@@ -163,7 +178,8 @@ def ours_tokens_per_s(model: OffloadModel, opts: Options, kernels: bool) -> floa
 def load_ours(pair: Pair, folder: Path, opts: Options) -> OffloadModel:
     if pair.ours in ("int8", "int4"):
         q = bench_quant.quantized(folder, opts.workdir, pair.ours, GROUP)
-        model = offload_rt.load(q, dtype=opts.quant_dtype)
+        dense = pair.ours if opts.dense_quant else None
+        model = offload_rt.load(q, dtype=opts.quant_dtype, dense_quant=dense)
     else:
         model = offload_rt.load(folder, dtype=DTYPES[pair.ours])
     for kernels in (True, False):  # compile the kernels, fault in the weights
