@@ -11,7 +11,9 @@ import torch
 from tqdm import tqdm
 
 from offload_rt.checkpoint import Checkpoint
+from offload_rt.config import DEFAULT_GROUP_SIZE
 from offload_rt.distributed.cluster import RayOptions
+from offload_rt.engine.densequant import dense_quant_config, quantize_dense
 from offload_rt.engine.generate import GenerationResult, generate
 from offload_rt.engine.grammar import Grammars
 from offload_rt.engine.loader import (
@@ -231,6 +233,7 @@ def load(
     compute_on_miss: bool = False,
     cache_policy: str = DEFAULT_POLICY,
     record_routing: bool = False,
+    dense_quant: str | None = None,
 ) -> OffloadModel:
     """Open a Hugging Face checkpoint folder of a supported family (`offload_rt.models`), or
     a hub id `org/name[@revision]` (`offload_rt.hub`: downloaded once into the hub cache,
@@ -253,7 +256,9 @@ def load(
     beats copying it. cache_policy: local backend: which resident expert a miss evicts,
     "lru", "lfu", "lrfu" or "markov" (`offload_rt/experts/policies.py`, the simulator's own).
     None of these changes an output. record_routing: keep every layer call's experts, for
-    `OffloadModel.routing_trace()` (`offload-rt generate --trace`).
+    `OffloadModel.routing_trace()` (`offload-rt generate --trace`). dense_quant: "int8" or
+    "int4" quantizes attention, dense MLPs and lm_head at load into the experts' affine format
+    (groups of 64; `engine/densequant.py`), as llama.cpp does; this one changes outputs.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; available: {BACKENDS}")
@@ -274,6 +279,7 @@ def load(
     if host_experts is not None and (not isinstance(host_experts, int) or host_experts < 0):
         raise ValueError(f"host_experts must be a non-negative integer, got {host_experts!r}")
     runtime_policy(cache_policy, 1)  # an unknown name fails before anything is read
+    dense = None if dense_quant is None else dense_quant_config(dense_quant, DEFAULT_GROUP_SIZE)
     dev = resolve_device(device)
     ckpt = open_checkpoint(resolve_model(path))
     on_close = None
@@ -305,6 +311,8 @@ def load(
             RoutingRecorder(experts, len(grid.layers), grid.experts) if record_routing else None
         )
         model = build_model(ckpt, dev, dt, recorder or experts, prefetcher, prefetch_from)
+        if dense is not None:
+            model.weights = quantize_dense(model.weights, dense)
     except BaseException:
         if experts is not None:
             experts.close()
