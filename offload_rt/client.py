@@ -21,9 +21,8 @@ import httpx
 import msgpack
 
 from offload_rt import protocol
-from offload_rt.engine.generate import GenerationResult
-from offload_rt.engine.logprobs import TokenLogprob
 from offload_rt.protocol import RemoteError
+from offload_rt.results import GenerationResult, TokenLogprob
 
 Prompt = str | Sequence[int]
 DEFAULT_TIMEOUT_S = 600.0  # one request: a long generation on a slow, offloaded model
@@ -115,7 +114,8 @@ class RemoteModel:
     ) -> GenerationResult | list[GenerationResult]:
         """Arguments of `OffloadModel.generate`: max_new_tokens, temperature, top_p, top_k,
         seed, stop, logprobs, prompt_logprobs, the penalties, logit_bias, min_tokens,
-        ignore_eos. A list of prompts goes as concurrent requests, batched by the server."""
+        ignore_eos, json_schema. A list of prompts goes as concurrent requests, batched by
+        the server."""
         if not _is_batch(prompt):
             return self._one(prompt, kw)  # type: ignore[arg-type]
         with ThreadPoolExecutor(min(MAX_PARALLEL, len(prompt))) as pool:  # type: ignore[arg-type]

@@ -5,9 +5,11 @@ POST /v1/offload/generate with a msgpack map (content type application/msgpack):
      "top_p": float, "top_k": int, "seed": int | nil, "stop": str | int | [str | int] | nil,
      "stream": bool, "logprobs": int | nil, "prompt_logprobs": int | nil,
      "presence_penalty": float, "frequency_penalty": float, "repetition_penalty": float,
-     "logit_bias": [[int, float]] | nil, "min_tokens": int, "ignore_eos": bool}
-(every field but the prompt optional; meanings as in SamplingParams). The answer is a
-sequence of msgpack maps, one after the other in the body:
+     "logit_bias": [[int, float]] | nil, "min_tokens": int, "ignore_eos": bool,
+     "json_schema": map | str | nil}
+(every field but the prompt optional; meanings as in SamplingParams; json_schema, a JSON
+schema the output follows, came later in version 1: an older server refuses it by name).
+The answer is a sequence of msgpack maps, one after the other in the body:
     {"v": 1, "type": "token", "token_ids": [int], "text": str,
      "logprobs": [Logprob]}                                          (streaming only)
     {"v": 1, "type": "done", "token_ids": [int], "text": str | nil,
@@ -29,7 +31,7 @@ from typing import Any
 
 import msgpack
 
-from offload_rt.engine.sampling import RequestError
+from offload_rt.results import RequestError
 
 VERSION = 1
 PATH = "/v1/offload/generate"
@@ -54,6 +56,7 @@ REQUEST_FIELDS = {
     "logit_bias": (list, type(None)),
     "min_tokens": (int,),
     "ignore_eos": (bool,),
+    "json_schema": (dict, str, type(None)),
 }
 
 

@@ -105,3 +105,23 @@ def test_gpu_memory_option_reaches_the_placement(reference):
     args = build_parser().parse_args(["serve", str(reference[0]), "--gpu-memory-gb", "-1"])
     with pytest.raises(ValueError, match="--gpu-memory-gb must be positive"):
         ray_options(args)
+
+
+def test_threads_option_sets_torchs_threads(reference):
+    import torch
+
+    from offload_rt.cli import build_parser
+    from offload_rt.cli.options import load_model
+
+    before = torch.get_num_threads()
+    args = build_parser().parse_args(["generate", str(reference[0]), "--threads", "1"])
+    try:
+        with load_model(args, reference[0]):
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    args = build_parser().parse_args(["generate", str(reference[0]), "--dense-quant", "int8"])
+    assert args.dense_quant == "int8"
+    args = build_parser().parse_args(["serve", str(reference[0]), "--threads", "0"])
+    with pytest.raises(ValueError, match="--threads must be at least 1"):
+        load_model(args, reference[0])

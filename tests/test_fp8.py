@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import offload_rt
 from offload_rt.experts.formats import expert_nbytes
+from offload_rt.model import cpukernels
 from tests.families import save_family
 from tests.test_exactness import PROMPTS, reference_greedy
 
@@ -80,9 +81,15 @@ def fp8_checkpoint(tmp_path_factory):
     return folder, logits, tokens
 
 
-@pytest.mark.parametrize("cache", [1, None])
-def test_fp8_deepseek_v3_matches_transformers_on_the_dequantized_weights(fp8_checkpoint, cache):
+@pytest.mark.parametrize("cache, kernels", [(1, "eager"), (None, "eager"), (None, "compiled")])
+def test_fp8_deepseek_v3_matches_transformers_on_the_dequantized_weights(
+    fp8_checkpoint, cache, kernels, monkeypatch
+):
+    """With "compiled", every one-row product goes through the CPU kernels, the experts'
+    straight from their float8 weights and block scales."""
     folder, want_logits, want_tokens = fp8_checkpoint
+    if kernels == "compiled":
+        monkeypatch.setattr(cpukernels, "MIN_NUMEL", 0)
     with offload_rt.load(folder, cache_experts=cache) as model:
         cfg = model.config
         assert cfg.quantization.scheme == "fp8"

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import offload_rt
 from offload_rt.experts.formats import expert_nbytes
+from offload_rt.model import cpukernels
 from tests.families import save_family
 from tests.test_exactness import PROMPTS, reference_greedy
 
@@ -62,9 +63,17 @@ def release(tmp_path_factory):
     return folder, logits, tokens
 
 
-@pytest.mark.parametrize("cache", [1, 6, None])
-def test_release_mxfp4_gpt_oss_matches_transformers_dequantized(release, cache):
+@pytest.mark.parametrize(
+    "cache, kernels", [(1, "eager"), (6, "eager"), (None, "eager"), (None, "compiled")]
+)
+def test_release_mxfp4_gpt_oss_matches_transformers_dequantized(
+    release, cache, kernels, monkeypatch
+):
+    """With "compiled", every one-row product goes through the CPU kernels, the experts'
+    straight from their MXFP4 codes."""
     folder, want_logits, want_tokens = release
+    if kernels == "compiled":
+        monkeypatch.setattr(cpukernels, "MIN_NUMEL", 0)
     with offload_rt.load(folder, cache_experts=cache) as model:
         assert model.config.quantization.scheme == "mxfp4"
         got = model.logits(PROMPTS[0])

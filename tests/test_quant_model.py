@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 import offload_rt
 from offload_rt.config import QuantConfig
 from offload_rt.experts.formats import QuantFormat, expert_nbytes
+from offload_rt.model import cpukernels
 from offload_rt.models import open_checkpoint
 from offload_rt.tools.quantize import quantize_checkpoint
 
@@ -150,11 +151,18 @@ def dequantized_copy(quantized: Path, out: Path) -> Path:
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_model_equals_transformers_on_the_dequantized_weights(quantized, bits, tmp_path):
+@pytest.mark.parametrize("kernels", ["eager", "compiled"])
+def test_quantized_model_equals_transformers_on_the_dequantized_weights(
+    quantized, bits, kernels, tmp_path, monkeypatch
+):
+    """With "compiled", every one-row product of a decode step goes through the CPU kernels
+    (`model/cpukernels.py`), the experts' straight from their codes."""
     from transformers import MixtralForCausalLM
 
     from tests.test_exactness import reference_greedy
 
+    if kernels == "compiled":
+        monkeypatch.setattr(cpukernels, "MIN_NUMEL", 0)
     _, qs = quantized[0]
     hf = MixtralForCausalLM.from_pretrained(
         dequantized_copy(qs[bits], tmp_path / "dequantized"), dtype=torch.float32

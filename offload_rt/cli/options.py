@@ -7,6 +7,8 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from offload_rt.config import DTYPE_NAMES
 from offload_rt.distributed.cluster import RayOptions
 from offload_rt.engine import OffloadModel, load
@@ -101,6 +103,19 @@ def add_model_options(p: argparse.ArgumentParser, cache_experts: int | None) -> 
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default=None, choices=list(DTYPE_NAMES))
     p.add_argument(
+        "--dense-quant",
+        default=None,
+        choices=["int8", "int4"],
+        help="quantize attention, dense MLPs and lm_head at load, as llama.cpp does (changes "
+        "outputs by the quantization error; the experts keep the checkpoint's format)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for the model's math (default: torch's, one per core)",
+    )
+    p.add_argument(
         "--link-gbps", type=float, default=None, help="simulate a host->device link of this GB/s"
     )
     add_offload_options(p)
@@ -109,6 +124,10 @@ def add_model_options(p: argparse.ArgumentParser, cache_experts: int | None) -> 
 
 def load_model(args: argparse.Namespace, path: Path, record_routing: bool = False) -> OffloadModel:
     """`offload_rt.load` with what `add_model_options` parsed."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     return load(
         path,
         backend=args.backend,
@@ -122,4 +141,5 @@ def load_model(args: argparse.Namespace, path: Path, record_routing: bool = Fals
         compute_on_miss=args.compute_on_miss,
         cache_policy=args.cache_policy,
         record_routing=record_routing,
+        dense_quant=args.dense_quant,
     )

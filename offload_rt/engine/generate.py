@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 
+from offload_rt.engine.grammar import Grammars
 from offload_rt.engine.logprobs import TokenLogprob, prompt_logprobs
 from offload_rt.engine.rows import (
     GenerationResult,
@@ -130,12 +131,14 @@ def generate(
     params: list[SamplingParams],
     eos_ids: tuple[int, ...],
     decode: Callable[[list[int]], str] | None,
+    grammars: Grammars | None = None,
 ) -> list[GenerationResult]:
-    """Generate for every prompt together; each row stops on its own."""
+    """Generate for every prompt together; each row stops on its own. grammars: for the
+    rows whose params give a json_schema."""
     context = model.config.max_position_embeddings
     for i, (p, sp) in enumerate(zip(prompts, params)):
         check_request(p, sp, context, model.config.vocab_size, f"prompt {i}")
-    rows = [new_state(p, sp, eos_ids) for p, sp in zip(prompts, params)]
+    rows = [new_state(p, sp, eos_ids, grammars) for p, sp in zip(prompts, params)]
     budget = [min(sp.max_new_tokens, context - len(p)) for p, sp in zip(prompts, params)]
     score = [sp.prompt_logprobs for sp in params]
     if max(budget) == 0 and all(k is None for k in score):

@@ -8,19 +8,15 @@ logit bias, so a score means the same whatever the request's sampling (as OpenAI
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
+
+from offload_rt.results import TokenLogprob
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs / logprobs
 CHUNK_POSITIONS = 512  # prompt positions put through lm_head at once: bounds (N, V) floats
 
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token: int  # the token at this position (sampled, or the prompt's)
-    logprob: float | None  # its log-probability; None for a prompt's first token (no context)
-    top: tuple[tuple[int, float], ...] = ()  # the k likeliest tokens here, best first
+__all__ = ["MAX_TOP_LOGPROBS", "TokenLogprob", "prompt_logprobs", "token_logprobs"]
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[TokenLogprob]:

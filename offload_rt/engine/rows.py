@@ -11,19 +11,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from offload_rt.engine.grammar import Grammars, RowGrammar
 from offload_rt.engine.logprobs import TokenLogprob, token_logprobs
 from offload_rt.engine.penalties import adjust_scores
-from offload_rt.engine.sampling import RequestError, Sampler, SamplingParams
-
-
-@dataclass
-class GenerationResult:
-    token_ids: list[int]  # the new tokens only (a closing EOS or stop token included)
-    text: str | None  # the new tokens decoded, cut before a stop string; None without tokenizer
-    finish_reason: str  # "stop" (EOS, stop token or stop string) or "length"
-    prompt_tokens: int  # tokens in the prompt
-    logprobs: list[TokenLogprob] | None = None  # one per new token, when asked (`logprobs`)
-    prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token, when asked
+from offload_rt.engine.sampling import Sampler, SamplingParams
+from offload_rt.results import GenerationResult, RequestError
 
 
 @dataclass
@@ -37,16 +29,31 @@ class SequenceState:
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None  # grows with tokens when params.logprobs is set
     prompt_logprobs: list[TokenLogprob] | None = None  # set by the prefill when asked
+    grammar: RowGrammar | None = None  # what the next token may be (params.json_schema)
 
     @property
     def prompt_len(self) -> int:
         return len(self.prompt)
 
 
-def new_state(prompt: list[int], params: SamplingParams, eos_ids: Iterable[int]) -> SequenceState:
+def new_state(
+    prompt: list[int],
+    params: SamplingParams,
+    eos_ids: Iterable[int],
+    grammars: Grammars | None = None,
+) -> SequenceState:
+    """grammars: the model's compiler of JSON schemas (None: a model without tokenizer.json,
+    which cannot take params.json_schema)."""
     stops = frozenset(params.stop_token_ids) | frozenset(() if params.ignore_eos else eos_ids)
     lps = [] if params.logprobs is not None else None
-    return SequenceState(params, Sampler(params), stops, list(prompt), logprobs=lps)
+    grammar = None
+    if params.json_schema is not None:
+        if grammars is None:
+            raise RequestError("json_schema needs the model's tokenizer.json, which it lacks")
+        grammar = grammars.row(params.json_schema)
+    return SequenceState(
+        params, Sampler(params), stops, list(prompt), logprobs=lps, grammar=grammar
+    )
 
 
 def check_request(
@@ -75,23 +82,44 @@ def check_request(
 
 
 def sample_rows(rows: list[SequenceState | None], logits: torch.Tensor, live: list[bool]) -> None:
-    """Append each live row's next token, chosen from its adjusted scores; record its
-    log-probability under the raw logits (B, V) where asked."""
-    scores = logits
-    adjusted = [i for i, r in enumerate(rows) if live[i] and r and r.params.adjusts_logits]
-    if adjusted:
-        scores = logits.to(torch.float32, copy=True)  # the raw logits stay, for logprobs
-        for i in adjusted:
-            r = rows[i]
-            assert r is not None
-            scores[i] = adjust_scores(logits[i], r.params, r.prompt, r.tokens, r.stop_ids)
-    greedy = torch.argmax(scores, dim=-1).tolist()
-    sampled = [i for i, r in enumerate(rows) if live[i] and r and not r.params.greedy]
-    cpu = scores[sampled].float().cpu() if sampled else None
+    """Append each live row's next token, chosen from its own scores (the raw logits (B, V),
+    or a copy adjusted by its penalties and bias, then masked by its grammar); advance its
+    grammar; record its log-probability under the raw logits where asked."""
+    plain = {i for i, r in enumerate(rows) if live[i] and r and r.params.greedy and _raw(r)}
+    greedy = torch.argmax(logits, dim=-1).tolist() if plain else []  # one op for those rows
     for i, r in enumerate(rows):
         if live[i] and r is not None:
-            r.tokens.append(r.sampler.sample(cpu[sampled.index(i)]) if i in sampled else greedy[i])
+            r.tokens.append(greedy[i] if i in plain else _next_token(r, logits[i]))
+            if r.grammar is not None:
+                r.grammar.advance(r.tokens[-1])
     _record_logprobs(rows, logits, live)
+
+
+def float_copy(x: torch.Tensor) -> torch.Tensor:
+    """x (V,) as a float32 copy; on the CPU through numpy, whose copy runs on one thread
+    where torch's waits for its threads on a busy machine (see RowGrammar.mask)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return torch.from_numpy(x.numpy().copy())
+    return x.to(torch.float32, copy=True)
+
+
+def _raw(r: SequenceState) -> bool:
+    """Whether the row samples from the raw logits."""
+    return not r.params.adjusts_logits and r.grammar is None
+
+
+def _next_token(r: SequenceState, logits: torch.Tensor) -> int:
+    """One row's token from its raw logits (V,), which stay as they are (for logprobs)."""
+    scores = logits
+    if r.params.adjusts_logits:
+        scores = adjust_scores(logits, r.params, r.prompt, r.tokens, r.stop_ids)  # a copy
+    if r.grammar is not None:
+        if scores is logits:
+            scores = float_copy(logits)
+        r.grammar.mask(scores, logits)
+    if r.params.greedy:
+        return int(torch.argmax(scores))
+    return r.sampler.sample(scores.float().cpu())
 
 
 def _record_logprobs(
@@ -111,6 +139,9 @@ def _record_logprobs(
 def check_finished(
     r: SequenceState, budget: int, decode: Callable[[list[int]], str] | None
 ) -> None:
+    if r.grammar is not None and r.grammar.done:  # the schema's value is complete
+        r.finish_reason = "stop"
+        return
     if len(r.tokens) < r.params.min_tokens:  # stop tokens were masked; stop strings wait too
         if len(r.tokens) >= budget:
             r.finish_reason = "length"

@@ -13,8 +13,11 @@ from tqdm import tqdm
 from offload_rt.analysis.recorder import RoutingRecorder
 from offload_rt.analysis.traces import RoutingTrace
 from offload_rt.checkpoint import Checkpoint
+from offload_rt.config import DEFAULT_GROUP_SIZE
 from offload_rt.distributed.cluster import RayOptions
+from offload_rt.engine.densequant import dense_quant_config, quantize_dense
 from offload_rt.engine.generate import GenerationResult, generate
+from offload_rt.engine.grammar import Grammars
 from offload_rt.engine.loader import (
     BACKENDS,
     local_backend,
@@ -59,6 +62,12 @@ class OffloadModel:
         self.model = model
         self.backend = backend
         self.tokenizer = tokenizer
+        # JSON schemas compiled against the tokenizer, for json_schema (constrained decoding)
+        self.grammars = (
+            None
+            if tokenizer is None
+            else Grammars(tokenizer.tokenizer, self.config.vocab_size, self.config.eos_token_ids)
+        )
         self.on_close = on_close
         self.recorder = recorder  # the model's view of its backend when routing is recorded
         self.closed = False
@@ -111,7 +120,7 @@ class OffloadModel:
         """One prompt (text or token ids) gives one result; a list of prompts, a list.
         options: the other fields of `SamplingParams`: logprobs, prompt_logprobs,
         presence_penalty, frequency_penalty, repetition_penalty, logit_bias, min_tokens,
-        ignore_eos."""
+        ignore_eos, json_schema (a dict or its JSON text: the output follows it)."""
         self._check_open()
         batch = _is_batch(prompt)
         prompts = [self.encode(p) for p in (prompt if batch else [prompt])]
@@ -127,9 +136,8 @@ class OffloadModel:
             **options,
         )
         decode = self.tokenizer.decode if self.tokenizer is not None else None
-        results = generate(
-            self.model, prompts, [params] * len(prompts), self.config.eos_token_ids, decode
-        )
+        eos = self.config.eos_token_ids
+        results = generate(self.model, prompts, [params] * len(prompts), eos, decode, self.grammars)
         return results if batch else results[0]
 
     def warm(self) -> int:
@@ -212,6 +220,7 @@ def load(
     compute_on_miss: bool = False,
     cache_policy: str = DEFAULT_POLICY,
     record_routing: bool = False,
+    dense_quant: str | None = None,
 ) -> OffloadModel:
     """Open a Hugging Face checkpoint folder of a supported family (`offload_rt.models`), or
     a hub id `org/name[@revision]` (`offload_rt.hub`: downloaded once into the hub cache,
@@ -234,7 +243,9 @@ def load(
     beats copying it. cache_policy: local backend: which resident expert a miss evicts,
     "lru", "lfu", "lrfu" or "markov" (`offload_rt/experts/policies.py`, the simulator's own).
     None of these changes an output. record_routing: keep every layer call's experts, for
-    `OffloadModel.routing_trace()` (`offload-rt generate --trace`).
+    `OffloadModel.routing_trace()` (`offload-rt generate --trace`). dense_quant: "int8" or
+    "int4" quantizes attention, dense MLPs and lm_head at load into the experts' affine format
+    (groups of 64; `engine/densequant.py`), as llama.cpp does; this one changes outputs.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; available: {BACKENDS}")
@@ -255,6 +266,7 @@ def load(
     if host_experts is not None and (not isinstance(host_experts, int) or host_experts < 0):
         raise ValueError(f"host_experts must be a non-negative integer, got {host_experts!r}")
     runtime_policy(cache_policy, 1)  # an unknown name fails before anything is read
+    dense = None if dense_quant is None else dense_quant_config(dense_quant, DEFAULT_GROUP_SIZE)
     dev = resolve_device(device)
     ckpt = open_checkpoint(resolve_model(path))
     on_close = None
@@ -286,6 +298,8 @@ def load(
             RoutingRecorder(experts, len(grid.layers), grid.experts) if record_routing else None
         )
         model = build_model(ckpt, dev, dt, recorder or experts, prefetcher)
+        if dense is not None:
+            model.weights = quantize_dense(model.weights, dense)
     except BaseException:
         if experts is not None:
             experts.close()

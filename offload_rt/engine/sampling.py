@@ -11,13 +11,11 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from offload_rt.engine.grammar import schema_text
 from offload_rt.engine.logprobs import MAX_TOP_LOGPROBS
+from offload_rt.results import RequestError
 
 MAX_LOGIT_BIAS = 1024  # entries of logit_bias: more is a request to refuse, not to serve
-
-
-class RequestError(ValueError):
-    """A generation request that cannot be served as asked; the message names the field."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +42,9 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_tokens: int = 0  # EOS and stop tokens are masked, stop strings unchecked, until then
     ignore_eos: bool = False  # the model's EOS does not end generation (stop tokens still do)
+    # the output follows this JSON schema (its JSON text; a mapping is taken too) through
+    # constrained decoding, and ends when the schema's value is complete; None: free text
+    json_schema: str | None = None
 
     def __post_init__(self) -> None:
         _check_int("max_new_tokens", self.max_new_tokens, minimum=0)
@@ -84,8 +85,10 @@ class SamplingParams:
             )
         if not isinstance(self.ignore_eos, bool):
             raise RequestError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
-        # frozen: the normalised form is set once, here
+        # frozen: the normalised forms are set once, here
         object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
+        if self.json_schema is not None:
+            object.__setattr__(self, "json_schema", schema_text(self.json_schema))
 
     @property
     def greedy(self) -> bool:

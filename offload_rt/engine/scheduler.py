@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from offload_rt.engine.generate import BatchDecoder
+from offload_rt.engine.grammar import Grammars
 from offload_rt.engine.logprobs import TokenLogprob
 from offload_rt.engine.rows import (
     GenerationResult,
@@ -107,10 +108,12 @@ class Scheduler:
         eos_ids: tuple[int, ...],
         decode: Decode | None,
         config: SchedulerConfig | None = None,
+        grammars: Grammars | None = None,
     ) -> None:
         self.model = model
         self.eos_ids = eos_ids
         self.decode = decode
+        self.grammars = grammars  # compiles requests' JSON schemas; None: no tokenizer
         self.config = config or SchedulerConfig()
         context = model.config.max_position_embeddings
         self.max_len = min(self.config.max_len or context, context)
@@ -163,7 +166,7 @@ class Scheduler:
         return reqs
 
     def _request(self, prompt: list[int], params: SamplingParams, on_event: Listener) -> Request:
-        state = new_state(prompt, params, self.eos_ids)
+        state = new_state(prompt, params, self.eos_ids, self.grammars)
         stream = TextStream(self.decode, params.stop_strings) if self.decode else None
         budget = min(params.max_new_tokens, self.max_len - len(prompt))
         return Request(next(self._ids), list(prompt), budget, state, on_event, stream)

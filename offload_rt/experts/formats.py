@@ -93,8 +93,9 @@ class FloatFormat:
 
 
 class QuantFormat:
-    """Quantized experts (`quant.py`, `mxfp4.py`): the codec's bytes move; each use
-    dequantizes into scratch, so neither an early start nor a host computation applies."""
+    """Quantized experts (`quant.py`, `mxfp4.py`): the codec's bytes move; each use computes
+    from the codes (affine on the CPU) or dequantizes into scratch, so neither an early start
+    nor a host computation applies."""
 
     storage_dtype = torch.uint8
     host_computable = False
@@ -108,7 +109,7 @@ class QuantFormat:
         return self.codec.views(buf)
 
     def weights(self, views: object) -> ExpertFFN:
-        return self.codec.dequantize(views)  # type: ignore[arg-type]
+        return self.codec.ffn(views)  # type: ignore[arg-type]
 
     def pack(self, parts: Mapping[str, torch.Tensor], out: torch.Tensor) -> None:
         self.codec.pack(parts, out)

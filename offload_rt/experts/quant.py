@@ -36,7 +36,9 @@ import torch
 
 from offload_rt.config import ClampedSwiGLUConfig, QuantConfig
 from offload_rt.experts.mxfp4 import dequantize_mxfp4
+from offload_rt.model.cpukernels import affine_gemv, fp8_gemv, mxfp4_gemv
 from offload_rt.model.ffn import ClampedSwiGLU, ExpertFFN, SwiGLU
+from offload_rt.model.layers import linear
 
 F16 = torch.float16
 
@@ -196,8 +198,7 @@ class ExpertCodec:
         dtype: torch.dtype,
         clamped: ClampedSwiGLUConfig | None = None,
     ) -> None:
-        self.quant = quant
-        self.clamped = clamped
+        self.quant, self.clamped, self.dtype, self.device = quant, clamped, dtype, device
         self.layout = _Layout(hidden, intermediate, quant, None if clamped is None else dtype)
         self.nbytes = self.layout.nbytes
         shapes = self.layout.matrices
@@ -224,24 +225,68 @@ class ExpertCodec:
             for i, name in enumerate(names):
                 view[i * rows : (i + 1) * rows].copy_(tensors[name].reshape(view[:rows].shape))
 
+    def expand(self, views: Mapping[tuple[str, str], torch.Tensor], m: str) -> torch.Tensor:
+        """Matrix `m` ("w13" or "w2") of the slot in the compute dtype, in the codec's scratch:
+        valid until the next call, so one thread computes with it at a time."""
+        out = self._scratch[m]
+        if self.quant.scheme == "mxfp4":
+            return dequantize_mxfp4(views[(m, "blocks")], views[(m, "scales")], out)
+        if self.quant.scheme == "fp8":
+            _expand_blocks(views[(m, "weight")], views[(m, "weight_scale_inv")], out)
+            return out
+        codes = views[(m, "qweight")]
+        if self.quant.bits == 4:
+            codes = unpack_int4(codes, self._codes[m])
+        _expand(codes, views[(m, "scales")], views[(m, "offsets")], out)
+        return out
+
+    def ffn(self, views: Mapping[tuple[str, str], torch.Tensor]) -> ExpertFFN:
+        """The slot's expert ready to compute: on the CPU its codes stay packed (`QuantMatrix`);
+        elsewhere it is dequantized (valid until the next call)."""
+        if self.device.type != "cpu":
+            return self.dequantize(views)
+        return self._expert(*(QuantMatrix(self, views, m) for m in ("w13", "w2")), views)
+
     def dequantize(self, views: Mapping[tuple[str, str], torch.Tensor]) -> ExpertFFN:
-        """The slot's expert in the compute dtype. Its matrices are the codec's scratch: valid
-        until the next call, so one thread computes with them at a time."""
-        for m, out in self._scratch.items():
-            if self.quant.scheme == "mxfp4":
-                dequantize_mxfp4(views[(m, "blocks")], views[(m, "scales")], out)
-                continue
-            if self.quant.scheme == "fp8":
-                _expand_blocks(views[(m, "weight")], views[(m, "weight_scale_inv")], out)
-                continue
-            codes = views[(m, "qweight")]
-            if self.quant.bits == 4:
-                codes = unpack_int4(codes, self._codes[m])
-            _expand(codes, views[(m, "scales")], views[(m, "offsets")], out)
-        w13, w2 = self._scratch["w13"], self._scratch["w2"]
+        """The slot's expert with its matrices expanded into the codec's scratch: valid until
+        the next call, so one thread computes with them at a time."""
+        return self._expert(self.expand(views, "w13"), self.expand(views, "w2"), views)
+
+    def _expert(
+        self,
+        w13: torch.Tensor | QuantMatrix,
+        w2: torch.Tensor | QuantMatrix,
+        views: Mapping[tuple[str, str], torch.Tensor],
+    ) -> ExpertFFN:
         if self.clamped is None:
-            return SwiGLU(w13, w2)
+            return SwiGLU(w13, w2)  # type: ignore[arg-type]
         c = self.clamped
-        return ClampedSwiGLU(
-            w13, views[("w13", "bias")], w2, views[("w2", "bias")], c.limit, c.alpha
-        )
+        b13, b2 = views[("w13", "bias")], views[("w2", "bias")]
+        return ClampedSwiGLU(w13, b13, w2, b2, c.limit, c.alpha)  # type: ignore[arg-type]
+
+
+class QuantMatrix:
+    """One quantized matrix of a slot, multiplied straight from its codes: one row through the
+    compiled kernel of `model/cpukernels.py` for its scheme, more rows (or where no kernel
+    applies) expanded into the codec's scratch first."""
+
+    def __init__(
+        self, codec: ExpertCodec, views: Mapping[tuple[str, str], torch.Tensor], m: str
+    ) -> None:
+        self.codec, self.views, self.m = codec, views, m
+        self.shape = torch.Size(codec.layout.matrices[m])
+        self.dtype, self.device = codec.dtype, codec.device
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._packed(x)
+        return linear(x, self.codec.expand(self.views, self.m)) if y is None else y
+
+    def _packed(self, x: torch.Tensor) -> torch.Tensor | None:
+        part = {p: v for (m, p), v in self.views.items() if m == self.m}
+        scheme = self.codec.quant.scheme
+        if scheme == "mxfp4":
+            return mxfp4_gemv(x, part["blocks"], part["scales"])
+        if scheme == "fp8":
+            return fp8_gemv(x, part["weight"], part["weight_scale_inv"])
+        bits = self.codec.quant.bits
+        return affine_gemv(x, part["qweight"], part["scales"], part["offsets"], bits)

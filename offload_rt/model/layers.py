@@ -10,22 +10,49 @@ G = H / K queries per key/value head, Hd head width.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from offload_rt.config import YarnConfig
+from offload_rt.model.cpukernels import gemv
 from offload_rt.model.kvcache import KVCache, RingStep
 from offload_rt.model.rope import default_inv_freq, yarn_inv_freq
 
 
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (M, K) @ w (N, K)^T. On the CPU with 4+ rows, as (w @ x^T)^T: MKL's kernel for that
-    form runs 1.2-1.5x faster there for the wide matrices of experts and lm_head (measured on
-    this project's CI machine; below 4 rows F.linear's is as fast or faster)."""
-    if x.shape[0] >= 4 and x.device.type == "cpu":
+class PackedMatrix(Protocol):
+    """A weight kept in a packed format (quantized codes) that multiplies without a float copy
+    where it can (`experts/quant.py`)."""
+
+    shape: torch.Size  # (N, K) of the matrix it stands for
+    dtype: torch.dtype  # the compute dtype
+    device: torch.device
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) -> (M, N)."""
+        ...
+
+
+def linear(
+    x: torch.Tensor, w: torch.Tensor | PackedMatrix, b: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x (..., K) @ w (N, K)^T (+ b). A packed `w` computes itself. On the CPU: one row
+    through a compiled matrix-vector kernel (`cpukernels.gemv`, for matrices large enough to
+    pay for a call); 4+ rows as (w @ x^T)^T: MKL's kernel for that form runs 1.2-1.5x faster
+    there for the wide matrices of experts and lm_head (measured on this project's CI machine;
+    below 4 rows F.linear's is as fast)."""
+    if not isinstance(w, torch.Tensor):
+        y = w.product(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], w.shape[0])
+        return y if b is None else y + b
+    if x.numel() == x.shape[-1]:
+        y = gemv(x.reshape(1, -1), w)
+        if y is not None:
+            y = y.view(*x.shape[:-1], w.shape[0])
+            return y if b is None else y + b
+    if b is None and x.dim() == 2 and x.shape[0] >= 4 and x.device.type == "cpu":
         return (w @ x.t()).t()
-    return F.linear(x, w)
+    return F.linear(x, w, b)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -122,7 +149,7 @@ def attention(
     projection (OLMoE)."""
     b, t, _ = x.shape
     heads, kv_heads, hd = spec.heads, spec.kv_heads, spec.head_dim
-    qkv = F.linear(x, w.wqkv, w.bqkv)  # (B, T, (H + 2K) Hd)
+    qkv = linear(x, w.wqkv, w.bqkv)  # (B, T, (H + 2K) Hd)
     if w.q_norm is not None or spec.clip_qkv is not None:
         qkv = _normed_qkv(qkv, w, spec)
     qkv = qkv.view(b, t, heads + 2 * kv_heads, hd).transpose(1, 2)
@@ -145,7 +172,7 @@ def attention(
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
     else:
         out = _attend_with_sinks(q, keys, values, mask, w.sinks)
-    return F.linear(out.transpose(1, 2).reshape(b, t, heads * hd), w.wo, w.bo)
+    return linear(out.transpose(1, 2).reshape(b, t, heads * hd), w.wo, w.bo)
 
 
 def _attend_with_sinks(

@@ -18,10 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from offload_rt.model.kvcache import KVCache, RingStep
-from offload_rt.model.layers import apply_rope, rms_norm
+from offload_rt.model.layers import apply_rope, linear, rms_norm
 
 
 @dataclass(frozen=True)
@@ -60,10 +59,10 @@ def _halves(x: torch.Tensor) -> torch.Tensor:
 def _queries(x: torch.Tensor, w: MLAWeights, spec: MLASpec) -> torch.Tensor:
     """(B, T, D) -> (B, H, T, N + P)."""
     if w.wq is not None:
-        q = F.linear(x, w.wq)
+        q = linear(x, w.wq)
     else:
         assert w.wq_a is not None and w.q_a_norm is not None and w.wq_b is not None
-        q = F.linear(rms_norm(F.linear(x, w.wq_a, w.bq_a), w.q_a_norm, spec.eps), w.wq_b)
+        q = linear(rms_norm(linear(x, w.wq_a, w.bq_a), w.q_a_norm, spec.eps), w.wq_b)
     b, t, _ = x.shape
     return q.view(b, t, spec.heads, spec.nope_dim + spec.rope_dim).transpose(1, 2)
 
@@ -86,7 +85,7 @@ def mla_attention(
     b, t, _ = x.shape
     q = _queries(x, w, spec)
     q_nope, q_rope = q.split([spec.nope_dim, spec.rope_dim], dim=-1)
-    latent, k_rope = F.linear(x, w.wkv_a, w.bkv_a).split([spec.kv_lora_rank, spec.rope_dim], -1)
+    latent, k_rope = linear(x, w.wkv_a, w.bkv_a).split([spec.kv_lora_rank, spec.rope_dim], -1)
     latent = rms_norm(latent, w.kv_a_norm, spec.eps)[:, None]  # (B, 1, T, R)
     k_rope = k_rope[:, None]  # (B, 1, T, P)
     if spec.interleaved:
@@ -102,4 +101,4 @@ def mla_attention(
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(x.dtype)
     out = torch.einsum("bhtr,hvr->bthv", probs @ latents, w.w_uv)  # (B, T, H, V)
-    return F.linear(out.reshape(b, t, spec.heads * spec.v_dim), w.wo, w.bo)
+    return linear(out.reshape(b, t, spec.heads * spec.v_dim), w.wo, w.bo)

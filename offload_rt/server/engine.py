@@ -15,7 +15,8 @@ class ServingEngine:
     def __init__(self, model: OffloadModel, config: SchedulerConfig) -> None:
         self.model = model
         decode = model.tokenizer.decode if model.tokenizer is not None else None
-        self.scheduler = Scheduler(model.model, model.config.eos_token_ids, decode, config)
+        eos = model.config.eos_token_ids
+        self.scheduler = Scheduler(model.model, eos, decode, config, model.grammars)
 
     async def stream(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Event]:
         """Submits at once (RequestError, QueueFull raise before the first event); closing the
@@ -27,6 +28,7 @@ class ServingEngine:
     ) -> list[AsyncIterator[Event]]:
         """`stream` for the prompts and choices of one API call, submitted together so that
         they join the batch at one step boundary (and share their prefill): all or none."""
+        await self.compile_schemas(params)
         loop = asyncio.get_running_loop()
         queues: list[asyncio.Queue[Event]] = [asyncio.Queue() for _ in prompts]
 
@@ -36,6 +38,17 @@ class ServingEngine:
         items = [(p, sp, deliver_to(q)) for p, sp, q in zip(prompts, params, queues)]
         reqs = self.scheduler.submit_together(items)
         return [self._events(req, q) for req, q in zip(reqs, queues)]
+
+    async def compile_schemas(self, params: Sequence[SamplingParams]) -> None:
+        """Compile the requests' JSON schemas (each once; later requests find it cached) in a
+        worker thread, so neither the event loop nor the scheduler waits on a large one; a
+        schema the library cannot compile raises RequestError here."""
+        grammars = self.model.grammars
+        schemas = {p.json_schema for p in params if p.json_schema is not None}
+        if grammars is None or not schemas:
+            return  # without a tokenizer, the scheduler refuses json_schema by name
+        for schema in schemas:
+            await asyncio.to_thread(grammars.compile, schema)
 
     @staticmethod
     async def _events(req, events: asyncio.Queue[Event]) -> AsyncIterator[Event]:

@@ -1,6 +1,11 @@
 """Request bodies of the OpenAI-compatible endpoints, validated strictly: a wrong type is a
 400 that names the field, never a guess ("5" is not 5).
 
+`response_format` (both endpoints): `{"type": "text"}`, `{"type": "json_object"}` (any JSON
+object) or `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`; the JSON
+ones through constrained decoding (offload_rt/engine/grammar.py), the schema always enforced
+whatever `strict` says.
+
 Fields the runtime cannot honour (suffix, best_of > 1, tools) are refused by name rather than
 silently ignored; unknown extra fields are ignored, as OpenAI's own server does for forward
 compatibility. Beside OpenAI's fields, vLLM's extensions top_k, repetition_penalty,
@@ -9,9 +14,19 @@ min_tokens and ignore_eos.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
 
 from offload_rt.engine import RequestError, SamplingParams
 from offload_rt.engine.logprobs import MAX_TOP_LOGPROBS
@@ -21,12 +36,52 @@ MAX_STOPS = 16
 MAX_PROMPTS = 64  # prompts in one completion request
 MAX_N = 16  # choices per prompt
 MAX_CHOICES = 64  # prompts x n in one request: each is a scheduler request
+MAX_TOOL_CALLS = 128  # in one assistant message
 TopK = Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)]
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: StrictBool = False
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+
+    def schema_text(self) -> str | None:
+        return None
+
+
+class JsonObjectFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["json_object"]
+
+    def schema_text(self) -> str | None:
+        return json.dumps(JSON_OBJECT)
+
+
+class JsonSchemaSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: Annotated[StrictStr, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]  # OpenAI's rule
+    description: StrictStr | None = None
+    schema_: dict[StrictStr, Any] = Field(alias="schema")  # a JSON object
+    strict: StrictBool | None = None  # the schema is always enforced
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+    def schema_text(self) -> str | None:
+        return json.dumps(self.json_schema.schema_)
+
+
+JSON_OBJECT = {"type": "object"}  # json_object mode: any JSON object
+ResponseFormat = Annotated[
+    TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")
+]
 
 
 class CommonRequest(BaseModel):
@@ -48,6 +103,7 @@ class CommonRequest(BaseModel):
     logit_bias: dict[StrictStr, Number] | None = None  # token id (a JSON key) -> bias
     min_tokens: StrictInt = 0  # vLLM's extension
     ignore_eos: StrictBool = False  # vLLM's extension
+    response_format: ResponseFormat | None = None
     user: StrictStr | None = None
 
     def echoes(self) -> bool:
@@ -80,6 +136,9 @@ class CommonRequest(BaseModel):
             logit_bias=_bias(self.logit_bias),
             min_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos,
+            json_schema=None
+            if self.response_format is None
+            else self.response_format.schema_text(),
         )
 
     @property
@@ -134,16 +193,64 @@ class TextPart(BaseModel):
     text: StrictStr
 
 
-class ChatMessage(BaseModel):
+class CalledFunction(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: StrictStr | list[TextPart]
+    name: StrictStr
+    arguments: StrictStr  # JSON text, as OpenAI sends it
 
-    def as_template_input(self) -> dict[str, str]:
-        text = self.content
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+    def as_template_input(self) -> dict[str, Any]:
+        """As transformers' chat templates take a call: its arguments a mapping when they
+        are a JSON object (templates write them with tojson), else the text as sent."""
+        try:
+            args: Any = json.loads(self.function.arguments)
+        except ValueError:
+            args = None
+        if not isinstance(args, dict):
+            args = self.function.arguments
+        return {"id": self.id, "type": self.type,
+                "function": {"name": self.function.name, "arguments": args}}  # fmt: skip
+
+
+class ChatMessage(BaseModel):
+    """A message as OpenAI's chat takes it, passed to the checkpoint's chat template, which
+    decides which roles and fields it can render (and refuses the others with a 400)."""
+
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | list[TextPart] | None = None  # None: an assistant's tool calls only
+    name: StrictStr | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOL_CALLS)] | None = None
+    tool_call_id: StrictStr | None = None  # a tool message: the call it answers
+
+    @model_validator(mode="after")
+    def _fields_of_the_role(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"{self.role} messages need content")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"tool_calls belong to assistant messages, not {self.role}")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        return self
+
+    def as_template_input(self) -> dict[str, Any]:
+        text = self.content or ""
         if not isinstance(text, str):
             text = "".join(part.text for part in text)
-        return {"role": self.role, "content": text}
+        out: dict[str, Any] = {"role": self.role, "content": text}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_calls is not None:
+            out["tool_calls"] = [call.as_template_input() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class ChatRequest(CommonRequest):

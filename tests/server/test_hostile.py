@@ -4,6 +4,7 @@ hang — and the server still answers correctly afterwards."""
 from __future__ import annotations
 
 import itertools
+import json
 
 import httpx
 import msgpack
@@ -25,7 +26,7 @@ BAD_VALUES = ["8", [8], {"a": 1}, True, -1, 10**30, -(10**30), 1e308, None, "", 
 FIELDS = ["max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "n", "logprobs",
           "presence_penalty", "logit_bias", "stream_options", "max_completion_tokens",
           "top_logprobs", "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos",
-          "echo"]  # fmt: skip
+          "echo", "response_format"]  # fmt: skip
 
 
 def _json_cases() -> list[tuple[str, str, dict, bytes]]:
@@ -77,6 +78,10 @@ def _json_cases() -> list[tuple[str, str, dict, bytes]]:
         {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
         {"messages": [{"role": "system", "content": "a"}]},  # the Mixtral template refuses it
         {"messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function"}]},
+        {"messages": [{"role": "developer", "content": "a"}, {"role": "user", "content": "b"}]},
+        {"messages": [{"role": "tool", "content": "x"}]},  # no tool_call_id
+        {"messages": [{"role": "user", "content": "x", "tool_calls": [{"id": "a"}]}]},
+        {"messages": [{"role": "assistant", "tool_calls": [{"id": 5, "function": {}}]}]},
     ]
     cases += [("POST", "/v1/chat/completions", JSON, _dumps(b)) for b in chats]
     return cases
@@ -88,7 +93,8 @@ def _acceptable(path: str, field: str, value: object) -> bool:
           ("top_k", -1), ("top_k", 10**30), ("max_tokens", None), ("max_completion_tokens", None),
           ("logit_bias", None), ("logit_bias", {}), ("stream_options", None),
           ("stream_options", {"a": 1}), ("stream", True), ("presence_penalty", -1),
-          ("frequency_penalty", -1), ("top_logprobs", None), ("ignore_eos", True)]  # fmt: skip
+          ("frequency_penalty", -1), ("top_logprobs", None), ("ignore_eos", True),
+          ("response_format", None)]  # fmt: skip
     chat_only = ("max_completion_tokens", "top_logprobs")
     if (
         path == "/v1/completions"
@@ -195,6 +201,18 @@ def test_hostile_requests_get_4xx_and_the_server_goes_on(guarded, demo_model):
     assert guarded.scheduler.running() == 0 and guarded.scheduler.stats.failed == 0
 
 
+def _schema(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+
+
+def _deep(depth: int) -> dict:
+    """An object nested `depth` levels deep."""
+    schema: dict = {"type": "boolean"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
 COMPLETION = {"prompt": "Hi", "max_tokens": 4}
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
 # (path, body, a fragment the error message must hold: the field at fault)
@@ -235,8 +253,51 @@ NEW_FIELDS = [
     ("/v1/chat/completions", {"logit_bias": {"x1": 2}}, "logit_bias keys"),
     ("/v1/chat/completions", {"min_tokens": -1}, "min_tokens"),
     ("/v1/chat/completions", {"max_tokens": 0}, "max_tokens must be in [1,"),
+] + [
+    (path, {"response_format": fmt}, fragment)
+    for path in ("/v1/completions", "/v1/chat/completions")
+    for fmt, fragment in [
+        ("json", "body.response_format"),
+        ({}, "body.response_format"),
+        ({"type": "xml"}, "body.response_format: Input tag 'xml'"),
+        ({"type": None}, "body.response_format"),
+        ({"type": "json_schema"}, "body.response_format.json_schema.json_schema: Field required"),
+        ({"type": "json_schema", "json_schema": "{}"}, "response_format.json_schema.json_schema"),
+        ({"type": "json_schema", "json_schema": {"name": "x"}}, "json_schema.schema: Field req"),
+        ({"type": "json_schema", "json_schema": {"schema": {}}}, "json_schema.name: Field req"),
+        ({"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}, "json_schema.name"),
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}},
+            "schema: Input should",
+        ),
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": "{}"}},
+            "schema: Input should",
+        ),
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "strict": "yes"}},
+            "json_schema.strict",
+        ),
+        (_schema({"type": "nope"}), "json_schema cannot be compiled: Invalid type: nope"),
+        (_schema({"not": {"type": "null"}}), "Unimplemented keys"),
+        (_schema({"type": "string", "pattern": "(?=a)"}), "look-around"),
+        (_schema({"type": "string", "pattern": "[z-a]"}), "json_schema cannot be compiled"),
+        (_schema({"$ref": "#/$defs/gone"}), "does not exist"),
+        (_schema({"$ref": "http://example.com/s.json"}), "json_schema cannot be compiled"),
+        (_schema({"type": "integer", "minimum": 9, "maximum": 1}), "Unsatisfiable"),
+        (_schema({"type": "string", "minLength": 5, "maxLength": 1}), "Unsatisfiable"),
+        (_schema({"enum": []}), "Unsatisfiable"),
+        (_schema({"type": "array", "minItems": 3, "maxItems": 1}), "json_schema cannot be"),
+        (_schema({"properties": {"a": {"type": "wat"}}, "required": ["a"]}), "Invalid type"),
+        (_schema(_deep(300)), "json_schema cannot be compiled"),
+    ]
 ]
 NEW_NATIVE = [
+    ({"json_schema": 5}, "json_schema must be"),
+    ({"json_schema": [1]}, "json_schema must be"),
+    ({"json_schema": "{"}, "json_schema is not valid JSON"),
+    ({"json_schema": "[1]"}, "json_schema must be a JSON object"),
+    ({"json_schema": {"type": "nope"}}, "json_schema cannot be compiled"),
     ({"logprobs": 50}, "logprobs must be at most 20"),
     ({"prompt_logprobs": -1}, "prompt_logprobs"),
     ({"logit_bias": {"a": 1}}, "logit_bias must be"),
@@ -268,4 +329,8 @@ def test_the_new_fields_are_refused_by_name_and_the_server_serves_after(guarded,
             "prompt": "Hello", "max_tokens": 6, "temperature": 0, "presence_penalty": 1.0,
             "logit_bias": {"40": 3}, "min_tokens": 2})  # fmt: skip
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+        schema = {"enum": ["yes", "no"]}
+        r = http.post("/v1/chat/completions", headers=AUTH, json={
+            **CHAT, "max_tokens": 20, "response_format": _schema(schema)})  # fmt: skip
+        assert r.status_code == 200 and json.loads(r.json()["choices"][0]["message"]["content"])
     assert guarded.scheduler.running() == 0 and guarded.scheduler.stats.failed == 0

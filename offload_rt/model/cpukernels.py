@@ -1,0 +1,205 @@
+"""Matrix-vector products for one token on the CPU, generated and compiled by TorchInductor.
+
+At batch 1 a decode step is matrix-vector products, bound by how fast the weights stream from
+memory. torch's eager kernels stream them slowly on these shapes: MKL's float32 `F.linear`
+reaches about half of llama.cpp's speed on an AMD EPYC, and bfloat16 a quarter (measured in
+`benchmarks/bench_cpu.py`). The kernels here are written as plain tensor expressions (widen,
+multiply, sum) that Inductor turns into one fused, vectorized C++ loop per product, parallel
+over output rows, for the CPU's own vector ISA (AVX-512, AVX2, or scalar code; the
+`ATEN_CPU_CAPABILITY` variable forces one). Quantized weights are read as their codes, never
+widened into a float copy:
+
+    affine int8/int4 (`experts/quant.py`), K inputs in groups of G:
+    y[n] = sum_g scales[n, g] · (sum_{j in g} codes[n, j] · x[j]) + sum_g offsets[n, g] · xsum[g]
+    where xsum[g] is the sum of x over group g, so each weight costs one widening and one
+    multiply-add;
+    MXFP4 (`experts/mxfp4.py`): y[n] = sum_g 2^(e[n, g] - 127) · sum_{j in g} fp4(code) · x[j],
+    the e2m1 value decoded by arithmetic in registers;
+    FP8 (DeepSeek's block-scaled e4m3): y[n] = sum_blocks scale_inv · sum_j w[n, j] · x[j].
+
+Each kernel is traced once per shape, dtype and thread count (`make_fx`) and compiled with
+`torch._inductor.compile`, which calls it with no guards to check (about 5 µs a call against
+20 µs through `torch.compile`). Inductor keeps its compiled code on disk, so a second process
+compiles in a fraction of the first one's time. Where a kernel cannot be built (no C++
+compiler, or any compile error) the callers' eager path runs instead, after one warning;
+`OFFLOAD_RT_CPU_KERNELS=0` turns the kernels off.
+
+Each output is one thread's sum, so results do not depend on the thread count; they are not
+bit-identical to MKL's (another summation order): they agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ENV = "OFFLOAD_RT_CPU_KERNELS"  # "0" turns the compiled kernels off
+MIN_NUMEL = 1 << 20  # smaller products keep torch's eager kernels: a call costs ~5 µs
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+Kernel = Callable[..., torch.Tensor]
+
+
+def _float_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (1, K), w (N, K) of one float dtype -> (1, N), summed in float32."""
+    return (x.float() * w.float()).sum(-1).to(x.dtype)[None]
+
+
+def _affine_sums(
+    x: torch.Tensor, dots: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """Per-group code dot products (N, n) -> (1, N) with their scales and offsets."""
+    groups = scales.shape[1]
+    xsum = x.float().view(groups, -1).sum(-1)  # (n,)
+    y = (dots * scales.float()).sum(-1) + (offsets.float() * xsum).sum(-1)
+    return y.to(x.dtype)[None]
+
+
+def _affine8_gemv(
+    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """x (1, K); codes (N, K) uint8; scales, offsets (N, K / G) -> (1, N)."""
+    n, groups = scales.shape
+    xg = x.float().view(1, groups, -1)  # (1, n, G)
+    dots = (codes.float().view(n, groups, -1) * xg).sum(-1)  # (N, n)
+    return _affine_sums(x, dots, scales, offsets)
+
+
+def _affine4_gemv(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """x (1, K); packed (N, K / 2) uint8 (column j in byte j's low nibble, column j + K/2 in
+    its high one); scales, offsets (N, K / G) -> (1, N)."""
+    n, groups = scales.shape
+    half = groups // 2
+    xg = x.float().view(2, half, -1)  # (2, n/2, G): the row's two halves
+    low = ((packed & 15).float().view(n, half, -1) * xg[0]).sum(-1)  # (N, n/2)
+    high = ((packed >> 4).float().view(n, half, -1) * xg[1]).sum(-1)
+    return _affine_sums(x, torch.cat([low, high], dim=-1), scales, offsets)
+
+
+def _fp4_values(codes: torch.Tensor) -> torch.Tensor:
+    """e2m1 codes (uint8, < 16) -> their values in float32, by arithmetic (no table gather):
+    sign bit 3, exponent bits 2-1, mantissa bit 0; exponent 0 is subnormal (0 or 0.5)."""
+    exponent, mantissa = (codes >> 1) & 3, (codes & 1).float()
+    normal = (1 + 0.5 * mantissa) * torch.exp2(exponent.float() - 1)
+    magnitude = torch.where(exponent == 0, 0.5 * mantissa, normal)
+    return torch.where(codes >= 8, -magnitude, magnitude)
+
+
+def _mxfp4_gemv(
+    x_even: torch.Tensor, x_odd: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor
+) -> torch.Tensor:
+    """x's even and odd columns, each (1, K / 2); blocks (N, K / 32, 16) uint8 (a byte: column
+    2k in its low nibble, 2k + 1 in its high one); scales (N, K / 32) e8m0 -> (1, N)."""
+    n, groups, pairs = blocks.shape
+    even, odd = x_even.float().view(1, groups, pairs), x_odd.float().view(1, groups, pairs)
+    low, high = _fp4_values(blocks & 15), _fp4_values(blocks >> 4)  # (N, n, 16)
+    dots = (low * even + high * odd).sum(-1)  # (N, n)
+    y = (dots * torch.exp2(scales.float() - 127)).sum(-1)
+    return y.to(x_even.dtype)[None]
+
+
+def _fp8_gemv(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """x (1, K); w (N, K) float8 e4m3; scale_inv (N / R, K / C) float32, one per block of R rows
+    and C columns -> (1, N)."""
+    (n, k), (rb, cb) = w.shape, scale_inv.shape
+    dots = (w.float().view(n, cb, k // cb) * x.float().view(1, cb, -1)).sum(-1)  # (N, K / C)
+    scale = scale_inv[:, None, :].expand(rb, n // rb, cb).reshape(n, cb)
+    return (dots * scale).sum(-1).to(x.dtype)[None]
+
+
+class _Compiled:
+    """The compiled kernels of this process, by kernel, shapes, dtypes and thread count."""
+
+    def __init__(self) -> None:
+        self.kernels: dict[tuple, Kernel] = {}
+        self._lock = threading.Lock()
+        self.failed: str | None = None  # why compiling is off for this process
+
+    def enabled(self) -> bool:
+        return self.failed is None and os.environ.get(ENV, "1") != "0"
+
+    def get(self, fn: Callable[..., torch.Tensor], args: tuple[torch.Tensor, ...]) -> Kernel | None:
+        key = (fn.__name__, torch.get_num_threads()) + tuple((a.shape, a.dtype) for a in args)
+        kernel = self.kernels.get(key)
+        if kernel is not None:
+            return kernel
+        with self._lock:
+            if key not in self.kernels and self.failed is None:
+                try:
+                    self.kernels[key] = _compile(fn, args)
+                except Exception as e:  # no compiler, or Inductor could not build it
+                    self.failed = f"{type(e).__name__}: {e}"
+                    log.warning("CPU kernels off, eager kernels instead: %s", self.failed)
+        return self.kernels.get(key)
+
+
+def _compile(fn: Callable[..., torch.Tensor], args: tuple[torch.Tensor, ...]) -> Kernel:
+    from torch._inductor import compile as inductor_compile
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with torch.inference_mode(False):
+        examples = [torch.zeros(a.shape, dtype=a.dtype) for a in args]
+        graph = make_fx(fn)(*examples)
+        return inductor_compile(graph, examples)
+
+
+COMPILED = _Compiled()
+
+
+def _applies(x: torch.Tensor, numel: int) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dim() == 2
+        and x.shape[0] == 1
+        and numel >= MIN_NUMEL
+        and x.dtype in DTYPES
+        and COMPILED.enabled()
+    )
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """x (1, K) @ w (N, K)^T with a compiled kernel; None where none applies (not the CPU,
+    more rows, a small or non-contiguous matrix, other dtypes, kernels off)."""
+    if not _applies(x, w.numel()) or w.dtype != x.dtype or not w.is_contiguous():
+        return None
+    kernel = COMPILED.get(_float_gemv, (x, w))
+    return None if kernel is None else kernel(x.contiguous(), w)
+
+
+def affine_gemv(
+    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bits: int
+) -> torch.Tensor | None:
+    """x (1, K) times an affine int8/int4 matrix read as its codes (the format of
+    `experts/quant.py`); None where no compiled kernel applies."""
+    if not _applies(x, scales.shape[0] * x.shape[1]) or (bits == 4 and scales.shape[1] % 2):
+        return None  # int4 with an odd number of groups: a group would span both nibbles
+    fn = _affine4_gemv if bits == 4 else _affine8_gemv
+    kernel = COMPILED.get(fn, (x, codes, scales, offsets))
+    return None if kernel is None else kernel(x.contiguous(), codes, scales, offsets)
+
+
+def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+    """x (1, K) times an MXFP4 matrix read as its codes (`experts/mxfp4.py`); None where no
+    compiled kernel applies."""
+    if not _applies(x, scales.shape[0] * x.shape[1]):
+        return None
+    x_even, x_odd = x[:, 0::2].contiguous(), x[:, 1::2].contiguous()
+    kernel = COMPILED.get(_mxfp4_gemv, (x_even, x_odd, blocks, scales))
+    return None if kernel is None else kernel(x_even, x_odd, blocks, scales)
+
+
+def fp8_gemv(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor | None:
+    """x (1, K) times a block-scaled float8 matrix read as stored (DeepSeek's FP8); None where
+    no compiled kernel applies."""
+    if not _applies(x, w.numel()):
+        return None
+    kernel = COMPILED.get(_fp8_gemv, (x, w, scale_inv))
+    return None if kernel is None else kernel(x.contiguous(), w, scale_inv)

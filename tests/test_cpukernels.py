@@ -1,0 +1,183 @@
+"""Tier 1: the compiled CPU matrix-vector kernels (`model/cpukernels.py`) against float64
+products of the same weights, the affine int8/int4 kernels against dequantize-then-multiply,
+the eager fallback, and the kernels built for AVX2 and for no vector ISA at all."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import offload_rt
+from offload_rt.config import QuantConfig
+from offload_rt.experts.mxfp4 import dequantize_mxfp4_new, quantize_mxfp4
+from offload_rt.experts.quant import ExpertCodec, QuantMatrix, dequantize, quantize
+from offload_rt.model import cpukernels
+from offload_rt.model.layers import linear
+
+# float32 sums of 256-1024 products in another order: a few ulps of the output's scale;
+# bfloat16 and float16 round the output itself (8 and 11 significant bits)
+TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+
+
+@pytest.fixture
+def kernels_on_small_shapes(monkeypatch):
+    monkeypatch.setattr(cpukernels, "MIN_NUMEL", 0)
+    monkeypatch.delenv(cpukernels.ENV, raising=False)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_float_gemv_equals_the_float64_product(kernels_on_small_shapes, dtype):
+    w = (torch.randn(96, 512) / 16).to(dtype)
+    x = torch.randn(1, 512).to(dtype)
+    got = cpukernels.gemv(x, w)
+    assert got is not None and got.dtype == dtype and got.shape == (1, 96)
+    want = F.linear(x.double(), w.double())
+    assert relative_error(got, want) <= TOLERANCE[dtype]
+    # the same call through `linear`, with a bias and a (1, 1, K) input as attention sends
+    b = torch.randn(96).to(dtype)
+    through = linear(x.view(1, 1, 512), w, b)
+    assert through.shape == (1, 1, 96) and torch.equal(through[0], got + b)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_affine_gemv_equals_dequantize_then_multiply(kernels_on_small_shapes, bits, dtype):
+    quant = QuantConfig(bits, 64)
+    q = quantize(torch.randn(80, 512) / 16, quant)
+    x = torch.randn(1, 512).to(dtype)
+    got = cpukernels.affine_gemv(x, q.qweight, q.scales, q.offsets, bits)
+    assert got is not None and got.dtype == dtype
+    want = F.linear(x.double(), dequantize(q, quant, torch.float64))
+    assert relative_error(got, want) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mxfp4_gemv_equals_dequantize_then_multiply(kernels_on_small_shapes, dtype):
+    blocks, scales = quantize_mxfp4(torch.randn(80, 512) / 16)
+    scales[0, 0], blocks[1, 2] = 0, 0x8F  # 2^-127 (subnormal in float32); -0 beside -6
+    x = torch.randn(1, 512).to(dtype)
+    got = cpukernels.mxfp4_gemv(x, blocks, scales)
+    assert got is not None and got.dtype == dtype
+    want = F.linear(x.double(), dequantize_mxfp4_new(blocks, scales, torch.float32).double())
+    assert relative_error(got, want) <= TOLERANCE[dtype]
+
+
+def test_fp8_gemv_equals_dequantize_then_multiply(kernels_on_small_shapes):
+    w = (torch.randn(64, 256) * 40).to(torch.float8_e4m3fn)
+    scale_inv = torch.rand(64 // 16, 256 // 128) + 0.5  # blocks of 16 rows and 128 columns
+    x = torch.randn(1, 256)
+    got = cpukernels.fp8_gemv(x, w, scale_inv)
+    assert got is not None
+    dense = w.double() * scale_inv.double().repeat_interleave(16, 0).repeat_interleave(128, 1)
+    assert relative_error(got, F.linear(x.double(), dense)) <= TOLERANCE[torch.float32]
+
+
+def test_an_odd_number_of_int4_groups_is_left_to_the_eager_path(kernels_on_small_shapes):
+    quant = QuantConfig(4, 32)
+    q = quantize(torch.randn(16, 96) / 16, quant)  # 3 groups: one would span both nibbles
+    x = torch.randn(1, 96)
+    assert cpukernels.affine_gemv(x, q.qweight, q.scales, q.offsets, 4) is None
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_packed_expert_computes_from_its_codes_as_the_dequantized_one(
+    kernels_on_small_shapes, bits
+):
+    d, f = 128, 192
+    quant = QuantConfig(bits, 32)
+    codec = ExpertCodec(d, f, quant, torch.device("cpu"), torch.float32)
+    parts = {}
+    for name, shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f))):
+        q = quantize(torch.randn(shape) / 16, quant)
+        parts |= {f"{name}.qweight": q.qweight, f"{name}.scales": q.scales}
+        parts[f"{name}.offsets"] = q.offsets
+    buf = torch.empty(codec.nbytes, dtype=torch.uint8)
+    codec.pack(parts, buf)
+    views = codec.views(buf)
+    ffn = codec.ffn(views)
+    assert isinstance(ffn.w13, QuantMatrix)
+    w13, w2 = codec.expand(views, "w13").double(), codec.expand(views, "w2").double()
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x.double(), w13).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, w2)
+
+    one, many = torch.randn(1, d), torch.randn(5, d)
+    assert relative_error(ffn(one), reference(one)) <= 1e-5
+    assert relative_error(ffn(many), reference(many)) <= 1e-5  # more rows: the scratch path
+
+
+def test_kernels_off_leaves_torchs_own_products(monkeypatch):
+    monkeypatch.setattr(cpukernels, "MIN_NUMEL", 0)
+    monkeypatch.setenv(cpukernels.ENV, "0")
+    w, x = torch.randn(96, 512), torch.randn(1, 512)
+    assert cpukernels.gemv(x, w) is None
+    assert torch.equal(linear(x, w), F.linear(x, w))
+
+
+def test_small_products_keep_torchs_kernels(monkeypatch):
+    monkeypatch.delenv(cpukernels.ENV, raising=False)
+    w, x = torch.randn(96, 512), torch.randn(1, 512)
+    assert w.numel() < cpukernels.MIN_NUMEL
+    assert cpukernels.gemv(x, w) is None
+
+
+CHILD = """
+import torch, torch.nn.functional as F
+from torch._inductor import cpu_vec_isa
+from offload_rt.config import QuantConfig
+from offload_rt.experts.mxfp4 import dequantize_mxfp4_new, quantize_mxfp4
+from offload_rt.experts.quant import dequantize, quantize
+from offload_rt.model import cpukernels
+cpukernels.MIN_NUMEL = 0
+torch.manual_seed(0)
+w, x = torch.randn(64, 256) / 16, torch.randn(1, 256)
+q = quantize(w, QuantConfig(4, 32))
+got = [cpukernels.gemv(x, w), cpukernels.affine_gemv(x, q.qweight, q.scales, q.offsets, 4)]
+want = [F.linear(x.double(), w.double()),
+        F.linear(x.double(), dequantize(q, QuantConfig(4, 32), torch.float64))]
+err = max(((g.double() - r).abs().max() / r.abs().max()).item() for g, r in zip(got, want))
+isa = cpu_vec_isa.pick_vec_isa()
+print(str(isa) if isa else "none", err, cpukernels.COMPILED.failed)
+"""
+
+
+@pytest.mark.parametrize("capability, isa", [("avx2", "avx2"), ("default", "none")])
+def test_kernels_built_for_avx2_and_for_no_vector_isa(capability, isa):
+    """A CPU without AVX-512 (most desktops) gets kernels for what it has: forced here."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    env.pop(cpukernels.ENV, None)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    picked, err, failed = done.stdout.split()[-3:]
+    assert (picked, failed) == (isa, "None") and float(err) <= 2e-6, done.stdout
+
+
+def test_decode_steps_through_the_kernels_equal_transformers(kernels_on_small_shapes, reference):
+    """Every one-row product of a decode step (attention, experts, lm_head) compiled: the step
+    logits still equal transformers' within 1e-4, and the greedy tokens its tokens."""
+    from offload_rt.engine import BatchDecoder
+    from tests.test_exactness import PROMPTS, reference_greedy
+
+    folder, hf = reference
+    prompt = PROMPTS[0]
+    with offload_rt.load(folder) as model:
+        greedy = model.generate(prompt, max_new_tokens=12, stop=[]).token_ids
+        decoder = BatchDecoder(model.model, [prompt], len(prompt) + len(greedy))
+        steps = [decoder.prefill()[0]] + [decoder.step([t], [True])[0] for t in greedy[:-1]]
+    assert len(cpukernels.COMPILED.kernels) > 0 and cpukernels.COMPILED.failed is None
+    with torch.no_grad():
+        want = hf(torch.tensor([prompt + greedy[:-1]])).logits[0, len(prompt) - 1 :]
+    assert (torch.stack(steps) - want).abs().max().item() <= 1e-4
+    assert greedy == reference_greedy(hf, prompt, 12)
