@@ -157,11 +157,13 @@ LAYERS = {  # module -> the offload_rt modules it may import (DESIGN.md's table)
         "analysis",
         "engine",
         "hub",
+        "results",
     },
     "demo": {"config", "checkpoint", "models", "tools"},
-    "protocol": {"engine"},
-    "server": {"engine", "protocol", "server"},
-    "client": {"engine", "protocol"},  # nothing of the server
+    "results": set(),  # plain dataclasses: no torch, nothing of the runtime
+    "protocol": {"results"},
+    "server": {"engine", "protocol", "results", "server"},
+    "client": {"protocol", "results"},  # nothing of the engine or the server: no torch
     "convert": {"config", "checkpoint", "convert", "models", "tools"},  # an offline tool
 }
 

@@ -97,6 +97,7 @@ class Grammars:
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
         self._lock = threading.Lock()
+        self.compiled = 0  # schemas compiled so far (a schema evicted and named again counts twice)
 
     def compile(self, schema: str) -> None:
         """Compile `schema` (JSON text) unless it is cached; RequestError naming what the
@@ -115,6 +116,7 @@ class Grammars:
                 return matcher
         matcher = self._build(schema)  # outside the lock: a big schema takes a while
         with self._lock:
+            self.compiled += 1
             self._compiled[schema] = matcher
             while len(self._compiled) > CACHE_SCHEMAS:
                 self._compiled.popitem(last=False)
