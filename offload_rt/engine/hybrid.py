@@ -50,9 +50,9 @@ class DeviceBudget:
         if budget.slots < 0:
             raise ValueError(
                 f"gpu_memory_gb {gpu_memory_gb} does not hold {ckpt.folder}'s dense weights "
-                f"({budget.dense_bytes / GIB:.3f} GiB in {dtype}) and the KV/activation "
-                f"reserve ({reserve / GIB:.3f} GiB): give at least "
-                f"{(budget.dense_bytes + reserve) / GIB:.3f}"
+                f"({_size(budget.dense_bytes)} in {str(dtype).removeprefix('torch.')}) and the "
+                f"KV/activation reserve ({_size(reserve)}): give at least "
+                f"{(budget.dense_bytes + reserve) / GIB:.4f}"
             )
         return budget
 
@@ -64,11 +64,15 @@ class DeviceBudget:
 
     def describe(self) -> str:
         return (
-            f"device budget {self.total_bytes / GIB:.3f} GiB = dense "
-            f"{self.dense_bytes / GIB:.3f} + reserve {self.reserve_bytes / GIB:.3f} "
-            f"(KV of {RESERVE_TOKENS} positions, activations) + {self.slots} expert slots of "
-            f"{self.expert_bytes / 2**20:.1f} MiB"
+            f"device budget {_size(self.total_bytes)}: dense weights "
+            f"{_size(self.dense_bytes)}, reserve {_size(self.reserve_bytes)} (KV of "
+            f"{RESERVE_TOKENS} positions, activations), {self.slots} expert slots of "
+            f"{_size(self.expert_bytes)}"
         )
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
 
 
 def measure_costs(

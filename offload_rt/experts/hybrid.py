@@ -58,7 +58,7 @@ class HybridCosts:
 
     def describe(self) -> str:
         gbps = self.expert_bytes / self.cpu_expert_s / 1e9
-        device = "this CPU (no GPU)" if self.device_is_host else "the device"
+        device = "device (this CPU: no GPU here)" if self.device_is_host else "device"
         return (
             f"expert {self.expert_bytes / 1e6:.1f} MB: CPU {self.cpu_expert_s * 1e3:.3f} ms "
             f"({gbps:.1f} GB/s), link {self.link_expert_s * 1e3:.3f} ms "
@@ -302,8 +302,8 @@ def _fewest_fastest(counts: range, seconds: Callable[[int], float]) -> int:
 def _first_layers(grid: ExpertGrid, n: int) -> frozenset[ExpertKey]:
     if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= len(grid.layers):
         raise ValueError(
-            f"cpu_moe_layers must be an integer from 0 to the {len(grid.layers)} MoE layers, "
-            f"got {n!r}"
+            f"cpu_moe_layers (--cpu-moe) must be an integer from 0 to the {len(grid.layers)} "
+            f"MoE layers, got {n!r}"
         )
     return frozenset(k for layer in grid.layers[:n] for k in grid.layer_keys(layer))
 
@@ -312,8 +312,8 @@ def _per_layer(routing: Routing, n: int | str) -> frozenset[ExpertKey]:
     grid = routing.grid
     if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= grid.experts:
         raise ValueError(
-            f"cpu_experts must be 'auto' or an integer from 0 to the {grid.experts} experts "
-            f"of a layer, got {n!r}"
+            f"cpu_experts (--cpu-experts) must be 'auto' or an integer from 0 to the "
+            f"{grid.experts} experts of a layer, got {n!r}"
         )
     order = routing.order()
     return frozenset(
