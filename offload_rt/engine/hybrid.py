@@ -20,14 +20,15 @@ from offload_rt.checkpoint import Checkpoint
 from offload_rt.engine.loader import resolve_capacity
 from offload_rt.experts.formats import expert_format, expert_nbytes
 from offload_rt.experts.hybrid import HybridCosts, HybridPlan, Routing, plan_hybrid
-from offload_rt.experts.misscost import best_seconds
 from offload_rt.grid import ExpertGrid, ExpertKey
+from offload_rt.model.ffn import ExpertFFN
 from offload_rt.models import dense_nbytes, kv_bytes_per_token
 
 GIB = 2**30
 RESERVE_TOKENS = 4096  # KV positions the budget keeps free: one 4096-token row, or 8 of 512
 ACTIVATION_BYTES = 256 * 2**20  # activations, a prefill's logits, the allocator's slack
-COST_REPEATS = 5  # timings are the best of this many
+COST_REPEATS = 5  # timings are the best of this many passes
+COST_BYTES = 512 * 2**20  # experts cycled through when timing: more than a CPU's caches
 
 
 @dataclass(frozen=True)
@@ -78,22 +79,47 @@ def _size(n: int) -> str:
 def measure_costs(
     ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, link_bytes_per_s: float | None
 ) -> HybridCosts:
-    """Time one expert (the first MoE layer's first) computed by the CPU from host RAM and
-    by the device from a slot at one row; the link's rate is the simulated one, else a
-    pinned copy's. On a CPU device the device's time is the CPU's: the same cores."""
+    """Time experts computed by the CPU from host RAM and by the device from a slot at one
+    row, cycling over distinct experts of at least `COST_BYTES` in all, as decode reads them
+    (timing one expert again and again measures a CPU's cache, not its memory). The link's
+    rate is the simulated one, else a pinned copy's. On a CPU device the device's time is the
+    CPU's: the same cores."""
     fmt = expert_format(ckpt.config, device, dtype)
-    host = torch.empty(fmt.numel, dtype=fmt.storage_dtype)
-    fmt.pack(ckpt.expert(ckpt.config.grid.first_layer, 0), host)
-    cpu_s = best_seconds(fmt.host_ffn(host), 1, COST_REPEATS)
     nbytes = fmt.numel * fmt.storage_dtype.itemsize
+    keys = list(ckpt.config.grid.keys())[: max(2, -(-COST_BYTES // nbytes))]
+    hosts = [torch.empty(fmt.numel, dtype=fmt.storage_dtype) for _ in keys]
+    for key, buf in zip(keys, hosts):
+        fmt.pack(ckpt.expert(key.layer, key.expert), buf)
+    cpu_s = cycle_seconds([fmt.host_ffn(buf) for buf in hosts])
     if device.type == "cpu":
         if link_bytes_per_s is None:
             raise ValueError("a hybrid placement on a CPU device needs a simulated link_gbps")
         return HybridCosts(nbytes, cpu_s, link_bytes_per_s, cpu_s, device_is_host=True)
-    slot = host.to(device)
-    device_s = best_seconds(fmt.weights(fmt.views(slot)), 1, COST_REPEATS)
-    link = link_bytes_per_s or _copy_rate(host, slot)
+    slots = [buf.to(device) for buf in hosts]
+    device_s = cycle_seconds([fmt.weights(fmt.views(slot)) for slot in slots])
+    link = link_bytes_per_s or _copy_rate(hosts[0], slots[0])
     return HybridCosts(nbytes, cpu_s, link, device_s, device_is_host=False)
+
+
+def cycle_seconds(ffns: list[ExpertFFN], repeats: int = COST_REPEATS) -> float:
+    """Seconds per expert of `ffns` run in turn on one random row, best of `repeats` passes
+    (the first also compiles and warms); synchronised on CUDA. The experts' FFNs may share
+    scratch (quantized ones): each is run before the next is asked for."""
+    w13 = ffns[0].w13
+    x = torch.randn(1, w13.shape[1], dtype=w13.dtype, device=w13.device)  # (1, D)
+    cuda = x.device.type == "cuda"
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats):
+            if cuda:
+                torch.cuda.synchronize(x.device)
+            start = time.perf_counter()
+            for ffn in ffns:
+                ffn(x)
+            if cuda:
+                torch.cuda.synchronize(x.device)
+            best = min(best, (time.perf_counter() - start) / len(ffns))
+    return best
 
 
 def _copy_rate(host: torch.Tensor, slot: torch.Tensor) -> float:
