@@ -170,9 +170,17 @@ def seconds_per_token(runs: list[Run]) -> float:
 
 def report(runs: dict[str, list[Run]], plans: dict[str, dict], opts: Options) -> None:
     base = runs["cache only"]
-    predicted = {name: p["predicted"]["this plan"] for name, p in plans.items()}
+    # one plan's figures for the three it compares (each load measures its own costs, and
+    # on a busy machine those vary); --cpu-moe's from its own plan
     auto = plans.get("hybrid (auto)", {}).get("predicted", {})
-    predicted.setdefault("cache only", auto.get("cache only"))
+    predicted = {
+        "cpu only": auto.get("cpu only"),
+        "cache only": auto.get("cache only"),
+        "hybrid (auto)": auto.get("this plan"),
+    }
+    predicted.update(
+        {name: p["predicted"]["this plan"] for name, p in plans.items() if "cpu-moe" in name}
+    )
     print(
         f"\n{'placement':<16} {'tok/s':>6} {'ms/tok':>7} {'vs cache':>8} {'pred ms':>7} "
         f"{'MB/tok':>7} {'wait ms':>7} {'CPU/tok':>7}"
@@ -191,8 +199,9 @@ def report(runs: dict[str, list[Run]], plans: dict[str, dict], opts: Options) ->
         )
     print(
         "(tok/s, ms/tok: medians over rounds; vs cache: median of each round's ratio to the "
-        "same round's cache-only run; pred ms: the plan's predicted expert milliseconds per "
-        "token (attention and the rest left out); MB/tok: bytes over the link per token; "
+        "same round's cache-only run; pred ms: expert milliseconds per token predicted by the "
+        "hybrid (auto) plan for cpu only, cache only and itself, by its own plan for --cpu-moe "
+        "(attention and the rest left out); MB/tok: bytes over the link per token; "
         "wait ms: the compute thread waiting on loads per token; CPU/tok: experts computed on "
         "the CPU from host RAM per token, the CPU set's and misses')"
     )
