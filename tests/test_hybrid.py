@@ -445,3 +445,28 @@ def test_plan_and_generate_print_the_hybrid_placement(reference):
     assert "first 1 MoE layers" in gen.stdout and "cpu_computed=" in gen.stdout
     bad = cli(*args, "--cpu-moe", "1")
     assert bad.returncode == 2 and "give link_gbps" in bad.stderr
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss", "qwen3_moe"])
+def test_other_families_take_a_cpu_set_and_their_own_kv_reserve(tmp_path, family):
+    """A dense first layer (MoE layers from 1), latent attention, clamped experts with biases,
+    sliding windows: the CPU set changes no output, and the reserve counts each family's own
+    KV cache per token (the model's own cache, measured)."""
+    from tests.families import save_family
+
+    save_family(family, tmp_path / "m")
+    with offload_rt.load(tmp_path / "m") as m:
+        base = decode_logits(m, PROMPTS[0], 8)
+        n = m.config.max_position_embeddings  # past any sliding window: a ring holds fewer
+        cache = m.model.new_cache(1, n)
+        per_token = sum(t.numel() for t in (*cache.keys, *cache.values)) * 4 // n
+        assert kv_bytes_per_token(m.config, torch.float32) >= per_token
+        full = [w for w in cache.windows if w is None]
+        if len(full) == len(cache.windows):  # no ring layer: exactly the cache's bytes
+            assert kv_bytes_per_token(m.config, torch.float32) == per_token
+    options = dict(link_gbps=SLOW_LINK, cache_experts=3, cpu_experts="auto")
+    with offload_rt.load(tmp_path / "m", **options) as m:
+        assert torch.equal(decode_logits(m, PROMPTS[0], 8), base)
+        plan = m.placement.plan
+        assert {k.layer for k in plan.cpu} <= set(m.config.grid.layers) and plan.cpu
+        assert m.stats()["cpu_computed"] > 0
