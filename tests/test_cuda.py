@@ -89,3 +89,26 @@ def test_cuda_prefetch_and_compute_on_miss_match_the_reference(reference, option
         assert stats["host_computed"] > 0
     if options.get("prefetch"):
         assert stats["prefetch_loads"] > 0
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(cpu_experts="auto"),
+        dict(cpu_experts=3),
+        dict(cpu_moe_layers=1),
+        dict(cpu_experts=3, compute_on_miss=True),
+    ],
+)
+def test_cuda_hybrid_placement_matches_the_reference(reference, options):
+    """The CPU set computed by the CPU from host RAM beside CUDA slots (costs measured on the
+    GPU and its real link): logits within 1e-4, tokens exactly; the set never loaded."""
+    folder, hf = reference
+    with offload_rt.load(folder, device="cuda", cache_experts=3, **options) as model:
+        plan = model.placement.plan
+        assert not plan.costs.device_is_host and plan.slots <= 3
+        stats = check_against_reference(model, hf)
+        assert not plan.cpu & set(model.backend.cache.resident_keys())
+    if plan.cpu:
+        assert stats["cpu_computed"] > 0 and stats["cpu_experts"] == len(plan.cpu)
+    print(plan.format())

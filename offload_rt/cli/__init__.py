@@ -15,11 +15,13 @@ from offload_rt.checkpoint import CheckpointError
 from offload_rt.cli import cachesim, convert, quantize, serve
 from offload_rt.cli import eval as eval_cmd
 from offload_rt.cli.options import (
+    add_hybrid_options,
     add_model_argument,
     add_model_options,
     add_ray_options,
     load_model,
     model_folder,
+    placement_text,
     ray_options,
 )
 from offload_rt.config import DTYPE_NAMES
@@ -50,6 +52,17 @@ def _add_load_options(p: argparse.ArgumentParser, cache_experts: int | None) -> 
     add_model_options(p, cache_experts)
 
 
+def _add_hybrid_plan_options(p: argparse.ArgumentParser) -> None:
+    """What the hybrid plan depends on (`load`'s options of the same names)."""
+    p.add_argument("--device", default="cpu", help="hybrid: the torch device (cuda, cpu)")
+    p.add_argument("--cache-experts", type=int, default=None, help="hybrid: device slots")
+    p.add_argument("--link-gbps", type=float, default=None, help="hybrid: a simulated link")
+    p.add_argument(
+        "--compute-on-miss", action="store_true", help="hybrid: misses may run on the CPU"
+    )
+    add_hybrid_options(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="offload-rt", description=offload_rt.__doc__)
     parser.add_argument("--version", action="version", version=offload_rt.__version__)
@@ -64,10 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_argument(gen)
     gen.add_argument("--trace", type=Path, default=None, help="write the routing trace (msgpack)")
     _add_load_options(gen, cache_experts=None)
-    plan = sub.add_parser("plan", help="print where the Ray backend would place each expert")
+    plan = sub.add_parser(
+        "plan",
+        help="print where the Ray backend would place each expert, or with --cpu-experts / "
+        "--cpu-moe the local backend's hybrid CPU/device placement",
+    )
     add_model_argument(plan)
     plan.add_argument("--dtype", default=None, choices=list(DTYPE_NAMES))
     add_ray_options(plan)
+    _add_hybrid_plan_options(plan)
     cachesim.add_parser(sub)
     serve.add_parser(sub)
     convert.add_parser(sub)
@@ -123,6 +141,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     folder = model_folder(args.model_dir)
     with load_model(args, folder, record_routing=args.trace is not None) as model:
+        placement = placement_text(model.placement)
+        if placement is not None:
+            print(placement)
         result, seconds = _generate(model, args)
         print(result.text if result.text is not None else result.token_ids)
         _report(model, result, seconds)
@@ -134,6 +155,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    if args.cpu_experts is not None or args.cpu_moe is not None:
+        return _hybrid_plan(args)
     import ray
 
     from offload_rt.distributed.cluster import join_ray, plan_for_cluster
@@ -150,6 +173,33 @@ def cmd_plan(args: argparse.Namespace) -> int:
     finally:
         if connected:
             ray.shutdown()
+    return 0
+
+
+def _hybrid_plan(args: argparse.Namespace) -> int:
+    """The local backend's hybrid placement, on costs measured here (one expert timed)."""
+    from offload_rt.engine.hybrid import local_placement
+    from offload_rt.engine.loader import resolve_device, resolve_dtype
+
+    if args.backend != "local":
+        raise ValueError("--cpu-experts and --cpu-moe place experts for the local backend")
+    ckpt = open_checkpoint(model_folder(args.model_dir))
+    try:
+        placement = local_placement(
+            ckpt,
+            resolve_device(args.device),
+            resolve_dtype(args.dtype, ckpt),
+            args.cache_experts,
+            args.gpu_memory_gb,
+            args.cpu_experts,
+            args.cpu_moe,
+            args.link_gbps,
+            args.compute_on_miss,
+            args.routing_trace,
+        )
+    finally:
+        ckpt.close()
+    print(placement_text(placement))
     return 0
 
 

@@ -12,6 +12,7 @@ import torch
 from offload_rt.config import DTYPE_NAMES
 from offload_rt.distributed.cluster import RayOptions
 from offload_rt.engine import OffloadModel, load
+from offload_rt.engine.hybrid import Placement
 from offload_rt.experts.policies import DEFAULT_POLICY, RUNTIME_POLICIES
 from offload_rt.hub import parse_hub_id, resolve_model
 from offload_rt.model.decoder import PREDICT_FROM
@@ -50,7 +51,9 @@ def add_ray_options(p: argparse.ArgumentParser) -> None:
         "--gpu-memory-gb",
         type=float,
         default=None,
-        help="Ray: GiB of each GPU for expert slots (default: %.0f; an L4 or a 4090 wants ~20)"
+        help="GiB of device memory the model may use. Local: dense weights, a KV/activation "
+        "reserve, and expert slots in the rest (instead of --cache-experts); Ray: each GPU "
+        "actor's, all for expert slots (default: %.0f; an L4 or a 4090 wants ~20)"
         % (RayOptions.gpu_memory_bytes / GIB),
     )
 
@@ -63,6 +66,42 @@ def ray_options(args: argparse.Namespace) -> RayOptions:
     if args.gpu_memory_gb <= 0:
         raise ValueError(f"--gpu-memory-gb must be positive, got {args.gpu_memory_gb}")
     return replace(opts, gpu_memory_bytes=int(args.gpu_memory_gb * GIB))
+
+
+def cpu_experts_value(text: str) -> int | str:
+    """--cpu-experts: "auto" or a count per MoE layer."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'auto' or an integer, not {text!r}") from None
+
+
+def add_hybrid_options(p: argparse.ArgumentParser) -> None:
+    """The hybrid CPU/device placement (local backend, behind a link)."""
+    p.add_argument(
+        "--cpu-experts",
+        type=cpu_experts_value,
+        default=None,
+        metavar="auto|N",
+        help="compute a fixed set of experts on the CPU from host RAM, never loaded: 'auto' "
+        "(the planner's choice from the budget and measured costs) or N per MoE layer",
+    )
+    p.add_argument(
+        "--cpu-moe",
+        type=int,
+        default=None,
+        metavar="N",
+        help="every expert of the first N MoE layers on the CPU (llama.cpp's --n-cpu-moe)",
+    )
+    p.add_argument(
+        "--routing-trace",
+        type=Path,
+        default=None,
+        help="a routing trace (generate --trace) whose expert frequencies the planner uses "
+        "(default: uniform routing)",
+    )
 
 
 def add_offload_options(p: argparse.ArgumentParser) -> None:
@@ -90,6 +129,7 @@ def add_offload_options(p: argparse.ArgumentParser) -> None:
         choices=list(RUNTIME_POLICIES),
         help="which resident expert a miss evicts (default: %(default)s)",
     )
+    add_hybrid_options(p)
 
 
 def add_model_options(p: argparse.ArgumentParser, cache_experts: int | None) -> None:
@@ -122,6 +162,16 @@ def add_model_options(p: argparse.ArgumentParser, cache_experts: int | None) -> 
     add_ray_options(p)
 
 
+def placement_text(placement: Placement | None) -> str | None:
+    """The local model's device budget and hybrid plan for people, when either was asked."""
+    if placement is None or (placement.plan is None and placement.budget is None):
+        return None
+    lines = [] if placement.budget is None else [placement.budget.describe()]
+    if placement.plan is not None:
+        lines.append(placement.plan.format())
+    return "\n".join(lines)
+
+
 def load_model(args: argparse.Namespace, path: Path, record_routing: bool = False) -> OffloadModel:
     """`offload_rt.load` with what `add_model_options` parsed."""
     if args.threads is not None:
@@ -142,4 +192,8 @@ def load_model(args: argparse.Namespace, path: Path, record_routing: bool = Fals
         cache_policy=args.cache_policy,
         record_routing=record_routing,
         dense_quant=args.dense_quant,
+        gpu_memory_gb=args.gpu_memory_gb if args.backend == "local" else None,
+        cpu_experts=args.cpu_experts,
+        cpu_moe_layers=args.cpu_moe,
+        routing_trace=args.routing_trace,
     )

@@ -12,6 +12,7 @@ from offload_rt.cli.options import (
     hub_repo,
     load_model,
     model_folder,
+    placement_text,
 )
 
 API_KEY_ENV = "OFFLOAD_RT_API_KEY"  # read here, at the edge: keeps the key out of `ps`
@@ -58,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
     with load_model(args, model_folder(args.model_dir)) as model:
         app = build_app(model, config)
         auth = "bearer token required" if config.api_key else "no API key"
+        placement = placement_text(model.placement)
+        if placement is not None:
+            print(placement, flush=True)
         print(f"serving {args.model_dir} on http://{args.host}:{args.port} ({auth})", flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

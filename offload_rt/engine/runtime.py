@@ -18,11 +18,11 @@ from offload_rt.distributed.cluster import RayOptions
 from offload_rt.engine.densequant import dense_quant_config, quantize_dense
 from offload_rt.engine.generate import GenerationResult, generate
 from offload_rt.engine.grammar import Grammars
+from offload_rt.engine.hybrid import GIB, Placement, local_placement
 from offload_rt.engine.loader import (
     BACKENDS,
     local_backend,
     ray_backend,
-    resolve_capacity,
     resolve_device,
     resolve_dtype,
 )
@@ -56,6 +56,7 @@ class OffloadModel:
         tokenizer: TextTokenizer | None,
         on_close: Callable[[], None] | None = None,
         recorder: RoutingRecorder | None = None,
+        placement: Placement | None = None,
     ) -> None:
         self.checkpoint = ckpt
         self.config = ckpt.config
@@ -70,6 +71,8 @@ class OffloadModel:
         )
         self.on_close = on_close
         self.recorder = recorder  # the model's view of its backend when routing is recorded
+        # local backend: the device slots, their budget and the hybrid plan, when asked for
+        self.placement = placement
         self.closed = False
 
     @property
@@ -184,12 +187,21 @@ class OffloadModel:
         self.close()
 
 
-def _prefetch_pays(backend: str, capped: bool, device: torch.device, link: float | None) -> bool:
-    """The default of `prefetch`: on for a capped cache behind a link. On a CPU device with
-    no link the slots are the same RAM the experts load from, a speculative load is a 35 MB
-    memcpy competing with compute for the cores, and prefetch measured 17% slower (104.5
-    against 126.5 ms a token, bench_local's model, cache 16/64, 2 cores)."""
-    return backend == "local" and capped and (device.type != "cpu" or link is not None)
+def _prefetch_pays(capped: bool, device: torch.device, link: float | None) -> bool:
+    """The default of `prefetch`: on for a capped cache (fewer slots than the experts on the
+    device side) behind a link. On a CPU device with no link the slots are the same RAM the
+    experts load from, a speculative load is a 35 MB memcpy competing with compute for the
+    cores, and prefetch measured 17% slower (104.5 against 126.5 ms a token, bench_local's
+    model, cache 16/64, 2 cores)."""
+    return capped and (device.type != "cpu" or link is not None)
+
+
+def _ray_gpu_bytes(gpu_memory_gb: float) -> int:
+    if isinstance(gpu_memory_gb, bool) or not isinstance(gpu_memory_gb, (int, float)):
+        raise ValueError(f"gpu_memory_gb must be a number of GiB, got {gpu_memory_gb!r}")
+    if not gpu_memory_gb > 0:
+        raise ValueError(f"gpu_memory_gb must be positive, got {gpu_memory_gb}")
+    return int(gpu_memory_gb * GIB)
 
 
 def _check_predict_from(prefetch_from: str) -> None:
@@ -221,6 +233,10 @@ def load(
     cache_policy: str = DEFAULT_POLICY,
     record_routing: bool = False,
     dense_quant: str | None = None,
+    gpu_memory_gb: float | None = None,
+    cpu_experts: int | str | None = None,
+    cpu_moe_layers: int | None = None,
+    routing_trace: str | Path | None = None,
 ) -> OffloadModel:
     """Open a Hugging Face checkpoint folder of a supported family (`offload_rt.models`), or
     a hub id `org/name[@revision]` (`offload_rt.hub`: downloaded once into the hub cache,
@@ -246,6 +262,15 @@ def load(
     `OffloadModel.routing_trace()` (`offload-rt generate --trace`). dense_quant: "int8" or
     "int4" quantizes attention, dense MLPs and lm_head at load into the experts' affine format
     (groups of 64; `engine/densequant.py`), as llama.cpp does; this one changes outputs.
+    gpu_memory_gb: GiB of device memory the model may use: local backend: its dense weights,
+    a KV/activation reserve and expert slots in the rest (instead of cache_experts); ray: each
+    GPU actor's, all for expert slots. cpu_experts: local backend behind a link: a fixed set
+    of experts computed on the CPU from host RAM and never loaded, "auto" (the planner's
+    choice by a cost model measured at load), or N per MoE layer (the least used);
+    cpu_moe_layers: every expert of the first N MoE layers (llama.cpp's --n-cpu-moe);
+    routing_trace: a recorded trace (`--trace`) whose expert frequencies the planner uses
+    (else uniform routing). `OffloadModel.placement.plan` holds the plan; outputs do not
+    change.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; available: {BACKENDS}")
@@ -255,6 +280,9 @@ def load(
         "prefetch": bool(prefetch),
         "compute_on_miss": compute_on_miss,
         "cache_policy": cache_policy != DEFAULT_POLICY,
+        "cpu_experts": cpu_experts is not None,
+        "cpu_moe_layers": cpu_moe_layers is not None,
+        "routing_trace": routing_trace is not None,
     }
     if backend == "ray" and any(local_only.values()):
         named = ", ".join(k for k, v in local_only.items() if v)
@@ -271,17 +299,30 @@ def load(
     ckpt = open_checkpoint(resolve_model(path))
     on_close = None
     experts: ModelBackend | None = None
+    placement = None
     try:
-        cfg = ckpt.config
         dt = resolve_dtype(dtype, ckpt)
-        capacity = resolve_capacity(cache_experts, cfg.num_experts_total)
         tokenizer = TextTokenizer.from_folder(ckpt.folder)
-        if prefetch is None:
-            prefetch = _prefetch_pays(backend, capacity < cfg.num_experts_total, dev, link_gbps)
         if backend == "local":
-            options = OffloadOptions(prefetch, compute_on_miss, prefetch_from)
+            placement = local_placement(
+                ckpt,
+                dev,
+                dt,
+                cache_experts,
+                gpu_memory_gb,
+                cpu_experts,
+                cpu_moe_layers,
+                link_gbps,
+                compute_on_miss,
+                routing_trace,
+            )
+            cpu = placement.plan.cpu if placement.plan is not None else frozenset()
+            if prefetch is None:
+                on_device = ckpt.config.num_experts_total - len(cpu)
+                prefetch = _prefetch_pays(placement.slots < on_device, dev, link_gbps)
+            options = OffloadOptions(prefetch, compute_on_miss, prefetch_from, cpu)
             experts = local_backend(
-                ckpt, dev, dt, capacity, host_experts, link_gbps, options, cache_policy
+                ckpt, dev, dt, placement.slots, host_experts, link_gbps, options, cache_policy
             )
         else:
             opts = ray_options or RayOptions()
@@ -291,6 +332,8 @@ def load(
                 expert_actors=expert_actors if expert_actors is not None else opts.expert_actors,
                 host_experts=host_experts if host_experts is not None else opts.host_experts,
             )
+            if gpu_memory_gb is not None:
+                opts = replace(opts, gpu_memory_bytes=_ray_gpu_bytes(gpu_memory_gb))
             experts, on_close = ray_backend(ckpt, dt, opts)
         prefetcher = experts.prefetcher if isinstance(experts, LocalExpertBackend) else None
         grid = ckpt.config.grid
@@ -307,4 +350,4 @@ def load(
             on_close()
         ckpt.close()
         raise
-    return OffloadModel(ckpt, model, experts, tokenizer, on_close, recorder)
+    return OffloadModel(ckpt, model, experts, tokenizer, on_close, recorder, placement)

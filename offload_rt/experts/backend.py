@@ -15,7 +15,10 @@ The backend wires its parts, one responsibility each:
 - `MissPlanner` (`misscost.py`, option `compute_on_miss`): a missing expert held in the host
   tier run on the CPU when that finishes before its copy would;
 - `ExpertRunner`: an expert computed in its slot, at once or as its load lands.
-Neither option changes a result: every expert runs the same FFN (`model/ffn.py`) on the same
+A fixed CPU set (option `cpu_experts`, chosen by `hybrid.py`'s planner) never enters a slot:
+those experts are computed on the CPU from host buffers of their own, while the link moves
+the call's misses and the device runs its residents.
+No option changes a result: every expert runs the same FFN (`model/ffn.py`) on the same
 rows, and the MoE block sums the outputs in a fixed order.
 """
 
@@ -44,23 +47,30 @@ class OffloadOptions:
     prefetch: bool = False  # load the experts the model predicts for the next layer
     compute_on_miss: bool = False  # run a missing expert on the CPU when that is faster
     prefetch_from: str = "both"  # where the model guesses: "attention", "moe" or "both"
+    # computed on the CPU from host RAM, never loaded into a device slot (`hybrid.py`)
+    cpu_experts: frozenset[ExpertKey] = frozenset()
 
 
-def _check(options: OffloadOptions, store: ExpertStore, link: Link | None) -> None:
-    if options.compute_on_miss and not store.format.host_computable:
-        raise ValueError(
-            "compute_on_miss is not supported with quantized experts: they are dequantized "
-            "into device scratch on use, not on the CPU"
-        )
+def _check(
+    options: OffloadOptions, store: ExpertStore, grid: ExpertGrid, link: Link | None
+) -> None:
     bandwidth = None if link is None else link.bytes_per_s
     behind_link = store.device.type != "cpu" or bandwidth is not None
+    where = f"device {store.device}, link_gbps {bandwidth and bandwidth / 1e9}"
     if options.compute_on_miss and not (behind_link and store.has_host_tier):
         raise ValueError(
             "compute_on_miss runs missing experts on the CPU from the host tier: it needs a "
             "device behind a link (a GPU, or link_gbps on a CPU) and host_experts != 0; got "
-            f"device {store.device}, link_gbps {bandwidth and bandwidth / 1e9}, "
-            f"host_experts {store.host_capacity}"
+            f"{where}, host_experts {store.host_capacity}"
         )
+    if options.cpu_experts and not behind_link:
+        raise ValueError(
+            "a CPU set of experts needs a device behind a link (a GPU, or link_gbps on a "
+            f"CPU): without one the device slots are host RAM already; got {where}"
+        )
+    strays = sorted(k for k in options.cpu_experts if k not in grid)
+    if strays:
+        raise ValueError(f"CPU set experts not in the model ({grid.describe()}): {strays[:4]}")
 
 
 class ExpertRunner:
@@ -100,7 +110,7 @@ class LocalExpertBackend:
     ) -> None:
         """`link`: how experts cross into the device slots (None: the device's own copy; a
         `SimulatedLink` on a machine without a GPU). The options are fixed for its life."""
-        _check(options, store, link)
+        _check(options, store, grid, link)
         self.store = store
         self.cache = cache
         self.grid = grid
@@ -112,21 +122,25 @@ class LocalExpertBackend:
         self.prefetcher: PrefetchController | None = None  # the model's, when prefetch is on
         if options.prefetch:
             self.prefetcher = PrefetchController(
-                cache, self.eviction, self.loads, options.prefetch_from
+                cache, self.eviction, self.loads, options.prefetch_from, options.cpu_experts
             )
         self.planner: MissPlanner | None = None
         if options.compute_on_miss:
             cost = MissCost(device_is_host=store.device.type == "cpu")
             self.planner = MissPlanner(store, self.transport, cost)
+        self.cpu_set = options.cpu_experts
+        self.cpu_computed = 0  # uses of a CPU set expert (each computed on the CPU)
 
     def run(self, groups: Mapping[ExpertKey, torch.Tensor]) -> dict[ExpertKey, torch.Tensor]:
         keys = sorted(groups)
+        device = [k for k in keys if k not in self.cpu_set] if self.cpu_set else keys
         if keys:
             self.eviction.tick(keys[0].layer)
             if self.prefetcher is not None:
-                self.prefetcher.settle(keys[0].layer, set(keys))
+                self.prefetcher.settle(keys[0].layer, set(device))
         self.loads.reap()
-        return LayerCall(self, groups, keys).execute()
+        cpu = [k for k in keys if k in self.cpu_set] if self.cpu_set else []
+        return LayerCall(self, groups, device, cpu).execute()
 
     def settle(self) -> None:
         """Wait until every load in flight has finished (their experts stay resident)."""
@@ -143,6 +157,10 @@ class LocalExpertBackend:
             out.update(self.prefetcher.tracker.stats.as_dict())
         if self.planner is not None:
             out["host_computed"] = self.planner.host_computed
+        if self.cpu_set:
+            out["cpu_experts"] = len(self.cpu_set)
+            out["cpu_computed"] = self.cpu_computed
+            out["cpu_resident"] = self.store.held
         return out
 
     def close(self) -> None:
@@ -150,22 +168,30 @@ class LocalExpertBackend:
 
 
 class LayerCall:
-    """One layer call: its experts sorted into resident, on their way (prefetched), to run
-    on the CPU, and to load (as slots allow, in order); each computed once it is there."""
+    """One layer call: its experts sorted into the CPU set's, resident, on their way
+    (prefetched), to run on the CPU, and to load (as slots allow, in order); each computed
+    once it is there. Loads start first; then the device's residents are launched, and the
+    CPU computes its experts while the link moves the rest (on CUDA the residents' kernels
+    run meanwhile: their inputs cross to the CPU before they are launched, so that copy
+    does not wait for them)."""
 
     def __init__(
         self,
         backend: LocalExpertBackend,
         groups: Mapping[ExpertKey, torch.Tensor],
         keys: list[ExpertKey],
+        cpu: list[ExpertKey],
     ) -> None:
+        self.backend = backend
         self.loads, self.eviction = backend.loads, backend.eviction
         self.runner, self.planner = backend.runner, backend.planner
         self.loader = backend.transport.loader
         self.groups = groups
         self.ready: list[ExpertKey] = []
         self.coming: list[ExpertKey] = []
-        self.host: dict[ExpertKey, ExpertFFN] = {}
+        # computed on the CPU: the CPU set's experts, then misses the planner sends there
+        self.host: dict[ExpertKey, ExpertFFN] = {k: backend.store.hold(k) for k in cpu}
+        self.cpu_set = len(cpu)
         self.pending: list[ExpertKey] = []  # to load, not yet given a slot, in order
         for key in keys:
             if self.eviction.lookup(key) is not None:
@@ -184,12 +210,14 @@ class LayerCall:
         for key in self.coming:  # queued before this call's misses: they go first
             self.loader.promote(loads.future(key))
         self.start_loads()
+        cpu = torch.device("cpu")
+        host_x = {key: groups[key].to(cpu) for key in self.host}
         out = {}
         for key in self.ready:
             out[key] = self.runner.resident(key, groups[key])
             self.done(key)
-        for key, weights in self.host.items():
-            out[key] = self.planner.run(groups[key], weights)  # type: ignore[union-attr]
+        for i, (key, weights) in enumerate(self.host.items()):
+            out[key] = self._on_host(key, host_x[key], weights, counted=i < self.cpu_set)
         for key in self.coming:
             # on the CPU or not, the load goes on: the expert lands in its slot
             out[key] = self._run(key, self._host_choice(key, loads.future(key)))
@@ -204,21 +232,35 @@ class LayerCall:
     def _host_choice(
         self, key: ExpertKey, load: Future | None, copies_ahead: int = 0
     ) -> ExpertFFN | None:
-        """`MissPlanner.choose`; None (copy) when compute on a miss is off."""
+        """`MissPlanner.choose`, with the CPU's work of this call ahead of it; None (copy)
+        when compute on a miss is off."""
         if self.planner is None:
             return None
         rows = self.groups[key].shape[0]
-        return self.planner.choose(key, rows, load, copies_ahead)
+        ahead = [self.groups[k].shape[0] for k in self.host]
+        return self.planner.choose(key, rows, load, copies_ahead, ahead)
+
+    def _on_host(
+        self, key: ExpertKey, x: torch.Tensor, weights: ExpertFFN, counted: bool
+    ) -> torch.Tensor:
+        """An expert on the CPU: x (n, D) already in host memory, the output back on the
+        device. A CPU set expert is counted here, a miss by the planner."""
+        if counted:
+            self.backend.cpu_computed += 1
+            y = weights(x)
+        else:
+            y = self.planner.run(x, weights)  # type: ignore[union-attr]
+        self.done(key)
+        return y.to(self.groups[key].device)
 
     def _run(self, key: ExpertKey, host: ExpertFFN | None) -> torch.Tensor:
         """A coming or loading expert: on the CPU from `host`, or in its slot once there."""
         x = self.groups[key]
         if host is None:
             out = self.runner.arriving(key, x)
-        else:
-            out = self.planner.run(x, host)  # type: ignore[union-attr]
-        self.done(key)
-        return out
+            self.done(key)
+            return out
+        return self._on_host(key, x.to("cpu"), host, counted=False)
 
     def start_loads(self) -> None:
         while self.pending:

@@ -28,7 +28,6 @@ class ExpertFormat(Protocol):
     storage_dtype: torch.dtype  # element type of a packed buffer
     numel: int  # elements of a packed buffer
     early_numel: int  # the leading elements the up-projection needs (numel: no early start)
-    host_computable: bool  # the CPU can run it straight from a host buffer's views
 
     def views(self, buf: torch.Tensor) -> object:
         """Typed views of a packed buffer (numel,), made once per slot."""
@@ -37,6 +36,11 @@ class ExpertFormat(Protocol):
     def weights(self, views: object) -> ExpertFFN:
         """The expert ready to compute (quantized: dequantized into scratch, valid until the
         next call)."""
+        ...
+
+    def host_ffn(self, buf: torch.Tensor) -> ExpertFFN:
+        """The expert in host buffer `buf` computed by the CPU, whatever the device (made
+        once per buffer: it holds views)."""
         ...
 
     def pack(self, parts: Mapping[str, torch.Tensor], out: torch.Tensor) -> None:
@@ -48,8 +52,6 @@ class FloatFormat:
     """[gate | up | down] in the compute dtype, GPT-OSS's as [gate | up | gate and up biases |
     down | down bias]: gate and up read as one stacked (2F, D) matrix, so the up-projection is
     one matmul; it can start once they (and their biases) have landed."""
-
-    host_computable = True
 
     def __init__(
         self,
@@ -81,6 +83,9 @@ class FloatFormat:
     def weights(self, views: object) -> ExpertFFN:
         return views  # type: ignore[return-value]
 
+    def host_ffn(self, buf: torch.Tensor) -> ExpertFFN:
+        return self.views(buf)
+
     def pack(self, parts: Mapping[str, torch.Tensor], out: torch.Tensor) -> None:
         order = ["gate", "up", "down"]
         if self.clamped is not None:
@@ -93,23 +98,28 @@ class FloatFormat:
 
 
 class QuantFormat:
-    """Quantized experts (`quant.py`, `mxfp4.py`): the codec's bytes move; each use computes
-    from the codes (affine on the CPU) or dequantizes into scratch, so neither an early start
-    nor a host computation applies."""
+    """Quantized experts (`quant.py`, `mxfp4.py`): the codec's bytes move, whole (no early
+    start); each use computes from the codes on the CPU, or dequantizes into the device's
+    scratch. The CPU computes a host buffer through a CPU twin of the codec (its own scratch,
+    for products of many rows), so a device's scratch is never shared with the host."""
 
     storage_dtype = torch.uint8
-    host_computable = False
 
     def __init__(self, codec: ExpertCodec) -> None:
         self.codec = codec
         self.numel = codec.nbytes
         self.early_numel = codec.nbytes
+        cpu = torch.device("cpu")
+        self.host_codec = codec if codec.device == cpu else codec.on(cpu)
 
     def views(self, buf: torch.Tensor) -> object:
         return self.codec.views(buf)
 
     def weights(self, views: object) -> ExpertFFN:
         return self.codec.ffn(views)  # type: ignore[arg-type]
+
+    def host_ffn(self, buf: torch.Tensor) -> ExpertFFN:
+        return self.host_codec.ffn(self.host_codec.views(buf))
 
     def pack(self, parts: Mapping[str, torch.Tensor], out: torch.Tensor) -> None:
         self.codec.pack(parts, out)

@@ -6,14 +6,15 @@ compute; the CPU costs its own compute: about bytes / host memory bandwidth at a
 growing with rows × flops / CPU throughput. Both CPU terms are measured once, on the first
 miss considered, by timing the expert FFN on the missing expert's own host buffer at 1 and at
 `CALIBRATION_ROWS` rows. A GPU's compute is taken as free beside a copy (microseconds against
-milliseconds). On a CPU device the "device" is this CPU: the same compute follows either
-choice, so the CPU wins whenever the link has any wait at all.
+milliseconds), and the CPU's queue counts: the experts of the call already given to it (a
+fixed CPU set's, earlier misses) run first. On a CPU device the "device" is this CPU: the
+same compute follows either choice, so the CPU wins whenever the link has any wait at all.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -39,17 +40,20 @@ class MissCost:
         rows: int,
         link_wait_s: float | None,
         weights: Callable[[], ExpertFFN],
+        ahead_rows: Sequence[int] = (),
     ) -> bool:
-        """True when computing `rows` rows on the CPU beats a copy that would finish in
-        `link_wait_s` (None: the link's speed is not known yet, so copy and learn it).
-        `weights` gives the expert's host FFN, for the one-time calibration."""
+        """True when computing `rows` rows on the CPU, after the experts of `ahead_rows` rows
+        already given to it, beats a copy that would finish in `link_wait_s` (None: the
+        link's speed is not known yet, so copy and learn it). `weights` gives the expert's
+        host FFN, for the one-time calibration."""
         if link_wait_s is None:
             return False
         if self.device_is_host:
             return link_wait_s > 0.0
         if self.host_fixed_s is None:
             self.calibrate(weights())
-        return self.host_seconds(rows) < link_wait_s
+        ahead = sum(self.host_seconds(n) for n in ahead_rows)
+        return ahead + self.host_seconds(rows) < link_wait_s
 
     def host_seconds(self, rows: int) -> float:
         if self.host_fixed_s is None:
@@ -58,8 +62,8 @@ class MissCost:
 
     def calibrate(self, ffn: ExpertFFN) -> None:
         """Time the expert FFN on the CPU on these weights."""
-        one = _best_seconds(ffn, 1)
-        many = _best_seconds(ffn, CALIBRATION_ROWS)
+        one = best_seconds(ffn, 1)
+        many = best_seconds(ffn, CALIBRATION_ROWS)
         self.host_fixed_s = one
         self.host_row_s = max(0.0, (many - one) / (CALIBRATION_ROWS - 1))
 
@@ -75,29 +79,43 @@ class MissPlanner:
         self.host_computed = 0  # missing experts run on the CPU instead of loaded
 
     def choose(
-        self, key: ExpertKey, rows: int, load: Future | None, copies_ahead: int = 0
+        self,
+        key: ExpertKey,
+        rows: int,
+        load: Future | None,
+        copies_ahead: int = 0,
+        ahead_rows: Sequence[int] = (),
     ) -> ExpertFFN | None:
         """The expert's host weights when computing it on the CPU beats waiting for its copy
-        (`load` in flight, or a new one queued after `copies_ahead` more); None to copy."""
+        (`load` in flight, or a new one queued after `copies_ahead` more), the CPU having
+        experts of `ahead_rows` rows to compute first; None to copy."""
         weights = self.store.host_weights(key)
         if weights is None:
             return None
         wait = self.transport.eta(load, nbytes=(copies_ahead + 1) * self.store.nbytes)
-        return weights if self.cost.prefer_host(rows, wait, lambda: weights) else None
+        prefer = self.cost.prefer_host(rows, wait, lambda: weights, ahead_rows)
+        return weights if prefer else None
 
     def run(self, x: torch.Tensor, ffn: ExpertFFN) -> torch.Tensor:
         """The expert on the CPU: x (n, D) from the device and back."""
         self.host_computed += 1
-        return ffn(x.to(ffn.w13.device)).to(x.device)
+        return ffn(x.to("cpu")).to(x.device)
 
 
-def _best_seconds(ffn: ExpertFFN, rows: int) -> float:
+def best_seconds(ffn: ExpertFFN, rows: int, repeats: int = CALIBRATION_REPEATS) -> float:
+    """The fastest of `repeats` runs of `ffn` on `rows` random rows, on its weights' device
+    (synchronised on CUDA)."""
     w13 = ffn.w13
     x = torch.randn(rows, w13.shape[1], dtype=w13.dtype, device=w13.device)  # (rows, D)
+    cuda = x.device.type == "cuda"
     best = float("inf")
     with torch.inference_mode():
-        for _ in range(CALIBRATION_REPEATS):
+        for _ in range(repeats):
+            if cuda:
+                torch.cuda.synchronize(x.device)
             start = time.perf_counter()
             ffn(x)
+            if cuda:
+                torch.cuda.synchronize(x.device)
             best = min(best, time.perf_counter() - start)
     return best

@@ -99,10 +99,16 @@ def _succeeded(load: Future) -> bool:
 
 class PrefetchController:
     """The model's `ExpertPrefetcher`: loads for its guesses, scored when their layer runs.
-    `predict_from`: where the model guesses, "attention", "moe" or "both"."""
+    `predict_from`: where the model guesses, "attention", "moe" or "both". `skip`: experts
+    never loaded (a fixed CPU set): left out of every guess."""
 
     def __init__(
-        self, cache: SlotCache, eviction: Eviction, loads: LoadTable, predict_from: str = "both"
+        self,
+        cache: SlotCache,
+        eviction: Eviction,
+        loads: LoadTable,
+        predict_from: str = "both",
+        skip: frozenset[ExpertKey] = frozenset(),
     ) -> None:
         if predict_from not in PREDICT_FROM:
             raise ValueError(f"prefetch_from must be one of {PREDICT_FROM}, got {predict_from!r}")
@@ -110,6 +116,7 @@ class PrefetchController:
         self.eviction = eviction
         self.loads = loads
         self.predict_from = predict_from
+        self.skip = skip
         self.tracker = PrefetchTracker()
 
     def prefetch(self, layer: int, ranked: Sequence[int], at: str) -> None:
@@ -118,6 +125,8 @@ class PrefetchController:
         token's first choice is right 3 times in 4, its second 1 in 2): a wrong load that has
         started cannot be taken back when the later guess corrects it."""
         early = at == "attention" and self.predict_from == "both"
+        if self.skip:
+            ranked = [e for e in ranked if ExpertKey(layer, e) not in self.skip]
         self.fetch(layer, ranked, -(-len(ranked) // 2) if early else None)
 
     def fetch(self, layer: int, ranked: Sequence[int], count: int | None = None) -> None:

@@ -199,6 +199,7 @@ class ExpertCodec:
         clamped: ClampedSwiGLUConfig | None = None,
     ) -> None:
         self.quant, self.clamped, self.dtype, self.device = quant, clamped, dtype, device
+        self.hidden, self.intermediate = hidden, intermediate
         self.layout = _Layout(hidden, intermediate, quant, None if clamped is None else dtype)
         self.nbytes = self.layout.nbytes
         shapes = self.layout.matrices
@@ -208,6 +209,11 @@ class ExpertCodec:
             if quant.scheme == "affine" and quant.bits == 4
             else {}
         )
+
+    def on(self, device: torch.device) -> ExpertCodec:
+        """The same codec computing on `device`, with scratch of its own."""
+        d, f = self.hidden, self.intermediate
+        return ExpertCodec(d, f, self.quant, device, self.dtype, self.clamped)
 
     def views(self, buf: torch.Tensor) -> dict[tuple[str, str], torch.Tensor]:
         """Each part of the expert packed in `buf` (nbytes,) uint8, as a typed view."""

@@ -55,6 +55,8 @@ class ExpertStore:
         self.host_capacity = host_capacity  # None: unbounded; 0: no host tier
         self._host: OrderedDict[ExpertKey, torch.Tensor] = OrderedDict()
         self._pin = device.type == "cuda"
+        # the CPU set's experts (`hold`): read once, kept for the store's life, never evicted
+        self._held: dict[ExpertKey, ExpertFFN] = {}
 
     @property
     def splits(self) -> bool:
@@ -84,6 +86,22 @@ class ExpertStore:
         """Slot `slot` computes from the host buffer itself (a CPU device: no copy)."""
         self._views[slot] = self.format.views(host)
 
+    def hold(self, key: ExpertKey) -> ExpertFFN:
+        """`key`'s expert to compute on the CPU, from a host buffer of its own outside the
+        host tier's LRU: read from disk on first use and kept (unpinned: it never crosses
+        the link). Called from the compute thread only."""
+        ffn = self._held.get(key)
+        if ffn is None:
+            buf = torch.empty(self.numel, dtype=self.storage_dtype)
+            self.format.pack(self.source.expert(key.layer, key.expert), buf)
+            ffn = self._held[key] = self.format.host_ffn(buf)
+        return ffn
+
+    @property
+    def held(self) -> int:
+        """Experts held for the CPU set."""
+        return len(self._held)
+
     def host_buffer(self, key: ExpertKey) -> tuple[torch.Tensor, bool]:
         """`key`'s packed buffer in the host tier, read from disk if it was not there (then
         possibly evicting the least recent); and whether it was there."""
@@ -99,13 +117,11 @@ class ExpertStore:
         return buf, False
 
     def host_weights(self, key: ExpertKey) -> ExpertFFN | None:
-        """`key`'s expert in the host tier when the format computes from there, else None
-        (read from the compute thread while the loader may change the tier: one dict lookup,
-        no reordering)."""
+        """`key`'s expert in the host tier, to compute on the CPU, else None (read from the
+        compute thread while the loader may change the tier: one dict lookup, no
+        reordering)."""
         buf = self._host.get(key)
-        if buf is None or not self.format.host_computable:
-            return None
-        return self.format.weights(self.format.views(buf))
+        return None if buf is None else self.format.host_ffn(buf)
 
     def host_buffers(self) -> list[torch.Tensor]:
         """The host tier's packed buffers, least recent first."""

@@ -93,11 +93,39 @@ def build_model(
     return family.build(ckpt.config, get, present, backend, device, prefetcher)
 
 
+def dense_nbytes(ckpt: Checkpoint, dtype: torch.dtype) -> int:
+    """Device bytes of the checkpoint's dense weights (all but the routed experts) in `dtype`,
+    as `build_model` puts them there (fp8 weights dequantized, their scales left behind)."""
+    return sum(
+        _numel(shape) * dtype.itemsize
+        for name, shape in ckpt.spec.dense.items()
+        if not name.endswith("_scale_inv")
+    )
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """What one token of one row costs the KV cache over every layer in `dtype`: a latent
+    and a rotary key (DeepSeek's latent attention), else keys and values of every KV head
+    (a sliding layer's ring, which holds fewer, counted in full)."""
+    if isinstance(cfg, deepseek.DeepseekConfig):
+        return cfg.num_hidden_layers * deepseek.kv_bytes_per_token(cfg, dtype)
+    return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
 __all__ = [
     "FAMILIES",
     "Family",
     "build_model",
+    "dense_nbytes",
     "family_of",
+    "kv_bytes_per_token",
     "open_checkpoint",
     "parse_config",
     "read_config",
