@@ -79,15 +79,18 @@ def _affine4_gemv(
 ) -> torch.Tensor:
     """x (1, K); packed (N, K / 2) uint8 (column j in byte j's low nibble, column j + K/2 in
     its high one); scales, offsets (N, K / G) -> (1, N). Both nibbles of a byte in one loop,
-    one sum per row, as `_affine8_gemv`."""
+    one sum per row, as `_affine8_gemv`. The nibbles are split in float32 (high = floor(byte /
+    16), low = byte - 16 high, both exact): the vector ISAs have no 8-bit shift, and Inductor
+    emulates one with a dozen shuffles."""
     n, groups = scales.shape
     half = groups // 2
-    codes = packed.view(n, half, -1)  # (N, n/2, G)
+    byte = packed.view(n, half, -1).float()  # (N, n/2, G)
+    high = torch.floor(byte * 0.0625)
+    low = byte - 16 * high
     xg = x.float().view(2, half, -1)  # (2, n/2, G): the row's two halves
     s = scales.float().view(n, 2, half, 1)
-    low = (codes & 15).float() * xg[0] * s[:, 0]
-    high = (codes >> 4).float() * xg[1] * s[:, 1]
-    return ((low + high).sum((1, 2)) + _offset_sums(x, offsets)).to(x.dtype)[None]
+    y = (low * xg[0] * s[:, 0] + high * xg[1] * s[:, 1]).sum((1, 2))
+    return (y + _offset_sums(x, offsets)).to(x.dtype)[None]
 
 
 def _fp4_values(codes: torch.Tensor) -> torch.Tensor:
