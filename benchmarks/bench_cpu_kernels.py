@@ -9,8 +9,9 @@ For w13 (2F, D) = (5632, 1024) of bench_local's model, times x (1, D) @ w^T with
 - this runtime's kernels (`offload_rt/model/cpukernels.py`, compiled by TorchInductor): float32,
   bfloat16, float16, and the affine int8 / int4 format of `experts/quant.py` (group 64);
 - formulations of the int8 / int4 kernels that lost, compiled the same way: a sum per group of
-  64 then the scales (a horizontal reduction per group), int4's nibbles split by an 8-bit
-  vector shift, and the bytes read as int32 words (four codes a word, x permuted to match).
+  64 then the scales (a horizontal reduction per group), int8 dequantized in registers then
+  one dot a row, int4's nibbles split by an 8-bit vector shift or after widening to int32,
+  and int8 bytes read as int32 words (four codes a word, x permuted to match).
 Each candidate cycles over enough copies of its weights (--copies, 448 MB of float32) that they
 stream from DRAM rather than the L3 cache, as a decode step's do; best of --passes passes.
 Prints µs per product, GB/s of weight bytes, and the ratio to eager float32 `F.linear`.
@@ -59,6 +60,23 @@ def shifted4(x, packed, scales, offsets):  # noqa: ANN001, ANN201
     n, groups = scales.shape
     half = groups // 2
     codes = packed.view(n, half, -1)
+    xg, s = x.float().view(2, half, -1), scales.float().view(n, 2, half, 1)
+    y = (codes & 15).float() * xg[0] * s[:, 0] + (codes >> 4).float() * xg[1] * s[:, 1]
+    return (y.sum((1, 2)) + cpukernels._offset_sums(x, offsets))[None]
+
+
+def dequantized8(x, codes, scales, offsets):  # noqa: ANN001, ANN201
+    """int8: each weight dequantized in registers (code · scale + offset), one dot a row."""
+    n, groups = scales.shape
+    w = codes.float().view(n, groups, -1) * scales.float()[..., None] + offsets.float()[..., None]
+    return (w * x.float().view(1, groups, -1)).sum((1, 2))[None]
+
+
+def int32_split4(x, packed, scales, offsets):  # noqa: ANN001, ANN201
+    """int4: one sum a row, the nibbles split after widening the bytes to int32."""
+    n, groups = scales.shape
+    half = groups // 2
+    codes = packed.view(n, half, -1).to(torch.int32)
     xg, s = x.float().view(2, half, -1), scales.float().view(n, 2, half, 1)
     y = (codes & 15).float() * xg[0] * s[:, 0] + (codes >> 4).float() * xg[1] * s[:, 1]
     return (y.sum((1, 2)) + cpukernels._offset_sums(x, offsets))[None]
@@ -133,7 +151,10 @@ def candidates(copies: int) -> list[tuple[str, Callable[..., object], list[tuple
         out.append((f"offload_rt affine int{bits}", cpukernels.affine_gemv, args, nbytes))
         args_4 = [a[:4] for a in args]
         alts = [("a sum per group", per_group8 if bits == 8 else per_group4)]
-        alts += [("nibbles by 8-bit shifts", shifted4)] if bits == 4 else []
+        if bits == 8:
+            alts += [("dequantized in registers, one dot a row", dequantized8)]
+        else:
+            alts += [("nibbles by 8-bit shifts", shifted4), ("nibbles in int32", int32_split4)]
         for label, fn in alts:
             kernel = compiled(fn, args[0][:4])
             out.append((f"int{bits}: {label}", kernel, args_4, nbytes))
