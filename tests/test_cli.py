@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 
 import pytest
 
+from offload_rt.cli.serve import on_a_passing_thread
 from offload_rt.demo import demo_name
 
 
@@ -125,3 +127,12 @@ def test_threads_option_sets_torchs_threads(reference):
     args = build_parser().parse_args(["serve", str(reference[0]), "--threads", "0"])
     with pytest.raises(ValueError, match="--threads must be at least 1"):
         load_model(args, reference[0])
+
+
+def test_serve_loads_on_a_thread_that_ends_with_the_load():
+    """serve loads the model where the OpenMP team of its parallel copies cannot outlive the
+    load (the scheduler's thread then owns the only team: docs/architecture.md, CPU kernels)."""
+    seen: list[threading.Thread] = []
+    got = on_a_passing_thread(lambda: seen.append(threading.current_thread()) or 7)
+    assert got == 7 and seen[0] is not threading.current_thread()
+    assert not seen[0].is_alive()

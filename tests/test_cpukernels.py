@@ -35,7 +35,9 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_float_gemv_equals_the_float64_product(kernels_on_small_shapes, dtype):
+def test_float_gemv_equals_the_float64_product(kernels_on_small_shapes, monkeypatch, dtype):
+    monkeypatch.setattr(cpukernels, "_eager_as_fast", lambda dtype: False)  # the kernel itself
+    torch.manual_seed(0)
     w = (torch.randn(96, 512) / 16).to(dtype)
     x = torch.randn(1, 512).to(dtype)
     got = cpukernels.gemv(x, w)
@@ -114,6 +116,16 @@ def test_a_packed_expert_computes_from_its_codes_as_the_dequantized_one(
     one, many = torch.randn(1, d), torch.randn(5, d)
     assert relative_error(ffn(one), reference(one)) <= 1e-5
     assert relative_error(ffn(many), reference(many)) <= 1e-5  # more rows: the scratch path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dtypes_whose_eager_kernel_is_as_fast_keep_it(kernels_on_small_shapes, dtype):
+    torch.manual_seed(0)
+    w, x = (torch.randn(96, 512) / 16).to(dtype), torch.randn(1, 512).to(dtype)
+    eager = dtype in cpukernels.EAGER_AS_FAST.get(torch.backends.cpu.get_cpu_capability(), ())
+    assert (cpukernels.gemv(x, w) is None) == eager
+    if eager:
+        assert torch.equal(linear(x, w), F.linear(x, w))
 
 
 def test_kernels_off_leaves_torchs_own_products(monkeypatch):

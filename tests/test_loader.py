@@ -104,3 +104,22 @@ def test_miss_cost_behind_a_gpu_link_compares_measured_cpu_time_with_the_copy():
     assert scripted.host_seconds(5) == pytest.approx(0.006)
     assert scripted.prefer_host(1, 0.003, lambda: SwiGLU(w13, w2))
     assert not scripted.prefer_host(5, 0.003, lambda: SwiGLU(w13, w2))  # more rows: copy wins
+
+
+def test_worker_runs_on_one_openmp_thread_and_leaves_the_others_theirs():
+    """The worker's torch ops must not start a second OpenMP team (see loader.py); the thread
+    that made the loader, and threads started after it, keep the process's thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        loader = LinkLoader(bytes_per_s=None)
+        seen: list[int] = []
+        loader.submit(lambda: seen.append(torch.get_num_threads()), MB, urgent=True).result(10)
+        later: list[int] = []
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join(10)
+        loader.close()
+        assert seen == [1] and later == [2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from offload_rt.model import ExpertKey, RouterSpec, route
-from offload_rt.model.moe import group_by_expert, moe_block
+from offload_rt.model.moe import _logits, group_by_expert, moe_block
 
 PACKAGE = Path(__file__).resolve().parent.parent / "offload_rt"
 
@@ -180,6 +181,23 @@ def _imports(path: Path) -> set[str]:
             names = [a.name for a in node.names]
         found |= {n.split(".")[1] for n in names if n.startswith("offload_rt.")}
     return found
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_router_logits_are_the_float_products_rounded_once(dtype):
+    """route's 16-bit logits on the CPU: float32 sums rounded once to the dtype, so within
+    half an ulp (plus float32 rounding) of the float64 product; the experts are the ones
+    torch's own 16-bit product picks."""
+    torch.manual_seed(0)
+    x, router = torch.randn(5, 256).to(dtype), (torch.randn(8, 256) / 16).to(dtype)
+    want = x.double() @ router.double().t()
+    logits = _logits(x, router, None)
+    half_ulp = 2.0 ** -(8 if dtype == torch.bfloat16 else 11)
+    assert logits.dtype == dtype
+    assert ((logits.double() - want).abs() <= half_ulp * want.abs() + 1e-6).all()
+    _, experts = route(x, router, RouterSpec(top_k=2))
+    eager = torch.softmax(F.linear(x, router).float(), dim=-1)
+    assert torch.equal(experts, torch.topk(eager, 2, dim=-1).indices)
 
 
 def test_imports_follow_the_layers():

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from offload_rt.cli.options import (
     add_model_argument,
@@ -16,6 +19,18 @@ from offload_rt.cli.options import (
 )
 
 API_KEY_ENV = "OFFLOAD_RT_API_KEY"  # read here, at the edge: keeps the key out of `ps`
+
+T = TypeVar("T")
+
+
+def on_a_passing_thread(fn: Callable[[], T]) -> T:
+    """fn() on a thread that ends with it. Loading runs parallel torch ops, and the OpenMP team
+    of threads they start lives as long as the thread that started them; the scheduler's thread
+    decodes with a team of its own, and two teams on the same cores throttle each other's
+    barriers (an int8 decode step 13.5 -> 24.7 ms on 2 cores; docs/architecture.md, CPU
+    kernels). With this the scheduler's team is the only one."""
+    with ThreadPoolExecutor(1, thread_name_prefix="offload-rt-load") as pool:
+        return pool.submit(fn).result()
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -56,8 +71,9 @@ def run(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name or hub_repo(args.model_dir),
         scheduler=scheduler,
     )
-    with load_model(args, model_folder(args.model_dir)) as model:
-        app = build_app(model, config)
+    folder = model_folder(args.model_dir)
+    with on_a_passing_thread(lambda: load_model(args, folder)) as model:
+        app = on_a_passing_thread(lambda: build_app(model, config))
         auth = "bearer token required" if config.api_key else "no API key"
         placement = placement_text(model.placement)
         if placement is not None:

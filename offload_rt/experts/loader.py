@@ -5,6 +5,11 @@ for (demand) always start before speculative ones (prefetch); a queued prefetch 
 promoted when its layer comes to need it, or cancelled when a newer prediction drops it. The
 loader also estimates when a load would finish, from the link's bandwidth (known for a
 simulated link, measured from finished loads otherwise), for the compute-on-a-miss decision.
+
+The worker runs its torch ops (reads from disk, copies) on one OpenMP thread. A second thread
+that runs a parallel op keeps a second OpenMP team for the rest of the process, and with more
+OpenMP threads than cores libgomp stops spinning at its barriers: every parallel region of the
+compute thread then waits for its workers to wake, which made batch-1 CPU decode 1.5-2x slower.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+
+import torch
 
 EMA_WEIGHT = 0.2  # weight of the newest load in the measured bandwidth: a few loads settle it
 
@@ -37,8 +44,12 @@ class LinkLoader:
         self._jobs: dict[Future, _Job] = {}
         self._cv = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._work, args=(started,), name=name, daemon=True)
+        threads = torch.get_num_threads()
         self._thread.start()
+        started.wait()
+        torch.set_num_threads(threads)  # also the default of threads started later: give it back
 
     def submit(self, run: Callable[[], None], nbytes: int, urgent: bool) -> Future:
         """Queue a load of `nbytes`; urgent (a layer waits for it) goes before every prefetch."""
@@ -117,7 +128,10 @@ class LinkLoader:
                     return job
                 self._jobs.pop(job.future, None)  # cancelled while queued
 
-    def _work(self) -> None:
+    def _work(self, started: threading.Event) -> None:
+        torch.get_num_threads()  # torch's lazy per-thread setup first, or it would undo this
+        torch.set_num_threads(1)  # this thread's OpenMP threads (see the module's docstring)
+        started.set()
         while (job := self._next()) is not None:
             try:
                 job.run()
