@@ -33,6 +33,10 @@ def on_a_passing_thread(fn: Callable[[], T]) -> T:
         return pool.submit(fn).result()
 
 
+def _here(fn: Callable[[], T]) -> T:
+    return fn()
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a checkpoint over HTTP (OpenAI API + msgpack)")
     add_model_argument(p)
@@ -72,8 +76,11 @@ def run(args: argparse.Namespace) -> int:
         scheduler=scheduler,
     )
     folder = model_folder(args.model_dir)
-    with on_a_passing_thread(lambda: load_model(args, folder)) as model:
-        app = on_a_passing_thread(lambda: build_app(model, config))
+    # Ray's driver is set up on the main thread (its signal handling: Ctrl-C removes the actors
+    # and ends with status 0); its experts run in the actors' processes
+    loading = on_a_passing_thread if args.backend == "local" else _here
+    with loading(lambda: load_model(args, folder)) as model:
+        app = loading(lambda: build_app(model, config))
         auth = "bearer token required" if config.api_key else "no API key"
         placement = placement_text(model.placement)
         if placement is not None:
