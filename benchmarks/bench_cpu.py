@@ -39,6 +39,7 @@ from pathlib import Path
 import bench_local
 import bench_quant
 import torch
+from bench_families import cpu_model
 
 import offload_rt
 from offload_rt import OffloadModel
@@ -187,19 +188,12 @@ def load_ours(pair: Pair, folder: Path, opts: Options) -> OffloadModel:
     return model
 
 
-def cpu_name() -> str:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
 def main() -> None:
     opts = parse_options()
     torch.set_num_threads(opts.threads)
     folder = bench_local.checkpoint(opts.workdir, bench_local.MODEL["num_hidden_layers"])
     files = gguf_files(folder, opts)
-    print(f"CPU: {cpu_name()}, {opts.threads} threads, torch {torch.__version__}", flush=True)
+    print(f"CPU: {cpu_model()}, {opts.threads} threads, torch {torch.__version__}", flush=True)
     models = {p.ours: load_ours(p, folder, opts) for p in opts.pairs}
     got: dict[str, dict[str, list[float]]] = {p.ours: {} for p in opts.pairs}
     for r in range(opts.rounds):

@@ -31,18 +31,16 @@ import argparse
 import datetime
 import os
 import statistics
-import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from bench_local import MODEL, PROMPT_LEN, checkpoint, make_prompts
+from bench_families import cpu_model
+from bench_local import MODEL, checkpoint, make_prompts
+from bench_offload import Run, decode
 from transformers.utils import logging as hf_logging
 
 import offload_rt
-from offload_rt import OffloadModel
-from offload_rt.engine import BatchDecoder
 from offload_rt.engine.hybrid import ACTIVATION_BYTES, GIB, RESERVE_TOKENS
 from offload_rt.experts.formats import expert_nbytes
 from offload_rt.models import dense_nbytes, kv_bytes_per_token, open_checkpoint
@@ -58,13 +56,6 @@ class Options:
     repeats: int
     device: torch.device
     link_gbps: float | None  # None: the device's real link
-
-
-@dataclass(frozen=True)
-class Run:
-    tokens: list[int]
-    seconds: float
-    gained: dict[str, float]  # counters gained during the timed steps
 
 
 def parse_options() -> Options:
@@ -114,28 +105,6 @@ def placements(folder: Path, opts: Options) -> dict[str, dict | None]:
     }
 
 
-def decode(model: OffloadModel, prompt: list[int], steps: int) -> Run:
-    decoder = BatchDecoder(model.model, [prompt], PROMPT_LEN + steps)
-    logits = decoder.prefill()
-    before = model.stats()
-    tokens: list[int] = []
-    _sync(model.device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        tokens.append(int(logits.argmax(-1)))
-        logits = decoder.step([tokens[-1]], [True])
-    _sync(model.device)
-    seconds = time.perf_counter() - start
-    after = model.stats()
-    gained = {k: after[k] - before.get(k, 0) for k in COUNTERS if k in after}
-    return Run(tokens, seconds, gained)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(folder: Path, opts: Options) -> tuple[dict[str, list[Run]], dict[str, dict]]:
     """Runs per placement, and each placement's plan text and predictions (last round)."""
     configs = placements(folder, opts)
@@ -143,13 +112,13 @@ def measure(folder: Path, opts: Options) -> tuple[dict[str, list[Run]], dict[str
     runs: dict[str, list[Run]] = {name: [] for name in configs}
     plans: dict[str, dict] = {}
     with offload_rt.load(folder, device=opts.device) as model:  # compiles the CPU kernels
-        decode(model, prompt, 4)
+        decode(model, prompt, 4, COUNTERS)
     for repeat in range(opts.repeats):
         for name, config in configs.items():
             options = config or {}
             with offload_rt.load(folder, device=opts.device, **options) as model:
                 model.warm()
-                runs[name].append(decode(model, prompt, opts.steps))
+                runs[name].append(decode(model, prompt, opts.steps, COUNTERS))
                 placement = model.placement
                 if placement is not None and placement.plan is not None:
                     plans[name] = {
@@ -213,15 +182,6 @@ def check_tokens(runs: dict[str, list[Run]]) -> None:
     print("greedy tokens of every placement " + (f"DIFFER: {differ}" if differ else "identical"))
 
 
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (no lscpu)"
-    names = [ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")]
-    return names[0] if names else "unknown"
-
-
 def main() -> None:
     opts = parse_options()
     hf_logging.disable_progress_bar()
@@ -234,7 +194,7 @@ def main() -> None:
     )
     link = f"simulated {opts.link_gbps} GB/s" if opts.link_gbps else "the real link"
     print(
-        f"{now}; {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"{now}; {cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"device {device}; link {link}; {opts.layers} layers; {opts.steps} decode steps, "
         f"{opts.repeats} rounds; load average {os.getloadavg()[0]:.2f} at the start"
     )

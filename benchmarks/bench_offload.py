@@ -96,7 +96,14 @@ CONFIGS: dict[str, dict | None] = {  # load options of the capped model; None: r
 }
 
 
-def decode(model: OffloadModel, prompt: list[int], steps: int) -> Run:
+COUNTERS = ("hits", "misses", "bytes_loaded", "load_wait_seconds", "host_computed")
+
+
+def decode(
+    model: OffloadModel, prompt: list[int], steps: int, counters: tuple[str, ...] = COUNTERS
+) -> Run:
+    """`steps` greedy decode steps at batch 1 after `prompt`, timed; the `counters` of
+    `model.stats()` they gained, and the prefetch ratios when prefetch is on."""
     decoder = BatchDecoder(model.model, [prompt], PROMPT_LEN + steps)
     logits = decoder.prefill()
     prefetcher = model.backend.prefetcher
@@ -111,8 +118,7 @@ def decode(model: OffloadModel, prompt: list[int], steps: int) -> Run:
     _sync(model.device)
     seconds = time.perf_counter() - start
     after = model.stats()
-    counters = ("hits", "misses", "bytes_loaded", "load_wait_seconds", "host_computed")
-    gained = {k: after[k] - before[k] for k in counters if k in after}
+    gained = {k: after[k] - before.get(k, 0) for k in counters if k in after}
     prefetch = {}
     if tracker is not None:
         now = asdict(tracker.stats)

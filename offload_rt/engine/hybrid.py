@@ -20,8 +20,8 @@ from offload_rt.checkpoint import Checkpoint
 from offload_rt.engine.loader import resolve_capacity
 from offload_rt.experts.formats import expert_format, expert_nbytes
 from offload_rt.experts.hybrid import HybridCosts, HybridPlan, Routing, plan_hybrid
+from offload_rt.experts.misscost import cycle_seconds
 from offload_rt.grid import ExpertGrid, ExpertKey
-from offload_rt.model.ffn import ExpertFFN
 from offload_rt.models import dense_nbytes, kv_bytes_per_token
 
 GIB = 2**30
@@ -90,36 +90,15 @@ def measure_costs(
     hosts = [torch.empty(fmt.numel, dtype=fmt.storage_dtype) for _ in keys]
     for key, buf in zip(keys, hosts):
         fmt.pack(ckpt.expert(key.layer, key.expert), buf)
-    cpu_s = cycle_seconds([fmt.host_ffn(buf) for buf in hosts])
+    cpu_s = cycle_seconds([fmt.host_ffn(buf) for buf in hosts], repeats=COST_REPEATS)
     if device.type == "cpu":
         if link_bytes_per_s is None:
             raise ValueError("a hybrid placement on a CPU device needs a simulated link_gbps")
         return HybridCosts(nbytes, cpu_s, link_bytes_per_s, cpu_s, device_is_host=True)
     slots = [buf.to(device) for buf in hosts]
-    device_s = cycle_seconds([fmt.weights(fmt.views(slot)) for slot in slots])
+    device_s = cycle_seconds([fmt.weights(fmt.views(slot)) for slot in slots], repeats=COST_REPEATS)
     link = link_bytes_per_s or _copy_rate(hosts[0], slots[0])
     return HybridCosts(nbytes, cpu_s, link, device_s, device_is_host=False)
-
-
-def cycle_seconds(ffns: list[ExpertFFN], repeats: int = COST_REPEATS) -> float:
-    """Seconds per expert of `ffns` run in turn on one random row, best of `repeats` passes
-    (the first also compiles and warms); synchronised on CUDA. The experts' FFNs may share
-    scratch (quantized ones): each is run before the next is asked for."""
-    w13 = ffns[0].w13
-    x = torch.randn(1, w13.shape[1], dtype=w13.dtype, device=w13.device)  # (1, D)
-    cuda = x.device.type == "cuda"
-    best = float("inf")
-    with torch.inference_mode():
-        for _ in range(repeats):
-            if cuda:
-                torch.cuda.synchronize(x.device)
-            start = time.perf_counter()
-            for ffn in ffns:
-                ffn(x)
-            if cuda:
-                torch.cuda.synchronize(x.device)
-            best = min(best, (time.perf_counter() - start) / len(ffns))
-    return best
 
 
 def _copy_rate(host: torch.Tensor, slot: torch.Tensor) -> float:

@@ -62,8 +62,8 @@ class MissCost:
 
     def calibrate(self, ffn: ExpertFFN) -> None:
         """Time the expert FFN on the CPU on these weights."""
-        one = best_seconds(ffn, 1)
-        many = best_seconds(ffn, CALIBRATION_ROWS)
+        one = cycle_seconds([ffn], 1)
+        many = cycle_seconds([ffn], CALIBRATION_ROWS)
         self.host_fixed_s = one
         self.host_row_s = max(0.0, (many - one) / (CALIBRATION_ROWS - 1))
 
@@ -102,10 +102,13 @@ class MissPlanner:
         return ffn(x.to("cpu")).to(x.device)
 
 
-def best_seconds(ffn: ExpertFFN, rows: int, repeats: int = CALIBRATION_REPEATS) -> float:
-    """The fastest of `repeats` runs of `ffn` on `rows` random rows, on its weights' device
-    (synchronised on CUDA)."""
-    w13 = ffn.w13
+def cycle_seconds(
+    ffns: list[ExpertFFN], rows: int = 1, repeats: int = CALIBRATION_REPEATS
+) -> float:
+    """Seconds per expert of `ffns` run in turn on `rows` random rows, on their weights'
+    device, best of `repeats` passes (the first also compiles and warms; synchronised on
+    CUDA). The experts' FFNs may share scratch (quantized ones): each runs before the next."""
+    w13 = ffns[0].w13
     x = torch.randn(rows, w13.shape[1], dtype=w13.dtype, device=w13.device)  # (rows, D)
     cuda = x.device.type == "cuda"
     best = float("inf")
@@ -114,8 +117,9 @@ def best_seconds(ffn: ExpertFFN, rows: int, repeats: int = CALIBRATION_REPEATS) 
             if cuda:
                 torch.cuda.synchronize(x.device)
             start = time.perf_counter()
-            ffn(x)
+            for ffn in ffns:
+                ffn(x)
             if cuda:
                 torch.cuda.synchronize(x.device)
-            best = min(best, time.perf_counter() - start)
+            best = min(best, (time.perf_counter() - start) / len(ffns))
     return best
