@@ -36,16 +36,17 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_float_gemv_equals_the_float64_product(kernels_on_small_shapes, monkeypatch, dtype):
+    gen = torch.Generator().manual_seed(0)
     monkeypatch.setattr(cpukernels, "_eager_as_fast", lambda dtype: False)  # the kernel itself
     torch.manual_seed(0)
-    w = (torch.randn(96, 512) / 16).to(dtype)
-    x = torch.randn(1, 512).to(dtype)
+    w = (torch.randn(96, 512, generator=gen) / 16).to(dtype)
+    x = torch.randn(1, 512, generator=gen).to(dtype)
     got = cpukernels.gemv(x, w)
     assert got is not None and got.dtype == dtype and got.shape == (1, 96)
     want = F.linear(x.double(), w.double())
     assert relative_error(got, want) <= TOLERANCE[dtype]
     # the same call through `linear`, with a bias and a (1, 1, K) input as attention sends
-    b = torch.randn(96).to(dtype)
+    b = torch.randn(96, generator=gen).to(dtype)
     through = linear(x.view(1, 1, 512), w, b)
     assert through.shape == (1, 1, 96) and torch.equal(through[0], got + b)
 
@@ -53,9 +54,10 @@ def test_float_gemv_equals_the_float64_product(kernels_on_small_shapes, monkeypa
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_affine_gemv_equals_dequantize_then_multiply(kernels_on_small_shapes, bits, dtype):
+    gen = torch.Generator().manual_seed(0)
     quant = QuantConfig(bits, 64)
-    q = quantize(torch.randn(80, 512) / 16, quant)
-    x = torch.randn(1, 512).to(dtype)
+    q = quantize(torch.randn(80, 512, generator=gen) / 16, quant)
+    x = torch.randn(1, 512, generator=gen).to(dtype)
     got = cpukernels.affine_gemv(x, q.qweight, q.scales, q.offsets, bits)
     assert got is not None and got.dtype == dtype
     want = F.linear(x.double(), dequantize(q, quant, torch.float64))
@@ -64,9 +66,10 @@ def test_affine_gemv_equals_dequantize_then_multiply(kernels_on_small_shapes, bi
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mxfp4_gemv_equals_dequantize_then_multiply(kernels_on_small_shapes, dtype):
-    blocks, scales = quantize_mxfp4(torch.randn(80, 512) / 16)
+    gen = torch.Generator().manual_seed(0)
+    blocks, scales = quantize_mxfp4(torch.randn(80, 512, generator=gen) / 16)
     scales[0, 0], blocks[1, 2] = 0, 0x8F  # 2^-127 (subnormal in float32); -0 beside -6
-    x = torch.randn(1, 512).to(dtype)
+    x = torch.randn(1, 512, generator=gen).to(dtype)
     got = cpukernels.mxfp4_gemv(x, blocks, scales)
     assert got is not None and got.dtype == dtype
     want = F.linear(x.double(), dequantize_mxfp4_new(blocks, scales, torch.float32).double())
@@ -74,9 +77,11 @@ def test_mxfp4_gemv_equals_dequantize_then_multiply(kernels_on_small_shapes, dty
 
 
 def test_fp8_gemv_equals_dequantize_then_multiply(kernels_on_small_shapes):
-    w = (torch.randn(64, 256) * 40).to(torch.float8_e4m3fn)
-    scale_inv = torch.rand(64 // 16, 256 // 128) + 0.5  # blocks of 16 rows and 128 columns
-    x = torch.randn(1, 256)
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(64, 256, generator=gen) * 40).to(torch.float8_e4m3fn)
+    # blocks of 16 rows and 128 columns
+    scale_inv = torch.rand(64 // 16, 256 // 128, generator=gen) + 0.5
+    x = torch.randn(1, 256, generator=gen)
     got = cpukernels.fp8_gemv(x, w, scale_inv)
     assert got is not None
     dense = w.double() * scale_inv.double().repeat_interleave(16, 0).repeat_interleave(128, 1)
@@ -84,9 +89,11 @@ def test_fp8_gemv_equals_dequantize_then_multiply(kernels_on_small_shapes):
 
 
 def test_an_odd_number_of_int4_groups_is_left_to_the_eager_path(kernels_on_small_shapes):
+    gen = torch.Generator().manual_seed(0)
     quant = QuantConfig(4, 32)
-    q = quantize(torch.randn(16, 96) / 16, quant)  # 3 groups: one would span both nibbles
-    x = torch.randn(1, 96)
+    # 3 groups: one would span both nibbles
+    q = quantize(torch.randn(16, 96, generator=gen) / 16, quant)
+    x = torch.randn(1, 96, generator=gen)
     assert cpukernels.affine_gemv(x, q.qweight, q.scales, q.offsets, 4) is None
 
 
@@ -94,12 +101,13 @@ def test_an_odd_number_of_int4_groups_is_left_to_the_eager_path(kernels_on_small
 def test_a_packed_expert_computes_from_its_codes_as_the_dequantized_one(
     kernels_on_small_shapes, bits
 ):
+    gen = torch.Generator().manual_seed(0)
     d, f = 128, 192
     quant = QuantConfig(bits, 32)
     codec = ExpertCodec(d, f, quant, torch.device("cpu"), torch.float32)
     parts = {}
     for name, shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f))):
-        q = quantize(torch.randn(shape) / 16, quant)
+        q = quantize(torch.randn(shape, generator=gen) / 16, quant)
         parts |= {f"{name}.qweight": q.qweight, f"{name}.scales": q.scales}
         parts[f"{name}.offsets"] = q.offsets
     buf = torch.empty(codec.nbytes, dtype=torch.uint8)
@@ -113,15 +121,16 @@ def test_a_packed_expert_computes_from_its_codes_as_the_dequantized_one(
         gate, up = F.linear(x.double(), w13).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, w2)
 
-    one, many = torch.randn(1, d), torch.randn(5, d)
+    one, many = torch.randn(1, d, generator=gen), torch.randn(5, d, generator=gen)
     assert relative_error(ffn(one), reference(one)) <= 1e-5
     assert relative_error(ffn(many), reference(many)) <= 1e-5  # more rows: the scratch path
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_dtypes_whose_eager_kernel_is_as_fast_keep_it(kernels_on_small_shapes, dtype):
-    torch.manual_seed(0)
-    w, x = (torch.randn(96, 512) / 16).to(dtype), torch.randn(1, 512).to(dtype)
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(96, 512, generator=gen) / 16).to(dtype)
+    x = torch.randn(1, 512, generator=gen).to(dtype)
     eager = dtype in cpukernels.EAGER_AS_FAST.get(torch.backends.cpu.get_cpu_capability(), ())
     assert (cpukernels.gemv(x, w) is None) == eager
     if eager:
@@ -129,16 +138,18 @@ def test_dtypes_whose_eager_kernel_is_as_fast_keep_it(kernels_on_small_shapes, d
 
 
 def test_kernels_off_leaves_torchs_own_products(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
     monkeypatch.setattr(cpukernels, "MIN_NUMEL", 0)
     monkeypatch.setenv(cpukernels.ENV, "0")
-    w, x = torch.randn(96, 512), torch.randn(1, 512)
+    w, x = torch.randn(96, 512, generator=gen), torch.randn(1, 512, generator=gen)
     assert cpukernels.gemv(x, w) is None
     assert torch.equal(linear(x, w), F.linear(x, w))
 
 
 def test_small_products_keep_torchs_kernels(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
     monkeypatch.delenv(cpukernels.ENV, raising=False)
-    w, x = torch.randn(96, 512), torch.randn(1, 512)
+    w, x = torch.randn(96, 512, generator=gen), torch.randn(1, 512, generator=gen)
     assert w.numel() < cpukernels.MIN_NUMEL
     assert cpukernels.gemv(x, w) is None
 
@@ -152,7 +163,8 @@ from offload_rt.experts.quant import dequantize, quantize
 from offload_rt.model import cpukernels
 cpukernels.MIN_NUMEL = 0
 torch.manual_seed(0)
-w, x = torch.randn(64, 256) / 16, torch.randn(1, 256)
+gen = torch.Generator().manual_seed(0)
+w, x = torch.randn(64, 256, generator=gen) / 16, torch.randn(1, 256, generator=gen)
 q = quantize(w, QuantConfig(4, 32))
 got = [cpukernels.gemv(x, w), cpukernels.affine_gemv(x, q.qweight, q.scales, q.offsets, 4)]
 want = [F.linear(x.double(), w.double()),

@@ -57,7 +57,7 @@ def test_the_mask_keeps_only_the_allowed_tokens(demo):
     assert torch.isneginf(scores).sum() == scores.numel() - 1
     # everything else already -inf (min_tokens' mask on the only stop): the grammar's tokens
     # by the raw logits
-    raw = torch.randn(demo.config.vocab_size)
+    raw = torch.randn(demo.config.vocab_size, generator=torch.Generator().manual_seed(0))
     scores = torch.full_like(raw, float("-inf"))
     row.mask(scores, raw)
     assert scores[allowed] == raw[allowed] and torch.isneginf(scores).sum() == raw.numel() - 1
