@@ -188,8 +188,9 @@ def test_16_bit_router_logits_are_the_float_products_rounded_once(dtype):
     """route's 16-bit logits on the CPU: float32 sums rounded once to the dtype, so within
     half an ulp (plus float32 rounding) of the float64 product; the experts are the ones
     torch's own 16-bit product picks."""
-    torch.manual_seed(0)
-    x, router = torch.randn(5, 256).to(dtype), (torch.randn(8, 256) / 16).to(dtype)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 256, generator=gen).to(dtype)
+    router = (torch.randn(8, 256, generator=gen) / 16).to(dtype)
     want = x.double() @ router.double().t()
     logits = _logits(x, router, None)
     half_ulp = 2.0 ** -(8 if dtype == torch.bfloat16 else 11)
