@@ -191,7 +191,6 @@ class LayerCall:
         self.coming: list[ExpertKey] = []
         # computed on the CPU: the CPU set's experts, then misses the planner sends there
         self.host: dict[ExpertKey, ExpertFFN] = {k: backend.store.hold(k) for k in cpu}
-        self.cpu_set = len(cpu)
         self.pending: list[ExpertKey] = []  # to load, not yet given a slot, in order
         for key in keys:
             if self.eviction.lookup(key) is not None:
@@ -216,8 +215,8 @@ class LayerCall:
         for key in self.ready:
             out[key] = self.runner.resident(key, groups[key])
             self.done(key)
-        for i, (key, weights) in enumerate(self.host.items()):
-            out[key] = self._on_host(key, host_x[key], weights, counted=i < self.cpu_set)
+        for key, weights in self.host.items():
+            out[key] = self._on_host(key, host_x[key], weights)
         for key in self.coming:
             # on the CPU or not, the load goes on: the expert lands in its slot
             out[key] = self._run(key, self._host_choice(key, loads.future(key)))
@@ -240,12 +239,10 @@ class LayerCall:
         ahead = [self.groups[k].shape[0] for k in self.host]
         return self.planner.choose(key, rows, load, copies_ahead, ahead)
 
-    def _on_host(
-        self, key: ExpertKey, x: torch.Tensor, weights: ExpertFFN, counted: bool
-    ) -> torch.Tensor:
+    def _on_host(self, key: ExpertKey, x: torch.Tensor, weights: ExpertFFN) -> torch.Tensor:
         """An expert on the CPU: x (n, D) already in host memory, the output back on the
         device. A CPU set expert is counted here, a miss by the planner."""
-        if counted:
+        if key in self.backend.cpu_set:
             self.backend.cpu_computed += 1
             y = weights(x)
         else:
@@ -260,7 +257,7 @@ class LayerCall:
             out = self.runner.arriving(key, x)
             self.done(key)
             return out
-        return self._on_host(key, x.to("cpu"), host, counted=False)
+        return self._on_host(key, x.to("cpu"), host)
 
     def start_loads(self) -> None:
         while self.pending:
