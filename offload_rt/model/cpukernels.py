@@ -135,28 +135,33 @@ class _Compiled:
     def enabled(self) -> bool:
         return self.failed is None and os.environ.get(ENV, "1") != "0"
 
-    def get(self, fn: Callable[..., torch.Tensor], args: tuple[torch.Tensor, ...]) -> Kernel | None:
-        key = (fn.__name__, torch.get_num_threads()) + tuple((a.shape, a.dtype) for a in args)
+    def get(
+        self, fn: Callable[..., object], args: tuple[torch.Tensor, ...], static: tuple = ()
+    ) -> Kernel | None:
+        """fn(*static, *args) compiled for args' shapes and dtypes (static: hashable
+        settings that shape the computation, fixed in the compiled code)."""
+        shapes = tuple((a.shape, a.dtype) for a in args)
+        key = (fn.__name__, torch.get_num_threads(), static) + shapes
         kernel = self.kernels.get(key)
         if kernel is not None:
             return kernel
         with self._lock:
             if key not in self.kernels and self.failed is None:
                 try:
-                    self.kernels[key] = _compile(fn, args)
+                    self.kernels[key] = _compile(functools.partial(fn, *static), args)
                 except Exception as e:  # no compiler, or Inductor could not build it
                     self.failed = f"{type(e).__name__}: {e}"
                     log.warning("CPU kernels off, eager kernels instead: %s", self.failed)
         return self.kernels.get(key)
 
 
-def _compile(fn: Callable[..., torch.Tensor], args: tuple[torch.Tensor, ...]) -> Kernel:
+def _compile(fn: Callable[..., object], args: tuple[torch.Tensor, ...]) -> Kernel:
     from torch._inductor import compile as inductor_compile
     from torch._inductor import config as inductor_config
     from torch.fx.experimental.proxy_tensor import make_fx
 
     # multiply-adds fused (one rounding fewer): 5-8% faster int8/int4 kernels
-    fma = {"cpp.enable_floating_point_contract_flag": "fast"}
+    fma = {"cpp.enable_floating_point_contract_flag": "fast", "emulate_precision_casts": True}
     with torch.inference_mode(False), inductor_config.patch(fma):
         examples = [torch.zeros(a.shape, dtype=a.dtype) for a in args]
         graph = make_fx(fn)(*examples)

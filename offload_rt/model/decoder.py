@@ -18,13 +18,15 @@ import torch
 import torch.nn.functional as F
 
 from offload_rt.config import ModelConfig
-from offload_rt.grid import ExpertGrid
+from offload_rt.grid import ExpertGrid, ExpertKey
+from offload_rt.model import onerow
 from offload_rt.model.ffn import SwiGLU
-from offload_rt.model.kvcache import KVCache, attention_mask
+from offload_rt.model.kvcache import KVCache, RingStep, attention_mask
 from offload_rt.model.layers import (
     AttentionSpec,
     AttentionWeights,
     RopeTables,
+    attend,
     attention,
     linear,
     rms_norm,
@@ -198,6 +200,12 @@ class MoEDecoder:
         ring = None
         if cache.ring_pos is not None:
             ring = cache.ring_step(positions, None if live is None else token_mask)
+        if live is None and isinstance(self.spec.attention, AttentionSpec):
+            if onerow.applies(h, c.hidden_size):
+                out = self._one_row(h, positions, cache, kv_len, mask, start, ring, rope)
+                if ring is not None:
+                    cache.ring_advance(ring, positions)
+                return out
         attend = mla_attention if isinstance(self.spec.attention, MLASpec) else attention
         for i, lw in enumerate(self.weights.layers):
             a = rms_norm(h, lw.input_norm, c.rms_norm_eps)
@@ -226,6 +234,57 @@ class MoEDecoder:
         if ring is not None:
             cache.ring_advance(ring, positions)
         return rms_norm(h, self.weights.norm, c.rms_norm_eps)
+
+    def _one_row(
+        self,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        kv_len: int,
+        mask: torch.Tensor | None,
+        start: int | None,
+        ring: RingStep | None,
+        rope: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """`forward` for one token of one sequence on the CPU: the same math with the work
+        between the matrix products compiled (`model/onerow.py`). h: the embedded token (1, 1,
+        D); grouped-query attention only."""
+        c, spec = self.config, self.spec.attention
+        assert isinstance(spec, AttentionSpec)
+        eps = c.rms_norm_eps
+        moe_out: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None] | None = None
+        for i, lw in enumerate(self.weights.layers):
+            w = lw.attn
+            assert isinstance(w, AttentionWeights)
+            h, a = onerow.enter(h, lw.input_norm, eps, moe_out)
+            moe_out = None
+            q, k, v = onerow.heads(linear(a, w.wqkv), w, spec, rope)
+            heads = attend(q, k, v, w.sinks, positions, cache, i, kv_len, mask, start, ring)
+            o = linear(heads, w.wo)
+            upcoming = self.grid.next_layer(i)
+            mlp = lw.mlp
+            if isinstance(mlp, DenseMLP):
+                h = h + (o if w.bo is None else o + w.bo)
+                m = rms_norm(h, lw.post_attn_norm, eps).reshape(-1, c.hidden_size)
+                h = h + mlp(m).view_as(h)
+                continue
+            h, m, weights, experts = onerow.leave(
+                h, o, w.bo, lw.post_attn_norm, eps, mlp.router, self.spec.router,
+                mlp.router_bias, mlp.correction,
+            )  # fmt: skip
+            self._predict(h, upcoming, None, "attention")
+            outputs = self.backend.run({ExpertKey(i, e): m for e in experts})
+            shared = None
+            if mlp.shared is not None:
+                shared = mlp.shared(m)
+                if mlp.shared_gate is not None:
+                    shared = torch.sigmoid(F.linear(m, mlp.shared_gate)) * shared
+            moe_out = ([outputs[ExpertKey(i, e)] for e in experts], weights, shared)
+            if self.prefetcher is not None and self.prefetcher.predict_from != "attention":
+                h = onerow.enter(h, self.weights.norm, eps, moe_out)[0]
+                moe_out = None
+                self._predict(h, upcoming, None, "moe")
+        return onerow.enter(h, self.weights.norm, eps, moe_out)[1]
 
     def _predict(
         self, h: torch.Tensor, layer: int | None, live: torch.Tensor | None, at: str

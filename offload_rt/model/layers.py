@@ -147,16 +147,48 @@ def attention(
     layer; a ring layer (sliding window) takes the forward's `ring` step and its mask instead.
     q/k norms: a (Hd,) weight normalises each head (Qwen3-MoE); a wider one the whole
     projection (OLMoE)."""
-    b, t, _ = x.shape
-    heads, kv_heads, hd = spec.heads, spec.kv_heads, spec.head_dim
     qkv = linear(x, w.wqkv, w.bqkv)  # (B, T, (H + 2K) Hd)
-    if w.q_norm is not None or spec.clip_qkv is not None:
-        qkv = _normed_qkv(qkv, w, spec)
+    q, k, v = split_heads(qkv, w.q_norm, w.k_norm, spec, rope)
+    out = attend(q, k, v, w.sinks, positions, cache, layer, kv_len, mask, start, ring)
+    return linear(out, w.wo, w.bo)
+
+
+def split_heads(
+    qkv: torch.Tensor,
+    q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None,
+    spec: AttentionSpec,
+    rope: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The stacked projection (B, T, (H + 2K) Hd), biases added, -> q (B, H, T, Hd), k, v
+    (B, K, T, Hd): q and k through their norms and rotated, q, k, v clipped."""
+    b, t, _ = qkv.shape
+    heads, kv_heads, hd = spec.heads, spec.kv_heads, spec.head_dim
+    if q_norm is not None or spec.clip_qkv is not None:
+        qkv = _normed_qkv(qkv, q_norm, k_norm, spec)
     qkv = qkv.view(b, t, heads + 2 * kv_heads, hd).transpose(1, 2)
     # rotate q and k in one go: (B, H + K, T, Hd)
     qk = apply_rope(qkv[:, : heads + kv_heads], *rope)
     q, k = qk.split([heads, kv_heads], dim=1)
-    v = qkv[:, heads + kv_heads :]  # (B, K, T, Hd)
+    return q, k, qkv[:, heads + kv_heads :]
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sinks: torch.Tensor | None,
+    positions: torch.Tensor,
+    cache: KVCache,
+    layer: int,
+    kv_len: int,
+    mask: torch.Tensor | None,
+    start: int | None,
+    ring: RingStep | None = None,
+) -> torch.Tensor:
+    """This step's k, v into the cache, then q (B, H, T, Hd) over the layer's keys: the heads'
+    outputs side by side (B, T, H Hd)."""
+    b, heads, t, hd = q.shape
     if cache.windows[layer] is None:
         cache.write(layer, positions, k, v, start)
         keys = cache.keys[layer][:, :, :kv_len]  # (B, K, S, Hd)
@@ -167,12 +199,12 @@ def attention(
         values = torch.cat((cache.values[layer], v), dim=2)
         cache.ring_write(layer, ring, k, v)
         mask = ring.mask
-    if w.sinks is None:
+    if sinks is None:
         # each key/value head serves H / K consecutive query heads, as the reference's repeat_kv
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
     else:
-        out = _attend_with_sinks(q, keys, values, mask, w.sinks)
-    return linear(out.transpose(1, 2).reshape(b, t, heads * hd), w.wo, w.bo)
+        out = _attend_with_sinks(q, keys, values, mask, sinks)
+    return out.transpose(1, 2).reshape(b, t, heads * hd)
 
 
 def _attend_with_sinks(
@@ -196,12 +228,17 @@ def _attend_with_sinks(
     return (probs.reshape(b, kv, (h // kv) * t, s) @ values).view(b, h, t, hd)
 
 
-def _normed_qkv(qkv: torch.Tensor, w: AttentionWeights, spec: AttentionSpec) -> torch.Tensor:
+def _normed_qkv(
+    qkv: torch.Tensor,
+    q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None,
+    spec: AttentionSpec,
+) -> torch.Tensor:
     """q and k through their RMSNorms, then q, k, v clamped, in the reference's order."""
     q_width, kv_width = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
     q, k, v = qkv.split([q_width, kv_width, kv_width], dim=-1)
-    if w.q_norm is not None and w.k_norm is not None:
-        q, k = _qk_norm(q, w.q_norm, spec), _qk_norm(k, w.k_norm, spec)
+    if q_norm is not None and k_norm is not None:
+        q, k = _qk_norm(q, q_norm, spec), _qk_norm(k, k_norm, spec)
     if spec.clip_qkv is not None:
         c = spec.clip_qkv
         q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)

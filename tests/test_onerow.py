@@ -1,0 +1,81 @@
+"""Tier 1: the one-row CPU decode step with its glue compiled (`model/onerow.py`) against
+transformers, for the families whose layers use each of its parts, and against the eager path.
+
+The tiny models are below `onerow.MIN_HIDDEN`, so the tests lower it; their products stay
+with torch's kernels (below `cpukernels.MIN_NUMEL`), except where a test lowers that too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import offload_rt
+from offload_rt.engine import BatchDecoder
+from offload_rt.model import cpukernels, onerow
+from tests.families import save_family
+from tests.test_exactness import reference_greedy
+
+PROMPT = [1, 17, 42, 99, 5, 63, 88, 12, 7, 101]
+NEW_TOKENS = 10
+GLUE = ("_enter", "_norm", "_heads", "_leave")
+
+
+@pytest.fixture
+def glue_on_tiny_models(monkeypatch):
+    monkeypatch.setattr(onerow, "MIN_HIDDEN", 0)
+    monkeypatch.delenv(cpukernels.ENV, raising=False)
+
+
+def glue_compiled() -> set[str]:
+    return {key[0] for key in cpukernels.COMPILED.kernels if key[0] in GLUE}
+
+
+def decode_steps(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """The logits after the prompt and after each of `tokens` but the last, step by step."""
+    decoder = BatchDecoder(model.model, [prompt], len(prompt) + len(tokens))
+    steps = [decoder.prefill()[0]] + [decoder.step([t], [True])[0] for t in tokens[:-1]]
+    return torch.stack(steps)
+
+
+# each part of the glue in some family: q/k norms per head and a dense first layer (qwen3_moe);
+# q/k norms over the projection and clipping (olmoe); q/k/v biases and a gated shared expert
+# (qwen2_moe); sinks, sliding-window rings, output and router biases, clamped experts (gpt_oss);
+# sigmoid scores, groups, the correction bias, partial rotary, a shared expert (glm4_moe)
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "qwen2_moe", "gpt_oss", "glm4_moe"])
+def test_one_row_steps_equal_transformers(tmp_path, glue_on_tiny_models, family):
+    hf = save_family(family, tmp_path)
+    want_tokens = reference_greedy(hf, PROMPT, NEW_TOKENS)
+    with offload_rt.load(tmp_path) as model:
+        tokens = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, stop=[]).token_ids
+        steps = decode_steps(model, PROMPT, tokens)
+    assert glue_compiled() >= {"_enter", "_heads", "_leave"}
+    with torch.no_grad():
+        want = hf(torch.tensor([PROMPT + tokens[:-1]])).logits[0, len(PROMPT) - 1 :]
+    assert (steps - want).abs().max().item() <= 1e-4
+    assert tokens == want_tokens
+
+
+def test_one_row_agrees_with_the_eager_step_and_is_only_taken_for_one_row(
+    reference, glue_on_tiny_models, monkeypatch
+):
+    """Mixtral with every product compiled too: the compiled step's logits equal the eager
+    step's to float rounding, batch 2 keeps the eager path, and an offloading backend (one
+    expert's slot, prefetch) gives the same tokens."""
+    folder, hf = reference
+    monkeypatch.setattr(cpukernels, "MIN_NUMEL", 0)
+    with offload_rt.load(folder) as model:
+        tokens = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, stop=[]).token_ids
+        compiled = decode_steps(model, PROMPT, tokens)
+        assert glue_compiled() >= {"_enter", "_heads", "_leave"}
+        monkeypatch.setattr(onerow, "MIN_HIDDEN", 1 << 30)
+        eager = decode_steps(model, PROMPT, tokens)
+        before = len(cpukernels.COMPILED.kernels)
+        pair = model.generate([PROMPT, PROMPT[:4]], max_new_tokens=4, stop=[])
+    assert len(cpukernels.COMPILED.kernels) == before  # batch 2: nothing new compiled
+    assert (compiled - eager).abs().max().item() <= 1e-5
+    assert pair[0].token_ids == tokens[:4]
+    monkeypatch.setattr(onerow, "MIN_HIDDEN", 0)
+    with offload_rt.load(folder, cache_experts=1, prefetch=True) as model:
+        assert model.generate(PROMPT, max_new_tokens=NEW_TOKENS, stop=[]).token_ids == tokens
+        assert model.stats()["evictions"] > 0
