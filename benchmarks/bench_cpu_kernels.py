@@ -98,7 +98,7 @@ def permuted(fn: Callable[..., torch.Tensor], args: tuple) -> Callable[..., torc
 
 
 def compiled(fn: Callable[..., torch.Tensor], args: tuple) -> Callable[..., torch.Tensor]:
-    return cpukernels._compile(fn, args)
+    return cpukernels._compile(fn, args, torch.get_num_threads())
 
 
 def best_us(fn: Callable[..., object], args: list[tuple], passes: int) -> float:

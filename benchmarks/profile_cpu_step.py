@@ -5,8 +5,9 @@ lm_head quantized alike, as bench_cpu runs them), generates --tokens tokens gree
 - the step time (ms per token);
 - the compiled kernels' share, timed around each call inside the step, by kernel and shape;
 - the same kernel calls of one token replayed back to back (no other work between them);
-- the step split by part (attention with its products, routed experts, router, RMSNorms,
-  lm_head), each timed around its call, so the parts hold their own Python and torch overhead.
+- the step split by part (the one-row path's compiled glue, cache write and attention,
+  attention's products, routed experts, lm_head), each timed around its call, so the parts
+  hold their own Python and torch overhead.
 The timers cost about a microsecond a call.
 
 Run from the repository root: `python benchmarks/profile_cpu_step.py int8 [--threads 2]`.
@@ -26,8 +27,7 @@ import torch
 
 import offload_rt
 import offload_rt.model.decoder as decoder
-import offload_rt.model.moe as moe
-from offload_rt.model import cpukernels
+from offload_rt.model import cpukernels, onerow
 
 Timings = collections.defaultdict[str, float]
 
@@ -90,9 +90,12 @@ def main() -> None:
     calls: list[tuple[Callable, tuple]] = []
     timed_kernels(kernels, calls)
     parts: Timings = collections.defaultdict(float)
-    timed(decoder, "attention", "attention, products included", parts)
-    timed(decoder, "rms_norm", "RMSNorms", parts)
-    timed(moe, "route", "router", parts)
+    # the one-row path's parts (model/onerow.py) and what the decoder calls between them
+    timed(onerow, "enter", "compiled: expert sum, residual, norm", parts)
+    timed(onerow, "heads", "compiled: q/k/v heads and rotation", parts)
+    timed(onerow, "leave", "compiled: residual, norm, router", parts)
+    timed(decoder, "attend", "cache write and attention", parts)
+    timed(decoder, "linear", "attention's products", parts)
     timed(model.model.backend, "run", "routed experts", parts)
     timed(decoder.MoEDecoder, "logits", "lm_head", parts)
     total = step_ms()

@@ -48,7 +48,8 @@ def applies(h: torch.Tensor, hidden_size: int) -> bool:
 
 
 def _call(fn: Callable[..., tuple], static: tuple, *args: torch.Tensor) -> tuple:
-    kernel = COMPILED.get(fn, args, static)
+    # a few thousand floats of work: one thread (a parallel region costs more than it saves)
+    kernel = COMPILED.get(fn, args, static, threads=1)
     return fn(*static, *args) if kernel is None else kernel(*args)
 
 
