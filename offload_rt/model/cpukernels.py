@@ -192,13 +192,29 @@ def _compile(fn: Callable[..., object], args: tuple[torch.Tensor, ...], threads:
     try:
         with torch.inference_mode(False), inductor_config.patch(fma):
             examples = [torch.zeros(a.shape, dtype=a.dtype) for a in args]
-            graph = make_fx(fn)(*examples)
+            graph = make_fx(fn, decomposition_table=_SMALL_PRODUCTS)(*examples)
             return inductor_compile(graph, examples)
     finally:
         torch.set_num_threads(before)
 
 
 COMPILED = _Compiled()
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a[:, :, None] * b[None]).sum(1)
+
+
+def _addmm(
+    c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 1, alpha: float = 1
+) -> torch.Tensor:
+    return beta * c + alpha * _mm(a, b)
+
+
+# products inside a traced function (the kernels here have none; the one-row glue's router
+# has one) as multiply-and-sum loops in the compiled code instead of calls to MKL's GEMM,
+# whose fixed cost (~14 µs) is far above a (1, D) x (D, E) product's work
+_SMALL_PRODUCTS = {torch.ops.aten.mm.default: _mm, torch.ops.aten.addmm.default: _addmm}
 
 
 def _applies(x: torch.Tensor, numel: int) -> bool:

@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from offload_rt.model import onerow
 from offload_rt.model.layers import linear
 
 
@@ -46,7 +47,11 @@ class SwiGLU:
     w2: torch.Tensor  # (D, F)
 
     def up(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, self.w13).chunk(2, dim=-1)  # (n, F) each
+        y = linear(x, self.w13)  # (n, 2F)
+        one_row = onerow.swiglu(y)  # compiled for one row on the CPU
+        if one_row is not None:
+            return one_row
+        gate, up = y.chunk(2, dim=-1)  # (n, F) each
         return F.silu(gate) * up
 
     def down(self, h: torch.Tensor) -> torch.Tensor:

@@ -128,8 +128,12 @@ def _leave(
     h = h + o
     m = rms_norm(h, norm, eps).reshape(1, -1)
     weights, experts = route(m, router, spec, given.get("router_bias"), given.get("correction"))
-    experts, order = experts[0].sort()
-    return h, m, weights[0].gather(0, order), experts
+    # ascending expert order without a sort (a library call of ~15 µs): expert i goes to the
+    # place of how many chosen experts have smaller ids (the k ids are distinct)
+    e, w = experts[0], weights[0]
+    rank = (e[None, :] < e[:, None]).sum(1)  # (k,)
+    place = rank[:, None] == torch.arange(e.shape[0])[None, :]  # (k, k): i -> its place
+    return h, m, (w[:, None] * place).sum(0), (e[:, None] * place).sum(0)
 
 
 def leave(
@@ -152,3 +156,16 @@ def leave(
     static = (eps, spec, names)
     h, m, weights, experts = _call(_leave, static, h, o, norm, router, *tensors)
     return h, m, weights, experts.tolist()
+
+
+def _swiglu(y: torch.Tensor) -> tuple[torch.Tensor]:
+    gate, up = y.chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up,)
+
+
+def swiglu(y: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) · up of one row's stacked gate and up products y (1, 2F), compiled; None
+    where this path does not apply (the caller computes it)."""
+    if not applies(y, y.shape[-1]) or y.dim() != 2:
+        return None
+    return _call(_swiglu, (), y)[0]
