@@ -28,6 +28,8 @@ class ExpertFormat(Protocol):
     storage_dtype: torch.dtype  # element type of a packed buffer
     numel: int  # elements of a packed buffer
     early_numel: int  # the leading elements the up-projection needs (numel: no early start)
+    # `weights` of the same views stays valid across calls (no scratch): callers may keep it
+    stable_weights: bool
 
     def views(self, buf: torch.Tensor) -> object:
         """Typed views of a packed buffer (numel,), made once per slot."""
@@ -52,6 +54,8 @@ class FloatFormat:
     """[gate | up | down] in the compute dtype, GPT-OSS's as [gate | up | gate and up biases |
     down | down bias]: gate and up read as one stacked (2F, D) matrix, so the up-projection is
     one matmul; it can start once they (and their biases) have landed."""
+
+    stable_weights = True  # the expert is the views themselves
 
     def __init__(
         self,
@@ -111,6 +115,9 @@ class QuantFormat:
         self.early_numel = codec.nbytes
         cpu = torch.device("cpu")
         self.host_codec = codec if codec.device == cpu else codec.on(cpu)
+        # on the CPU an expert multiplies from its codes (views); elsewhere it is dequantized
+        # into the codec's scratch at each `weights`
+        self.stable_weights = codec.device.type == "cpu"
 
     def views(self, buf: torch.Tensor) -> object:
         return self.codec.views(buf)

@@ -282,13 +282,14 @@ class QuantMatrix:
         self.codec, self.views, self.m = codec, views, m
         self.shape = torch.Size(codec.layout.matrices[m])
         self.dtype, self.device = codec.dtype, codec.device
+        self._part = {p: v for (name, p), v in views.items() if name == m}
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         y = self._packed(x)
         return linear(x, self.codec.expand(self.views, self.m)) if y is None else y
 
     def _packed(self, x: torch.Tensor) -> torch.Tensor | None:
-        part = {p: v for (m, p), v in self.views.items() if m == self.m}
+        part = self._part
         scheme = self.codec.quant.scheme
         if scheme == "mxfp4":
             return mxfp4_gemv(x, part["blocks"], part["scales"])

@@ -50,8 +50,10 @@ class ExpertStore:
         self.numel = fmt.numel  # of a packed expert, in storage_dtype elements
         self.nbytes = self.numel * self.storage_dtype.itemsize
         self.pool = _allocate_pool(capacity, self.numel, device, self.storage_dtype)
-        # per slot: the format's views, made once
+        # per slot: the format's views, made once; and its expert where the format's stays
+        # valid across calls (`stable_weights`), made at first use
         self._views = [fmt.views(buf) for buf in self.pool]
+        self._ffns: list[ExpertFFN | None] = [None] * capacity
         self.host_capacity = host_capacity  # None: unbounded; 0: no host tier
         self._host: OrderedDict[ExpertKey, torch.Tensor] = OrderedDict()
         self._pin = device.type == "cuda"
@@ -70,11 +72,17 @@ class ExpertStore:
     def weights(self, slot: int) -> ExpertFFN:
         """One slot's expert, ready to compute (quantized: dequantized into the format's
         scratch, valid until the next call)."""
-        return self.format.weights(self._views[slot])
+        if not self.format.stable_weights:
+            return self.format.weights(self._views[slot])
+        ffn = self._ffns[slot]
+        if ffn is None:
+            ffn = self._ffns[slot] = self.format.weights(self._views[slot])
+        return ffn
 
     def pack(self, key: ExpertKey, slot: int) -> None:
         """Read `key` from disk straight into device slot `slot` (no host tier)."""
         self.format.pack(self.source.expert(key.layer, key.expert), self.pool[slot])
+        self._ffns[slot] = None
         self._views[slot] = self.format.views(self.pool[slot])
 
     def copy(self, slot: int, host: torch.Tensor, start: int, stop: int) -> None:
@@ -84,6 +92,7 @@ class ExpertStore:
 
     def bind(self, slot: int, host: torch.Tensor) -> None:
         """Slot `slot` computes from the host buffer itself (a CPU device: no copy)."""
+        self._ffns[slot] = None
         self._views[slot] = self.format.views(host)
 
     def hold(self, key: ExpertKey) -> ExpertFFN:
