@@ -17,6 +17,7 @@ from dataclasses import fields, is_dataclass, replace
 import torch
 
 from offload_rt.config import QuantConfig
+from offload_rt.experts import hugepages
 from offload_rt.experts.quant import QuantizedTensor, dequantize, quantize
 from offload_rt.model.cpukernels import affine_gemv
 from offload_rt.model.decoder import DenseWeights, MoEWeights
@@ -93,3 +94,27 @@ def dense_bytes(weights: DenseWeights) -> int:
         return 0
 
     return walk(weights)
+
+
+def on_huge_pages(weights: DenseWeights) -> DenseWeights:
+    """`weights` with every large CPU tensor (codes included) copied into memory on huge pages
+    (`experts/hugepages.py`): a one-row product streams each once a step, and on 4 KiB pages
+    it misses the TLB every 4 KiB. A tensor used twice (a tied lm_head) is copied once."""
+    copies: dict[int, torch.Tensor] = {}
+
+    def walk(obj: object) -> object:
+        if isinstance(obj, torch.Tensor):
+            key = obj.data_ptr()
+            if key not in copies:
+                copies[key] = hugepages.copy(obj)
+            return copies[key]
+        if isinstance(obj, QuantizedDense):
+            obj.q = walk(obj.q)  # type: ignore[assignment]
+            return obj
+        if isinstance(obj, list):
+            return [walk(o) for o in obj]
+        if is_dataclass(obj) and not isinstance(obj, type):
+            return replace(obj, **{f.name: walk(getattr(obj, f.name)) for f in fields(obj)})
+        return obj
+
+    return walk(weights)  # type: ignore[return-value]

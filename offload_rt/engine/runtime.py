@@ -15,7 +15,7 @@ from offload_rt.analysis.traces import RoutingTrace
 from offload_rt.checkpoint import Checkpoint
 from offload_rt.config import DEFAULT_GROUP_SIZE
 from offload_rt.distributed.cluster import RayOptions
-from offload_rt.engine.densequant import dense_quant_config, quantize_dense
+from offload_rt.engine.densequant import dense_quant_config, on_huge_pages, quantize_dense
 from offload_rt.engine.generate import GenerationResult, generate
 from offload_rt.engine.grammar import Grammars
 from offload_rt.engine.hybrid import GIB, Placement, local_placement
@@ -343,6 +343,8 @@ def load(
         model = build_model(ckpt, dev, dt, recorder or experts, prefetcher)
         if dense is not None:
             model.weights = quantize_dense(model.weights, dense)
+        if dev.type == "cpu":
+            model.weights = on_huge_pages(model.weights)
     except BaseException:
         if experts is not None:
             experts.close()

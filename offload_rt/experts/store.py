@@ -17,6 +17,7 @@ from typing import Protocol
 
 import torch
 
+from offload_rt.experts import hugepages
 from offload_rt.experts.formats import ExpertFormat
 from offload_rt.model.ffn import ExpertFFN
 from offload_rt.model.moe import ExpertKey
@@ -101,7 +102,7 @@ class ExpertStore:
         the link). Called from the compute thread only."""
         ffn = self._held.get(key)
         if ffn is None:
-            buf = torch.empty(self.numel, dtype=self.storage_dtype)
+            buf = hugepages.empty((self.numel,), self.storage_dtype)
             self.format.pack(self.source.expert(key.layer, key.expert), buf)
             ffn = self._held[key] = self.format.host_ffn(buf)
         return ffn
@@ -118,7 +119,10 @@ class ExpertStore:
         if buf is not None:
             self._host.move_to_end(key)
             return buf, True
-        buf = torch.empty(self.numel, dtype=self.storage_dtype, pin_memory=self._pin)
+        if self._pin:
+            buf = torch.empty(self.numel, dtype=self.storage_dtype, pin_memory=True)
+        else:
+            buf = hugepages.empty((self.numel,), self.storage_dtype)
         self.format.pack(self.source.expert(key.layer, key.expert), buf)
         if self.host_capacity is not None and len(self._host) >= self.host_capacity:
             self._host.popitem(last=False)
@@ -140,8 +144,11 @@ class ExpertStore:
 def _allocate_pool(
     capacity: int, numel: int, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
-    # torch.empty touches no page on the CPU: the pool costs RAM only as slots fill
+    # torch.empty touches no page on the CPU: the pool costs RAM only as slots fill (on huge
+    # pages where Linux offers them: `hugepages.py`)
     try:
+        if device.type == "cpu":
+            return hugepages.empty((capacity, numel), dtype)
         return torch.empty((capacity, numel), dtype=dtype, device=device)
     except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
         need = capacity * numel * dtype.itemsize
