@@ -99,7 +99,10 @@ def dense_bytes(weights: DenseWeights) -> int:
 def on_huge_pages(weights: DenseWeights) -> DenseWeights:
     """`weights` with every large CPU tensor (codes included) copied into memory on huge pages
     (`experts/hugepages.py`): a one-row product streams each once a step, and on 4 KiB pages
-    it misses the TLB every 4 KiB. A tensor used twice (a tied lm_head) is copied once."""
+    it misses the TLB every 4 KiB. Layer by layer, each layer's old tensors let go before the
+    next is copied (the layers list is replaced in place), so the load holds at most one
+    layer, or the embedding and lm_head, twice. A tensor used twice (a tied lm_head) is
+    copied once."""
     copies: dict[int, torch.Tensor] = {}
 
     def walk(obj: object) -> object:
@@ -117,4 +120,8 @@ def on_huge_pages(weights: DenseWeights) -> DenseWeights:
             return replace(obj, **{f.name: walk(getattr(obj, f.name)) for f in fields(obj)})
         return obj
 
-    return walk(weights)  # type: ignore[return-value]
+    for i, layer in enumerate(weights.layers):
+        weights.layers[i] = walk(layer)  # type: ignore[assignment]
+        copies.clear()  # layers share no tensor
+    embed = walk(weights.embed)
+    return replace(weights, embed=embed, norm=walk(weights.norm), lm_head=walk(weights.lm_head))
