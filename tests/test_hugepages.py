@@ -15,16 +15,17 @@ THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 def huge_bytes(t: torch.Tensor) -> int:
-    """Bytes of the mapping holding t's first element that sit on huge pages."""
-    address, found = t.data_ptr(), False
+    """Bytes on huge pages in the mappings that overlap t's memory."""
+    lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    total, inside = 0, False
     for line in Path("/proc/self/smaps").read_text().splitlines():
         first = line.split()[0]
         if "-" in first and not first.endswith(":"):
             start, end = (int(a, 16) for a in first.split("-"))
-            found = start <= address < end
-        elif found and first == "AnonHugePages:":
-            return int(line.split()[1]) * 1024
-    return 0
+            inside = start < hi and lo < end
+        elif inside and first == "AnonHugePages:":
+            total += int(line.split()[1]) * 1024
+    return total
 
 
 def test_buffers_are_plain_tensors_and_copies_equal():
@@ -34,10 +35,12 @@ def test_buffers_are_plain_tensors_and_copies_equal():
     assert moved.data_ptr() != t.data_ptr() and torch.equal(moved, t) and moved.is_contiguous()
     small = torch.randn(4, 4, generator=gen)
     assert hugepages.copy(small) is small  # below MIN_BYTES: left as it is
-    codes = hugepages.empty((3, 5 << 20), torch.uint8)
-    assert codes.shape == (3, 5 << 20) and codes.dtype == torch.uint8
-    codes.fill_(7)
-    assert int(codes[2, -1]) == 7 and codes.data_ptr() % hugepages.HUGE == 0
+    for shape in ((3, 5 << 20), (3, 12 << 20)):  # one expert's buffer; a pool (aligned)
+        codes = hugepages.empty(shape, torch.uint8)
+        assert codes.shape == shape and codes.dtype == torch.uint8
+        codes.fill_(7)
+        assert int(codes[2, -1]) == 7
+    assert codes.data_ptr() % hugepages.HUGE == 0
 
 
 @pytest.mark.skipif(
@@ -45,6 +48,7 @@ def test_buffers_are_plain_tensors_and_copies_equal():
     reason="no transparent huge pages here",
 )
 def test_buffers_sit_on_huge_pages():
-    buf = hugepages.empty((16 << 20,), torch.uint8)
-    buf.fill_(1)  # the first touch faults the pages in
-    assert huge_bytes(buf) >= 8 << 20
+    for nbytes, least in ((40 << 20, 32 << 20), (9 << 20, 4 << 20)):  # padded; marked inside
+        buf = hugepages.empty((nbytes,), torch.uint8)
+        buf.fill_(1)  # the first touch faults the pages in
+        assert huge_bytes(buf) >= least

@@ -22,6 +22,7 @@ import torch
 
 HUGE = 2 << 20  # bytes of a huge page on x86-64 and most arm64 kernels
 MIN_BYTES = 2 * HUGE  # smaller buffers: plain allocations
+PAD_FROM = 16 * HUGE  # buffers this large are padded to start on a huge page (1/16 at most)
 _MADV_HUGEPAGE = 14
 
 
@@ -40,7 +41,10 @@ def _madvise() -> ctypes._CFuncPtr | None:
 
 def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor whose memory is marked for huge pages (untouched, so its
-    first writes fault huge pages in); a plain `torch.empty` where that does not apply."""
+    first writes fault huge pages in); a plain `torch.empty` where that does not apply.
+    Buffers of `PAD_FROM` bytes or more are over-allocated by a huge page and aligned to one,
+    so every byte can sit on huge pages; smaller ones (one expert of a host tier) mark the
+    aligned huge pages inside them, to spare a 2 MiB pad each."""
     numel = 1
     for n in shape:
         numel *= n
@@ -48,9 +52,13 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tens
     madvise = _madvise()
     if madvise is None or nbytes < MIN_BYTES:
         return torch.empty(shape, dtype=dtype)
-    raw = torch.empty(nbytes + HUGE, dtype=torch.uint8)
-    skip = -raw.data_ptr() % HUGE
-    if madvise(raw.data_ptr() + skip, nbytes - nbytes % HUGE, _MADV_HUGEPAGE) != 0:
+    pad = HUGE if nbytes >= PAD_FROM else 0
+    raw = torch.empty(nbytes + pad, dtype=torch.uint8)
+    skip = -raw.data_ptr() % HUGE if pad else 0
+    start = raw.data_ptr() + skip
+    first = start + (-start % HUGE)  # the huge pages wholly inside the buffer
+    last = (raw.data_ptr() + skip + nbytes) // HUGE * HUGE
+    if last > first and madvise(first, last - first, _MADV_HUGEPAGE) != 0 and pad:
         skip = 0  # refused (THP off, an old kernel): the plain buffer serves
     return raw[skip : skip + nbytes].view(dtype).view(shape)
 

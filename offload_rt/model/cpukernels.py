@@ -19,11 +19,11 @@ widened into a float copy:
 
 Each kernel is traced once per shape, dtype and thread count (`make_fx`) and compiled with
 `torch._inductor.compile`, which calls it with no guards to check (about 5 µs a call against
-20 µs through `torch.compile`); the generated code is then called directly, past AOTAutograd's
-wrappers, where a probe shows that changes nothing (`_direct`). Inductor keeps its compiled
-code on disk, so a second process compiles in a fraction of the first one's time. Where a
-kernel cannot be built (no C++ compiler, or any compile error) the callers' eager path runs
-instead, after one warning; `OFFLOAD_RT_CPU_KERNELS=0` turns the kernels off.
+20 µs through `torch.compile`); the generated code is then called past AOTAutograd's wrappers
+where its first call shows that changes nothing (`_Direct`). Inductor keeps its compiled code
+on disk, so a second process compiles in a fraction of the first one's time. Where a kernel
+cannot be built (no C++ compiler, or any compile error) the callers' eager path runs instead,
+after one warning; `OFFLOAD_RT_CPU_KERNELS=0` turns the kernels off.
 
 Each output is one thread's sum, so results do not depend on the thread count; they are not
 bit-identical to MKL's (another summation order): they agree to float rounding.
@@ -194,49 +194,53 @@ def _compile(fn: Callable[..., object], args: tuple[torch.Tensor, ...], threads:
         with torch.inference_mode(False), inductor_config.patch(fma):
             examples = [torch.zeros(a.shape, dtype=a.dtype) for a in args]
             graph = make_fx(fn, decomposition_table=_SMALL_PRODUCTS)(*examples)
-            return _direct(inductor_compile(graph, examples), examples)
+            return _Direct(inductor_compile(graph, examples))
     finally:
         torch.set_num_threads(before)
 
 
-def _probe(like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    if like.dtype.is_floating_point:
-        return torch.randn(like.shape, generator=gen).to(like.dtype)
-    return torch.randint(0, 16, like.shape, generator=gen).to(like.dtype)
-
-
-def _direct(compiled: Kernel, examples: list[torch.Tensor]) -> Kernel:
+class _Direct:
     """Inductor's generated code called without AOTAutograd's runtime wrappers around it
     (about 3.5 µs a call, a tenth of a small kernel's time), where that gives what they give:
-    on random inputs the same outputs (values, shapes, strides), none in an input's memory,
-    no input mutated; else the wrapped callable."""
-    inner = getattr(compiled, "current_callable", None)
-    if inner is None or getattr(compiled, "mutated_inputs", None):
-        return compiled
-    gen = torch.Generator().manual_seed(0)
-    probe = [_probe(e, gen) for e in examples]
-    want = compiled(*probe)
-    single = isinstance(want, torch.Tensor)
-    wanted = (want,) if single else tuple(want)
-    try:
-        got = tuple(inner(list(probe)))
-    except Exception:  # a calling convention other than the one this expects
-        return compiled
-    inputs = {p.untyped_storage().data_ptr() for p in probe}
-    same = len(got) == len(wanted) and all(
-        isinstance(g, torch.Tensor)
-        and g.dtype == w.dtype
-        and g.shape == w.shape
-        and g.stride() == w.stride()
-        and torch.equal(g, w)
-        and g.untyped_storage().data_ptr() not in inputs
-        for g, w in zip(got, wanted)
-    )
-    if not same:
-        return compiled
-    if single:
-        return lambda *args: inner(list(args))[0]
-    return lambda *args: tuple(inner(list(args)))
+    on the first call both run, and the direct one stays only if its outputs equal the
+    wrapped one's (values, shapes, strides), none lies in an input's memory, and the graph
+    mutates no input; else the wrapped callable serves every call."""
+
+    def __init__(self, compiled: Kernel) -> None:
+        self.compiled = compiled
+        self.inner = getattr(compiled, "current_callable", None)
+        usable = self.inner is not None and not getattr(compiled, "mutated_inputs", None)
+        self.fn: Kernel = self._first if usable else compiled
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.fn(*args)
+
+    def _first(self, *args: torch.Tensor) -> torch.Tensor:
+        want = self.compiled(*args)
+        self.fn = self.compiled
+        single = isinstance(want, torch.Tensor)
+        wanted = (want,) if single else tuple(want)
+        inner = self.inner
+        assert inner is not None
+        try:
+            got = tuple(inner(list(args)))
+        except Exception:  # a calling convention other than the one this expects
+            return want
+        inputs = {a.untyped_storage().data_ptr() for a in args}
+        same = len(got) == len(wanted) and all(
+            isinstance(g, torch.Tensor)
+            and g.dtype == w.dtype
+            and g.shape == w.shape
+            and g.stride() == w.stride()
+            and torch.equal(g, w)
+            and g.untyped_storage().data_ptr() not in inputs
+            for g, w in zip(got, wanted)
+        )
+        if same and single:
+            self.fn = lambda *a: inner(list(a))[0]
+        elif same:
+            self.fn = lambda *a: tuple(inner(list(a)))
+        return want
 
 
 COMPILED = _Compiled()
