@@ -10,6 +10,7 @@ import torch
 
 import offload_rt
 from offload_rt.engine import RequestError, SamplingParams
+from offload_rt.engine.rows import greedy_tokens
 from offload_rt.engine.sampling import Sampler
 
 PROMPT = [1, 17, 42, 99, 5, 63]
@@ -41,6 +42,19 @@ def test_top_k_one_and_tiny_top_p_are_greedy(model):
         model.generate(PROMPT, max_new_tokens=10, temperature=2.0, top_p=1e-6, seed=1).token_ids
         == greedy
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_greedy_tokens_are_torchs_argmax_ties_and_nans_included(dtype):
+    """The CPU's greedy pick (numpy's argmax) is torch's: the first of equal scores, the first
+    NaN where a row has one."""
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(4, 32000, generator=gen).to(dtype)
+    scores[1, 7] = scores[1, 9000] = scores[1].max() + 1  # a tie
+    scores[2, 123], scores[2, 456] = float("nan"), float("nan")
+    scores[3] = 0.0  # all equal
+    want = torch.argmax(scores, dim=-1).tolist()
+    assert greedy_tokens(scores) == want and want[1:] == [7, 123, 0]
 
 
 def test_top_p_keeps_the_smallest_nucleus():
