@@ -48,7 +48,8 @@ def test_buffers_are_plain_tensors_and_copies_equal():
     reason="no transparent huge pages here",
 )
 def test_buffers_sit_on_huge_pages():
-    for nbytes, least in ((40 << 20, 32 << 20), (9 << 20, 4 << 20)):  # padded; marked inside
+    # at least half: a fragmented machine may fall back to small pages for some of them
+    for nbytes, least in ((40 << 20, 20 << 20), (9 << 20, 2 << 20)):  # padded; marked inside
         buf = hugepages.empty((nbytes,), torch.uint8)
         buf.fill_(1)  # the first touch faults the pages in
         assert huge_bytes(buf) >= least
