@@ -8,8 +8,10 @@ huge pages to memory marked `MADV_HUGEPAGE` when its THP mode is `madvise` (the 
 most distributions) or `always`; torch's own allocator does so only with
 `THP_MEM_ALLOC_ENABLE=1` set before torch is imported, which a library cannot rely on. So the
 buffers that hold weights (the expert pool, the CPU set's and the host tier's experts, the
-dense weights on a CPU) are allocated here: over-allocated by 2 MiB, aligned, marked, then
-first touched. Elsewhere (not Linux, THP off, a failed call) they are plain torch buffers.
+dense weights on a CPU) are allocated here and marked before their first touch: a buffer of
+`PAD_FROM` bytes or more (the pool) over-allocated by 2 MiB and aligned, so all of it can be
+huge, a smaller one (one expert) only for the huge pages wholly inside it. Elsewhere (not
+Linux, THP off, a failed call) they are plain torch buffers.
 """
 
 from __future__ import annotations

@@ -274,11 +274,7 @@ class MoEDecoder:
             )  # fmt: skip
             self._predict(h, upcoming, None, "attention")
             outputs = self.backend.run({ExpertKey(i, e): m for e in experts})
-            shared = None
-            if mlp.shared is not None:
-                shared = mlp.shared(m)
-                if mlp.shared_gate is not None:
-                    shared = torch.sigmoid(F.linear(m, mlp.shared_gate)) * shared
+            shared = _shared_expert(m, mlp)
             moe_out = ([outputs[ExpertKey(i, e)] for e in experts], weights, shared)
             if self.prefetcher is not None and self.prefetcher.predict_from != "attention":
                 h = onerow.enter(h, self.weights.norm, eps, moe_out)[0]
@@ -333,13 +329,20 @@ class MoEDecoder:
         out = moe_block(
             x, mlp.router, self.spec.router, layer, self.backend, mlp.router_bias, mlp.correction
         )
-        if mlp.shared is not None:
-            shared = mlp.shared(x)
-            if mlp.shared_gate is not None:
-                shared = torch.sigmoid(F.linear(x, mlp.shared_gate)) * shared
-            out = out + shared
-        return out
+        shared = _shared_expert(x, mlp)
+        return out if shared is None else out + shared
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, D) final-normed hidden -> (N, V) logits."""
         return linear(hidden, self.weights.lm_head)
+
+
+def _shared_expert(x: torch.Tensor, mlp: MoEWeights) -> torch.Tensor | None:
+    """The shared expert's output on x (N, D), times its sigmoid gate where it has one; None
+    without a shared expert."""
+    if mlp.shared is None:
+        return None
+    shared = mlp.shared(x)
+    if mlp.shared_gate is not None:
+        shared = torch.sigmoid(F.linear(x, mlp.shared_gate)) * shared
+    return shared
