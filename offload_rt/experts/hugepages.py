@@ -16,8 +16,7 @@ Linux, THP off, a failed call) they are plain torch buffers.
 
 from __future__ import annotations
 
-import ctypes
-import functools
+import mmap
 import sys
 
 import torch
@@ -25,43 +24,38 @@ import torch
 HUGE = 2 << 20  # bytes of a huge page on x86-64 and most arm64 kernels
 MIN_BYTES = 2 * HUGE  # smaller buffers: plain allocations
 PAD_FROM = 16 * HUGE  # buffers this large are padded to start on a huge page (1/16 at most)
-_MADV_HUGEPAGE = 14
-
-
-@functools.cache
-def _madvise() -> ctypes._CFuncPtr | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
+_MARKS = sys.platform.startswith("linux") and hasattr(mmap, "MADV_HUGEPAGE")
 
 
 def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor whose memory is marked for huge pages (untouched, so its
     first writes fault huge pages in); a plain `torch.empty` where that does not apply.
-    Buffers of `PAD_FROM` bytes or more are over-allocated by a huge page and aligned to one,
-    so every byte can sit on huge pages; smaller ones (one expert of a host tier) mark the
-    aligned huge pages inside them, to spare a 2 MiB pad each."""
+    The memory is a fresh private anonymous mapping of its own, never memory malloc hands back after
+    an earlier tensor touched it (Linux does not move touched small pages to huge ones until
+    khugepaged comes by). Buffers of `PAD_FROM` bytes or more are over-allocated by a huge
+    page and aligned to one, so every byte can sit on huge pages; smaller ones (one expert of
+    a host tier) mark the aligned huge pages inside them, to spare a 2 MiB pad each."""
     numel = 1
     for n in shape:
         numel *= n
     nbytes = numel * dtype.itemsize
-    madvise = _madvise()
-    if madvise is None or nbytes < MIN_BYTES:
+    if not _MARKS or nbytes < MIN_BYTES:
         return torch.empty(shape, dtype=dtype)
     pad = HUGE if nbytes >= PAD_FROM else 0
-    raw = torch.empty(nbytes + pad, dtype=torch.uint8)
-    skip = -raw.data_ptr() % HUGE if pad else 0
-    start = raw.data_ptr() + skip
-    first = start + (-start % HUGE)  # the huge pages wholly inside the buffer
-    last = (raw.data_ptr() + skip + nbytes) // HUGE * HUGE
-    if last > first and madvise(first, last - first, _MADV_HUGEPAGE) != 0 and pad:
-        skip = 0  # refused (THP off, an old kernel): the plain buffer serves
+    try:
+        mapping = mmap.mmap(-1, nbytes + pad, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError:
+        return torch.empty(shape, dtype=dtype)
+    raw = torch.frombuffer(mapping, dtype=torch.uint8)  # holds the mapping while it lives
+    base = raw.data_ptr()
+    skip = -base % HUGE if pad else 0
+    first = base + skip + (-(base + skip) % HUGE)  # the huge pages wholly inside the buffer
+    last = (base + skip + nbytes) // HUGE * HUGE
+    if last > first:
+        try:
+            mapping.madvise(mmap.MADV_HUGEPAGE, first - base, last - first)
+        except OSError:
+            pass  # refused (THP off, an old kernel): small pages serve
     return raw[skip : skip + nbytes].view(dtype).view(shape)
 
 
