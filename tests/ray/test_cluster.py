@@ -59,11 +59,10 @@ def test_cluster_actors_on_distinct_nodes_match_local(
     assert not names & {"expert-0", "expert-1", "expert-2"}  # close() removed the actors
 
 
-@pytest.mark.parametrize("compiled_graph", [True, False], ids=["compiled", "remote"])
-def test_killing_an_actor_mid_generation_changes_no_token(
-    cluster, reference, local_outputs, compiled_graph
-):
-    opts = replace(RESTARTS, compiled_graph=compiled_graph)
+def test_killing_an_actor_mid_generation_changes_no_token(cluster, reference, local_outputs):
+    # the compiled graph here (its call fails, is torn down, compiled again once Ray restarted
+    # the actor); the default remote calls meet their fault, a node removed, in test_local
+    opts = replace(RESTARTS, compiled_graph=True)
     with offload_rt.load(reference[0], backend="ray", ray_options=opts) as m:
         victim = 1
         pid = actor_infos(m)[victim]["pid"]
@@ -76,5 +75,5 @@ def test_killing_an_actor_mid_generation_changes_no_token(
         assert info["pid"] != pid  # Ray restarted it, in a new process
         stats = m.stats()
         assert stats["retries"] >= 1 and stats["recoveries"] >= 1 and stats["replans"] == 0
-        if compiled_graph:  # the graph call failed, was torn down, compiled again after recovery
-            assert stats["graph_failures"] >= 1 and stats["graph_compiles"] >= 2
+        # the graph call failed, was torn down, compiled again after recovery
+        assert stats["graph_failures"] >= 1 and stats["graph_compiles"] >= 2

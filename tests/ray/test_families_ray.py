@@ -1,6 +1,7 @@
 """Tier 3 over the family registry: every family's experts in Ray actors give the transformers
-reference's logits and greedy tokens, and survive an actor killed mid-generation. One local
-Ray for the module."""
+reference's logits and greedy tokens; one of them (shared experts, grouped routing) survives an
+actor killed mid-generation, as Mixtral does in test_cluster and test_local: the restart is the
+same for every family. One local Ray for the module."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ def test_family_on_ray_matches_transformers(ray_session, tmp_path, family):
         assert (model.logits(PROMPTS[0]) - want).abs().max().item() <= 1e-4
         got = [r.token_ids for r in model.generate(PROMPTS[:2], max_new_tokens=NEW_TOKENS)]
         assert got == tokens
+        if family != "deepseek_v3":
+            return
         # an actor killed before the 5th layer call: Ray restarts it, the call is retried
         handle = next(iter(model.backend.cluster.handles.values()))
         fired = fault_at_call(model, 5, lambda: ray.kill(handle, no_restart=False))

@@ -3,8 +3,6 @@ cluster with no room for an expert."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 
 import offload_rt
@@ -22,10 +20,11 @@ from tests.ray.helpers import (
 )
 
 
-@pytest.mark.parametrize("compiled_graph", [True, False], ids=["compiled", "remote"])
-def test_removing_a_node_mid_generation_changes_no_token(reference, local_outputs, compiled_graph):
+def test_removing_a_node_mid_generation_changes_no_token(reference, local_outputs):
+    # the default remote calls here (a new plan without the node); the compiled graph meets its
+    # fault, an actor killed, in test_cluster: each path and each fault once
     c, workers = start_cluster()
-    opts = replace(FAST_RECOVERY, compiled_graph=compiled_graph)
+    opts = FAST_RECOVERY  # compiled_graph=False, the default
     try:
         with offload_rt.load(reference[0], backend="ray", ray_options=opts) as m:
             doomed = workers[0].node_id
@@ -41,8 +40,6 @@ def test_removing_a_node_mid_generation_changes_no_token(reference, local_output
             assert len(placed) == 16 and len(set(placed)) == 16  # every expert placed once
             stats = m.stats()
             assert stats["replans"] == 1
-            if compiled_graph:  # the lost actor broke a graph call; compiled again without it
-                assert stats["graph_failures"] >= 1 and stats["graph_compiles"] >= 2
             assert m.generate(PROMPTS[0], max_new_tokens=NEW).token_ids == local_outputs["single"]
     finally:
         ray.shutdown()

@@ -58,7 +58,8 @@ def test_the_quickstart_reaches_an_answer_through_the_client(tmp_path):
     )
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-3000:]
-    assert "text (random weights):" in out  # the demo generated
+    assert "text (random weights):" in out  # the demo generated, in one actor, through its cache
+    assert "actors=1" in out and "hits=" in out
     answer = re.search(r"answer \(random weights\): (.+) (stop|length)", out)
     assert answer is not None, out[-3000:]
     assert (tmp_path / "models" / "demo-mixtral-v2" / "config.json").is_file()
