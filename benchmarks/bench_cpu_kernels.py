@@ -7,7 +7,9 @@ For w13 (2F, D) = (5632, 1024) of bench_local's model, times x (1, D) @ w^T with
   int4 one (`_weight_int4pack_mm_for_cpu`: 4-bit codes in its own packing, a scale and zero per
   group of 64);
 - this runtime's kernels (`offload_rt/model/cpukernels.py`, compiled by TorchInductor): float32,
-  bfloat16, float16, and the affine int8 / int4 format of `experts/quant.py` (group 64);
+  bfloat16, float16, and the affine int8 / int4 format of `experts/quant.py` (group 64; int4
+  through the hand-written loop of `model/packed.py`, in float32 and bfloat16 activations, and
+  through Inductor's generated one);
 - formulations of the int8 / int4 kernels that lost, compiled the same way: a sum per group of
   64 then the scales (a horizontal reduction per group), int8 dequantized in registers then
   one dot a row, int4's nibbles split by an 8-bit vector shift or after widening to int32,
@@ -155,6 +157,10 @@ def candidates(copies: int) -> list[tuple[str, Callable[..., object], list[tuple
             alts += [("dequantized in registers, one dot a row", dequantized8)]
         else:
             alts += [("nibbles by 8-bit shifts", shifted4), ("nibbles in int32", int32_split4)]
+            alts += [("Inductor's loop (cpukernels._affine4_gemv)", cpukernels._affine4_gemv)]
+            xb = x.to(torch.bfloat16)
+            label = "offload_rt affine int4, x bfloat16"
+            out.append((label, cpukernels.affine_gemv, [(xb, *a[1:]) for a in args], nbytes))
         for label, fn in alts:
             kernel = compiled(fn, args[0][:4])
             out.append((f"int{bits}: {label}", kernel, args_4, nbytes))

@@ -17,7 +17,7 @@ import offload_rt
 from offload_rt.config import QuantConfig
 from offload_rt.experts.mxfp4 import dequantize_mxfp4_new, quantize_mxfp4
 from offload_rt.experts.quant import ExpertCodec, QuantMatrix, dequantize, quantize
-from offload_rt.model import cpukernels
+from offload_rt.model import cpukernels, packed
 from offload_rt.model.layers import linear
 
 # float32 sums of 256-1024 products in another order: a few ulps of the output's scale;
@@ -63,6 +63,33 @@ def test_affine_gemv_equals_dequantize_then_multiply(kernels_on_small_shapes, bi
     assert got is not None and got.dtype == dtype
     want = F.linear(x.double(), dequantize(q, quant, torch.float64))
     assert relative_error(got, want) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("rows, group", [(81, 32), (80, 64), (33, 128)])
+def test_int4_bfloat16_kernel_equals_dequantize_then_multiply(
+    kernels_on_small_shapes, monkeypatch, rows, group
+):
+    """The hand-written int4 product for bfloat16 activations (`model/packed.py`) where the
+    CPU has AVX-512 BF16: its float32 sums equal the float64 product before the output's
+    bfloat16 rounding; the generated kernel agrees with it to that rounding."""
+    if not packed.available():
+        pytest.skip("no AVX-512 BF16 here: the generated kernel serves (tested above)")
+    gen = torch.Generator().manual_seed(1)
+    quant = QuantConfig(4, group)
+    q = quantize(torch.randn(rows, 1024, generator=gen) / 16, quant)
+    x = torch.randn(1, 1024, generator=gen).to(torch.bfloat16)
+    assert packed.applies(x, q.scales) and not packed.applies(x.float(), q.scales)
+    got = packed.affine4_gemv(x, q.qweight, q.scales, q.offsets)
+    assert got is not None and got.dtype == torch.bfloat16 and got.shape == (1, rows)
+    want = F.linear(x.double(), dequantize(q, quant, torch.float64))
+    # float32 sums, then one rounding to bfloat16 (half an ulp: 2^-9 of each output)
+    assert ((got.double() - want).abs() <= want.abs() * 2**-8 + 1e-6).all()
+    assert torch.equal(cpukernels.affine_gemv(x, q.qweight, q.scales, q.offsets, 4), got)
+    monkeypatch.setenv(packed.ENV, "0")
+    assert not packed.applies(x, q.scales)
+    generated = cpukernels.affine_gemv(x, q.qweight, q.scales, q.offsets, 4)
+    assert generated is not None
+    assert relative_error(generated, got.double()) <= TOLERANCE[torch.bfloat16]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -171,8 +198,10 @@ got = [cpukernels.gemv(x, w), cpukernels.affine_gemv(x, q.qweight, q.scales, q.o
 want = [F.linear(x.double(), w.double()),
         F.linear(x.double(), dequantize(q, QuantConfig(4, 32), torch.float64))]
 err = max(((g.double() - r).abs().max() / r.abs().max()).item() for g, r in zip(got, want))
+from offload_rt.model import packed
 isa = cpu_vec_isa.pick_vec_isa()
-print(str(isa) if isa else "none", err, cpukernels.COMPILED.failed)
+hand = packed.applies(x.bfloat16(), q.scales)  # AVX-512 BF16 only: never below AVX-512
+print(str(isa) if isa else "none", hand, err, cpukernels.COMPILED.failed)
 """
 
 
@@ -188,8 +217,9 @@ def test_kernels_built_for_avx2_and_for_no_vector_isa():
     for isa, child in children.items():
         out, err = child.communicate(timeout=600)
         assert child.returncode == 0, err[-3000:]
-        picked, error, failed = out.split()[-3:]
+        picked, hand, error, failed = out.split()[-4:]
         assert (picked, failed) == (isa, "None") and float(error) <= 2e-6, out
+        assert hand == "False", out  # the generated int4 kernel, for every dtype
 
 
 def test_decode_steps_through_the_kernels_equal_transformers(kernels_on_small_shapes, reference):

@@ -39,6 +39,8 @@ from collections.abc import Callable
 
 import torch
 
+from offload_rt.model import packed
+
 log = logging.getLogger(__name__)
 
 ENV = "OFFLOAD_RT_CPU_KERNELS"  # "0" turns the compiled kernels off
@@ -297,6 +299,10 @@ def affine_gemv(
     `experts/quant.py`); None where no compiled kernel applies."""
     if not _applies(x, scales.shape[0] * x.shape[1]) or (bits == 4 and scales.shape[1] % 2):
         return None  # int4 with an odd number of groups: a group would span both nibbles
+    if bits == 4 and packed.applies(x, scales):
+        y = packed.affine4_gemv(x, codes, scales, offsets)  # hand-written: `model/packed.py`
+        if y is not None:
+            return y
     fn = _affine4_gemv if bits == 4 else _affine8_gemv
     kernel = COMPILED.get(fn, (x, codes, scales, offsets))
     return None if kernel is None else kernel(x.contiguous(), codes, scales, offsets)
