@@ -18,7 +18,9 @@ the CPU's model name and the load average of each round.
 Pairs: float32, bfloat16 and float16 models against llama.cpp's f32, bf16 and f16 GGUFs;
 offload_rt's int8 / int4 experts against q8_0 / q4_0, with attention and lm_head quantized to
 int8 / int4 as well (`dense_quant`; llama.cpp's q8_0 file holds them in q8_0, its q4_0 file in
-q4_0 but lm_head in q6_K), activations in --quant-dtype.
+q4_0 but lm_head in q6_K), activations in --quant-dtype; and the int4 copy once more with
+bfloat16 activations (the int4 x bfloat16 kernel of `offload_rt/model/packed.py` on CPUs with
+AVX-512 BF16), against the same q4_0 file.
 
 Run from the repository root: `python benchmarks/bench_cpu.py` (about 10 minutes on 2 cores the
 first time, converting and compiling; 4-5 after).
@@ -53,7 +55,7 @@ GROUP = 64
 @dataclass(frozen=True)
 class Pair:
     name: str  # the row's label
-    ours: str  # "float32", "bfloat16", "float16", "int8", "int4"
+    ours: str  # "float32", "bfloat16", "float16", "int8", "int4", "int4-bf16"
     gguf: str  # llama.cpp's type: f32, bf16, f16, q8_0, q4_0
 
 
@@ -63,6 +65,8 @@ PAIRS = [
     Pair("float16", "float16", "f16"),
     Pair("8-bit (q8_0 / int8 experts)", "int8", "q8_0"),
     Pair("4-bit (q4_0 / int4 experts)", "int4", "q4_0"),
+    # the same int4 checkpoint with bfloat16 activations: model/packed.py's kernel on AVX-512 BF16
+    Pair("4-bit, bfloat16 activations (q4_0 / int4)", "int4-bf16", "q4_0"),
 ]
 
 
@@ -177,10 +181,12 @@ def ours_tokens_per_s(model: OffloadModel, opts: Options, kernels: bool) -> floa
 
 
 def load_ours(pair: Pair, folder: Path, opts: Options) -> OffloadModel:
-    if pair.ours in ("int8", "int4"):
-        q = bench_quant.quantized(folder, opts.workdir, pair.ours, GROUP)
-        dense = pair.ours if opts.dense_quant else None
-        model = offload_rt.load(q, dtype=opts.quant_dtype, dense_quant=dense)
+    if pair.ours.startswith("int"):
+        bits = pair.ours[:4]
+        q = bench_quant.quantized(folder, opts.workdir, bits, GROUP)
+        dense = bits if opts.dense_quant else None
+        dtype = torch.bfloat16 if pair.ours.endswith("-bf16") else opts.quant_dtype
+        model = offload_rt.load(q, dtype=dtype, dense_quant=dense)
     else:
         model = offload_rt.load(folder, dtype=DTYPES[pair.ours])
     for kernels in (True, False):  # compile the kernels, fault in the weights
@@ -219,7 +225,7 @@ def report(opts: Options, got: dict[str, dict[str, list[float]]]) -> None:
             f"| {p.name} | {m['llama']:.1f} | {m['ours']:.1f} | {m['ours'] / m['llama']:.2f}x "
             f"| {m['eager']:.1f} | {m['eager'] / m['llama']:.2f}x |"
         )
-    for q in ("int8", "int4"):
+    for q in ("int8", "int4", "int4-bf16"):
         if q in med and "float32" in med:
             speedup = med[q]["ours"] / med["float32"]["ours"]
             print(f"offload_rt {q} experts against float32 ones: {speedup:.2f}x")

@@ -27,7 +27,7 @@ import torch
 
 import offload_rt
 import offload_rt.model.decoder as decoder
-from offload_rt.model import cpukernels, onerow
+from offload_rt.model import cpukernels, onerow, packed
 
 Timings = collections.defaultdict[str, float]
 
@@ -69,12 +69,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/offload_rt_bench"))
+    p.add_argument("--dtype", default="float32", help="activations with int8/int4 weights")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     folder = bench_local.checkpoint(a.workdir, bench_local.MODEL["num_hidden_layers"])
     if a.weights in ("int8", "int4"):
         quantized = bench_quant.quantized(folder, a.workdir, a.weights, 64)
-        model = offload_rt.load(quantized, dtype=torch.float32, dense_quant=a.weights)
+        model = offload_rt.load(quantized, dtype=getattr(torch, a.dtype), dense_quant=a.weights)
     else:
         model = offload_rt.load(folder, dtype=getattr(torch, a.weights))
     n = a.tokens
@@ -89,6 +90,7 @@ def main() -> None:
     kernels: Timings = collections.defaultdict(float)
     calls: list[tuple[Callable, tuple]] = []
     timed_kernels(kernels, calls)
+    timed(packed, "affine4_gemv", "packed.affine4_gemv (int4 x bfloat16)", kernels)
     parts: Timings = collections.defaultdict(float)
     # the one-row path's parts (model/onerow.py) and what the decoder calls between them
     timed(onerow, "enter", "compiled: expert sum, residual, norm", parts)
@@ -100,7 +102,11 @@ def main() -> None:
     timed(decoder.MoEDecoder, "logits", "lm_head", parts)
     total = step_ms()
     in_kernels = sum(kernels.values()) / n * 1e3
-    print(f"{a.weights}, {a.threads} threads: step {plain:.2f} ms, timed {total:.2f} ms")
+    print(
+        f"{a.weights}{f', {a.dtype} activations' if a.weights.startswith('int') else ''}, "
+        f"{a.threads} threads: "
+        f"step {plain:.2f} ms, timed {total:.2f} ms"
+    )
     print(f"compiled kernels {in_kernels:.2f} ms ({in_kernels / total:.0%}):")
     for label, s in sorted(kernels.items(), key=lambda kv: -kv[1]):
         print(f"  {label}: {s / n * 1e3:.2f} ms")

@@ -212,3 +212,41 @@ def test_imports_follow_the_layers():
         assert not bad, f"{rel} imports {sorted(bad)}; its layer may import {sorted(allowed)}"
         if top in ("model", "config", "checkpoint"):
             assert "ray" not in path.read_text(), f"{rel} must not use ray"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_one_query_16_bit_attention_is_the_float64_one_rounded(dtype):
+    """A decode step's attention of a 16-bit model on the CPU (widened to float32 there, as
+    torch's 16-bit kernel is 3-5x slower at one query) is the float64 attention of the same
+    16-bit values to the output's rounding; a prefill (many queries) is torch's own kernel,
+    unchanged."""
+    from offload_rt.model.kvcache import KVCache, attention_mask
+    from offload_rt.model.layers import attend
+
+    gen = torch.Generator().manual_seed(0)
+    heads, kv_heads, hd, seen = 8, 2, 16, 37
+    cache = KVCache.allocate(1, 2, kv_heads, 64, hd, torch.device("cpu"), dtype)
+    old = torch.randn(2, 2, kv_heads, seen, hd, generator=gen).to(dtype)
+    cache.keys[0][:, :, :seen], cache.values[0][:, :, :seen] = old[0], old[1]
+    q = torch.randn(2, heads, 1, hd, generator=gen).to(dtype)
+    k, v = (torch.randn(2, kv_heads, 1, hd, generator=gen).to(dtype) for _ in range(2))
+    positions = torch.tensor([[seen], [seen - 5]])  # the second row sees fewer keys: a mask
+    mask = attention_mask(positions, seen + 1, None, None)
+    got = attend(q, k, v, None, positions, cache, 0, seen + 1, mask, None)
+    keys = cache.keys[0][:, :, : seen + 1].double().repeat_interleave(heads // kv_heads, 1)
+    values = cache.values[0][:, :, : seen + 1].double().repeat_interleave(heads // kv_heads, 1)
+    want = F.scaled_dot_product_attention(q.double(), keys, values, attn_mask=mask)
+    want = want.transpose(1, 2).reshape(2, 1, heads * hd)
+    assert got.dtype == dtype and got.shape == want.shape
+    ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11  # half an ulp, relative
+    assert ((got.double() - want).abs() <= want.abs() * ulp + 1e-4).all()
+    # many queries: torch's own 16-bit kernel, as before
+    qs = torch.randn(1, heads, 4, hd, generator=gen).to(dtype)
+    keys16 = cache.keys[0][:1, :, : seen + 1]
+    values16 = cache.values[0][:1, :, : seen + 1]
+    mask = attention_mask(torch.arange(seen - 3, seen + 1)[None], seen + 1, None, None)
+    ks, vs = keys16[:, :, -4:].clone(), values16[:, :, -4:].clone()
+    pos = torch.arange(seen - 3, seen + 1)[None]
+    out = attend(qs, ks, vs, None, pos, cache.rows(1), 0, seen + 1, mask, None)
+    same = F.scaled_dot_product_attention(qs, keys16, values16, attn_mask=mask, enable_gqa=True)
+    assert torch.equal(out, same.transpose(1, 2).reshape(1, 4, heads * hd))
