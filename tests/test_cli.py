@@ -59,18 +59,14 @@ def test_generate_reports_a_broken_checkpoint_clearly(tmp_path):
     assert "no config.json" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_plan_prints_each_actor_and_the_actor_count_reaches_ray(reference):
+def test_the_actor_count_reaches_ray(reference):
     # generate and demo on Ray run end to end in tests/ray/test_quickstart.py (the same
-    # load_model); here the count of actors reaches the options Ray is started with
+    # load_model), plan in tests/ray/test_families_ray.py; here the count of actors reaches the
+    # options Ray is started with
     from offload_rt.cli import build_parser
     from offload_rt.cli.options import ray_options
 
-    folder, _ = reference
-    out = offload_rt("plan", str(folder), "--expert-actors", "2")
-    assert out.returncode == 0, out.stderr
-    assert "16 experts (2 MoE layers (layers 0-1) x 8 experts)" in out.stdout
-    assert "expert-0" in out.stdout and "expert-1" in out.stdout
-    argv = ["generate", str(folder), "--backend", "ray", "--expert-actors", "2"]
+    argv = ["generate", str(reference[0]), "--backend", "ray", "--expert-actors", "2"]
     args = build_parser().parse_args(argv)
     assert args.backend == "ray" and ray_options(args).expert_actors == 2
 

@@ -42,3 +42,15 @@ def test_family_on_ray_matches_transformers(ray_session, tmp_path, family):
         fired = fault_at_call(model, 5, lambda: ray.kill(handle, no_restart=False))
         again = [r.token_ids for r in model.generate(PROMPTS[:2], max_new_tokens=NEW_TOKENS)]
         assert fired == [5] and again == tokens
+
+
+def test_plan_prints_each_actor(ray_session, reference, capsys):
+    """`offload-rt plan` as the command runs it (its main, in this process: it joins the
+    module's Ray rather than starting one)."""
+    from offload_rt.cli import main
+
+    assert main(["plan", str(reference[0]), "--expert-actors", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "16 experts (2 MoE layers (layers 0-1) x 8 experts)" in out
+    assert "expert-0" in out and "expert-1" in out
+    assert ray.is_initialized()  # the module's Ray, left running
