@@ -125,7 +125,7 @@ _lock = threading.Lock()
 
 
 @functools.cache
-def _cpu_has_it() -> bool:
+def cpu_supports() -> bool:
     """AVX-512 with its bfloat16 dot products, and torch running its AVX-512 code (not forced
     lower by ATEN_CPU_CAPABILITY)."""
     return (
@@ -148,7 +148,7 @@ def _kernel() -> Callable[..., None] | None:
 
 def available() -> bool:
     """Whether this CPU runs the kernel and it builds (built now if it was not yet)."""
-    return _cpu_has_it() and _kernel() is not None
+    return cpu_supports() and _kernel() is not None
 
 
 def applies(x: torch.Tensor, scales: torch.Tensor) -> bool:
@@ -158,7 +158,7 @@ def applies(x: torch.Tensor, scales: torch.Tensor) -> bool:
     k, groups = x.shape[1], scales.shape[1]
     if x.dtype != torch.bfloat16 or groups % 2 or k % groups or (k // groups) % 32:
         return False
-    return os.environ.get(ENV, "1") != "0" and _cpu_has_it()
+    return os.environ.get(ENV, "1") != "0" and cpu_supports()
 
 
 def affine4_gemv(
