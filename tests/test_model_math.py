@@ -217,7 +217,7 @@ def test_imports_follow_the_layers():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_one_query_16_bit_attention_is_the_float64_one_rounded(dtype):
     """A decode step's attention of a 16-bit model on the CPU (widened to float32 there, as
-    torch's 16-bit kernel is 3-5x slower at one query) is the float64 attention of the same
+    torch's 16-bit kernel is 2-9x slower at one query) is the float64 attention of the same
     16-bit values to the output's rounding; a prefill (many queries) is torch's own kernel,
     unchanged."""
     from offload_rt.model.kvcache import KVCache, attention_mask

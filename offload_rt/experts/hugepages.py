@@ -16,6 +16,7 @@ Linux, THP off, a failed call) they are plain torch buffers.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import sys
 
@@ -30,11 +31,12 @@ _MARKS = sys.platform.startswith("linux") and hasattr(mmap, "MADV_HUGEPAGE")
 def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor whose memory is marked for huge pages (untouched, so its
     first writes fault huge pages in); a plain `torch.empty` where that does not apply.
-    The memory is a fresh private anonymous mapping of its own, never memory malloc hands back after
-    an earlier tensor touched it (Linux does not move touched small pages to huge ones until
-    khugepaged comes by). Buffers of `PAD_FROM` bytes or more are over-allocated by a huge
-    page and aligned to one, so every byte can sit on huge pages; smaller ones (one expert of
-    a host tier) mark the aligned huge pages inside them, to spare a 2 MiB pad each."""
+    The memory is a fresh private anonymous mapping of its own, never memory that malloc hands
+    back after an earlier tensor touched it (Linux does not move touched small pages to huge
+    ones until khugepaged comes by). Buffers of `PAD_FROM` bytes or more are over-allocated by
+    a huge page and aligned to one, so every byte can sit on huge pages; smaller ones (one
+    expert of a host tier) mark the aligned huge pages inside them, to spare a 2 MiB pad
+    each."""
     numel = 1
     for n in shape:
         numel *= n
@@ -51,11 +53,10 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tens
     skip = -base % HUGE if pad else 0
     first = base + skip + (-(base + skip) % HUGE)  # the huge pages wholly inside the buffer
     last = (base + skip + nbytes) // HUGE * HUGE
+    # refused (THP off, an old kernel): the same buffer on small pages
     if last > first:
-        try:
+        with contextlib.suppress(OSError):
             mapping.madvise(mmap.MADV_HUGEPAGE, first - base, last - first)
-        except OSError:
-            pass  # refused (THP off, an old kernel): small pages serve
     return raw[skip : skip + nbytes].view(dtype).view(shape)
 
 

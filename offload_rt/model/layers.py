@@ -211,11 +211,12 @@ def _sdpa(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
 ) -> torch.Tensor:
     """torch's attention, except one query a row of a 16-bit model on the CPU: there its
-    kernel runs 3-5x slower than the same attention widened to float32 first (bfloat16, 32
-    heads of 32 over 8 key heads: 52 against 28 µs at 40 keys, 873 against 174 at 1000; float16
-    1547 against 194), so that is what runs. Widening is exact, the float32 sums are at least
-    as accurate as the 16-bit kernel's, and the output is rounded once to the model's dtype;
-    prefill steps (many queries) are as fast either way and stay as they were."""
+    kernel runs 2-9x slower than the same attention widened to float32 first (32 heads of 32
+    over 8 key heads, `benchmarks/bench_cpu_attention.py`: bfloat16 71 against 36 µs at 64
+    keys, 1768 against 327 at 2048; float16 2986 against 317 at 2048), so that is what runs.
+    Widening is exact, the float32 sums are at least as accurate as the 16-bit kernel's, and
+    the output is rounded once to the model's dtype; prefill steps (many queries) are as fast
+    either way and stay as they were."""
     if q.device.type == "cpu" and q.shape[2] == 1 and q.dtype in (torch.bfloat16, torch.float16):
         wide = (q.float(), keys.float(), values.float())
         out = F.scaled_dot_product_attention(*wide, attn_mask=mask, enable_gqa=True)
