@@ -5,7 +5,8 @@ lm_head quantized alike, as bench_cpu runs them), generates --tokens tokens gree
 - the step time (ms per token);
 - the compiled kernels' share, timed around each call inside the step, by kernel and shape;
 - the same kernel calls of one token replayed back to back (no other work between them);
-- the step split by part (the one-row path's compiled glue, cache write and attention,
+- the step split by part (the one-row path's compiled glue, cache write and attention (in
+  C++ where `model/onequery.py` serves),
   attention's products, routed experts, lm_head), each timed around its call, so the parts
   hold their own Python and torch overhead.
 The timers cost about a microsecond a call.
@@ -27,7 +28,7 @@ import torch
 
 import offload_rt
 import offload_rt.model.decoder as decoder
-from offload_rt.model import cpukernels, onerow, packed
+from offload_rt.model import cpukernels, onequery, onerow, packed
 
 Timings = collections.defaultdict[str, float]
 
@@ -96,7 +97,8 @@ def main() -> None:
     timed(onerow, "enter", "compiled: expert sum, residual, norm", parts)
     timed(onerow, "heads", "compiled: q/k/v heads and rotation", parts)
     timed(onerow, "leave", "compiled: residual, norm, router", parts)
-    timed(decoder, "attend", "cache write and attention", parts)
+    timed(decoder, "attend", "cache write and attention (torch)", parts)
+    timed(onequery, "attend", "rotation, cache write and attention (C++)", parts)
     timed(decoder, "linear", "attention's products", parts)
     timed(model.model.backend, "run", "routed experts", parts)
     timed(decoder.MoEDecoder, "logits", "lm_head", parts)

@@ -12,7 +12,7 @@ import torch
 
 import offload_rt
 from offload_rt.engine import BatchDecoder
-from offload_rt.model import cpukernels, onerow
+from offload_rt.model import cpukernels, onequery, onerow
 from tests.families import save_family
 from tests.test_exactness import reference_greedy
 
@@ -31,6 +31,19 @@ def glue_compiled() -> set[str]:
     return {key[0] for key in cpukernels.COMPILED.kernels if key[0] in GLUE}
 
 
+class count_calls:  # noqa: N801 (a wrapper, used as a function)
+    """owner.name wrapped to count its calls (in `calls`)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> None:
+        self.calls, fn = 0, getattr(owner, name)
+
+        def counted(*args: object, **kwargs: object) -> object:
+            self.calls += 1
+            return fn(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+
+
 def decode_steps(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
     """The logits after the prompt and after each of `tokens` but the last, step by step."""
     decoder = BatchDecoder(model.model, [prompt], len(prompt) + len(tokens))
@@ -43,13 +56,20 @@ def decode_steps(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
 # sliding-window rings, router biases, clamped experts (gpt_oss); sigmoid scores, groups, the
 # correction bias, partial rotary, a shared expert (glm4_moe); plain Mixtral below
 @pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "gpt_oss", "glm4_moe"])
-def test_one_row_steps_equal_transformers(tmp_path, glue_on_tiny_models, family):
+def test_one_row_steps_equal_transformers(tmp_path, glue_on_tiny_models, monkeypatch, family):
     hf = save_family(family, tmp_path)
     want_tokens = reference_greedy(hf, PROMPT, NEW_TOKENS)
+    native = count_calls(monkeypatch, onequery, "attend")
+    heads = count_calls(monkeypatch, onerow, "heads")
     with offload_rt.load(tmp_path) as model:
         tokens = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, stop=[]).token_ids
         steps = decode_steps(model, PROMPT, tokens)
     assert glue_compiled() >= {"_enter", "_heads", "_leave"}
+    # attention in C++ (`model/onequery.py`) after the glue's `heads` (q/k norms in each of
+    # these families, biases too in glm4_moe), but where sinks and sliding-window rings are
+    # (gpt_oss): there torch's
+    assert heads.calls > 0
+    assert (native.calls > 0) == (family != "gpt_oss")
     with torch.no_grad():
         want = hf(torch.tensor([PROMPT + tokens[:-1]])).logits[0, len(PROMPT) - 1 :]
     assert (steps - want).abs().max().item() <= 1e-4
@@ -64,10 +84,14 @@ def test_one_row_agrees_with_the_eager_step_and_is_only_taken_for_one_row(
     expert's slot, prefetch) gives the same tokens."""
     folder, hf = reference
     monkeypatch.setattr(cpukernels, "MIN_NUMEL", 0)
+    native = count_calls(monkeypatch, onequery, "attend")
+    heads = count_calls(monkeypatch, onerow, "heads")
     with offload_rt.load(folder) as model:
         tokens = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, stop=[]).token_ids
         compiled = decode_steps(model, PROMPT, tokens)
-        assert glue_compiled() >= {"_enter", "_heads", "_leave"}
+        assert glue_compiled() >= {"_enter", "_leave"}
+        # every layer's attention in C++, its rotation too (no bias or norm comes first)
+        assert native.calls >= 2 * (NEW_TOKENS - 1) and heads.calls == 0
         monkeypatch.setattr(onerow, "MIN_HIDDEN", 1 << 30)
         eager = decode_steps(model, PROMPT, tokens)
         before = len(cpukernels.COMPILED.kernels)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from offload_rt.config import ModelConfig
 from offload_rt.grid import ExpertGrid, ExpertKey
-from offload_rt.model import onerow
+from offload_rt.model import onequery, onerow
 from offload_rt.model.ffn import SwiGLU
 from offload_rt.model.kvcache import KVCache, RingStep, attention_mask
 from offload_rt.model.layers import (
@@ -258,8 +258,12 @@ class MoEDecoder:
             assert isinstance(w, AttentionWeights)
             h, a = onerow.enter(h, lw.input_norm, eps, moe_out)
             moe_out = None
-            q, k, v = onerow.heads(linear(a, w.wqkv), w, spec, rope)
-            heads = attend(q, k, v, w.sinks, positions, cache, i, kv_len, mask, start, ring)
+            qkv = linear(a, w.wqkv)
+            if start is not None and onequery.applies(cache, i, qkv.dtype, w.sinks, mask):
+                heads = self._attend_one(qkv, w, rope, cache, i, start, kv_len)
+            else:
+                q, k, v = onerow.heads(qkv, w, spec, rope)
+                heads = attend(q, k, v, w.sinks, positions, cache, i, kv_len, mask, start, ring)
             o = linear(heads, w.wo)
             upcoming = self.grid.next_layer(i)
             mlp = lw.mlp
@@ -281,6 +285,29 @@ class MoEDecoder:
                 moe_out = None
                 self._predict(h, upcoming, None, "moe")
         return onerow.enter(h, self.weights.norm, eps, moe_out)[1]
+
+    def _attend_one(
+        self,
+        qkv: torch.Tensor,
+        w: AttentionWeights,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache,
+        layer: int,
+        position: int,
+        kv_len: int,
+    ) -> torch.Tensor:
+        """One token's attention from its stacked q/k/v product (1, 1, (H + 2K) Hd) in C++
+        (`model/onequery.py`): rotated there where no bias, norm or clipping comes first,
+        else after the compiled glue's `heads`."""
+        spec = self.spec.attention
+        assert isinstance(spec, AttentionSpec)
+        if w.bqkv is None and w.q_norm is None and w.k_norm is None and spec.clip_qkv is None:
+            flat = qkv.view(-1)
+            q_width, kv_width = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
+            q, k, v = flat.split([q_width, kv_width, kv_width])
+            return onequery.attend(q, k, v, rope, cache, layer, position, kv_len)
+        q, k, v = onerow.heads(qkv, w, spec, rope)
+        return onequery.attend(q, k, v, None, cache, layer, position, kv_len)
 
     def _predict(
         self, h: torch.Tensor, layer: int | None, live: torch.Tensor | None, at: str

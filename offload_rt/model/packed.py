@@ -31,14 +31,12 @@ instructions, torch runs below AVX-512 (`ATEN_CPU_CAPABILITY`), the build fails,
 from __future__ import annotations
 
 import functools
-import logging
 import os
-import threading
 from collections.abc import Callable
 
 import torch
 
-log = logging.getLogger(__name__)
+from offload_rt.model import native
 
 _SOURCE = r"""
 #include <immintrin.h>
@@ -117,11 +115,9 @@ extern "C" void kernel(const uint16_t* x, const uint8_t* packed, const uint16_t*
 }
 """
 
-_ARGTYPES = ["const uint16_t*", "const uint8_t*", "const uint16_t*", "const uint16_t*"]
-_ARGTYPES += ["uint16_t*", "int64_t", "int64_t", "int64_t", "int64_t"]
+_ARGTYPES = ("const uint16_t*", "const uint8_t*", "const uint16_t*", "const uint16_t*")
+_ARGTYPES += ("uint16_t*", "int64_t", "int64_t", "int64_t", "int64_t")
 ENV = "OFFLOAD_RT_INT4_KERNEL"  # "0": the generated kernel of `cpukernels` instead
-
-_lock = threading.Lock()
 
 
 @functools.cache
@@ -134,16 +130,8 @@ def cpu_supports() -> bool:
     )
 
 
-@functools.cache
 def _kernel() -> Callable[..., None] | None:
-    from torch._inductor.codecache import CppPythonBindingsCodeCache
-
-    with _lock:
-        try:
-            return CppPythonBindingsCodeCache.load_pybinding(_ARGTYPES, _SOURCE)
-        except Exception as e:  # no compiler, or one too old for these intrinsics
-            log.warning("int4 bfloat16 kernel off, the generated one instead: %s", e)
-            return None
+    return native.build("int4 bfloat16 kernel", _ARGTYPES, _SOURCE)
 
 
 def available() -> bool:

@@ -1,0 +1,310 @@
+"""One query's attention on the CPU in C++: a batch-1 decode step's keys rotated and written
+into the cache, and its query heads over the layer's keys, in one call.
+
+In torch these are some fifteen operations a layer (the q and k rotation, two cache writes,
+slicing the cache, widening 16-bit keys and values to float32, the attention kernel, the
+output's reshape): 80-100 µs a layer for a few microseconds of arithmetic at short contexts,
+most of a millisecond of an 8-layer step. Here one call does it, reading the cache in its own
+dtype (float32, bfloat16 or float16):
+
+- q and k rotated (Llama's `x * cos + rotate_half(x) * sin` over the first Hr dimensions of a
+  head, the tables' width: GLM rotates part of the head) in float32 and rounded once to the
+  model's dtype, as the compiled glue of `model/onerow.py` rounds them; k and v go into the
+  cache at the step's position;
+- each query head dotted with its key head's keys (head h uses key head h // (H / K), as the
+  reference's `repeat_kv`), scaled by 1/sqrt(Hd), softmaxed and summed over the values, all in
+  float32, then rounded once to the model's dtype: torch's path widened to float32
+  (`layers._sdpa`), to float rounding (another order of the sums; e^x by a polynomial within
+  2 ulp of float32's).
+
+The loops are written in GCC's generic vectors of 16 float32 lanes (one AVX-512 register, two
+AVX2 ones, four SSE or NEON ones), a key head's query heads together so that each key and
+value is widened once for all of them; key heads split between threads where the keys are
+many enough to pay for a parallel region. `benchmarks/bench_cpu_attention.py` measures it
+against torch's path.
+
+Only full-attention layers without sinks take it (a ring layer, GPT-OSS's sinks, a masked
+step keep torch's path); the caller checks `applies`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from offload_rt.model import native
+from offload_rt.model.kvcache import KVCache
+
+_SOURCE = r"""
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#include <omp.h>
+
+namespace {
+
+// 16 float32 lanes in GCC's generic vectors: one AVX-512 register, two AVX2 ones, four SSE
+// or NEON ones (Inductor's flags turn the loop vectorizer off; these need none)
+typedef float v16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef _Float16 h16x16 __attribute__((vector_size(32)));
+
+struct F32 {
+    using T = float;
+    static inline float get(T v) { return v; }
+    static inline T put(float f) { return f; }
+    static inline v16 load(const T* p) {
+        v16 r;
+        std::memcpy(&r, p, 64);
+        return r;
+    }
+};
+
+struct BF16 {
+    using T = uint16_t;
+    static inline float get(T v) {
+        uint32_t u = uint32_t(v) << 16;
+        float f;
+        std::memcpy(&f, &u, 4);
+        return f;
+    }
+    static inline T put(float f) {  // round to nearest even, as torch; NaN stays NaN
+        uint32_t u;
+        std::memcpy(&u, &f, 4);
+        if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+        u += 0x7fffu + ((u >> 16) & 1u);
+        return T(u >> 16);
+    }
+    static inline v16 load(const T* p) {
+        u16x16 h;
+        std::memcpy(&h, p, 32);
+        u32x16 w = __builtin_convertvector(h, u32x16) << 16;
+        v16 r;
+        std::memcpy(&r, &w, 64);
+        return r;
+    }
+};
+
+struct F16 {
+    using T = _Float16;
+    static inline float get(T v) { return float(v); }
+    static inline T put(float f) { return T(f); }
+    static inline v16 load(const T* p) {
+        h16x16 h;
+        std::memcpy(&h, p, 32);
+        return __builtin_convertvector(h, v16);
+    }
+};
+
+inline float hsum(v16 v) {
+    v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    return v[0];
+}
+
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+// e^x for x <= 0, 16 lanes at once (glibc's expf is one value a call, the larger part of a
+// step at a few thousand keys): x = n ln2 + r, |r| <= ln2 / 2, e^r by Cephes' expf
+// polynomial (within 2 ulp), times 2^n built in the exponent bits; below -87, e^-87
+inline v16 exp16(v16 x) {
+    x = x < -87.f ? v16{} - 87.f : x;
+    const v16 t = x * 1.44269504088896341f + 0.5f;
+    i32x16 n = __builtin_convertvector(t, i32x16);  // toward zero: floor for t < 0 below
+    n += (i32x16)(t < __builtin_convertvector(n, v16));
+    const v16 nf = __builtin_convertvector(n, v16);
+    const v16 r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    v16 y = 1.9875691500e-4f + v16{};
+    y = y * r + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    y = y * r * r + r + 1.f;
+    const i32x16 bits = (n + 127) << 23;
+    v16 scale;
+    std::memcpy(&scale, &bits, 64);
+    return y * scale;
+}
+
+// x (D) of dtype C -> y (D) float32: the first `rot` dimensions rotated, every value
+// rounded through the dtype (as the torch path stores the rotated head)
+template <class C>
+inline void rotate(const typename C::T* x, const typename C::T* cs, const typename C::T* sn,
+                   int64_t rot, int64_t D, float* y) {
+    for (int64_t i = 0; i < D; ++i) y[i] = C::get(x[i]);
+    const int64_t half = rot / 2;
+    for (int64_t i = 0; i < half; ++i) {
+        const float a = y[i], b = y[i + half];
+        y[i] = C::get(C::put(a * C::get(cs[i]) - b * C::get(sn[i])));
+        y[i + half] = C::get(C::put(b * C::get(cs[i + half]) + a * C::get(sn[i + half])));
+    }
+}
+
+// a row of D values widened into ceil(D / 16) vectors, the last one's missing lanes 0
+template <class C>
+inline void load_row(const typename C::T* p, int64_t D, v16* row) {
+    int64_t c = 0;
+    for (; 16 * (c + 1) <= D; ++c) row[c] = C::load(p + 16 * c);
+    if (16 * c < D) {
+        float tail[16] = {0.f};
+        for (int64_t j = 0; 16 * c + j < D; ++j) tail[j] = C::get(p[16 * c + j]);
+        row[c] = F32::load(tail);
+    }
+}
+
+template <class C>
+void attend(const void* qv, const void* kv, const void* vv, const void* cosv, const void* sinv,
+            int64_t rot, void* kcv, void* vcv, int64_t S, int64_t pos, int64_t len, int64_t H,
+            int64_t KH, int64_t D, void* outv, int64_t threads) {
+    using T = typename C::T;
+    const T *q = (const T*)qv, *k = (const T*)kv, *v = (const T*)vv;
+    const T *cs = (const T*)cosv, *sn = (const T*)sinv;
+    T *kc = (T*)kcv, *vc = (T*)vcv, *out = (T*)outv;
+    std::vector<float> tmp(D);
+    for (int64_t h = 0; h < KH; ++h) {
+        rotate<C>(k + h * D, cs, sn, rot, D, tmp.data());
+        T* kdst = kc + (h * S + pos) * D;
+        T* vdst = vc + (h * S + pos) * D;
+        for (int64_t i = 0; i < D; ++i) {
+            kdst[i] = C::put(tmp[i]);
+            vdst[i] = v[h * D + i];
+        }
+    }
+    const int64_t group = H / KH, vecs = (D + 15) / 16;
+    const float scale = 1.0f / std::sqrt(float(D));
+    const int nt = (len * H * D >= (int64_t(1) << 16)) ? int(threads) : 1;
+    #pragma omp parallel num_threads(nt) if(nt > 1)
+    {
+        // a key head's query heads together: each key and value widened once for all of them
+        std::vector<float> qf(16 * vecs, 0.f), p(group * len);
+        std::vector<v16> qr(group * vecs), acc(group * vecs), row(vecs);
+        #pragma omp for schedule(static)
+        for (int64_t kh = 0; kh < KH; ++kh) {
+            for (int64_t g = 0; g < group; ++g) {
+                rotate<C>(q + (kh * group + g) * D, cs, sn, rot, D, qf.data());
+                for (int64_t c = 0; c < vecs; ++c) qr[g * vecs + c] = F32::load(&qf[16 * c]);
+            }
+            const T* keys = kc + kh * S * D;
+            const T* values = vc + kh * S * D;
+            for (int64_t s = 0; s < len; ++s) {
+                load_row<C>(keys + s * D, D, row.data());
+                for (int64_t g = 0; g < group; ++g) {
+                    v16 d = qr[g * vecs] * row[0];
+                    for (int64_t c = 1; c < vecs; ++c) d += qr[g * vecs + c] * row[c];
+                    p[g * len + s] = hsum(d) * scale;
+                }
+            }
+            for (int64_t g = 0; g < group; ++g) {
+                float* pg = p.data() + g * len;
+                float top = -INFINITY, total;
+                for (int64_t s = 0; s < len; ++s) top = pg[s] > top ? pg[s] : top;
+                v16 sum = {};
+                int64_t s = 0;
+                for (; s + 16 <= len; s += 16) {
+                    const v16 e = exp16(F32::load(pg + s) - top);
+                    std::memcpy(pg + s, &e, 64);
+                    sum += e;
+                }
+                total = hsum(sum);
+                for (; s < len; ++s) {  // the last keys
+                    pg[s] = std::exp(pg[s] - top);
+                    total += pg[s];
+                }
+                const float inv = 1.0f / total;
+                for (s = 0; s < len; ++s) pg[s] *= inv;
+            }
+            for (auto& a : acc) a = v16{};
+            for (int64_t s = 0; s < len; ++s) {
+                load_row<C>(values + s * D, D, row.data());
+                for (int64_t g = 0; g < group; ++g) {
+                    const float w = p[g * len + s];
+                    for (int64_t c = 0; c < vecs; ++c) acc[g * vecs + c] += w * row[c];
+                }
+            }
+            for (int64_t g = 0; g < group; ++g)
+                for (int64_t i = 0; i < D; ++i)
+                    out[(kh * group + g) * D + i] = C::put(acc[g * vecs + i / 16][i % 16]);
+        }
+    }
+}
+
+}  // namespace
+
+// q (H, D), k and v (KH, D) of this step; cos, sin (rot) at its position (rot 0: no
+// rotation); the layer's cache (KH, S, D), written at pos; attention over keys 0 .. len - 1
+// into out (H, D). dtype: 0 float32, 1 bfloat16, 2 float16.
+extern "C" void kernel(const void* q, const void* k, const void* v, const void* cs,
+                       const void* sn, int64_t rot, void* kc, void* vc, int64_t S, int64_t pos,
+                       int64_t len, int64_t H, int64_t KH, int64_t D, void* out,
+                       int64_t threads, int64_t dtype) {
+    if (dtype == 0) attend<F32>(q, k, v, cs, sn, rot, kc, vc, S, pos, len, H, KH, D, out, threads);
+    if (dtype == 1) attend<BF16>(q, k, v, cs, sn, rot, kc, vc, S, pos, len, H, KH, D, out, threads);
+    if (dtype == 2) attend<F16>(q, k, v, cs, sn, rot, kc, vc, S, pos, len, H, KH, D, out, threads);
+}
+"""
+
+_ARGTYPES = ("const void*",) * 5 + ("int64_t", "void*", "void*") + ("int64_t",) * 6
+_ARGTYPES += ("void*", "int64_t", "int64_t")
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def applies(
+    cache: KVCache, layer: int, dtype: torch.dtype, sinks: torch.Tensor | None, mask: object
+) -> bool:
+    """Whether a one-row step's attention at `layer` can take this path: a full layer of a
+    one-row CPU cache of the activations' float dtype, no sinks, no mask (every key visible),
+    and the code built."""
+    keys = cache.keys[layer]
+    return (
+        cache.windows[layer] is None
+        and keys.dtype == dtype
+        and sinks is None
+        and mask is None
+        and keys.device.type == "cpu"
+        and keys.shape[0] == 1
+        and keys.is_contiguous()
+        and keys.dtype in _DTYPES
+        and _kernel() is not None
+    )
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor] | None,
+    cache: KVCache,
+    layer: int,
+    position: int,
+    kv_len: int,
+) -> torch.Tensor:
+    """q (H Hd), k and v (K Hd) of one token at `position`, contiguous, of the cache's dtype;
+    rope: its cos and sin (..., Hr) from `RopeTables.at`, or None where q and k are already
+    rotated. Writes k, v into the cache; returns the heads' outputs side by side (1, 1, H Hd)
+    over keys 0 .. kv_len - 1. The caller has checked `applies`."""
+    keys, values = cache.keys[layer], cache.values[layer]  # (1, K, S, Hd)
+    _, kv_heads, max_len, hd = keys.shape
+    if rope is None:
+        cos = sin = q  # not read
+        rot = 0
+    else:
+        cos, sin = (t.reshape(-1).contiguous() for t in rope)
+        rot = cos.shape[0]
+    out = torch.empty((1, 1, q.numel()), dtype=q.dtype)
+    kernel = _kernel()
+    assert kernel is not None
+    kernel(
+        q, k, v, cos, sin, rot, keys, values, max_len, position, kv_len,
+        q.numel() // hd, kv_heads, hd, out, torch.get_num_threads(), _DTYPES[q.dtype],
+    )  # fmt: skip
+    return out
+
+
+def _kernel() -> Callable[..., None] | None:
+    return native.build("one-query attention", _ARGTYPES, _SOURCE)
