@@ -36,101 +36,10 @@ import torch
 from offload_rt.model import native
 from offload_rt.model.kvcache import KVCache
 
-_SOURCE = r"""
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <vector>
-#include <omp.h>
-
+_SOURCE = (
+    native.PRELUDE
+    + r"""
 namespace {
-
-// 16 float32 lanes in GCC's generic vectors: one AVX-512 register, two AVX2 ones, four SSE
-// or NEON ones (Inductor's flags turn the loop vectorizer off; these need none)
-typedef float v16 __attribute__((vector_size(64)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef _Float16 h16x16 __attribute__((vector_size(32)));
-
-struct F32 {
-    using T = float;
-    static inline float get(T v) { return v; }
-    static inline T put(float f) { return f; }
-    static inline v16 load(const T* p) {
-        v16 r;
-        std::memcpy(&r, p, 64);
-        return r;
-    }
-};
-
-struct BF16 {
-    using T = uint16_t;
-    static inline float get(T v) {
-        uint32_t u = uint32_t(v) << 16;
-        float f;
-        std::memcpy(&f, &u, 4);
-        return f;
-    }
-    static inline T put(float f) {  // round to nearest even, as torch; NaN stays NaN
-        uint32_t u;
-        std::memcpy(&u, &f, 4);
-        if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-        u += 0x7fffu + ((u >> 16) & 1u);
-        return T(u >> 16);
-    }
-    static inline v16 load(const T* p) {
-        u16x16 h;
-        std::memcpy(&h, p, 32);
-        u32x16 w = __builtin_convertvector(h, u32x16) << 16;
-        v16 r;
-        std::memcpy(&r, &w, 64);
-        return r;
-    }
-};
-
-struct F16 {
-    using T = _Float16;
-    static inline float get(T v) { return float(v); }
-    static inline T put(float f) { return T(f); }
-    static inline v16 load(const T* p) {
-        h16x16 h;
-        std::memcpy(&h, p, 32);
-        return __builtin_convertvector(h, v16);
-    }
-};
-
-inline float hsum(v16 v) {
-    v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-    v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-    v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-    v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-    return v[0];
-}
-
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-
-// e^x for x <= 0, 16 lanes at once (glibc's expf is one value a call, the larger part of a
-// step at a few thousand keys): x = n ln2 + r, |r| <= ln2 / 2, e^r by Cephes' expf
-// polynomial (within 2 ulp), times 2^n built in the exponent bits; below -87, e^-87
-inline v16 exp16(v16 x) {
-    x = x < -87.f ? v16{} - 87.f : x;
-    const v16 t = x * 1.44269504088896341f + 0.5f;
-    i32x16 n = __builtin_convertvector(t, i32x16);  // toward zero: floor for t < 0 below
-    n += (i32x16)(t < __builtin_convertvector(n, v16));
-    const v16 nf = __builtin_convertvector(n, v16);
-    const v16 r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-    v16 y = 1.9875691500e-4f + v16{};
-    y = y * r + 1.3981999507e-3f;
-    y = y * r + 8.3334519073e-3f;
-    y = y * r + 4.1665795894e-2f;
-    y = y * r + 1.6666665459e-1f;
-    y = y * r + 5.0000001201e-1f;
-    y = y * r * r + r + 1.f;
-    const i32x16 bits = (n + 127) << 23;
-    v16 scale;
-    std::memcpy(&scale, &bits, 64);
-    return y * scale;
-}
 
 // x (D) of dtype C -> y (D) float32: the first `rot` dimensions rotated, every value
 // rounded through the dtype (as the torch path stores the rotated head)
@@ -248,6 +157,7 @@ extern "C" void kernel(const void* q, const void* k, const void* v, const void* 
     if (dtype == 2) attend<F16>(q, k, v, cs, sn, rot, kc, vc, S, pos, len, H, KH, D, out, threads);
 }
 """
+)
 
 _ARGTYPES = ("const void*",) * 5 + ("int64_t", "void*", "void*") + ("int64_t",) * 6
 _ARGTYPES += ("void*", "int64_t", "int64_t")
