@@ -110,3 +110,6 @@ def test_one_query_attention_leaves_what_it_does_not_do_to_torch():
     assert not onequery.applies(two_rows, 0, torch.bfloat16, None, None)
     ring = KVCache.allocate(1, 1, 2, 8, 32, CPU, torch.bfloat16, windows=(4,))
     assert not onequery.applies(ring, 0, torch.bfloat16, None, None)
+    q, kv = torch.zeros(8 * 32, dtype=torch.bfloat16), torch.zeros(2 * 32, dtype=torch.bfloat16)
+    with pytest.raises(IndexError, match="do not fit a cache of 13 positions"):
+        onequery.attend(q, kv, kv, None, cache, 0, 13, 14)  # past the end: an error, no write

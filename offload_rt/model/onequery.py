@@ -200,6 +200,10 @@ def attend(
     over keys 0 .. kv_len - 1. The caller has checked `applies`."""
     keys, values = cache.keys[layer], cache.values[layer]  # (1, K, S, Hd)
     _, kv_heads, max_len, hd = keys.shape
+    if not 0 <= position < kv_len <= max_len:  # the C++ would write past the cache
+        raise IndexError(
+            f"position {position} and {kv_len} keys do not fit a cache of {max_len} positions"
+        )
     if rope is None:
         cos = sin = q  # not read
         rot = 0
