@@ -33,14 +33,17 @@ from offload_rt.model import cpukernels, onequery, onerow, packed
 Timings = collections.defaultdict[str, float]
 
 
-def timed(owner: object, name: str, label: str, acc: Timings) -> None:
-    """Replace owner.name by a wrapper adding its seconds to acc[label]."""
+def timed(owner: object, name: str, label: str, acc: Timings, calls: list | None = None) -> None:
+    """Replace owner.name by a wrapper adding its seconds to acc[label] (and its calls to
+    `calls`, where given, for the replay)."""
     fn = getattr(owner, name)
 
     def wrapper(*args: object, **kwargs: object) -> object:
         start = time.perf_counter()
         out = fn(*args, **kwargs)
         acc[label] += time.perf_counter() - start
+        if calls is not None:
+            calls.append((fn, args))
         return out
 
     setattr(owner, name, wrapper)
@@ -91,7 +94,7 @@ def main() -> None:
     kernels: Timings = collections.defaultdict(float)
     calls: list[tuple[Callable, tuple]] = []
     timed_kernels(kernels, calls)
-    timed(packed, "affine4_gemv", "packed.affine4_gemv (int4 x bfloat16)", kernels)
+    timed(packed, "affine4_gemv", "packed.affine4_gemv (int4 x bfloat16)", kernels, calls)
     parts: Timings = collections.defaultdict(float)
     # the one-row path's parts (model/onerow.py) and what the decoder calls between them
     timed(onerow, "enter", "compiled: expert sum, residual, norm", parts)
