@@ -150,6 +150,22 @@ class LocalExpertBackend:
             return out
         return LayerCall(self, groups, device, cpu).execute()
 
+    def resident(self, keys: list[ExpertKey]) -> list[ExpertFFN] | None:
+        """For a caller that computes the experts itself (`model/rowlayer.py`): their weights
+        in `keys`' order, with `run`'s bookkeeping (the layer's tick, the lookups and their
+        counters), where each is resident in a format whose weights stay put and none is
+        arriving or in the CPU set; else None, and nothing done (`run` serves them)."""
+        if not keys or self.cpu_set or not self.store.format.stable_weights:
+            return None
+        if not all(k in self.cache and k not in self.loads for k in keys):
+            return None
+        self.eviction.tick(keys[0].layer)
+        if self.prefetcher is not None:
+            self.prefetcher.settle(keys[0].layer, set(keys))
+        self.loads.reap()
+        slots = [self.eviction.lookup(key) for key in keys]
+        return [self.store.weights(s) for s in slots]  # type: ignore[arg-type]
+
     def settle(self) -> None:
         """Wait until every load in flight has finished (their experts stay resident)."""
         self.loads.settle()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from offload_rt.config import ModelConfig
 from offload_rt.grid import ExpertGrid, ExpertKey
-from offload_rt.model import onequery, onerow
+from offload_rt.model import onequery, onerow, rowlayer
 from offload_rt.model.ffn import SwiGLU
 from offload_rt.model.kvcache import KVCache, RingStep, attention_mask
 from offload_rt.model.layers import (
@@ -142,6 +142,7 @@ class MoEDecoder:
             for i, lw in enumerate(weights.layers)
             if isinstance(lw.mlp, MoEWeights)
         }
+        self._row_plans: list[rowlayer.LayerPlan] | None | bool = False  # False: not yet asked
 
     @property
     def device(self) -> torch.device:
@@ -252,6 +253,11 @@ class MoEDecoder:
         c, spec = self.config, self.spec.attention
         assert isinstance(spec, AttentionSpec)
         eps = c.rms_norm_eps
+        plans = self._layer_plans(h) if start is not None and mask is None else None
+        if plans is not None and all(
+            onequery.applies(cache, i, h.dtype, None, None) for i in range(len(plans))
+        ):
+            return self._native_layers(h, plans, cache, start, rope)  # type: ignore[arg-type]
         moe_out: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None] | None = None
         for i, lw in enumerate(self.weights.layers):
             w = lw.attn
@@ -285,6 +291,62 @@ class MoEDecoder:
                 moe_out = None
                 self._predict(h, upcoming, None, "moe")
         return onerow.enter(h, self.weights.norm, eps, moe_out)[1]
+
+    def _layer_plans(self, h: torch.Tensor) -> list[rowlayer.LayerPlan] | None:
+        """Every layer's plan for `model/rowlayer.py` where all of them have one (bfloat16
+        activations, every layer a plain MoE one of int4 weights, no prefetcher), else None;
+        made once."""
+        if h.dtype != torch.bfloat16 or self.prefetcher is not None:
+            return None
+        if self._row_plans is False:
+            self._row_plans = None
+            if rowlayer.available():
+                plans = [self._layer_plan(lw) for lw in self.weights.layers]
+                if all(p is not None for p in plans):
+                    self._row_plans = plans  # type: ignore[assignment]
+        return self._row_plans  # type: ignore[return-value]
+
+    def _layer_plan(self, lw: LayerWeights) -> rowlayer.LayerPlan | None:
+        mlp = lw.mlp
+        if not isinstance(mlp, MoEWeights):
+            return None
+        extras = (mlp.router_bias, mlp.correction, mlp.shared, mlp.shared_gate)
+        return rowlayer.plan(
+            lw.attn, self.spec.attention, lw.input_norm, lw.post_attn_norm, mlp.router,
+            self.spec.router, extras,
+        )  # fmt: skip
+
+    def _native_layers(
+        self,
+        h: torch.Tensor,
+        plans: list[rowlayer.LayerPlan],
+        cache: KVCache,
+        position: int,
+        rope: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """`_one_row` with each layer as two C++ calls (`model/rowlayer.py`) and the backend's
+        lookups between them; experts it does not serve so computed by the backend."""
+        c, spec = self.config, self.spec.attention
+        assert isinstance(spec, AttentionSpec)
+        step = rowlayer.Step(h, self.spec.router.top_k)
+        resident = getattr(self.backend, "resident", None)  # a local backend's
+        for i, plan in enumerate(plans):
+            chosen = rowlayer.attend(
+                step, plan, spec, rope, cache.keys[i], cache.values[i], position,
+                self.spec.router, c.experts_per_layer, c.rms_norm_eps,
+            )  # fmt: skip
+            keys = [ExpertKey(i, e) for e in chosen]
+            ffns = None if resident is None else resident(keys)
+            if ffns is not None and rowlayer.experts(step, ffns):
+                continue
+            m = step.m
+            if ffns is not None:  # looked up, not of the C++ loops' kind
+                step.set_outputs([ffn(m) for ffn in ffns])
+                continue
+            outputs = self.backend.run({key: m for key in keys})
+            step.set_outputs([outputs[key] for key in keys])
+        h = step.h.view(1, 1, -1)
+        return onerow.enter(h, self.weights.norm, c.rms_norm_eps, step.moe())[1]
 
     def _attend_one(
         self,

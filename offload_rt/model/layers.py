@@ -33,6 +33,11 @@ class PackedMatrix(Protocol):
         """x (M, K) -> (M, N)."""
         ...
 
+    def affine4(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Its int4 affine codes, scales and offsets (`experts/quant.py`'s layout) where it is
+        that format, else None."""
+        ...
+
 
 def linear(
     x: torch.Tensor, w: torch.Tensor | PackedMatrix, b: torch.Tensor | None = None

@@ -36,9 +36,8 @@ import torch
 from offload_rt.model import native
 from offload_rt.model.kvcache import KVCache
 
-_SOURCE = (
-    native.PRELUDE
-    + r"""
+# the loops, shared with `model/rowlayer.py`
+BODY = r"""
 namespace {
 
 // x (D) of dtype C -> y (D) float32: the first `rot` dimensions rotated, every value
@@ -144,7 +143,12 @@ void attend(const void* qv, const void* kv, const void* vv, const void* cosv, co
 }
 
 }  // namespace
+"""
 
+_SOURCE = (
+    native.PRELUDE
+    + BODY
+    + r"""
 // q (H, D), k and v (KH, D) of this step; cos, sin (rot) at its position (rot 0: no
 // rotation); the layer's cache (KH, S, D), written at pos; attention over keys 0 .. len - 1
 // into out (H, D). dtype: 0 float32, 1 bfloat16, 2 float16.

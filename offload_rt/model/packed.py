@@ -38,33 +38,15 @@ import torch
 
 from offload_rt.model import native
 
-_SOURCE = r"""
+# the row loop, shared with `model/rowlayer.py` (x86 only: callers check `cpu_supports`)
+ROW = r"""
 #include <immintrin.h>
-#include <cstdint>
-#include <cstring>
-#include <vector>
-#include <omp.h>
 
 #define TGT __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,f16c,fma")))
 
 namespace {
 
 TGT inline float f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
-
-inline float bf16_to_f32(uint16_t b) {
-    uint32_t u = uint32_t(b) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-
-inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch; NaN stays NaN
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return uint16_t(u >> 16);
-}
 
 // one row: sum_g scales[g] * (codes of group g . x) + sum_g offsets[g] * xsum[g]
 TGT float row(const uint8_t* codes, const uint16_t* scales, const uint16_t* offsets,
@@ -98,6 +80,12 @@ TGT float row(const uint8_t* codes, const uint16_t* scales, const uint16_t* offs
 }
 
 }  // namespace
+"""
+
+_SOURCE = (
+    native.PRELUDE
+    + ROW
+    + r"""
 
 // y (N) = x (K) times the int4 affine matrix: packed (N, K/2) codes, scales and offsets
 // (N, K/G) float16; x and y bfloat16. K/2 a multiple of G, G of 32.
@@ -107,13 +95,14 @@ extern "C" void kernel(const uint16_t* x, const uint8_t* packed, const uint16_t*
     const int64_t ng = K / G, half = K / 2;
     std::vector<float> xsum(ng, 0.f);
     for (int64_t g = 0; g < ng; ++g)
-        for (int64_t j = 0; j < G; ++j) xsum[g] += bf16_to_f32(x[g * G + j]);
+        for (int64_t j = 0; j < G; ++j) xsum[g] += BF16::get(x[g * G + j]);
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; ++n)
-        y[n] = f32_to_bf16(row(packed + n * half, scales + n * ng, offsets + n * ng, x,
+        y[n] = BF16::put(row(packed + n * half, scales + n * ng, offsets + n * ng, x,
                                xsum.data(), K, G));
 }
 """
+)
 
 _ARGTYPES = ("const uint16_t*", "const uint8_t*", "const uint16_t*", "const uint16_t*")
 _ARGTYPES += ("uint16_t*", "int64_t", "int64_t", "int64_t", "int64_t")
@@ -143,8 +132,13 @@ def applies(x: torch.Tensor, scales: torch.Tensor) -> bool:
     """Whether `affine4_gemv` serves x (1, K) against int4 codes with these scales: bfloat16
     activations on a CPU that has the instructions, groups of a multiple of 32 columns that
     do not span the two halves; not turned off by `ENV`."""
-    k, groups = x.shape[1], scales.shape[1]
-    if x.dtype != torch.bfloat16 or groups % 2 or k % groups or (k // groups) % 32:
+    return fits(x.dtype, x.shape[1], scales.shape[1])
+
+
+def fits(dtype: torch.dtype, k: int, groups: int) -> bool:
+    """`applies` for activations of this dtype and a matrix of k input columns in `groups`
+    groups a row."""
+    if dtype != torch.bfloat16 or groups % 2 or k % groups or (k // groups) % 32:
         return False
     return os.environ.get(ENV, "1") != "0" and cpu_supports()
 

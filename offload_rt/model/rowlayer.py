@@ -1,0 +1,360 @@
+"""A one-row CPU decode step's layer in two C++ calls: int4 models with bfloat16 activations.
+
+Through the one-row path of `decoder._one_row`, a layer of an int4 model (experts and dense
+weights as affine codes, `dense_quant="int4"`) with bfloat16 activations is some fifteen calls:
+the compiled glue, the int4 products of q/k/v and the output (`packed`), the C++ attention
+(`onequery`), the router, and each chosen expert's three calls. The products run at memory
+speed; the step still spent ~1.9 ms of 6.4 outside them (`benchmarks/profile_cpu_step.py`,
+products replayed back to back 4.5 ms). Here a layer is two calls:
+
+1. `attend`: the previous layer's experts' outputs summed into the residual with their weights
+   (each term and sum rounded to bfloat16, as `onerow.enter`), the input RMSNorm, the q/k/v
+   product, the rotation, cache write and attention (`onequery`'s loops), the output product,
+   the residual, the MoE input's RMSNorm and the router (softmax, top k, renormalised where
+   the family does, scaled) -> the chosen experts, in ascending order, and their weights;
+2. the backend looks the chosen experts up (its bookkeeping: residency, counters, eviction
+   ticks), then `experts`: each expert's w13 rows (int4, `packed`'s row loop), SwiGLU (silu
+   rounded to bfloat16, times up, rounded), w2 rows, into the layer's output rows.
+
+Threads split each product's rows as `packed` does (each output one thread's sum). Every
+rounding is the one-row path's, so results equal it to float rounding (sums in other orders).
+It serves a layer whose attention has no biases, q/k norms, clipping or sinks, on a full
+(not ring) layer of a one-row cache; a MoE block with a plain softmax router and no shared
+expert; int4 weights whose groups `packed` reads; the rest keeps the one-row path. Only x86
+CPUs with AVX-512 BF16 have the row loop (`packed.cpu_supports`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from offload_rt.model import native, onequery, packed
+from offload_rt.model.ffn import SwiGLU
+from offload_rt.model.layers import AttentionSpec, AttentionWeights
+from offload_rt.model.moe import RouterSpec
+
+MAX_K = 8  # experts a token
+
+_SOURCE = (
+    native.PRELUDE
+    + onequery.BODY
+    + packed.ROW
+    + r"""
+namespace {
+
+// h (D) through the RMSNorm with weight w into out, as `layers.rms_norm`
+inline void rms(const uint16_t* h, const uint16_t* w, float eps, int64_t D, uint16_t* out) {
+    float sum = 0.f;
+    for (int64_t i = 0; i < D; ++i) sum += BF16::get(h[i]) * BF16::get(h[i]);
+    const float r = 1.f / std::sqrt(sum / float(D) + eps);
+    for (int64_t i = 0; i < D; ++i)
+        out[i] = BF16::put(BF16::get(w[i]) * BF16::get(BF16::put(BF16::get(h[i]) * r)));
+}
+
+// y (N) = x (K) times int4 affine rows: packed (N, K/2), scales and offsets (N, K/G)
+void int4_rows(const uint16_t* x, const int64_t* m, int64_t N, int64_t K, int64_t G, uint16_t* y,
+               int64_t threads) {
+    const uint8_t* codes = (const uint8_t*)m[0];
+    const uint16_t *scales = (const uint16_t*)m[1], *offsets = (const uint16_t*)m[2];
+    const int64_t ng = K / G, half = K / 2;
+    std::vector<float> xsum(ng, 0.f);
+    for (int64_t g = 0; g < ng; ++g)
+        for (int64_t j = 0; j < G; ++j) xsum[g] += BF16::get(x[g * G + j]);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; ++n)
+        y[n] = BF16::put(
+            row(codes + n * half, scales + n * ng, offsets + n * ng, x, xsum.data(), K, G));
+}
+
+// silu(g) rounded to bfloat16, times u, rounded: h (n) as float32 values
+inline void swiglu(const float* gate, const float* up, float* h, int64_t n) {
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        const v16 g = F32::load(gate + j);
+        const v16 s = g / (1.f + exp16(-g));
+        for (int l = 0; l < 16; ++l)
+            h[j + l] = BF16::get(BF16::put(BF16::get(BF16::put(s[l])) * up[j + l]));
+    }
+    for (; j < n; ++j) {
+        const float s = BF16::get(BF16::put(gate[j] / (1.f + std::exp(-gate[j]))));
+        h[j] = BF16::get(BF16::put(s * up[j]));
+    }
+}
+
+// the top k of E scores (the lower id first among equals), in ascending id order
+void top_k(const float* scores, int64_t E, int64_t k, int64_t* chosen) {
+    std::vector<char> taken(E, 0);
+    for (int64_t j = 0; j < k; ++j) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; ++e)
+            if (!taken[e] && (best < 0 || scores[e] > scores[best])) best = e;
+        taken[best] = 1;
+    }
+    int64_t n = 0;
+    for (int64_t e = 0; e < E; ++e)
+        if (taken[e]) chosen[n++] = e;
+}
+
+}  // namespace
+
+// mode 1, attention half. h (D): the residual, replaced; ys (k, D), w (k): the previous
+// layer's experts' outputs and weights (k_prev of them, 0 for the first layer). t: the layer's
+// pointers (input norm, post-attention norm, router, then codes/scales/offsets of wqkv, wo).
+// Writes m (D), chosen (k) and weights (k) for this layer.
+// mode 2, experts: m (D) through the k experts of `t` (6 pointers each: w13, w2 codes/scales/
+// offsets) into ys (k, D).
+extern "C" void kernel(int64_t mode, uint16_t* h, uint16_t* ys, float* w, int64_t k_prev,
+                       const int64_t* t, const void* cs, const void* sn, int64_t rot, void* kc,
+                       void* vc, int64_t S, int64_t pos, int64_t H, int64_t KH, int64_t Hd,
+                       int64_t D, int64_t F, int64_t E, int64_t k, int64_t G, float eps,
+                       int64_t renormalize, float scale, uint16_t* m, int64_t* chosen,
+                       int64_t threads) {
+    if (mode == 2) {
+        const int64_t g13 = D / G, g2 = F / G;
+        std::vector<float> xsum(g13, 0.f), y(k * 2 * F), hsums(k * g2, 0.f);
+        std::vector<uint16_t> hid(k * F);
+        for (int64_t g = 0; g < g13; ++g)
+            for (int64_t j = 0; j < G; ++j) xsum[g] += BF16::get(m[g * G + j]);
+        #pragma omp parallel num_threads(threads)
+        {
+            std::vector<float> hf(G);
+            for (int64_t e = 0; e < k; ++e) {
+                const int64_t* x = t + 6 * e;
+                #pragma omp for schedule(static) nowait
+                for (int64_t n = 0; n < 2 * F; ++n) {
+                    const uint8_t* codes = (const uint8_t*)x[0] + n * (D / 2);
+                    const uint16_t* sc = (const uint16_t*)x[1] + n * g13;
+                    const uint16_t* of = (const uint16_t*)x[2] + n * g13;
+                    const float out = row(codes, sc, of, m, xsum.data(), D, G);
+                    y[e * 2 * F + n] = BF16::get(BF16::put(out));
+                }
+            }
+            #pragma omp barrier
+            #pragma omp for schedule(static)
+            for (int64_t c = 0; c < k * g2; ++c) {  // a group of G at a time
+                const int64_t e = c / g2, j0 = (c % g2) * G;
+                swiglu(&y[e * 2 * F + j0], &y[e * 2 * F + F + j0], hf.data(), G);
+                float sum = 0.f;
+                for (int64_t j = 0; j < G; ++j) {
+                    hid[e * F + j0 + j] = BF16::put(hf[j]);
+                    sum += hf[j];
+                }
+                hsums[c] = sum;
+            }
+            for (int64_t e = 0; e < k; ++e) {
+                const int64_t* x = t + 6 * e;
+                #pragma omp for schedule(static) nowait
+                for (int64_t n = 0; n < D; ++n) {
+                    const uint8_t* codes = (const uint8_t*)x[3] + n * (F / 2);
+                    const uint16_t* sc = (const uint16_t*)x[4] + n * g2;
+                    const uint16_t* of = (const uint16_t*)x[5] + n * g2;
+                    const float out = row(codes, sc, of, &hid[e * F], &hsums[e * g2], F, G);
+                    ys[e * D + n] = BF16::put(out);
+                }
+            }
+        }
+        return;
+    }
+    const int64_t width = (H + 2 * KH) * Hd;
+    std::vector<uint16_t> a(D), qkv(width), att(H * Hd), o(D);
+    for (int64_t i = 0; i < D; ++i) {  // the previous layer's experts, as `onerow.enter`
+        if (k_prev == 0) break;
+        float acc = BF16::get(BF16::put(BF16::get(ys[i]) * w[0]));
+        for (int64_t j = 1; j < k_prev; ++j)
+            acc = BF16::get(BF16::put(acc + BF16::get(BF16::put(BF16::get(ys[j * D + i]) * w[j]))));
+        h[i] = BF16::put(BF16::get(h[i]) + acc);
+    }
+    rms(h, (const uint16_t*)t[0], eps, D, a.data());
+    int4_rows(a.data(), t + 3, width, D, G, qkv.data(), threads);
+    const uint16_t* q = qkv.data();
+    attend<BF16>(q, q + H * Hd, q + (H + KH) * Hd, cs, sn, rot, kc, vc, S, pos, pos + 1, H, KH,
+                 Hd, att.data(), threads);
+    int4_rows(att.data(), t + 6, D, H * Hd, G, o.data(), threads);
+    for (int64_t i = 0; i < D; ++i) h[i] = BF16::put(BF16::get(h[i]) + BF16::get(o[i]));
+    rms(h, (const uint16_t*)t[1], eps, D, m);
+    // the router: float32 sums rounded to bfloat16 (`moe._logits`), softmax in float32
+    const uint16_t* router = (const uint16_t*)t[2];
+    std::vector<float> mf(D), scores(E);
+    for (int64_t i = 0; i < D; ++i) mf[i] = BF16::get(m[i]);
+    float top = -INFINITY;
+    for (int64_t e = 0; e < E; ++e) {
+        v16 acc = {};
+        int64_t i = 0;
+        for (; i + 16 <= D; i += 16) acc += BF16::load(router + e * D + i) * F32::load(&mf[i]);
+        float s = hsum(acc);
+        for (; i < D; ++i) s += BF16::get(router[e * D + i]) * mf[i];
+        scores[e] = BF16::get(BF16::put(s));
+        top = scores[e] > top ? scores[e] : top;
+    }
+    float total = 0.f;
+    for (int64_t e = 0; e < E; ++e) {
+        scores[e] = std::exp(scores[e] - top);
+        total += scores[e];
+    }
+    for (int64_t e = 0; e < E; ++e) scores[e] /= total;
+    top_k(scores.data(), E, k, chosen);
+    float sum = 0.f;
+    for (int64_t j = 0; j < k; ++j) sum += scores[chosen[j]];
+    for (int64_t j = 0; j < k; ++j)
+        w[j] = (renormalize ? scores[chosen[j]] / sum : scores[chosen[j]]) * scale;
+}
+"""
+)
+_ARGTYPES = ("int64_t", "uint16_t*", "uint16_t*", "float*", "int64_t", "const int64_t*")
+_ARGTYPES += ("const void*", "const void*", "int64_t", "void*", "void*") + ("int64_t",) * 10
+_ARGTYPES += ("float", "int64_t", "float", "uint16_t*", "int64_t*", "int64_t")
+
+
+@dataclass
+class LayerPlan:
+    """One layer's pointers for `attend` (the tensors they point into are held here)."""
+
+    table: torch.Tensor  # int64: input norm, post-attention norm, router, wqkv (3), wo (3)
+    held: tuple[torch.Tensor, ...]
+    group: int
+
+
+def plan(
+    attn: object,
+    spec: object,
+    input_norm: torch.Tensor,
+    post_norm: torch.Tensor,
+    router: torch.Tensor,
+    router_spec: RouterSpec,
+    extras: Sequence[torch.Tensor | None],
+) -> LayerPlan | None:
+    """The layer's plan, or None where `attend` does not serve it (`extras`: the MoE block's
+    router bias, correction and shared expert, which it does not do)."""
+    if not isinstance(attn, AttentionWeights) or not isinstance(spec, AttentionSpec):
+        return None
+    plain_attention = all(
+        t is None for t in (attn.bqkv, attn.bo, attn.q_norm, attn.k_norm, attn.sinks)
+    )
+    if not plain_attention or spec.clip_qkv is not None or any(t is not None for t in extras):
+        return None
+    if router_spec.scoring != "softmax" or not router_spec.plain or router_spec.top_k > MAX_K:
+        return None
+    bf16 = torch.bfloat16
+    if {input_norm.dtype, post_norm.dtype, router.dtype} != {bf16} or not router.is_contiguous():
+        return None
+    parts = [_int4(attn.wqkv), _int4(attn.wo)]
+    if parts[0] is None or parts[1] is None or parts[0][3] != parts[1][3]:
+        return None
+    held = (input_norm, post_norm, router, *parts[0][:3], *parts[1][:3])
+    table = torch.tensor([t.data_ptr() for t in held], dtype=torch.int64)
+    return LayerPlan(table, held, parts[0][3])
+
+
+def _int4(w: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+    """A packed matrix's int4 codes, scales, offsets and group, where `packed`'s row loop
+    reads them with bfloat16 activations."""
+    if isinstance(w, torch.Tensor):
+        return None
+    parts = w.affine4()  # type: ignore[attr-defined]
+    if parts is None:
+        return None
+    codes, scales, offsets = parts
+    k = codes.shape[1] * 2
+    if not packed.fits(torch.bfloat16, k, scales.shape[1]) or not packed.available():
+        return None
+    return codes, scales, offsets, k // scales.shape[1]
+
+
+def available() -> bool:
+    """Whether this CPU runs the loops and they build."""
+    return packed.available() and _kernel() is not None
+
+
+def _kernel() -> Callable[..., None] | None:
+    return native.build("one-row layer", _ARGTYPES, _SOURCE)
+
+
+class Step:
+    """One decode step's state across its layers: the residual h, the last layer's chosen
+    experts' outputs ys (k, D) and weights w (k), the MoE input m."""
+
+    def __init__(self, h: torch.Tensor, k: int) -> None:
+        d = h.numel()
+        self.h = h.reshape(d).clone()
+        self.ys = torch.empty((k, d), dtype=torch.bfloat16)
+        self.w = torch.empty(k, dtype=torch.float32)
+        self.m = torch.empty((1, d), dtype=torch.bfloat16)
+        self.chosen = torch.empty(k, dtype=torch.int64)
+        self.pending = 0  # experts in ys and w not yet summed into h
+
+    def moe(self) -> tuple[list[torch.Tensor], torch.Tensor, None] | None:
+        """The pending experts as `onerow.enter` takes them."""
+        if not self.pending:
+            return None
+        return [self.ys[j : j + 1] for j in range(self.pending)], self.w[: self.pending], None
+
+    def set_outputs(self, outputs: Sequence[torch.Tensor]) -> None:
+        """The experts' outputs (1, D), computed elsewhere, in the chosen order."""
+        for j, y in enumerate(outputs):
+            self.ys[j].copy_(y.reshape(-1))
+        self.pending = len(outputs)
+
+
+def attend(
+    step: Step,
+    layer: LayerPlan,
+    spec: AttentionSpec,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    position: int,
+    router: RouterSpec,
+    experts: int,
+    eps: float,
+) -> list[int]:
+    """Call 1 for a layer at `position` (its cache's keys and values (1, K, S, Hd), checked by
+    `onequery.applies`): the pending experts summed into h, attention, the router. Returns the
+    chosen experts in ascending order (their weights in step.w, the MoE input in step.m)."""
+    kernel = _kernel()
+    assert kernel is not None
+    max_len = keys.shape[2]
+    if not 0 <= position < max_len:  # the C++ would write past the cache
+        raise IndexError(f"position {position} does not fit a cache of {max_len} positions")
+    cos, sin = (t.reshape(-1).contiguous() for t in rope)
+    d, k = step.h.numel(), router.top_k
+    kernel(
+        1, step.h, step.ys, step.w, step.pending, layer.table, cos, sin, cos.shape[0], keys,
+        values, max_len, position, spec.heads, spec.kv_heads, spec.head_dim, d, 0, experts, k,
+        layer.group, eps, router.renormalize, router.scale, step.m, step.chosen,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    step.pending = 0
+    return step.chosen.tolist()
+
+
+def experts(step: Step, ffns: Sequence[object]) -> bool:
+    """Call 2: the chosen experts (`SwiGLU`s of int4 matrices, in step.chosen's order) on
+    step.m into step.ys; False (nothing done) where they are not all of that kind."""
+    pointers: list[int] = []
+    group, width = 0, 0
+    for ffn in ffns:
+        if type(ffn) is not SwiGLU:  # GPT-OSS's clamped experts: not these loops
+            return False
+        w13, w2 = ffn.w13, ffn.w2
+        parts = [_int4(w13), _int4(w2)]
+        if parts[0] is None or parts[1] is None or parts[0][3] != parts[1][3]:
+            return False
+        if group not in (0, parts[0][3]) or width not in (0, w2.shape[1]):
+            return False
+        group, width = parts[0][3], w2.shape[1]
+        for codes, scales, offsets, _ in parts:  # type: ignore[misc]
+            pointers += [codes.data_ptr(), scales.data_ptr(), offsets.data_ptr()]
+    kernel = _kernel()
+    if kernel is None or not ffns:
+        return False
+    table = torch.tensor(pointers, dtype=torch.int64)
+    d, k = step.h.numel(), len(ffns)
+    kernel(
+        2, step.h, step.ys, step.w, 0, table, step.m, step.m, 0, step.m, step.m, 0, 0, 0, 0, 0,
+        d, width, 0, k, group, 0.0, 0, 0.0, step.m, step.chosen, torch.get_num_threads(),
+    )  # fmt: skip
+    step.pending = k
+    return True

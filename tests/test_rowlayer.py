@@ -1,0 +1,129 @@
+"""Tier 1: a one-row layer of an int4 model in two C++ calls (`model/rowlayer.py`) against the
+one-row path's own operations (the compiled glue, the int4 products, `onequery`, the experts'
+`SwiGLU`), and a decode through it against the one-row path's.
+
+Only CPUs with AVX-512 BF16 run these loops (`packed.cpu_supports`); elsewhere the tests skip,
+and where the CPU has the instructions they fail if the code does not build."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import offload_rt
+from offload_rt.engine import BatchDecoder
+from offload_rt.grid import ExpertKey
+from offload_rt.model import cpukernels, onequery, onerow, packed, rowlayer
+from offload_rt.model.layers import linear
+from offload_rt.tools.quantize import quantize_checkpoint
+from tests.conftest import save_reference
+
+pytestmark = pytest.mark.skipif(not packed.cpu_supports(), reason="needs AVX-512 BF16")
+PROMPT = [1, 17, 42, 99, 5]
+ULP = 2.0**-7  # bfloat16, relative
+
+
+@pytest.fixture(scope="module")
+def int4_model(tmp_path_factory):
+    """A tiny Mixtral whose widths int4's row loop reads (groups of 64, an even number a
+    row), its experts quantized to int4; loaded with dense_quant int4, bfloat16."""
+    folder = tmp_path_factory.mktemp("rowlayer")
+    save_reference(
+        folder / "float", hidden_size=128, intermediate_size=128, num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # fmt: skip
+    quantize_checkpoint(folder / "float", folder / "int4", 4, 64, progress=False)
+    return folder / "int4"
+
+
+def close(got: torch.Tensor, want: torch.Tensor, ulps: float) -> bool:
+    """Within `ulps` bfloat16 ulps of want, relative to the larger of |want| and its rms."""
+    scale = torch.maximum(want.float().abs(), want.float().pow(2).mean().sqrt())
+    return bool(((got.float() - want.float()).abs() <= ulps * ULP * scale).all())
+
+
+@pytest.fixture
+def glue_on_tiny_models(monkeypatch):
+    """The one-row path and its int4 products (`packed`) for the tiny model too."""
+    monkeypatch.setattr(onerow, "MIN_HIDDEN", 0)
+    monkeypatch.setattr(cpukernels, "MIN_NUMEL", 0)
+
+
+def test_a_layer_equals_the_one_row_paths_operations(int4_model, glue_on_tiny_models):
+    assert rowlayer.available()  # it builds where the CPU has the instructions
+    gen = torch.Generator().manual_seed(0)
+    with offload_rt.load(int4_model, dtype=torch.bfloat16, dense_quant="int4") as model:
+        dec, c = model.model, model.model.config
+        lw, spec, eps = dec.weights.layers[0], dec.spec.attention, c.rms_norm_eps
+        mlp = lw.mlp
+        extras = (mlp.router_bias, mlp.correction, mlp.shared, mlp.shared_gate)
+        plan = rowlayer.plan(
+            lw.attn, spec, lw.input_norm, lw.post_attn_norm, mlp.router, dec.spec.router, extras
+        )
+        assert plan is not None
+        h = (torch.randn(1, 1, c.hidden_size, generator=gen) * 0.5).bfloat16()
+        seen, pos = 6, torch.tensor([[6]])
+        rope = dec.rope.at(pos, torch.bfloat16)
+        caches = [dec.new_cache(1, 16) for _ in range(2)]
+        old = torch.randn(2, *caches[0].keys[0][:, :, :seen].shape, generator=gen).bfloat16()
+        for cache in caches:
+            cache.keys[0][:, :, :seen], cache.values[0][:, :, :seen] = old[0], old[1]
+        # the one-row path's operations
+        h1, a = onerow.enter(h, lw.input_norm, eps, None)
+        qkv = linear(a, lw.attn.wqkv).view(-1)
+        widths = [spec.heads * spec.head_dim, *[spec.kv_heads * spec.head_dim] * 2]
+        heads = onequery.attend(*qkv.split(widths), rope, caches[0], 0, seen, seen + 1)
+        o = linear(heads, lw.attn.wo)
+        router = dec.spec.router
+        want = onerow.leave(h1, o, None, lw.post_attn_norm, eps, mlp.router, router, None, None)
+        # call 1
+        step = rowlayer.Step(h, dec.spec.router.top_k)
+        chosen = rowlayer.attend(
+            step, plan, spec, rope, caches[1].keys[0], caches[1].values[0], seen,
+            dec.spec.router, c.experts_per_layer, eps,
+        )  # fmt: skip
+        assert chosen == want[3]
+        for which in ("keys", "values"):
+            mine, theirs = getattr(caches[1], which)[0], getattr(caches[0], which)[0]
+            assert torch.equal(mine[:, :, :seen], theirs[:, :, :seen])  # the rest untouched
+            assert close(mine[:, :, seen], theirs[:, :, seen], 2)
+        assert close(step.h, want[0].view(-1), 2) and close(step.m, want[1], 2)
+        torch.testing.assert_close(step.w, want[2], rtol=4 * ULP, atol=4 * ULP)
+        # call 2: the chosen experts, as their SwiGLU computes them on the same input
+        keys = [ExpertKey(0, e) for e in chosen]
+        dec.backend.run({key: step.m for key in keys})  # loads them: resident from now on
+        ffns = dec.backend.resident(keys)
+        assert ffns is not None and rowlayer.experts(step, ffns)
+        for j, ffn in enumerate(ffns):
+            assert close(step.ys[j], ffn(step.m).view(-1), 2)
+        with pytest.raises(IndexError, match="does not fit a cache of 16 positions"):
+            rowlayer.attend(
+                step, plan, spec, rope, caches[1].keys[0], caches[1].values[0], 16,
+                dec.spec.router, c.experts_per_layer, eps,
+            )  # fmt: skip
+
+
+def test_a_decode_through_it_follows_the_one_row_path(int4_model, glue_on_tiny_models, monkeypatch):
+    """Every layer of every decode step in C++, and the step logits the one-row path's to
+    bfloat16 rounding carried through two layers (within 2 ulps of the largest logit; a model
+    whose router sat near a tie could choose otherwise at a step: this one's does not)."""
+
+    def steps(tokens: list[int]) -> torch.Tensor:
+        with offload_rt.load(int4_model, dtype=torch.bfloat16, dense_quant="int4") as model:
+            dec = BatchDecoder(model.model, [PROMPT], len(PROMPT) + len(tokens))
+            out = [dec.prefill()[0]] + [dec.step([t], [True])[0] for t in tokens[:-1]]
+        return torch.stack(out).float()
+
+    calls = []
+    attend = rowlayer.attend
+    monkeypatch.setattr(rowlayer, "attend", lambda *a, **k: calls.append(1) or attend(*a, **k))
+    with offload_rt.load(int4_model, dtype=torch.bfloat16, dense_quant="int4") as model:
+        tokens = model.generate(PROMPT, max_new_tokens=12, stop=[]).token_ids
+        assert model.stats()["hits"] > 0  # the backend's lookups still count
+    assert len(calls) == 2 * (len(tokens) - 1)  # two layers, every decode step
+    native = steps(tokens)
+    monkeypatch.setattr(rowlayer, "plan", lambda *a, **k: None)  # the one-row path
+    one_row = steps(tokens)
+    per_step = (native - one_row).abs().amax(-1) / one_row.abs().amax(-1)
+    assert per_step[0] == 0  # the prompt: the batched path either way
+    assert (per_step <= 2 * ULP).all()  # measured: 0.4-0.75% of the logits' largest
