@@ -330,6 +330,7 @@ class MoEDecoder:
         assert isinstance(spec, AttentionSpec)
         step = rowlayer.Step(h, self.spec.router.top_k)
         resident = getattr(self.backend, "resident", None)  # a local backend's
+        rope = tuple(t.reshape(-1).contiguous() for t in rope)  # type: ignore[assignment]
         for i, plan in enumerate(plans):
             chosen = rowlayer.attend(
                 step, plan, spec, rope, cache.keys[i], cache.values[i], position,

@@ -26,6 +26,7 @@ CPUs with AVX-512 BF16 have the row loop (`packed.cpu_supports`).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -336,17 +337,11 @@ def experts(step: Step, ffns: Sequence[object]) -> bool:
     pointers: list[int] = []
     group, width = 0, 0
     for ffn in ffns:
-        if type(ffn) is not SwiGLU:  # GPT-OSS's clamped experts: not these loops
+        kind = _expert_kind(ffn)
+        if kind is None or group not in (0, kind[1]) or width not in (0, kind[2]):
             return False
-        w13, w2 = ffn.w13, ffn.w2
-        parts = [_int4(w13), _int4(w2)]
-        if parts[0] is None or parts[1] is None or parts[0][3] != parts[1][3]:
-            return False
-        if group not in (0, parts[0][3]) or width not in (0, w2.shape[1]):
-            return False
-        group, width = parts[0][3], w2.shape[1]
-        for codes, scales, offsets, _ in parts:  # type: ignore[misc]
-            pointers += [codes.data_ptr(), scales.data_ptr(), offsets.data_ptr()]
+        pointers += kind[0]
+        group, width = kind[1], kind[2]
     kernel = _kernel()
     if kernel is None or not ffns:
         return False
@@ -358,3 +353,23 @@ def experts(step: Step, ffns: Sequence[object]) -> bool:
     )  # fmt: skip
     step.pending = k
     return True
+
+
+# an expert's pointers, group and width, by its weights object (a slot's, kept while it lives)
+_KINDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _expert_kind(ffn: object) -> tuple[list[int], int, int] | None:
+    if type(ffn) is not SwiGLU:  # GPT-OSS's clamped experts: not these loops
+        return None
+    if isinstance(ffn.w13, torch.Tensor):  # float weights: not these loops (nor kept)
+        return None
+    known = _KINDS.get(ffn)
+    if known is not None:
+        return known
+    parts = [_int4(ffn.w13), _int4(ffn.w2)]
+    if parts[0] is None or parts[1] is None or parts[0][3] != parts[1][3]:
+        return None
+    pointers = [t.data_ptr() for p in parts for t in p[:3]]  # type: ignore[index]
+    _KINDS[ffn] = kind = (pointers, parts[0][3], ffn.w2.shape[1])
+    return kind
