@@ -1,6 +1,6 @@
-"""Tier 1: a one-row layer of an int4 model in two C++ calls (`model/rowlayer.py`) against the
-one-row path's own operations (the compiled glue, the int4 products, `onequery`, the experts'
-`SwiGLU`), and a decode through it against the one-row path's.
+"""Tier 1: a one-row layer of an int4 or bfloat16 model in two C++ calls (`model/rowlayer.py`)
+against the one-row path's own operations (the compiled glue, the products, `onequery`, the
+experts' `SwiGLU`), and a decode through it against the one-row path's.
 
 Only CPUs with AVX-512 BF16 run these loops (`packed.cpu_supports`); elsewhere the tests skip,
 and where the CPU has the instructions they fail if the code does not build."""
@@ -24,16 +24,27 @@ ULP = 2.0**-7  # bfloat16, relative
 
 
 @pytest.fixture(scope="module")
-def int4_model(tmp_path_factory):
+def checkpoints(tmp_path_factory):
     """A tiny Mixtral whose widths int4's row loop reads (groups of 64, an even number a
-    row), its experts quantized to int4; loaded with dense_quant int4, bfloat16."""
+    row), as saved (bfloat16 when loaded so) and with its experts quantized to int4."""
     folder = tmp_path_factory.mktemp("rowlayer")
     save_reference(
         folder / "float", hidden_size=128, intermediate_size=128, num_attention_heads=4,
         num_key_value_heads=2,
     )  # fmt: skip
     quantize_checkpoint(folder / "float", folder / "int4", 4, 64, progress=False)
-    return folder / "int4"
+    return folder
+
+
+@pytest.fixture(params=["int4", "bfloat16"])
+def load(request, checkpoints):
+    """Loads the model of one kind, bfloat16 activations: experts and dense weights as int4
+    codes (`dense_quant`), or all of it in bfloat16."""
+    if request.param == "int4":
+        return lambda: offload_rt.load(
+            checkpoints / "int4", dtype=torch.bfloat16, dense_quant="int4"
+        )
+    return lambda: offload_rt.load(checkpoints / "float", dtype=torch.bfloat16)
 
 
 def close(got: torch.Tensor, want: torch.Tensor, ulps: float) -> bool:
@@ -49,10 +60,10 @@ def glue_on_tiny_models(monkeypatch):
     monkeypatch.setattr(cpukernels, "MIN_NUMEL", 0)
 
 
-def test_a_layer_equals_the_one_row_paths_operations(int4_model, glue_on_tiny_models):
+def test_a_layer_equals_the_one_row_paths_operations(load, glue_on_tiny_models):
     assert rowlayer.available()  # it builds where the CPU has the instructions
     gen = torch.Generator().manual_seed(0)
-    with offload_rt.load(int4_model, dtype=torch.bfloat16, dense_quant="int4") as model:
+    with load() as model:
         dec, c = model.model, model.model.config
         lw, spec, eps = dec.weights.layers[0], dec.spec.attention, c.rms_norm_eps
         mlp = lw.mlp
@@ -103,13 +114,13 @@ def test_a_layer_equals_the_one_row_paths_operations(int4_model, glue_on_tiny_mo
             )  # fmt: skip
 
 
-def test_a_decode_through_it_follows_the_one_row_path(int4_model, glue_on_tiny_models, monkeypatch):
+def test_a_decode_through_it_follows_the_one_row_path(load, glue_on_tiny_models, monkeypatch):
     """Every layer of every decode step in C++, and the step logits the one-row path's to
     bfloat16 rounding carried through two layers (within 2 ulps of the largest logit; a model
     whose router sat near a tie could choose otherwise at a step: this one's does not)."""
 
     def steps(tokens: list[int]) -> torch.Tensor:
-        with offload_rt.load(int4_model, dtype=torch.bfloat16, dense_quant="int4") as model:
+        with load() as model:
             dec = BatchDecoder(model.model, [PROMPT], len(PROMPT) + len(tokens))
             out = [dec.prefill()[0]] + [dec.step([t], [True])[0] for t in tokens[:-1]]
         return torch.stack(out).float()
@@ -117,7 +128,7 @@ def test_a_decode_through_it_follows_the_one_row_path(int4_model, glue_on_tiny_m
     calls = []
     attend = rowlayer.attend
     monkeypatch.setattr(rowlayer, "attend", lambda *a, **k: calls.append(1) or attend(*a, **k))
-    with offload_rt.load(int4_model, dtype=torch.bfloat16, dense_quant="int4") as model:
+    with load() as model:
         tokens = model.generate(PROMPT, max_new_tokens=12, stop=[]).token_ids
         assert model.stats()["hits"] > 0  # the backend's lookups still count
     assert len(calls) == 2 * (len(tokens) - 1)  # two layers, every decode step

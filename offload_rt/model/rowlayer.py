@@ -55,19 +55,51 @@ inline void rms(const uint16_t* h, const uint16_t* w, float eps, int64_t D, uint
         out[i] = BF16::put(BF16::get(w[i]) * BF16::get(BF16::put(BF16::get(h[i]) * r)));
 }
 
-// y (N) = x (K) times int4 affine rows: packed (N, K/2), scales and offsets (N, K/G)
-void int4_rows(const uint16_t* x, const int64_t* m, int64_t N, int64_t K, int64_t G, uint16_t* y,
-               int64_t threads) {
-    const uint8_t* codes = (const uint8_t*)m[0];
-    const uint16_t *scales = (const uint16_t*)m[1], *offsets = (const uint16_t*)m[2];
-    const int64_t ng = K / G, half = K / 2;
-    std::vector<float> xsum(ng, 0.f);
-    for (int64_t g = 0; g < ng; ++g)
-        for (int64_t j = 0; j < G; ++j) xsum[g] += BF16::get(x[g * G + j]);
+// w (K) bfloat16 . x (K) float32, in two vectors of float32 sums
+inline float dot_row(const uint16_t* w, const float* x, int64_t K) {
+    v16 a = {}, b = {};
+    int64_t i = 0;
+    for (; i + 32 <= K; i += 32) {
+        a += BF16::load(w + i) * F32::load(x + i);
+        b += BF16::load(w + i + 16) * F32::load(x + i + 16);
+    }
+    for (; i + 16 <= K; i += 16) a += BF16::load(w + i) * F32::load(x + i);
+    float s = hsum(a + b);
+    for (; i < K; ++i) s += BF16::get(w[i]) * x[i];
+    return s;
+}
+
+// One matrix's rows times x (K), bfloat16 in and out, float32 sums: int4 affine codes (m: codes
+// (N, K/2), scales and offsets (N, K/G)) where G > 0, a bfloat16 matrix (m[0]: (N, K)) where
+// G == 0. xs: for int4, x's sums over each group; for bfloat16, x widened.
+struct Rows {
+    const int64_t* m;
+    int64_t K, G;
+    inline float operator()(int64_t n, const uint16_t* x, const float* xs) const {
+        if (G == 0) return dot_row((const uint16_t*)m[0] + n * K, xs, K);
+        const int64_t ng = K / G;
+        return row((const uint8_t*)m[0] + n * (K / 2), (const uint16_t*)m[1] + n * ng,
+                   (const uint16_t*)m[2] + n * ng, x, xs, K, G);
+    }
+    // what operator() takes as xs for this x
+    std::vector<float> prepare(const uint16_t* x) const {
+        if (G == 0) {
+            std::vector<float> xf(K);
+            for (int64_t i = 0; i < K; ++i) xf[i] = BF16::get(x[i]);
+            return xf;
+        }
+        std::vector<float> sums(K / G, 0.f);
+        for (int64_t i = 0; i < K; ++i) sums[i / G] += BF16::get(x[i]);
+        return sums;
+    }
+};
+
+void rows(const uint16_t* x, const int64_t* m, int64_t N, int64_t K, int64_t G, uint16_t* y,
+          int64_t threads) {
+    const Rows r{m, K, G};
+    const std::vector<float> xs = r.prepare(x);
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; ++n)
-        y[n] = BF16::put(
-            row(codes + n * half, scales + n * ng, offsets + n * ng, x, xsum.data(), K, G));
+    for (int64_t n = 0; n < N; ++n) y[n] = BF16::put(r(n, x, xs.data()));
 }
 
 // silu(g) rounded to bfloat16, times u, rounded: h (n) as float32 values
@@ -114,47 +146,31 @@ extern "C" void kernel(int64_t mode, uint16_t* h, uint16_t* ys, float* w, int64_
                        int64_t renormalize, float scale, uint16_t* m, int64_t* chosen,
                        int64_t threads) {
     if (mode == 2) {
-        const int64_t g13 = D / G, g2 = F / G;
-        std::vector<float> xsum(g13, 0.f), y(k * 2 * F), hsums(k * g2, 0.f);
+        std::vector<float> y(k * 2 * F);
         std::vector<uint16_t> hid(k * F);
-        for (int64_t g = 0; g < g13; ++g)
-            for (int64_t j = 0; j < G; ++j) xsum[g] += BF16::get(m[g * G + j]);
+        std::vector<std::vector<float>> hs(k);
+        const std::vector<float> xs = Rows{t, D, G}.prepare(m);
         #pragma omp parallel num_threads(threads)
         {
-            std::vector<float> hf(G);
+            std::vector<float> hf(F);
             for (int64_t e = 0; e < k; ++e) {
-                const int64_t* x = t + 6 * e;
+                const Rows r13{t + 6 * e, D, G};
                 #pragma omp for schedule(static) nowait
-                for (int64_t n = 0; n < 2 * F; ++n) {
-                    const uint8_t* codes = (const uint8_t*)x[0] + n * (D / 2);
-                    const uint16_t* sc = (const uint16_t*)x[1] + n * g13;
-                    const uint16_t* of = (const uint16_t*)x[2] + n * g13;
-                    const float out = row(codes, sc, of, m, xsum.data(), D, G);
-                    y[e * 2 * F + n] = BF16::get(BF16::put(out));
-                }
+                for (int64_t n = 0; n < 2 * F; ++n)
+                    y[e * 2 * F + n] = BF16::get(BF16::put(r13(n, m, xs.data())));
             }
             #pragma omp barrier
             #pragma omp for schedule(static)
-            for (int64_t c = 0; c < k * g2; ++c) {  // a group of G at a time
-                const int64_t e = c / g2, j0 = (c % g2) * G;
-                swiglu(&y[e * 2 * F + j0], &y[e * 2 * F + F + j0], hf.data(), G);
-                float sum = 0.f;
-                for (int64_t j = 0; j < G; ++j) {
-                    hid[e * F + j0 + j] = BF16::put(hf[j]);
-                    sum += hf[j];
-                }
-                hsums[c] = sum;
+            for (int64_t e = 0; e < k; ++e) {
+                swiglu(&y[e * 2 * F], &y[e * 2 * F + F], hf.data(), F);
+                for (int64_t j = 0; j < F; ++j) hid[e * F + j] = BF16::put(hf[j]);
+                hs[e] = Rows{t + 6 * e + 3, F, G}.prepare(&hid[e * F]);
             }
             for (int64_t e = 0; e < k; ++e) {
-                const int64_t* x = t + 6 * e;
+                const Rows r2{t + 6 * e + 3, F, G};
                 #pragma omp for schedule(static) nowait
-                for (int64_t n = 0; n < D; ++n) {
-                    const uint8_t* codes = (const uint8_t*)x[3] + n * (F / 2);
-                    const uint16_t* sc = (const uint16_t*)x[4] + n * g2;
-                    const uint16_t* of = (const uint16_t*)x[5] + n * g2;
-                    const float out = row(codes, sc, of, &hid[e * F], &hsums[e * g2], F, G);
-                    ys[e * D + n] = BF16::put(out);
-                }
+                for (int64_t n = 0; n < D; ++n)
+                    ys[e * D + n] = BF16::put(r2(n, &hid[e * F], hs[e].data()));
             }
         }
         return;
@@ -169,11 +185,11 @@ extern "C" void kernel(int64_t mode, uint16_t* h, uint16_t* ys, float* w, int64_
         h[i] = BF16::put(BF16::get(h[i]) + acc);
     }
     rms(h, (const uint16_t*)t[0], eps, D, a.data());
-    int4_rows(a.data(), t + 3, width, D, G, qkv.data(), threads);
+    rows(a.data(), t + 3, width, D, G, qkv.data(), threads);
     const uint16_t* q = qkv.data();
     attend<BF16>(q, q + H * Hd, q + (H + KH) * Hd, cs, sn, rot, kc, vc, S, pos, pos + 1, H, KH,
                  Hd, att.data(), threads);
-    int4_rows(att.data(), t + 6, D, H * Hd, G, o.data(), threads);
+    rows(att.data(), t + 6, D, H * Hd, G, o.data(), threads);
     for (int64_t i = 0; i < D; ++i) h[i] = BF16::put(BF16::get(h[i]) + BF16::get(o[i]));
     rms(h, (const uint16_t*)t[1], eps, D, m);
     // the router: float32 sums rounded to bfloat16 (`moe._logits`), softmax in float32
@@ -241,27 +257,33 @@ def plan(
     bf16 = torch.bfloat16
     if {input_norm.dtype, post_norm.dtype, router.dtype} != {bf16} or not router.is_contiguous():
         return None
-    parts = [_int4(attn.wqkv), _int4(attn.wo)]
-    if parts[0] is None or parts[1] is None or parts[0][3] != parts[1][3]:
+    parts = [_matrix(attn.wqkv), _matrix(attn.wo)]
+    if parts[0] is None or parts[1] is None or parts[0][1] != parts[1][1]:
         return None
-    held = (input_norm, post_norm, router, *parts[0][:3], *parts[1][:3])
-    table = torch.tensor([t.data_ptr() for t in held], dtype=torch.int64)
-    return LayerPlan(table, held, parts[0][3])
+    held = (input_norm, post_norm, router, *parts[0][0], *parts[1][0])
+    table = torch.tensor([t.data_ptr() if t is not None else 0 for t in held], dtype=torch.int64)
+    return LayerPlan(table, held, parts[0][1])  # type: ignore[arg-type]
 
 
-def _int4(w: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
-    """A packed matrix's int4 codes, scales, offsets and group, where `packed`'s row loop
-    reads them with bfloat16 activations."""
+def _matrix(w: object) -> tuple[tuple[torch.Tensor | None, ...], int] | None:
+    """What the C++ reads of a weight, and its group: a bfloat16 matrix (group 0), or int4
+    affine codes, scales and offsets in groups that `packed`'s row loop reads; else None."""
     if isinstance(w, torch.Tensor):
-        return None
+        if w.dtype != torch.bfloat16 or w.device.type != "cpu" or not w.is_contiguous():
+            return None
+        return (w, None, None), 0
     parts = w.affine4()  # type: ignore[attr-defined]
     if parts is None:
         return None
-    codes, scales, offsets = parts
+    codes, scales, _ = parts
     k = codes.shape[1] * 2
-    if not packed.fits(torch.bfloat16, k, scales.shape[1]) or not packed.available():
+    if (
+        codes.device.type != "cpu"
+        or not packed.fits(torch.bfloat16, k, scales.shape[1])
+        or not packed.available()
+    ):
         return None
-    return codes, scales, offsets, k // scales.shape[1]
+    return parts, k // scales.shape[1]
 
 
 def available() -> bool:
@@ -332,18 +354,15 @@ def attend(
 
 
 def experts(step: Step, ffns: Sequence[object]) -> bool:
-    """Call 2: the chosen experts (`SwiGLU`s of int4 matrices, in step.chosen's order) on
-    step.m into step.ys; False (nothing done) where they are not all of that kind."""
-    pointers: list[int] = []
-    group, width = 0, 0
-    for ffn in ffns:
-        kind = _expert_kind(ffn)
-        if kind is None or group not in (0, kind[1]) or width not in (0, kind[2]):
-            return False
-        pointers += kind[0]
-        group, width = kind[1], kind[2]
+    """Call 2: the chosen experts (`SwiGLU`s of int4 or bfloat16 matrices, one format for all,
+    in step.chosen's order) on step.m into step.ys; False (nothing done) where they are not."""
+    kinds = [_expert_kind(ffn) for ffn in ffns]
+    if not kinds or any(k is None or k[1:] != kinds[0][1:] for k in kinds):  # type: ignore[index]
+        return False  # one format and width for all of them
+    pointers = [p for k in kinds for p in k[0]]  # type: ignore[index]
+    _, group, width = kinds[0]  # type: ignore[misc]
     kernel = _kernel()
-    if kernel is None or not ffns:
+    if kernel is None:
         return False
     table = torch.tensor(pointers, dtype=torch.int64)
     d, k = step.h.numel(), len(ffns)
@@ -362,14 +381,19 @@ _KINDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _expert_kind(ffn: object) -> tuple[list[int], int, int] | None:
     if type(ffn) is not SwiGLU:  # GPT-OSS's clamped experts: not these loops
         return None
-    if isinstance(ffn.w13, torch.Tensor):  # float weights: not these loops (nor kept)
-        return None
+    if isinstance(ffn.w13, torch.Tensor):  # a float expert: cheap to look at, not kept
+        return _kind_of(ffn)
     known = _KINDS.get(ffn)
-    if known is not None:
-        return known
-    parts = [_int4(ffn.w13), _int4(ffn.w2)]
-    if parts[0] is None or parts[1] is None or parts[0][3] != parts[1][3]:
+    if known is None:
+        known = _kind_of(ffn)
+        if known is not None:
+            _KINDS[ffn] = known
+    return known
+
+
+def _kind_of(ffn: SwiGLU) -> tuple[list[int], int, int] | None:
+    parts = [_matrix(ffn.w13), _matrix(ffn.w2)]
+    if parts[0] is None or parts[1] is None or parts[0][1] != parts[1][1]:
         return None
-    pointers = [t.data_ptr() for p in parts for t in p[:3]]  # type: ignore[index]
-    _KINDS[ffn] = kind = (pointers, parts[0][3], ffn.w2.shape[1])
-    return kind
+    pointers = [t.data_ptr() if t is not None else 0 for p in parts for t in p[0]]  # type: ignore[index]
+    return pointers, parts[0][1], ffn.w2.shape[1]
