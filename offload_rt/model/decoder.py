@@ -293,27 +293,27 @@ class MoEDecoder:
         return onerow.enter(h, self.weights.norm, eps, moe_out)[1]
 
     def _layer_plans(self, h: torch.Tensor) -> list[rowlayer.LayerPlan] | None:
-        """Every layer's plan for `model/rowlayer.py` where all of them have one (bfloat16
-        activations, every layer a plain MoE one of int4 weights, no prefetcher), else None;
-        made once."""
-        if h.dtype != torch.bfloat16 or self.prefetcher is not None:
+        """Every layer's plan for `model/rowlayer.py` where all of them have one (every layer
+        a plain MoE one, its weights in the activations' dtype or int4 with bfloat16 ones; no
+        prefetcher), else None; made once (for the first step's dtype: the model's)."""
+        if self.prefetcher is not None:
             return None
         if self._row_plans is False:
             self._row_plans = None
             if rowlayer.available():
-                plans = [self._layer_plan(lw) for lw in self.weights.layers]
+                plans = [self._layer_plan(lw, h.dtype) for lw in self.weights.layers]
                 if all(p is not None for p in plans):
                     self._row_plans = plans  # type: ignore[assignment]
         return self._row_plans  # type: ignore[return-value]
 
-    def _layer_plan(self, lw: LayerWeights) -> rowlayer.LayerPlan | None:
+    def _layer_plan(self, lw: LayerWeights, dtype: torch.dtype) -> rowlayer.LayerPlan | None:
         mlp = lw.mlp
         if not isinstance(mlp, MoEWeights):
             return None
         extras = (mlp.router_bias, mlp.correction, mlp.shared, mlp.shared_gate)
         return rowlayer.plan(
             lw.attn, self.spec.attention, lw.input_norm, lw.post_attn_norm, mlp.router,
-            self.spec.router, extras,
+            self.spec.router, extras, dtype,
         )  # fmt: skip
 
     def _native_layers(

@@ -42,78 +42,87 @@ MAX_K = 8  # experts a token
 _SOURCE = (
     native.PRELUDE
     + onequery.BODY
+    + "#if defined(__x86_64__)\n"
     + packed.ROW
+    + "#else\nnamespace {\n// never called: int4 plans need AVX-512 BF16 (`packed.cpu_supports`)\n"
+    + "inline float row(const uint8_t*, const uint16_t*, const uint16_t*, const uint16_t*,\n"
+    + "                 const float*, int64_t, int64_t) { return 0.f; }\n}\n#endif\n"
     + r"""
 namespace {
 
-// h (D) through the RMSNorm with weight w into out, as `layers.rms_norm`
-inline void rms(const uint16_t* h, const uint16_t* w, float eps, int64_t D, uint16_t* out) {
+// h (D) of dtype C through the RMSNorm with weight w into out, as `layers.rms_norm`
+template <class C>
+void rms(const typename C::T* h, const typename C::T* w, float eps, int64_t D,
+         typename C::T* out) {
     float sum = 0.f;
-    for (int64_t i = 0; i < D; ++i) sum += BF16::get(h[i]) * BF16::get(h[i]);
+    for (int64_t i = 0; i < D; ++i) sum += C::get(h[i]) * C::get(h[i]);
     const float r = 1.f / std::sqrt(sum / float(D) + eps);
     for (int64_t i = 0; i < D; ++i)
-        out[i] = BF16::put(BF16::get(w[i]) * BF16::get(BF16::put(BF16::get(h[i]) * r)));
+        out[i] = C::put(C::get(w[i]) * C::get(C::put(C::get(h[i]) * r)));
 }
 
-// w (K) bfloat16 . x (K) float32, in two vectors of float32 sums
-inline float dot_row(const uint16_t* w, const float* x, int64_t K) {
+// w (K) of dtype C . x (K) float32, in two vectors of float32 sums
+template <class C>
+inline float dot_row(const typename C::T* w, const float* x, int64_t K) {
     v16 a = {}, b = {};
     int64_t i = 0;
     for (; i + 32 <= K; i += 32) {
-        a += BF16::load(w + i) * F32::load(x + i);
-        b += BF16::load(w + i + 16) * F32::load(x + i + 16);
+        a += C::load(w + i) * F32::load(x + i);
+        b += C::load(w + i + 16) * F32::load(x + i + 16);
     }
-    for (; i + 16 <= K; i += 16) a += BF16::load(w + i) * F32::load(x + i);
+    for (; i + 16 <= K; i += 16) a += C::load(w + i) * F32::load(x + i);
     float s = hsum(a + b);
-    for (; i < K; ++i) s += BF16::get(w[i]) * x[i];
+    for (; i < K; ++i) s += C::get(w[i]) * x[i];
     return s;
 }
 
-// One matrix's rows times x (K), bfloat16 in and out, float32 sums: int4 affine codes (m: codes
-// (N, K/2), scales and offsets (N, K/G)) where G > 0, a bfloat16 matrix (m[0]: (N, K)) where
-// G == 0. xs: for int4, x's sums over each group; for bfloat16, x widened.
+// One matrix's rows times x (K) of dtype C, float32 sums: int4 affine codes (m: codes
+// (N, K/2), scales and offsets (N, K/G); bfloat16 x only) where G > 0, a matrix of dtype C
+// (m[0]: (N, K)) where G == 0. xs: for int4, x's sums over each group; else x widened.
+template <class C>
 struct Rows {
     const int64_t* m;
     int64_t K, G;
-    inline float operator()(int64_t n, const uint16_t* x, const float* xs) const {
-        if (G == 0) return dot_row((const uint16_t*)m[0] + n * K, xs, K);
+    inline float operator()(int64_t n, const typename C::T* x, const float* xs) const {
+        if (G == 0) return dot_row<C>((const typename C::T*)m[0] + n * K, xs, K);
         const int64_t ng = K / G;
         return row((const uint8_t*)m[0] + n * (K / 2), (const uint16_t*)m[1] + n * ng,
-                   (const uint16_t*)m[2] + n * ng, x, xs, K, G);
+                   (const uint16_t*)m[2] + n * ng, (const uint16_t*)x, xs, K, G);
     }
     // what operator() takes as xs for this x
-    std::vector<float> prepare(const uint16_t* x) const {
+    std::vector<float> prepare(const typename C::T* x) const {
         if (G == 0) {
             std::vector<float> xf(K);
-            for (int64_t i = 0; i < K; ++i) xf[i] = BF16::get(x[i]);
+            for (int64_t i = 0; i < K; ++i) xf[i] = C::get(x[i]);
             return xf;
         }
         std::vector<float> sums(K / G, 0.f);
-        for (int64_t i = 0; i < K; ++i) sums[i / G] += BF16::get(x[i]);
+        for (int64_t i = 0; i < K; ++i) sums[i / G] += C::get(x[i]);
         return sums;
     }
 };
 
-void rows(const uint16_t* x, const int64_t* m, int64_t N, int64_t K, int64_t G, uint16_t* y,
-          int64_t threads) {
-    const Rows r{m, K, G};
+template <class C>
+void rows(const typename C::T* x, const int64_t* m, int64_t N, int64_t K, int64_t G,
+          typename C::T* y, int64_t threads) {
+    const Rows<C> r{m, K, G};
     const std::vector<float> xs = r.prepare(x);
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; ++n) y[n] = BF16::put(r(n, x, xs.data()));
+    for (int64_t n = 0; n < N; ++n) y[n] = C::put(r(n, x, xs.data()));
 }
 
-// silu(g) rounded to bfloat16, times u, rounded: h (n) as float32 values
+// silu(g) rounded to dtype C, times u, rounded: h (n) as float32 values
+template <class C>
 inline void swiglu(const float* gate, const float* up, float* h, int64_t n) {
     int64_t j = 0;
     for (; j + 16 <= n; j += 16) {
         const v16 g = F32::load(gate + j);
         const v16 s = g / (1.f + exp16(-g));
-        for (int l = 0; l < 16; ++l)
-            h[j + l] = BF16::get(BF16::put(BF16::get(BF16::put(s[l])) * up[j + l]));
+        for (int l = 0; l < 16; ++l) h[j + l] = C::get(C::put(C::get(C::put(s[l])) * up[j + l]));
     }
     for (; j < n; ++j) {
-        const float s = BF16::get(BF16::put(gate[j] / (1.f + std::exp(-gate[j]))));
-        h[j] = BF16::get(BF16::put(s * up[j]));
+        const float s = C::get(C::put(gate[j] / (1.f + std::exp(-gate[j]))));
+        h[j] = C::get(C::put(s * up[j]));
     }
 }
 
@@ -131,79 +140,71 @@ void top_k(const float* scores, int64_t E, int64_t k, int64_t* chosen) {
         if (taken[e]) chosen[n++] = e;
 }
 
-}  // namespace
-
-// mode 1, attention half. h (D): the residual, replaced; ys (k, D), w (k): the previous
-// layer's experts' outputs and weights (k_prev of them, 0 for the first layer). t: the layer's
-// pointers (input norm, post-attention norm, router, then codes/scales/offsets of wqkv, wo).
-// Writes m (D), chosen (k) and weights (k) for this layer.
-// mode 2, experts: m (D) through the k experts of `t` (6 pointers each: w13, w2 codes/scales/
-// offsets) into ys (k, D).
-extern "C" void kernel(int64_t mode, uint16_t* h, uint16_t* ys, float* w, int64_t k_prev,
-                       const int64_t* t, const void* cs, const void* sn, int64_t rot, void* kc,
-                       void* vc, int64_t S, int64_t pos, int64_t H, int64_t KH, int64_t Hd,
-                       int64_t D, int64_t F, int64_t E, int64_t k, int64_t G, float eps,
-                       int64_t renormalize, float scale, uint16_t* m, int64_t* chosen,
-                       int64_t threads) {
-    if (mode == 2) {
-        std::vector<float> y(k * 2 * F);
-        std::vector<uint16_t> hid(k * F);
-        std::vector<std::vector<float>> hs(k);
-        const std::vector<float> xs = Rows{t, D, G}.prepare(m);
-        #pragma omp parallel num_threads(threads)
-        {
-            std::vector<float> hf(F);
-            for (int64_t e = 0; e < k; ++e) {
-                const Rows r13{t + 6 * e, D, G};
-                #pragma omp for schedule(static) nowait
-                for (int64_t n = 0; n < 2 * F; ++n)
-                    y[e * 2 * F + n] = BF16::get(BF16::put(r13(n, m, xs.data())));
-            }
-            #pragma omp barrier
-            #pragma omp for schedule(static)
-            for (int64_t e = 0; e < k; ++e) {
-                swiglu(&y[e * 2 * F], &y[e * 2 * F + F], hf.data(), F);
-                for (int64_t j = 0; j < F; ++j) hid[e * F + j] = BF16::put(hf[j]);
-                hs[e] = Rows{t + 6 * e + 3, F, G}.prepare(&hid[e * F]);
-            }
-            for (int64_t e = 0; e < k; ++e) {
-                const Rows r2{t + 6 * e + 3, F, G};
-                #pragma omp for schedule(static) nowait
-                for (int64_t n = 0; n < D; ++n)
-                    ys[e * D + n] = BF16::put(r2(n, &hid[e * F], hs[e].data()));
-            }
+// call 2: m (D) through the k experts of `t` (6 pointers each: w13's and w2's, as `Rows`)
+template <class C>
+void experts(const typename C::T* m, typename C::T* ys, const int64_t* t, int64_t D, int64_t F,
+             int64_t k, int64_t G, int64_t threads) {
+    using T = typename C::T;
+    std::vector<float> y(k * 2 * F);
+    std::vector<T> hid(k * F);
+    std::vector<std::vector<float>> hs(k);
+    const std::vector<float> xs = Rows<C>{t, D, G}.prepare(m);
+    #pragma omp parallel num_threads(threads)
+    {
+        std::vector<float> hf(F);
+        for (int64_t e = 0; e < k; ++e) {
+            const Rows<C> r13{t + 6 * e, D, G};
+            #pragma omp for schedule(static) nowait
+            for (int64_t n = 0; n < 2 * F; ++n)
+                y[e * 2 * F + n] = C::get(C::put(r13(n, m, xs.data())));
         }
-        return;
+        #pragma omp barrier
+        #pragma omp for schedule(static)
+        for (int64_t e = 0; e < k; ++e) {
+            swiglu<C>(&y[e * 2 * F], &y[e * 2 * F + F], hf.data(), F);
+            for (int64_t j = 0; j < F; ++j) hid[e * F + j] = C::put(hf[j]);
+            hs[e] = Rows<C>{t + 6 * e + 3, F, G}.prepare(&hid[e * F]);
+        }
+        for (int64_t e = 0; e < k; ++e) {
+            const Rows<C> r2{t + 6 * e + 3, F, G};
+            #pragma omp for schedule(static) nowait
+            for (int64_t n = 0; n < D; ++n)
+                ys[e * D + n] = C::put(r2(n, &hid[e * F], hs[e].data()));
+        }
     }
+}
+
+// call 1: see `kernel`
+template <class C>
+void attention(typename C::T* h, const typename C::T* ys, float* w, int64_t k_prev,
+               const int64_t* t, const void* cs, const void* sn, int64_t rot, void* kc, void* vc,
+               int64_t S, int64_t pos, int64_t H, int64_t KH, int64_t Hd, int64_t D, int64_t E,
+               int64_t k, int64_t G, float eps, int64_t renormalize, float scale,
+               typename C::T* m, int64_t* chosen, int64_t threads) {
+    using T = typename C::T;
     const int64_t width = (H + 2 * KH) * Hd;
-    std::vector<uint16_t> a(D), qkv(width), att(H * Hd), o(D);
-    for (int64_t i = 0; i < D; ++i) {  // the previous layer's experts, as `onerow.enter`
-        if (k_prev == 0) break;
-        float acc = BF16::get(BF16::put(BF16::get(ys[i]) * w[0]));
+    std::vector<T> a(D), qkv(width), att(H * Hd), o(D);
+    for (int64_t i = 0; i < D && k_prev > 0; ++i) {  // the last layer's experts: `onerow.enter`
+        float acc = C::get(C::put(C::get(ys[i]) * w[0]));
         for (int64_t j = 1; j < k_prev; ++j)
-            acc = BF16::get(BF16::put(acc + BF16::get(BF16::put(BF16::get(ys[j * D + i]) * w[j]))));
-        h[i] = BF16::put(BF16::get(h[i]) + acc);
+            acc = C::get(C::put(acc + C::get(C::put(C::get(ys[j * D + i]) * w[j]))));
+        h[i] = C::put(C::get(h[i]) + acc);
     }
-    rms(h, (const uint16_t*)t[0], eps, D, a.data());
-    rows(a.data(), t + 3, width, D, G, qkv.data(), threads);
-    const uint16_t* q = qkv.data();
-    attend<BF16>(q, q + H * Hd, q + (H + KH) * Hd, cs, sn, rot, kc, vc, S, pos, pos + 1, H, KH,
-                 Hd, att.data(), threads);
-    rows(att.data(), t + 6, D, H * Hd, G, o.data(), threads);
-    for (int64_t i = 0; i < D; ++i) h[i] = BF16::put(BF16::get(h[i]) + BF16::get(o[i]));
-    rms(h, (const uint16_t*)t[1], eps, D, m);
-    // the router: float32 sums rounded to bfloat16 (`moe._logits`), softmax in float32
-    const uint16_t* router = (const uint16_t*)t[2];
+    rms<C>(h, (const T*)t[0], eps, D, a.data());
+    rows<C>(a.data(), t + 3, width, D, G, qkv.data(), threads);
+    const T* q = qkv.data();
+    attend<C>(q, q + H * Hd, q + (H + KH) * Hd, cs, sn, rot, kc, vc, S, pos, pos + 1, H, KH, Hd,
+              att.data(), threads);
+    rows<C>(att.data(), t + 6, D, H * Hd, G, o.data(), threads);
+    for (int64_t i = 0; i < D; ++i) h[i] = C::put(C::get(h[i]) + C::get(o[i]));
+    rms<C>(h, (const T*)t[1], eps, D, m);
+    // the router: float32 sums rounded to the dtype (`moe._logits`), softmax in float32
+    const T* router = (const T*)t[2];
     std::vector<float> mf(D), scores(E);
-    for (int64_t i = 0; i < D; ++i) mf[i] = BF16::get(m[i]);
+    for (int64_t i = 0; i < D; ++i) mf[i] = C::get(m[i]);
     float top = -INFINITY;
     for (int64_t e = 0; e < E; ++e) {
-        v16 acc = {};
-        int64_t i = 0;
-        for (; i + 16 <= D; i += 16) acc += BF16::load(router + e * D + i) * F32::load(&mf[i]);
-        float s = hsum(acc);
-        for (; i < D; ++i) s += BF16::get(router[e * D + i]) * mf[i];
-        scores[e] = BF16::get(BF16::put(s));
+        scores[e] = C::get(C::put(dot_row<C>(router + e * D, mf.data(), D)));
         top = scores[e] > top ? scores[e] : top;
     }
     float total = 0.f;
@@ -218,11 +219,49 @@ extern "C" void kernel(int64_t mode, uint16_t* h, uint16_t* ys, float* w, int64_
     for (int64_t j = 0; j < k; ++j)
         w[j] = (renormalize ? scores[chosen[j]] / sum : scores[chosen[j]]) * scale;
 }
+
+template <class C>
+void run(int64_t mode, void* h, void* ys, float* w, int64_t k_prev, const int64_t* t,
+         const void* cs, const void* sn, int64_t rot, void* kc, void* vc, int64_t S, int64_t pos,
+         int64_t H, int64_t KH, int64_t Hd, int64_t D, int64_t F, int64_t E, int64_t k,
+         int64_t G, float eps, int64_t renormalize, float scale, void* m, int64_t* chosen,
+         int64_t threads) {
+    using T = typename C::T;
+    if (mode == 2) return experts<C>((const T*)m, (T*)ys, t, D, F, k, G, threads);
+    attention<C>((T*)h, (const T*)ys, w, k_prev, t, cs, sn, rot, kc, vc, S, pos, H, KH, Hd, D, E,
+                 k, G, eps, renormalize, scale, (T*)m, chosen, threads);
+}
+
+}  // namespace
+
+// mode 1, attention half. h (D): the residual, replaced; ys (k, D), w (k): the previous
+// layer's experts' outputs and weights (k_prev of them, 0 for the first layer). t: the layer's
+// pointers (input norm, post-attention norm, router, then those of wqkv and wo, 3 each, as
+// `Rows` reads them). Writes m (D), chosen (k) and weights (k) for this layer.
+// mode 2, experts: m (D) through the k experts of `t` (6 pointers each) into ys (k, D).
+// dtype: the activations' (0 float32, 1 bfloat16, 2 float16); G > 0 (int4) with bfloat16 only.
+extern "C" void kernel(int64_t mode, void* h, void* ys, float* w, int64_t k_prev,
+                       const int64_t* t, const void* cs, const void* sn, int64_t rot, void* kc,
+                       void* vc, int64_t S, int64_t pos, int64_t H, int64_t KH, int64_t Hd,
+                       int64_t D, int64_t F, int64_t E, int64_t k, int64_t G, float eps,
+                       int64_t renormalize, float scale, void* m, int64_t* chosen,
+                       int64_t threads, int64_t dtype) {
+    if (dtype == 0)
+        run<F32>(mode, h, ys, w, k_prev, t, cs, sn, rot, kc, vc, S, pos, H, KH, Hd, D, F, E, k,
+                 G, eps, renormalize, scale, m, chosen, threads);
+    if (dtype == 1)
+        run<BF16>(mode, h, ys, w, k_prev, t, cs, sn, rot, kc, vc, S, pos, H, KH, Hd, D, F, E, k,
+                  G, eps, renormalize, scale, m, chosen, threads);
+    if (dtype == 2)
+        run<F16>(mode, h, ys, w, k_prev, t, cs, sn, rot, kc, vc, S, pos, H, KH, Hd, D, F, E, k,
+                 G, eps, renormalize, scale, m, chosen, threads);
+}
 """
 )
-_ARGTYPES = ("int64_t", "uint16_t*", "uint16_t*", "float*", "int64_t", "const int64_t*")
+_ARGTYPES = ("int64_t", "void*", "void*", "float*", "int64_t", "const int64_t*")
 _ARGTYPES += ("const void*", "const void*", "int64_t", "void*", "void*") + ("int64_t",) * 10
-_ARGTYPES += ("float", "int64_t", "float", "uint16_t*", "int64_t*", "int64_t")
+_ARGTYPES += ("float", "int64_t", "float", "void*", "int64_t*", "int64_t", "int64_t")
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 @dataclass
@@ -242,9 +281,11 @@ def plan(
     router: torch.Tensor,
     router_spec: RouterSpec,
     extras: Sequence[torch.Tensor | None],
+    dtype: torch.dtype,
 ) -> LayerPlan | None:
-    """The layer's plan, or None where `attend` does not serve it (`extras`: the MoE block's
-    router bias, correction and shared expert, which it does not do)."""
+    """The layer's plan for activations of `dtype`, or None where `attend` does not serve it
+    (`extras`: the MoE block's router bias, correction and shared expert, which it does not
+    do)."""
     if not isinstance(attn, AttentionWeights) or not isinstance(spec, AttentionSpec):
         return None
     plain_attention = all(
@@ -254,10 +295,11 @@ def plan(
         return None
     if router_spec.scoring != "softmax" or not router_spec.plain or router_spec.top_k > MAX_K:
         return None
-    bf16 = torch.bfloat16
-    if {input_norm.dtype, post_norm.dtype, router.dtype} != {bf16} or not router.is_contiguous():
+    if dtype not in _DTYPES or {input_norm.dtype, post_norm.dtype, router.dtype} != {dtype}:
         return None
-    parts = [_matrix(attn.wqkv), _matrix(attn.wo)]
+    if not router.is_contiguous():
+        return None
+    parts = [_matrix(attn.wqkv, dtype), _matrix(attn.wo, dtype)]
     if parts[0] is None or parts[1] is None or parts[0][1] != parts[1][1]:
         return None
     held = (input_norm, post_norm, router, *parts[0][0], *parts[1][0])
@@ -265,15 +307,16 @@ def plan(
     return LayerPlan(table, held, parts[0][1])  # type: ignore[arg-type]
 
 
-def _matrix(w: object) -> tuple[tuple[torch.Tensor | None, ...], int] | None:
-    """What the C++ reads of a weight, and its group: a bfloat16 matrix (group 0), or int4
-    affine codes, scales and offsets in groups that `packed`'s row loop reads; else None."""
+def _matrix(w: object, dtype: torch.dtype) -> tuple[tuple[torch.Tensor | None, ...], int] | None:
+    """What the C++ reads of a weight, and its group: a matrix of the activations' dtype (group
+    0), or with bfloat16 activations int4 affine codes, scales and offsets in groups that
+    `packed`'s row loop reads; else None."""
     if isinstance(w, torch.Tensor):
-        if w.dtype != torch.bfloat16 or w.device.type != "cpu" or not w.is_contiguous():
+        if w.dtype != dtype or w.device.type != "cpu" or not w.is_contiguous():
             return None
         return (w, None, None), 0
     parts = w.affine4()  # type: ignore[attr-defined]
-    if parts is None:
+    if parts is None or dtype != torch.bfloat16:
         return None
     codes, scales, _ = parts
     k = codes.shape[1] * 2
@@ -287,8 +330,8 @@ def _matrix(w: object) -> tuple[tuple[torch.Tensor | None, ...], int] | None:
 
 
 def available() -> bool:
-    """Whether this CPU runs the loops and they build."""
-    return packed.available() and _kernel() is not None
+    """Whether the loops build (int4 weights need `packed.available` besides)."""
+    return _kernel() is not None
 
 
 def _kernel() -> Callable[..., None] | None:
@@ -302,9 +345,9 @@ class Step:
     def __init__(self, h: torch.Tensor, k: int) -> None:
         d = h.numel()
         self.h = h.reshape(d).clone()
-        self.ys = torch.empty((k, d), dtype=torch.bfloat16)
+        self.ys = torch.empty((k, d), dtype=h.dtype)
         self.w = torch.empty(k, dtype=torch.float32)
-        self.m = torch.empty((1, d), dtype=torch.bfloat16)
+        self.m = torch.empty((1, d), dtype=h.dtype)
         self.chosen = torch.empty(k, dtype=torch.int64)
         self.pending = 0  # experts in ys and w not yet summed into h
 
@@ -347,7 +390,7 @@ def attend(
         1, step.h, step.ys, step.w, step.pending, layer.table, cos, sin, cos.shape[0], keys,
         values, max_len, position, spec.heads, spec.kv_heads, spec.head_dim, d, 0, experts, k,
         layer.group, eps, router.renormalize, router.scale, step.m, step.chosen,
-        torch.get_num_threads(),
+        torch.get_num_threads(), _DTYPES[step.h.dtype],
     )  # fmt: skip
     step.pending = 0
     return step.chosen.tolist()
@@ -356,7 +399,7 @@ def attend(
 def experts(step: Step, ffns: Sequence[object]) -> bool:
     """Call 2: the chosen experts (`SwiGLU`s of int4 or bfloat16 matrices, one format for all,
     in step.chosen's order) on step.m into step.ys; False (nothing done) where they are not."""
-    kinds = [_expert_kind(ffn) for ffn in ffns]
+    kinds = [_expert_kind(ffn, step.h.dtype) for ffn in ffns]
     if not kinds or any(k is None or k[1:] != kinds[0][1:] for k in kinds):  # type: ignore[index]
         return False  # one format and width for all of them
     pointers = [p for k in kinds for p in k[0]]  # type: ignore[index]
@@ -369,6 +412,7 @@ def experts(step: Step, ffns: Sequence[object]) -> bool:
     kernel(
         2, step.h, step.ys, step.w, 0, table, step.m, step.m, 0, step.m, step.m, 0, 0, 0, 0, 0,
         d, width, 0, k, group, 0.0, 0, 0.0, step.m, step.chosen, torch.get_num_threads(),
+        _DTYPES[step.h.dtype],
     )  # fmt: skip
     step.pending = k
     return True
@@ -378,21 +422,23 @@ def experts(step: Step, ffns: Sequence[object]) -> bool:
 _KINDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _expert_kind(ffn: object) -> tuple[list[int], int, int] | None:
+def _expert_kind(ffn: object, dtype: torch.dtype) -> tuple[list[int], int, int] | None:
     if type(ffn) is not SwiGLU:  # GPT-OSS's clamped experts: not these loops
         return None
     if isinstance(ffn.w13, torch.Tensor):  # a float expert: cheap to look at, not kept
-        return _kind_of(ffn)
+        return _kind_of(ffn, dtype)
+    if dtype != torch.bfloat16:
+        return None
     known = _KINDS.get(ffn)
     if known is None:
-        known = _kind_of(ffn)
+        known = _kind_of(ffn, dtype)
         if known is not None:
             _KINDS[ffn] = known
     return known
 
 
-def _kind_of(ffn: SwiGLU) -> tuple[list[int], int, int] | None:
-    parts = [_matrix(ffn.w13), _matrix(ffn.w2)]
+def _kind_of(ffn: SwiGLU, dtype: torch.dtype) -> tuple[list[int], int, int] | None:
+    parts = [_matrix(ffn.w13, dtype), _matrix(ffn.w2, dtype)]
     if parts[0] is None or parts[1] is None or parts[0][1] != parts[1][1]:
         return None
     pointers = [t.data_ptr() if t is not None else 0 for p in parts for t in p[0]]  # type: ignore[index]
