@@ -12,7 +12,7 @@ import torch
 
 import offload_rt
 from offload_rt.engine import BatchDecoder
-from offload_rt.model import cpukernels, onequery, onerow
+from offload_rt.model import cpukernels, onequery, onerow, rowlayer
 from tests.families import save_family
 from tests.test_exactness import reference_greedy
 
@@ -79,25 +79,34 @@ def test_one_row_steps_equal_transformers(tmp_path, glue_on_tiny_models, monkeyp
 def test_one_row_agrees_with_the_eager_step_and_is_only_taken_for_one_row(
     reference, glue_on_tiny_models, monkeypatch
 ):
-    """Mixtral with every product compiled too: the compiled step's logits equal the eager
-    step's to float rounding, batch 2 keeps the eager path, and an offloading backend (one
-    expert's slot, prefetch) gives the same tokens."""
+    """Mixtral with every product compiled too: the step's logits, its layers in C++
+    (`model/rowlayer.py`) or through the compiled glue, equal the eager step's to float
+    rounding, batch 2 keeps the eager path, and an offloading backend (one expert's slot,
+    prefetch) gives the same tokens."""
     folder, hf = reference
     monkeypatch.setattr(cpukernels, "MIN_NUMEL", 0)
+    layers = count_calls(monkeypatch, rowlayer, "attend")
+    with offload_rt.load(folder) as model:
+        tokens = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, stop=[]).token_ids
+        in_cpp = decode_steps(model, PROMPT, tokens)
+    assert layers.calls >= 2 * (NEW_TOKENS - 1)  # every layer of every step
+    plan = rowlayer.plan
+    monkeypatch.setattr(rowlayer, "plan", lambda *a, **k: None)  # the compiled glue instead
     native = count_calls(monkeypatch, onequery, "attend")
     heads = count_calls(monkeypatch, onerow, "heads")
     with offload_rt.load(folder) as model:
-        tokens = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, stop=[]).token_ids
         compiled = decode_steps(model, PROMPT, tokens)
         assert glue_compiled() >= {"_enter", "_leave"}
         # every layer's attention in C++, its rotation too (no bias or norm comes first)
         assert native.calls >= 2 * (NEW_TOKENS - 1) and heads.calls == 0
+        monkeypatch.setattr(rowlayer, "plan", plan)
         monkeypatch.setattr(onerow, "MIN_HIDDEN", 1 << 30)
         eager = decode_steps(model, PROMPT, tokens)
         before = len(cpukernels.COMPILED.kernels)
         pair = model.generate([PROMPT, PROMPT[:4]], max_new_tokens=4, stop=[])
     assert len(cpukernels.COMPILED.kernels) == before  # batch 2: nothing new compiled
     assert (compiled - eager).abs().max().item() <= 1e-5
+    assert (in_cpp - eager).abs().max().item() <= 1e-5
     assert pair[0].token_ids == tokens[:4]
     monkeypatch.setattr(onerow, "MIN_HIDDEN", 0)
     with offload_rt.load(folder, cache_experts=1, prefetch=True) as model:
