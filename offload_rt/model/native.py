@@ -15,6 +15,8 @@ import logging
 import threading
 from collections.abc import Callable
 
+import torch
+
 log = logging.getLogger(__name__)
 
 # what the sources share: 16 float32 lanes and loads that widen each dtype into them
@@ -134,6 +136,9 @@ inline v16 exp16(v16 x) {
 """
 
 _lock = threading.Lock()
+
+# the dtype codes the sources switch on: PRELUDE's F32, BF16, F16
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 @functools.cache

@@ -165,7 +165,6 @@ extern "C" void kernel(const void* q, const void* k, const void* v, const void* 
 
 _ARGTYPES = ("const void*",) * 5 + ("int64_t", "void*", "void*") + ("int64_t",) * 6
 _ARGTYPES += ("void*", "int64_t", "int64_t")
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def applies(
@@ -183,7 +182,7 @@ def applies(
         and keys.device.type == "cpu"
         and keys.shape[0] == 1
         and keys.is_contiguous()
-        and keys.dtype in _DTYPES
+        and keys.dtype in native.DTYPE_CODES
         and _kernel() is not None
     )
 
@@ -219,7 +218,7 @@ def attend(
     assert kernel is not None
     kernel(
         q, k, v, cos, sin, rot, keys, values, max_len, position, kv_len,
-        q.numel() // hd, kv_heads, hd, out, torch.get_num_threads(), _DTYPES[q.dtype],
+        q.numel() // hd, kv_heads, hd, out, torch.get_num_threads(), native.DTYPE_CODES[q.dtype],
     )  # fmt: skip
     return out
 

@@ -261,7 +261,6 @@ extern "C" void kernel(int64_t mode, void* h, void* ys, float* w, int64_t k_prev
 _ARGTYPES = ("int64_t", "void*", "void*", "float*", "int64_t", "const int64_t*")
 _ARGTYPES += ("const void*", "const void*", "int64_t", "void*", "void*") + ("int64_t",) * 10
 _ARGTYPES += ("float", "int64_t", "float", "void*", "int64_t*", "int64_t", "int64_t")
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 @dataclass
@@ -295,9 +294,9 @@ def plan(
         return None
     if router_spec.scoring != "softmax" or not router_spec.plain or router_spec.top_k > MAX_K:
         return None
-    if dtype not in _DTYPES or {input_norm.dtype, post_norm.dtype, router.dtype} != {dtype}:
+    if dtype not in native.DTYPE_CODES or not router.is_contiguous():
         return None
-    if not router.is_contiguous():
+    if {input_norm.dtype, post_norm.dtype, router.dtype} != {dtype}:
         return None
     parts = [_matrix(attn.wqkv, dtype), _matrix(attn.wo, dtype)]
     if parts[0] is None or parts[1] is None or parts[0][1] != parts[1][1]:
@@ -390,7 +389,7 @@ def attend(
         1, step.h, step.ys, step.w, step.pending, layer.table, cos, sin, cos.shape[0], keys,
         values, max_len, position, spec.heads, spec.kv_heads, spec.head_dim, d, 0, experts, k,
         layer.group, eps, router.renormalize, router.scale, step.m, step.chosen,
-        torch.get_num_threads(), _DTYPES[step.h.dtype],
+        torch.get_num_threads(), native.DTYPE_CODES[step.h.dtype],
     )  # fmt: skip
     step.pending = 0
     return step.chosen.tolist()
@@ -412,7 +411,7 @@ def experts(step: Step, ffns: Sequence[object]) -> bool:
     kernel(
         2, step.h, step.ys, step.w, 0, table, step.m, step.m, 0, step.m, step.m, 0, 0, 0, 0, 0,
         d, width, 0, k, group, 0.0, 0, 0.0, step.m, step.chosen, torch.get_num_threads(),
-        _DTYPES[step.h.dtype],
+        native.DTYPE_CODES[step.h.dtype],
     )  # fmt: skip
     step.pending = k
     return True
