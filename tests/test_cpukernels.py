@@ -65,9 +65,13 @@ def test_affine_gemv_equals_dequantize_then_multiply(kernels_on_small_shapes, bi
     assert relative_error(got, want) <= TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("rows, group", [(81, 32), (80, 64), (33, 128)])
+# the last: 44 groups a half (the loop widens scales 16 groups at a time: two whole chunks and
+# a part)
+@pytest.mark.parametrize(
+    "rows, group, k", [(81, 32, 1024), (80, 64, 1024), (33, 128, 1024), (17, 32, 2816)]
+)
 def test_int4_bfloat16_kernel_equals_dequantize_then_multiply(
-    kernels_on_small_shapes, monkeypatch, rows, group
+    kernels_on_small_shapes, monkeypatch, rows, group, k
 ):
     """The hand-written int4 product for bfloat16 activations (`model/packed.py`) where the
     CPU has AVX-512 BF16: its float32 sums equal the float64 product before the output's
@@ -77,8 +81,8 @@ def test_int4_bfloat16_kernel_equals_dequantize_then_multiply(
     assert packed.available()  # it builds where the CPU has the instructions
     gen = torch.Generator().manual_seed(1)
     quant = QuantConfig(4, group)
-    q = quantize(torch.randn(rows, 1024, generator=gen) / 16, quant)
-    x = torch.randn(1, 1024, generator=gen).to(torch.bfloat16)
+    q = quantize(torch.randn(rows, k, generator=gen) / 16, quant)
+    x = torch.randn(1, k, generator=gen).to(torch.bfloat16)
     assert packed.applies(x, q.scales) and not packed.applies(x.float(), q.scales)
     got = packed.affine4_gemv(x, q.qweight, q.scales, q.offsets)
     assert got is not None and got.dtype == torch.bfloat16 and got.shape == (1, rows)
