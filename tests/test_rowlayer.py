@@ -1,9 +1,10 @@
-"""Tier 1: a one-row layer of an int4 or bfloat16 model in two C++ calls (`model/rowlayer.py`)
-against the one-row path's own operations (the compiled glue, the products, `onequery`, the
-experts' `SwiGLU`), and a decode through it against the one-row path's.
+"""Tier 1: a one-row layer of an int4, int8 or float model in two C++ calls
+(`model/rowlayer.py`) against the one-row path's own operations (the compiled glue, the
+products, `onequery`, the experts' `SwiGLU`), and a decode through it against the one-row
+path's.
 
-Only CPUs with AVX-512 BF16 run these loops (`packed.cpu_supports`); elsewhere the tests skip,
-and where the CPU has the instructions they fail if the code does not build."""
+Only CPUs with AVX-512 BF16 run the int4 loops (`packed.cpu_supports`); elsewhere those cases
+skip, and where the CPU has the instructions they fail if the code does not build."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from offload_rt.model.layers import linear
 from offload_rt.tools.quantize import quantize_checkpoint
 from tests.conftest import save_reference
 
-pytestmark = pytest.mark.skipif(not packed.cpu_supports(), reason="needs AVX-512 BF16")
 PROMPT = [1, 17, 42, 99, 5]
 ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 2.0**-23}  # relative
 
@@ -26,25 +26,29 @@ ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 2.0**-23
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """A tiny Mixtral whose widths int4's row loop reads (groups of 64, an even number a
-    row), as saved (bfloat16 when loaded so) and with its experts quantized to int4."""
+    row), as saved (bfloat16 when loaded so) and with its experts quantized to int4 and int8."""
     folder = tmp_path_factory.mktemp("rowlayer")
     save_reference(
         folder / "float", hidden_size=128, intermediate_size=128, num_attention_heads=4,
         num_key_value_heads=2,
     )  # fmt: skip
     quantize_checkpoint(folder / "float", folder / "int4", 4, 64, progress=False)
+    quantize_checkpoint(folder / "float", folder / "int8", 8, 32, progress=False)
     return folder
 
 
-@pytest.fixture(params=["int4", "bfloat16", "float16", "float32"])
+@pytest.fixture(params=["int4", "int8", "int8-bfloat16", "bfloat16", "float16", "float32"])
 def load(request, checkpoints):
     """Loads the model of one kind: experts and dense weights as int4 codes (`dense_quant`)
-    with bfloat16 activations, or all of it in one float dtype."""
-    if request.param == "int4":
-        return lambda: offload_rt.load(
-            checkpoints / "int4", dtype=torch.bfloat16, dense_quant="int4"
-        )
-    return lambda: offload_rt.load(checkpoints / "float", dtype=getattr(torch, request.param))
+    with bfloat16 activations, as int8 codes with float32 or bfloat16 ones, or all of it in
+    one float dtype."""
+    kind, _, dtype = request.param.partition("-")
+    if kind == "int4" and not packed.cpu_supports():
+        pytest.skip("int4's row loop needs AVX-512 BF16")
+    if kind in ("int4", "int8"):
+        dtype = getattr(torch, dtype or ("bfloat16" if kind == "int4" else "float32"))
+        return lambda: offload_rt.load(checkpoints / kind, dtype=dtype, dense_quant=kind)
+    return lambda: offload_rt.load(checkpoints / "float", dtype=getattr(torch, kind))
 
 
 def close(got: torch.Tensor, want: torch.Tensor, ulps: float) -> bool:
@@ -144,5 +148,6 @@ def test_a_decode_through_it_follows_the_one_row_path(load, glue_on_tiny_models,
     per_step = (native - one_row).abs().amax(-1) / one_row.abs().amax(-1)
     assert per_step[0] == 0  # the prompt: the batched path either way
     tol = 1e-5 if dtype == torch.float32 else 2 * ULP[dtype]
-    # measured: int4 0.74%, bfloat16 0.93%, float16 0.098%, float32 5e-7 at most
+    # measured: int4 0.74%, int8 2.4e-6 (float32) and 1.1% (bfloat16), bfloat16 0.93%, float16
+    # 0.098%, float32 5e-7 at most
     assert (per_step <= tol).all()

@@ -35,9 +35,9 @@ class QuantizedDense:
         self.quant = quant
         self.shape, self.dtype, self.device = w.shape, w.dtype, w.device
 
-    def affine4(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def affine(self) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None:
         q = self.q
-        return (q.qweight, q.scales, q.offsets) if self.quant.bits == 4 else None
+        return self.quant.bits, q.qweight, q.scales, q.offsets
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         q = self.q

@@ -288,12 +288,12 @@ class QuantMatrix:
         y = self._packed(x)
         return linear(x, self.codec.expand(self.views, self.m)) if y is None else y
 
-    def affine4(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def affine(self) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None:
         quant = self.codec.quant
-        if quant.scheme != "affine" or quant.bits != 4:
+        if quant.scheme != "affine":
             return None
         part = self._part
-        return part["qweight"], part["scales"], part["offsets"]
+        return quant.bits, part["qweight"], part["scales"], part["offsets"]
 
     def _packed(self, x: torch.Tensor) -> torch.Tensor | None:
         part = self._part

@@ -33,9 +33,9 @@ class PackedMatrix(Protocol):
         """x (M, K) -> (M, N)."""
         ...
 
-    def affine4(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """Its int4 affine codes, scales and offsets (`experts/quant.py`'s layout) where it is
-        that format, else None."""
+    def affine(self) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Its bits (8 or 4) and affine codes, scales and offsets (`experts/quant.py`'s layout)
+        where it is that format, else None."""
         ...
 
 

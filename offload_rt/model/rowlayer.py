@@ -1,4 +1,4 @@
-"""A one-row CPU decode step's layer in two C++ calls: int4 models with bfloat16 activations.
+"""A one-row CPU decode step's layer in two C++ calls: float, int8 and int4 models.
 
 Through the one-row path of `decoder._one_row`, a layer of an int4 model (experts and dense
 weights as affine codes, `dense_quant="int4"`) with bfloat16 activations is some fifteen calls:
@@ -8,20 +8,25 @@ speed; the step still spent ~1.9 ms of 6.4 outside them (`benchmarks/profile_cpu
 products replayed back to back 4.5 ms). Here a layer is two calls:
 
 1. `attend`: the previous layer's experts' outputs summed into the residual with their weights
-   (each term and sum rounded to bfloat16, as `onerow.enter`), the input RMSNorm, the q/k/v
-   product, the rotation, cache write and attention (`onequery`'s loops), the output product,
-   the residual, the MoE input's RMSNorm and the router (softmax, top k, renormalised where
-   the family does, scaled) -> the chosen experts, in ascending order, and their weights;
+   (each term and sum rounded to the activations' dtype, as `onerow.enter`), the input
+   RMSNorm, the q/k/v product, the rotation, cache write and attention (`onequery`'s loops),
+   the output product, the residual, the MoE input's RMSNorm and the router (softmax, top k,
+   renormalised where the family does, scaled) -> the chosen experts, in ascending order, and
+   their weights;
 2. the backend looks the chosen experts up (its bookkeeping: residency, counters, eviction
-   ticks), then `experts`: each expert's w13 rows (int4, `packed`'s row loop), SwiGLU (silu
-   rounded to bfloat16, times up, rounded), w2 rows, into the layer's output rows.
+   ticks), then `experts`: each expert's w13 rows, SwiGLU (silu rounded to the activations'
+   dtype, times up, rounded), w2 rows, into the layer's output rows.
 
-Threads split each product's rows as `packed` does (each output one thread's sum). Every
-rounding is the one-row path's, so results equal it to float rounding (sums in other orders).
-It serves a layer whose attention has no biases, q/k norms, clipping or sinks, on a full
-(not ring) layer of a one-row cache; a MoE block with a plain softmax router and no shared
-expert; int4 weights whose groups `packed` reads; the rest keeps the one-row path. Only x86
-CPUs with AVX-512 BF16 have the row loop (`packed.cpu_supports`).
+The matrices' rows: float ones in the activations' dtype (widened to float32 lanes); int8
+affine codes (`experts/quant.py`'s layout, groups of a multiple of 16 columns) widened to
+float32 lanes, x in float32, scaled per group, the offsets' term from x's group sums, any
+activation dtype (AVX-512 or AVX2 intrinsics, generic vectors elsewhere); int4 codes with
+bfloat16 activations through `packed`'s row loop (x86 CPUs with AVX-512 BF16 only,
+`packed.cpu_supports`). Threads split each product's rows as `packed` does (each output one
+thread's sum). Every rounding is the one-row path's, so results equal it to float rounding
+(sums in other orders). It serves a layer whose attention has no biases, q/k norms, clipping
+or sinks, on a full (not ring) layer of a one-row cache; a MoE block with a plain softmax
+router and no shared expert; the rest keeps the one-row path.
 """
 
 from __future__ import annotations
@@ -50,6 +55,58 @@ _SOURCE = (
     + r"""
 namespace {
 
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+
+// codes (16) widened to float32 lanes
+inline v16 widen8(const uint8_t* p) {
+#if defined(__AVX512F__)  // the compiler widens a generic vector of bytes one by one
+    return (v16)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)));
+#elif defined(__AVX2__)
+    const __m128i b = _mm_loadu_si128((const __m128i*)p);
+    const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+    const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
+    v16 r;
+    std::memcpy(&r, &lo, 32);
+    std::memcpy((char*)&r + 32, &hi, 32);
+    return r;
+#else
+    u8x16 b;
+    std::memcpy(&b, p, 16);
+    return __builtin_convertvector(__builtin_convertvector(b, u32x16), v16);
+#endif
+}
+
+// one row of int8 affine codes (K columns, groups of G, a multiple of 16; float16 scales and
+// offsets) times x (K float32) with xsum (x's sum over each group):
+// sum_g scales[g] * (codes of g . x) + sum_g offsets[g] * xsum[g]
+inline float row8(const uint8_t* codes, const _Float16* scales, const _Float16* offsets,
+                  const float* x, const float* xsum, int64_t K, int64_t G) {
+    const int64_t ng = K / G;
+    v16 all = {}, off = {};
+    int64_t g = 0;
+    for (; g + 16 <= ng; g += 16) off += F16::load(offsets + g) * F32::load(xsum + g);
+    float tail = 0.f;
+    for (; g < ng; ++g) tail += F16::get(offsets[g]) * xsum[g];
+    for (g = 0; g < ng; ++g) {
+        const uint8_t* c = codes + g * G;
+        const float* xg = x + g * G;
+        v16 a = {}, b = {};
+        int64_t j = 0;
+        for (; j + 32 <= G; j += 32) {
+            __builtin_prefetch(c + j + 2048);  // as `packed.ROW`
+            a += widen8(c + j) * F32::load(xg + j);
+            b += widen8(c + j + 16) * F32::load(xg + j + 16);
+        }
+        if (j < G) a += widen8(c + j) * F32::load(xg + j);
+        all += (a + b) * F16::get(scales[g]);
+    }
+    return hsum(all + off) + tail;
+}
+
+}  // namespace
+
+namespace {
+
 // h (D) of dtype C through the RMSNorm with weight w into out, as `layers.rms_norm`
 template <class C>
 void rms(const typename C::T* h, const typename C::T* w, float eps, int64_t D,
@@ -76,36 +133,38 @@ inline float dot_row(const typename C::T* w, const float* x, int64_t K) {
     return s;
 }
 
-// One matrix's rows times x (K) of dtype C, float32 sums: int4 affine codes (m: codes
-// (N, K/2), scales and offsets (N, K/G); bfloat16 x only) where G > 0, a matrix of dtype C
-// (m[0]: (N, K)) where G == 0. xs: for int4, x's sums over each group; else x widened.
+// One matrix's rows times x (K) of dtype C, float32 sums, by the weights' bits B: a matrix of
+// dtype C (m[0]: (N, K)) where B == 0; affine codes in groups of G columns (m: codes, then
+// float16 scales and offsets (N, K/G)) where B == 8 (codes (N, K)) or B == 4 (codes (N, K/2),
+// bfloat16 x only). xs: x widened (B 0), x's sums over each group (B 4), both (B 8).
 template <class C>
 struct Rows {
     const int64_t* m;
-    int64_t K, G;
+    int64_t K, G, B;
     inline float operator()(int64_t n, const typename C::T* x, const float* xs) const {
-        if (G == 0) return dot_row<C>((const typename C::T*)m[0] + n * K, xs, K);
+        if (B == 0) return dot_row<C>((const typename C::T*)m[0] + n * K, xs, K);
         const int64_t ng = K / G;
+        if (B == 8)
+            return row8((const uint8_t*)m[0] + n * K, (const _Float16*)m[1] + n * ng,
+                        (const _Float16*)m[2] + n * ng, xs, xs + K, K, G);
         return row((const uint8_t*)m[0] + n * (K / 2), (const uint16_t*)m[1] + n * ng,
                    (const uint16_t*)m[2] + n * ng, (const uint16_t*)x, xs, K, G);
     }
     // what operator() takes as xs for this x
     std::vector<float> prepare(const typename C::T* x) const {
-        if (G == 0) {
-            std::vector<float> xf(K);
-            for (int64_t i = 0; i < K; ++i) xf[i] = C::get(x[i]);
-            return xf;
-        }
-        std::vector<float> sums(K / G, 0.f);
-        for (int64_t i = 0; i < K; ++i) sums[i / G] += C::get(x[i]);
-        return sums;
+        const int64_t widened = B == 4 ? 0 : K;
+        std::vector<float> xs(widened + (B == 0 ? 0 : K / G), 0.f);
+        for (int64_t i = 0; i < widened; ++i) xs[i] = C::get(x[i]);
+        if (B != 0)
+            for (int64_t i = 0; i < K; ++i) xs[widened + i / G] += C::get(x[i]);
+        return xs;
     }
 };
 
 template <class C>
-void rows(const typename C::T* x, const int64_t* m, int64_t N, int64_t K, int64_t G,
+void rows(const typename C::T* x, const int64_t* m, int64_t N, int64_t K, int64_t G, int64_t B,
           typename C::T* y, int64_t threads) {
-    const Rows<C> r{m, K, G};
+    const Rows<C> r{m, K, G, B};
     const std::vector<float> xs = r.prepare(x);
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; ++n) y[n] = C::put(r(n, x, xs.data()));
@@ -143,17 +202,17 @@ void top_k(const float* scores, int64_t E, int64_t k, int64_t* chosen) {
 // call 2: m (D) through the k experts of `t` (6 pointers each: w13's and w2's, as `Rows`)
 template <class C>
 void experts(const typename C::T* m, typename C::T* ys, const int64_t* t, int64_t D, int64_t F,
-             int64_t k, int64_t G, int64_t threads) {
+             int64_t k, int64_t G, int64_t B, int64_t threads) {
     using T = typename C::T;
     std::vector<float> y(k * 2 * F);
     std::vector<T> hid(k * F);
     std::vector<std::vector<float>> hs(k);
-    const std::vector<float> xs = Rows<C>{t, D, G}.prepare(m);
+    const std::vector<float> xs = Rows<C>{t, D, G, B}.prepare(m);
     #pragma omp parallel num_threads(threads)
     {
         std::vector<float> hf(F);
         for (int64_t e = 0; e < k; ++e) {
-            const Rows<C> r13{t + 6 * e, D, G};
+            const Rows<C> r13{t + 6 * e, D, G, B};
             #pragma omp for schedule(static) nowait
             for (int64_t n = 0; n < 2 * F; ++n)
                 y[e * 2 * F + n] = C::get(C::put(r13(n, m, xs.data())));
@@ -163,10 +222,10 @@ void experts(const typename C::T* m, typename C::T* ys, const int64_t* t, int64_
         for (int64_t e = 0; e < k; ++e) {
             swiglu<C>(&y[e * 2 * F], &y[e * 2 * F + F], hf.data(), F);
             for (int64_t j = 0; j < F; ++j) hid[e * F + j] = C::put(hf[j]);
-            hs[e] = Rows<C>{t + 6 * e + 3, F, G}.prepare(&hid[e * F]);
+            hs[e] = Rows<C>{t + 6 * e + 3, F, G, B}.prepare(&hid[e * F]);
         }
         for (int64_t e = 0; e < k; ++e) {
-            const Rows<C> r2{t + 6 * e + 3, F, G};
+            const Rows<C> r2{t + 6 * e + 3, F, G, B};
             #pragma omp for schedule(static) nowait
             for (int64_t n = 0; n < D; ++n)
                 ys[e * D + n] = C::put(r2(n, &hid[e * F], hs[e].data()));
@@ -179,7 +238,7 @@ template <class C>
 void attention(typename C::T* h, const typename C::T* ys, float* w, int64_t k_prev,
                const int64_t* t, const void* cs, const void* sn, int64_t rot, void* kc, void* vc,
                int64_t S, int64_t pos, int64_t H, int64_t KH, int64_t Hd, int64_t D, int64_t E,
-               int64_t k, int64_t G, float eps, int64_t renormalize, float scale,
+               int64_t k, int64_t G, int64_t B, float eps, int64_t renormalize, float scale,
                typename C::T* m, int64_t* chosen, int64_t threads) {
     using T = typename C::T;
     const int64_t width = (H + 2 * KH) * Hd;
@@ -191,11 +250,11 @@ void attention(typename C::T* h, const typename C::T* ys, float* w, int64_t k_pr
         h[i] = C::put(C::get(h[i]) + acc);
     }
     rms<C>(h, (const T*)t[0], eps, D, a.data());
-    rows<C>(a.data(), t + 3, width, D, G, qkv.data(), threads);
+    rows<C>(a.data(), t + 3, width, D, G, B, qkv.data(), threads);
     const T* q = qkv.data();
     attend<C>(q, q + H * Hd, q + (H + KH) * Hd, cs, sn, rot, kc, vc, S, pos, pos + 1, H, KH, Hd,
               att.data(), threads);
-    rows<C>(att.data(), t + 6, D, H * Hd, G, o.data(), threads);
+    rows<C>(att.data(), t + 6, D, H * Hd, G, B, o.data(), threads);
     for (int64_t i = 0; i < D; ++i) h[i] = C::put(C::get(h[i]) + C::get(o[i]));
     rms<C>(h, (const T*)t[1], eps, D, m);
     // the router: float32 sums rounded to the dtype (`moe._logits`), softmax in float32
@@ -224,12 +283,12 @@ template <class C>
 void run(int64_t mode, void* h, void* ys, float* w, int64_t k_prev, const int64_t* t,
          const void* cs, const void* sn, int64_t rot, void* kc, void* vc, int64_t S, int64_t pos,
          int64_t H, int64_t KH, int64_t Hd, int64_t D, int64_t F, int64_t E, int64_t k,
-         int64_t G, float eps, int64_t renormalize, float scale, void* m, int64_t* chosen,
-         int64_t threads) {
+         int64_t G, int64_t B, float eps, int64_t renormalize, float scale, void* m,
+         int64_t* chosen, int64_t threads) {
     using T = typename C::T;
-    if (mode == 2) return experts<C>((const T*)m, (T*)ys, t, D, F, k, G, threads);
+    if (mode == 2) return experts<C>((const T*)m, (T*)ys, t, D, F, k, G, B, threads);
     attention<C>((T*)h, (const T*)ys, w, k_prev, t, cs, sn, rot, kc, vc, S, pos, H, KH, Hd, D, E,
-                 k, G, eps, renormalize, scale, (T*)m, chosen, threads);
+                 k, G, B, eps, renormalize, scale, (T*)m, chosen, threads);
 }
 
 }  // namespace
@@ -239,27 +298,28 @@ void run(int64_t mode, void* h, void* ys, float* w, int64_t k_prev, const int64_
 // pointers (input norm, post-attention norm, router, then those of wqkv and wo, 3 each, as
 // `Rows` reads them). Writes m (D), chosen (k) and weights (k) for this layer.
 // mode 2, experts: m (D) through the k experts of `t` (6 pointers each) into ys (k, D).
-// dtype: the activations' (0 float32, 1 bfloat16, 2 float16); G > 0 (int4) with bfloat16 only.
+// dtype: the activations' (0 float32, 1 bfloat16, 2 float16); B, G: the weights' bits (0:
+// the activations' dtype) and group, as `Rows`; B == 4 with bfloat16 only.
 extern "C" void kernel(int64_t mode, void* h, void* ys, float* w, int64_t k_prev,
                        const int64_t* t, const void* cs, const void* sn, int64_t rot, void* kc,
                        void* vc, int64_t S, int64_t pos, int64_t H, int64_t KH, int64_t Hd,
-                       int64_t D, int64_t F, int64_t E, int64_t k, int64_t G, float eps,
-                       int64_t renormalize, float scale, void* m, int64_t* chosen,
+                       int64_t D, int64_t F, int64_t E, int64_t k, int64_t G, int64_t B,
+                       float eps, int64_t renormalize, float scale, void* m, int64_t* chosen,
                        int64_t threads, int64_t dtype) {
     if (dtype == 0)
         run<F32>(mode, h, ys, w, k_prev, t, cs, sn, rot, kc, vc, S, pos, H, KH, Hd, D, F, E, k,
-                 G, eps, renormalize, scale, m, chosen, threads);
+                 G, B, eps, renormalize, scale, m, chosen, threads);
     if (dtype == 1)
         run<BF16>(mode, h, ys, w, k_prev, t, cs, sn, rot, kc, vc, S, pos, H, KH, Hd, D, F, E, k,
-                  G, eps, renormalize, scale, m, chosen, threads);
+                  G, B, eps, renormalize, scale, m, chosen, threads);
     if (dtype == 2)
         run<F16>(mode, h, ys, w, k_prev, t, cs, sn, rot, kc, vc, S, pos, H, KH, Hd, D, F, E, k,
-                 G, eps, renormalize, scale, m, chosen, threads);
+                 G, B, eps, renormalize, scale, m, chosen, threads);
 }
 """
 )
 _ARGTYPES = ("int64_t", "void*", "void*", "float*", "int64_t", "const int64_t*")
-_ARGTYPES += ("const void*", "const void*", "int64_t", "void*", "void*") + ("int64_t",) * 10
+_ARGTYPES += ("const void*", "const void*", "int64_t", "void*", "void*") + ("int64_t",) * 11
 _ARGTYPES += ("float", "int64_t", "float", "void*", "int64_t*", "int64_t", "int64_t")
 
 
@@ -269,7 +329,7 @@ class LayerPlan:
 
     table: torch.Tensor  # int64: input norm, post-attention norm, router, wqkv (3), wo (3)
     held: tuple[torch.Tensor, ...]
-    group: int
+    form: tuple[int, int]  # the matrices' (bits, group), as `_matrix`
 
 
 def plan(
@@ -306,26 +366,33 @@ def plan(
     return LayerPlan(table, held, parts[0][1])  # type: ignore[arg-type]
 
 
-def _matrix(w: object, dtype: torch.dtype) -> tuple[tuple[torch.Tensor | None, ...], int] | None:
-    """What the C++ reads of a weight, and its group: a matrix of the activations' dtype (group
-    0), or with bfloat16 activations int4 affine codes, scales and offsets in groups that
-    `packed`'s row loop reads; else None."""
+Form = tuple[int, int]  # a matrix's (bits, group) for the C++: (0, 0) for the activations' dtype
+
+
+def _matrix(w: object, dtype: torch.dtype) -> tuple[tuple[torch.Tensor | None, ...], Form] | None:
+    """What the C++ reads of a weight, and its form: a matrix of the activations' dtype, int8
+    affine codes, scales and offsets in groups of a multiple of 16 columns, or with bfloat16
+    activations int4 ones in groups that `packed`'s row loop reads; else None."""
     if isinstance(w, torch.Tensor):
         if w.dtype != dtype or w.device.type != "cpu" or not w.is_contiguous():
             return None
-        return (w, None, None), 0
-    parts = w.affine4()  # type: ignore[attr-defined]
-    if parts is None or dtype != torch.bfloat16:
+        return (w, None, None), (0, 0)
+    parts = w.affine()  # type: ignore[attr-defined]
+    if parts is None:
         return None
-    codes, scales, _ = parts
-    k = codes.shape[1] * 2
+    bits, codes, scales, offsets = parts
+    k = w.shape[1]  # type: ignore[attr-defined]
     if (
-        codes.device.type != "cpu"
-        or not packed.fits(torch.bfloat16, k, scales.shape[1])
-        or not packed.available()
+        any(t.device.type != "cpu" or not t.is_contiguous() for t in (codes, scales, offsets))
+        or scales.dtype != torch.float16
+        or offsets.dtype != torch.float16
     ):
         return None
-    return parts, k // scales.shape[1]
+    if bits == 8 and k % scales.shape[1] == 0 and (k // scales.shape[1]) % 16 == 0:
+        return (codes, scales, offsets), (8, k // scales.shape[1])
+    if bits == 4 and packed.fits(dtype, k, scales.shape[1]) and packed.available():
+        return (codes, scales, offsets), (4, k // scales.shape[1])
+    return None
 
 
 def available() -> bool:
@@ -388,7 +455,7 @@ def attend(
     kernel(
         1, step.h, step.ys, step.w, step.pending, layer.table, cos, sin, cos.shape[0], keys,
         values, max_len, position, spec.heads, spec.kv_heads, spec.head_dim, d, 0, experts, k,
-        layer.group, eps, router.renormalize, router.scale, step.m, step.chosen,
+        layer.form[1], layer.form[0], eps, router.renormalize, router.scale, step.m, step.chosen,
         torch.get_num_threads(), native.DTYPE_CODES[step.h.dtype],
     )  # fmt: skip
     step.pending = 0
@@ -396,13 +463,14 @@ def attend(
 
 
 def experts(step: Step, ffns: Sequence[object]) -> bool:
-    """Call 2: the chosen experts (`SwiGLU`s of int4 or bfloat16 matrices, one format for all,
-    in step.chosen's order) on step.m into step.ys; False (nothing done) where they are not."""
+    """Call 2: the chosen experts (`SwiGLU`s of matrices of a form `_matrix` takes, one form
+    for all, in step.chosen's order) on step.m into step.ys; False (nothing done) where they
+    are not."""
     kinds = [_expert_kind(ffn, step.h.dtype) for ffn in ffns]
     if not kinds or any(k is None or k[1:] != kinds[0][1:] for k in kinds):  # type: ignore[index]
         return False  # one format and width for all of them
     pointers = [p for k in kinds for p in k[0]]  # type: ignore[index]
-    _, group, width = kinds[0]  # type: ignore[misc]
+    _, (bits, group), width = kinds[0]  # type: ignore[misc]
     kernel = _kernel()
     if kernel is None:
         return False
@@ -410,33 +478,33 @@ def experts(step: Step, ffns: Sequence[object]) -> bool:
     d, k = step.h.numel(), len(ffns)
     kernel(
         2, step.h, step.ys, step.w, 0, table, step.m, step.m, 0, step.m, step.m, 0, 0, 0, 0, 0,
-        d, width, 0, k, group, 0.0, 0, 0.0, step.m, step.chosen, torch.get_num_threads(),
+        d, width, 0, k, group, bits, 0.0, 0, 0.0, step.m, step.chosen, torch.get_num_threads(),
         native.DTYPE_CODES[step.h.dtype],
     )  # fmt: skip
     step.pending = k
     return True
 
 
-# an expert's pointers, group and width, by its weights object (a slot's, kept while it lives)
+# an expert's pointers, form and width for a dtype, by its weights object (a slot's, kept while
+# it lives)
 _KINDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _expert_kind(ffn: object, dtype: torch.dtype) -> tuple[list[int], int, int] | None:
+def _expert_kind(ffn: object, dtype: torch.dtype) -> tuple[list[int], Form, int] | None:
     if type(ffn) is not SwiGLU:  # GPT-OSS's clamped experts: not these loops
         return None
     if isinstance(ffn.w13, torch.Tensor):  # a float expert: cheap to look at, not kept
         return _kind_of(ffn, dtype)
-    if dtype != torch.bfloat16:
-        return None
     known = _KINDS.get(ffn)
-    if known is None:
-        known = _kind_of(ffn, dtype)
-        if known is not None:
-            _KINDS[ffn] = known
-    return known
+    if known is None or known[0] != dtype:
+        kind = _kind_of(ffn, dtype)
+        if kind is None:
+            return None
+        known = _KINDS[ffn] = (dtype, kind)
+    return known[1]
 
 
-def _kind_of(ffn: SwiGLU, dtype: torch.dtype) -> tuple[list[int], int, int] | None:
+def _kind_of(ffn: SwiGLU, dtype: torch.dtype) -> tuple[list[int], Form, int] | None:
     parts = [_matrix(ffn.w13, dtype), _matrix(ffn.w2, dtype)]
     if parts[0] is None or parts[1] is None or parts[0][1] != parts[1][1]:
         return None
