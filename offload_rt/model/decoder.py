@@ -294,8 +294,8 @@ class MoEDecoder:
 
     def _layer_plans(self, h: torch.Tensor) -> list[rowlayer.LayerPlan] | None:
         """Every layer's plan for `model/rowlayer.py` where all of them have one (every layer
-        a plain MoE one, its weights in the activations' dtype, int8, or int4 with bfloat16 ones; no
-        prefetcher), else None; made once (for the first step's dtype: the model's)."""
+        a plain MoE one, its weights in the activations' dtype, int8, or int4 with bfloat16
+        ones; no prefetcher), else None; made once (for the first step's dtype: the model's)."""
         if self.prefetcher is not None:
             return None
         if self._row_plans is False:

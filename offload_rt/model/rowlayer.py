@@ -9,10 +9,10 @@ products replayed back to back 4.5 ms). Here a layer is two calls:
 
 1. `attend`: the previous layer's experts' outputs summed into the residual with their weights
    (each term and sum rounded to the activations' dtype, as `onerow.enter`), the input
-   RMSNorm, the q/k/v product, the rotation, cache write and attention (`onequery`'s loops),
-   the output product, the residual, the MoE input's RMSNorm and the router (softmax, top k,
-   renormalised where the family does, scaled) -> the chosen experts, in ascending order, and
-   their weights;
+   RMSNorm, the q/k/v product, q/k norms and clipping where the family has them, the
+   rotation, cache write and attention (`onequery`'s loops), the output product, the
+   residual, the MoE input's RMSNorm and the router (softmax, top k, renormalised where the
+   family does, scaled) -> the chosen experts, in ascending order, and their weights;
 2. the backend looks the chosen experts up (its bookkeeping: residency, counters, eviction
    ticks), then `experts`: each expert's w13 rows, SwiGLU (silu rounded to the activations'
    dtype, times up, rounded), w2 rows, into the layer's output rows.
@@ -24,9 +24,10 @@ activation dtype (AVX-512 or AVX2 intrinsics, generic vectors elsewhere); int4 c
 bfloat16 activations through `packed`'s row loop (x86 CPUs with AVX-512 BF16 only,
 `packed.cpu_supports`). Threads split each product's rows as `packed` does (each output one
 thread's sum). Every rounding is the one-row path's, so results equal it to float rounding
-(sums in other orders). It serves a layer whose attention has no biases, q/k norms, clipping
-or sinks, on a full (not ring) layer of a one-row cache; a MoE block with a plain softmax
-router and no shared expert; the rest keeps the one-row path.
+(sums in other orders). It serves a layer whose attention has no biases or sinks (q/k norms,
+per head or over the projection, and clipping it takes), on a full (not ring) layer of a
+one-row cache; a MoE block with a plain softmax router and no shared expert; the rest keeps
+the one-row path.
 """
 
 from __future__ import annotations
@@ -238,8 +239,9 @@ template <class C>
 void attention(typename C::T* h, const typename C::T* ys, float* w, int64_t k_prev,
                const int64_t* t, const void* cs, const void* sn, int64_t rot, void* kc, void* vc,
                int64_t S, int64_t pos, int64_t H, int64_t KH, int64_t Hd, int64_t D, int64_t E,
-               int64_t k, int64_t G, int64_t B, float eps, int64_t renormalize, float scale,
-               typename C::T* m, int64_t* chosen, int64_t threads) {
+               int64_t k, int64_t G, int64_t B, float eps, float qk_eps, float clip,
+               int64_t renormalize, float scale, typename C::T* m, int64_t* chosen,
+               int64_t threads) {
     using T = typename C::T;
     const int64_t width = (H + 2 * KH) * Hd;
     std::vector<T> a(D), qkv(width), att(H * Hd), o(D);
@@ -251,6 +253,14 @@ void attention(typename C::T* h, const typename C::T* ys, float* w, int64_t k_pr
     }
     rms<C>(h, (const T*)t[0], eps, D, a.data());
     rows<C>(a.data(), t + 3, width, D, G, B, qkv.data(), threads);
+    // q and k through their RMSNorms (`layers._qk_norm`): t[9], t[10] their weights (or 0), each
+    // over t[11] / t[12] values at a time (a head's, or all of q's / k's)
+    for (int64_t j = 0; t[9] && j < H * Hd; j += t[11])
+        rms<C>(&qkv[j], (const T*)t[9], qk_eps, t[11], &qkv[j]);
+    for (int64_t j = 0; t[10] && j < KH * Hd; j += t[12])
+        rms<C>(&qkv[H * Hd + j], (const T*)t[10], qk_eps, t[12], &qkv[H * Hd + j]);
+    for (int64_t j = 0; clip > 0.f && j < width; ++j)  // then q, k, v clamped (OLMoE's clip_qkv)
+        qkv[j] = C::put(std::min(std::max(C::get(qkv[j]), -clip), clip));
     const T* q = qkv.data();
     attend<C>(q, q + H * Hd, q + (H + KH) * Hd, cs, sn, rot, kc, vc, S, pos, pos + 1, H, KH, Hd,
               att.data(), threads);
@@ -283,12 +293,12 @@ template <class C>
 void run(int64_t mode, void* h, void* ys, float* w, int64_t k_prev, const int64_t* t,
          const void* cs, const void* sn, int64_t rot, void* kc, void* vc, int64_t S, int64_t pos,
          int64_t H, int64_t KH, int64_t Hd, int64_t D, int64_t F, int64_t E, int64_t k,
-         int64_t G, int64_t B, float eps, int64_t renormalize, float scale, void* m,
-         int64_t* chosen, int64_t threads) {
+         int64_t G, int64_t B, float eps, float qk_eps, float clip, int64_t renormalize,
+         float scale, void* m, int64_t* chosen, int64_t threads) {
     using T = typename C::T;
     if (mode == 2) return experts<C>((const T*)m, (T*)ys, t, D, F, k, G, B, threads);
     attention<C>((T*)h, (const T*)ys, w, k_prev, t, cs, sn, rot, kc, vc, S, pos, H, KH, Hd, D, E,
-                 k, G, B, eps, renormalize, scale, (T*)m, chosen, threads);
+                 k, G, B, eps, qk_eps, clip, renormalize, scale, (T*)m, chosen, threads);
 }
 
 }  // namespace
@@ -296,7 +306,8 @@ void run(int64_t mode, void* h, void* ys, float* w, int64_t k_prev, const int64_
 // mode 1, attention half. h (D): the residual, replaced; ys (k, D), w (k): the previous
 // layer's experts' outputs and weights (k_prev of them, 0 for the first layer). t: the layer's
 // pointers (input norm, post-attention norm, router, then those of wqkv and wo, 3 each, as
-// `Rows` reads them). Writes m (D), chosen (k) and weights (k) for this layer.
+// `Rows` reads them; then the q and k norms' weights or 0, and the spans they each norm).
+// Writes m (D), chosen (k) and weights (k) for this layer.
 // mode 2, experts: m (D) through the k experts of `t` (6 pointers each) into ys (k, D).
 // dtype: the activations' (0 float32, 1 bfloat16, 2 float16); B, G: the weights' bits (0:
 // the activations' dtype) and group, as `Rows`; B == 4 with bfloat16 only.
@@ -304,30 +315,31 @@ extern "C" void kernel(int64_t mode, void* h, void* ys, float* w, int64_t k_prev
                        const int64_t* t, const void* cs, const void* sn, int64_t rot, void* kc,
                        void* vc, int64_t S, int64_t pos, int64_t H, int64_t KH, int64_t Hd,
                        int64_t D, int64_t F, int64_t E, int64_t k, int64_t G, int64_t B,
-                       float eps, int64_t renormalize, float scale, void* m, int64_t* chosen,
-                       int64_t threads, int64_t dtype) {
+                       float eps, float qk_eps, float clip, int64_t renormalize, float scale,
+                       void* m, int64_t* chosen, int64_t threads, int64_t dtype) {
     if (dtype == 0)
         run<F32>(mode, h, ys, w, k_prev, t, cs, sn, rot, kc, vc, S, pos, H, KH, Hd, D, F, E, k,
-                 G, B, eps, renormalize, scale, m, chosen, threads);
+                 G, B, eps, qk_eps, clip, renormalize, scale, m, chosen, threads);
     if (dtype == 1)
         run<BF16>(mode, h, ys, w, k_prev, t, cs, sn, rot, kc, vc, S, pos, H, KH, Hd, D, F, E, k,
-                  G, B, eps, renormalize, scale, m, chosen, threads);
+                  G, B, eps, qk_eps, clip, renormalize, scale, m, chosen, threads);
     if (dtype == 2)
         run<F16>(mode, h, ys, w, k_prev, t, cs, sn, rot, kc, vc, S, pos, H, KH, Hd, D, F, E, k,
-                 G, B, eps, renormalize, scale, m, chosen, threads);
+                 G, B, eps, qk_eps, clip, renormalize, scale, m, chosen, threads);
 }
 """
 )
 _ARGTYPES = ("int64_t", "void*", "void*", "float*", "int64_t", "const int64_t*")
 _ARGTYPES += ("const void*", "const void*", "int64_t", "void*", "void*") + ("int64_t",) * 11
-_ARGTYPES += ("float", "int64_t", "float", "void*", "int64_t*", "int64_t", "int64_t")
+_ARGTYPES += ("float",) * 3 + ("int64_t", "float", "void*", "int64_t*", "int64_t", "int64_t")
 
 
 @dataclass
 class LayerPlan:
     """One layer's pointers for `attend` (the tensors they point into are held here)."""
 
-    table: torch.Tensor  # int64: input norm, post-attention norm, router, wqkv (3), wo (3)
+    # int64: input norm, post-attention norm, router, wqkv (3), wo (3), q and k norms, their spans
+    table: torch.Tensor
     held: tuple[torch.Tensor, ...]
     form: tuple[int, int]  # the matrices' (bits, group), as `_matrix`
 
@@ -344,13 +356,18 @@ def plan(
 ) -> LayerPlan | None:
     """The layer's plan for activations of `dtype`, or None where `attend` does not serve it
     (`extras`: the MoE block's router bias, correction and shared expert, which it does not
-    do)."""
+    do). q/k norms are taken with the attention spec's eps, then its clipping."""
     if not isinstance(attn, AttentionWeights) or not isinstance(spec, AttentionSpec):
         return None
-    plain_attention = all(
-        t is None for t in (attn.bqkv, attn.bo, attn.q_norm, attn.k_norm, attn.sinks)
-    )
-    if not plain_attention or spec.clip_qkv is not None or any(t is not None for t in extras):
+    plain_attention = all(t is None for t in (attn.bqkv, attn.bo, attn.sinks))
+    norms = (attn.q_norm, attn.k_norm)  # both or neither (`layers._normed_qkv`)
+    if not plain_attention or any(t is not None for t in extras):
+        return None
+    if spec.clip_qkv is not None and not spec.clip_qkv > 0:
+        return None
+    if (norms[0] is None) != (norms[1] is None) or any(
+        t is not None and (t.dtype != dtype or not t.is_contiguous()) for t in norms
+    ):
         return None
     if router_spec.scoring != "softmax" or not router_spec.plain or router_spec.top_k > MAX_K:
         return None
@@ -361,8 +378,11 @@ def plan(
     parts = [_matrix(attn.wqkv, dtype), _matrix(attn.wo, dtype)]
     if parts[0] is None or parts[1] is None or parts[0][1] != parts[1][1]:
         return None
-    held = (input_norm, post_norm, router, *parts[0][0], *parts[1][0])
-    table = torch.tensor([t.data_ptr() if t is not None else 0 for t in held], dtype=torch.int64)
+    held = (input_norm, post_norm, router, *parts[0][0], *parts[1][0], *norms)
+    pointers = [t.data_ptr() if t is not None else 0 for t in held]
+    # each norm's span: a head (its weight (Hd,), Qwen3-MoE) or all of q's / k's (OLMoE)
+    spans = [0 if t is None else t.numel() for t in norms]
+    table = torch.tensor(pointers + spans, dtype=torch.int64)
     return LayerPlan(table, held, parts[0][1])  # type: ignore[arg-type]
 
 
@@ -455,7 +475,8 @@ def attend(
     kernel(
         1, step.h, step.ys, step.w, step.pending, layer.table, cos, sin, cos.shape[0], keys,
         values, max_len, position, spec.heads, spec.kv_heads, spec.head_dim, d, 0, experts, k,
-        layer.form[1], layer.form[0], eps, router.renormalize, router.scale, step.m, step.chosen,
+        layer.form[1], layer.form[0], eps, spec.eps, spec.clip_qkv or 0.0, router.renormalize,
+        router.scale, step.m, step.chosen,
         torch.get_num_threads(), native.DTYPE_CODES[step.h.dtype],
     )  # fmt: skip
     step.pending = 0
@@ -478,7 +499,8 @@ def experts(step: Step, ffns: Sequence[object]) -> bool:
     d, k = step.h.numel(), len(ffns)
     kernel(
         2, step.h, step.ys, step.w, 0, table, step.m, step.m, 0, step.m, step.m, 0, 0, 0, 0, 0,
-        d, width, 0, k, group, bits, 0.0, 0, 0.0, step.m, step.chosen, torch.get_num_threads(),
+        d, width, 0, k, group, bits, 0.0, 0.0, 0.0, 0, 0.0, step.m, step.chosen,
+        torch.get_num_threads(),
         native.DTYPE_CODES[step.h.dtype],
     )  # fmt: skip
     step.pending = k
