@@ -20,9 +20,10 @@ products replayed back to back 4.5 ms). Here a layer is two calls:
 The matrices' rows: float ones in the activations' dtype (widened to float32 lanes); int8
 affine codes (`experts/quant.py`'s layout, groups of a multiple of 16 columns) widened to
 float32 lanes, x in float32, scaled per group, the offsets' term from x's group sums, any
-activation dtype (AVX-512 or AVX2 intrinsics, generic vectors elsewhere); int4 codes with
-bfloat16 activations through `packed`'s row loop (x86 CPUs with AVX-512 BF16 only,
-`packed.cpu_supports`). Threads split each product's rows as `packed` does (each output one
+activation dtype (AVX-512 or AVX2 intrinsics, generic vectors elsewhere); int4 codes the same
+way, both nibbles of 16 bytes at a time, or with bfloat16 activations on x86 CPUs with
+AVX-512 BF16 (`packed.cpu_supports`) through `packed`'s row loop (bfloat16 dot products: the
+fastest). Threads split each product's rows as `packed` does (each output one
 thread's sum). Every rounding is the one-row path's, so results equal it to float rounding
 (sums in other orders). It serves a layer whose attention has no biases or sinks (q/k norms,
 per head or over the projection, and clipping it takes), on a full (not ring) layer of a
@@ -57,6 +58,17 @@ _SOURCE = (
 namespace {
 
 typedef uint8_t u8x16 __attribute__((vector_size(16)));
+
+// a * b + c in one rounding where the CPU has it (Inductor's flags keep GCC from contracting
+// a * b + c: a multiply and an add a lane, which bound the loops' arithmetic: 6% of a float32
+// step, 2.6% of a bfloat16 one, 3% of an int8 one, 11% of an int4 one with float32 activations)
+inline v16 fma16(v16 a, v16 b, v16 c) {
+#if defined(__AVX512F__)
+    return (v16)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#else
+    return a * b + c;
+#endif
+}
 
 // codes (16) widened to float32 lanes
 inline v16 widen8(const uint8_t* p) {
@@ -95,13 +107,67 @@ inline float row8(const uint8_t* codes, const _Float16* scales, const _Float16* 
         int64_t j = 0;
         for (; j + 32 <= G; j += 32) {
             __builtin_prefetch(c + j + 2048);  // as `packed.ROW`
-            a += widen8(c + j) * F32::load(xg + j);
-            b += widen8(c + j + 16) * F32::load(xg + j + 16);
+            a = fma16(widen8(c + j), F32::load(xg + j), a);
+            b = fma16(widen8(c + j + 16), F32::load(xg + j + 16), b);
         }
         if (j < G) a += widen8(c + j) * F32::load(xg + j);
         all += (a + b) * F16::get(scales[g]);
     }
     return hsum(all + off) + tail;
+}
+
+// 16 bytes of int4 codes -> their low and high nibbles in float32 lanes
+inline void widen4(const uint8_t* p, v16& lo, v16& hi) {
+#if defined(__AVX512F__)
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+    lo = (v16)_mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+    hi = (v16)_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+#elif defined(__AVX2__)
+    const __m128i q = _mm_loadu_si128((const __m128i*)p);
+    const __m128i m = _mm_set1_epi8(15);
+    const __m128i l = _mm_and_si128(q, m), h = _mm_and_si128(_mm_srli_epi16(q, 4), m);
+    const __m256 parts[4] = {
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(l)),
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(l, 8))),
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(h)),
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(h, 8)))};
+    std::memcpy(&lo, parts, 64);
+    std::memcpy(&hi, parts + 2, 64);
+#else
+    u8x16 b;
+    std::memcpy(&b, p, 16);
+    const u32x16 w = __builtin_convertvector(b, u32x16);
+    lo = __builtin_convertvector(w & 15u, v16);
+    hi = __builtin_convertvector(w >> 4, v16);
+#endif
+}
+
+// one row of int4 affine codes (`experts/quant.py`: byte j holds column j in its low nibble,
+// j + K/2 in its high one; groups of G columns, a multiple of 16, within a half) times x (K
+// float32) with xsum, as row8: any CPU, any activation dtype (widened to float32)
+inline float row4(const uint8_t* codes, const _Float16* scales, const _Float16* offsets,
+                  const float* x, const float* xsum, int64_t K, int64_t G) {
+    const int64_t half = K / 2, hg = half / G, ng = K / G;
+    v16 lo_all = {}, hi_all = {}, off = {};
+    int64_t g = 0;
+    for (; g + 16 <= ng; g += 16) off += F16::load(offsets + g) * F32::load(xsum + g);
+    float tail = 0.f;
+    for (; g < ng; ++g) tail += F16::get(offsets[g]) * xsum[g];
+    for (g = 0; g < hg; ++g) {
+        const uint8_t* c = codes + g * G;
+        const float *xl = x + g * G, *xh = x + half + g * G;
+        v16 lo = {}, hi = {};
+        for (int64_t j = 0; j < G; j += 16) {
+            __builtin_prefetch(c + j + 2048);
+            v16 l, h;
+            widen4(c + j, l, h);
+            lo = fma16(l, F32::load(xl + j), lo);
+            hi = fma16(h, F32::load(xh + j), hi);
+        }
+        lo_all += lo * F16::get(scales[g]);
+        hi_all += hi * F16::get(scales[g + hg]);
+    }
+    return hsum(lo_all + hi_all + off) + tail;
 }
 
 }  // namespace
@@ -125,8 +191,8 @@ inline float dot_row(const typename C::T* w, const float* x, int64_t K) {
     v16 a = {}, b = {};
     int64_t i = 0;
     for (; i + 32 <= K; i += 32) {
-        a += C::load(w + i) * F32::load(x + i);
-        b += C::load(w + i + 16) * F32::load(x + i + 16);
+        a = fma16(C::load(w + i), F32::load(x + i), a);
+        b = fma16(C::load(w + i + 16), F32::load(x + i + 16), b);
     }
     for (; i + 16 <= K; i += 16) a += C::load(w + i) * F32::load(x + i);
     float s = hsum(a + b);
@@ -134,10 +200,11 @@ inline float dot_row(const typename C::T* w, const float* x, int64_t K) {
     return s;
 }
 
-// One matrix's rows times x (K) of dtype C, float32 sums, by the weights' bits B: a matrix of
+// One matrix's rows times x (K) of dtype C, float32 sums, by the weights' format B: a matrix of
 // dtype C (m[0]: (N, K)) where B == 0; affine codes in groups of G columns (m: codes, then
-// float16 scales and offsets (N, K/G)) where B == 8 (codes (N, K)) or B == 4 (codes (N, K/2),
-// bfloat16 x only). xs: x widened (B 0), x's sums over each group (B 4), both (B 8).
+// float16 scales and offsets (N, K/G)): int8 (B 8, codes (N, K)), int4 (codes (N, K/2)) in
+// float32 lanes (B 4) or through `packed`'s bfloat16 dot products (B 2: bfloat16 x, AVX-512
+// BF16 only). xs: x widened (B 0), x's sums over each group (B 2), both (B 8, 4).
 template <class C>
 struct Rows {
     const int64_t* m;
@@ -145,15 +212,15 @@ struct Rows {
     inline float operator()(int64_t n, const typename C::T* x, const float* xs) const {
         if (B == 0) return dot_row<C>((const typename C::T*)m[0] + n * K, xs, K);
         const int64_t ng = K / G;
-        if (B == 8)
-            return row8((const uint8_t*)m[0] + n * K, (const _Float16*)m[1] + n * ng,
-                        (const _Float16*)m[2] + n * ng, xs, xs + K, K, G);
+        const _Float16 *s = (const _Float16*)m[1] + n * ng, *o = (const _Float16*)m[2] + n * ng;
+        if (B == 8) return row8((const uint8_t*)m[0] + n * K, s, o, xs, xs + K, K, G);
+        if (B == 4) return row4((const uint8_t*)m[0] + n * (K / 2), s, o, xs, xs + K, K, G);
         return row((const uint8_t*)m[0] + n * (K / 2), (const uint16_t*)m[1] + n * ng,
                    (const uint16_t*)m[2] + n * ng, (const uint16_t*)x, xs, K, G);
     }
     // what operator() takes as xs for this x
     std::vector<float> prepare(const typename C::T* x) const {
-        const int64_t widened = B == 4 ? 0 : K;
+        const int64_t widened = B == 2 ? 0 : K;
         std::vector<float> xs(widened + (B == 0 ? 0 : K / G), 0.f);
         for (int64_t i = 0; i < widened; ++i) xs[i] = C::get(x[i]);
         if (B != 0)
@@ -309,8 +376,8 @@ void run(int64_t mode, void* h, void* ys, float* w, int64_t k_prev, const int64_
 // `Rows` reads them; then the q and k norms' weights or 0, and the spans they each norm).
 // Writes m (D), chosen (k) and weights (k) for this layer.
 // mode 2, experts: m (D) through the k experts of `t` (6 pointers each) into ys (k, D).
-// dtype: the activations' (0 float32, 1 bfloat16, 2 float16); B, G: the weights' bits (0:
-// the activations' dtype) and group, as `Rows`; B == 4 with bfloat16 only.
+// dtype: the activations' (0 float32, 1 bfloat16, 2 float16); B, G: the weights' format and
+// group, as `Rows` (B == 2 with bfloat16 only).
 extern "C" void kernel(int64_t mode, void* h, void* ys, float* w, int64_t k_prev,
                        const int64_t* t, const void* cs, const void* sn, int64_t rot, void* kc,
                        void* vc, int64_t S, int64_t pos, int64_t H, int64_t KH, int64_t Hd,
@@ -341,7 +408,7 @@ class LayerPlan:
     # int64: input norm, post-attention norm, router, wqkv (3), wo (3), q and k norms, their spans
     table: torch.Tensor
     held: tuple[torch.Tensor, ...]
-    form: tuple[int, int]  # the matrices' (bits, group), as `_matrix`
+    form: tuple[int, int]  # the matrices' (format, group), as `_matrix`
 
 
 def plan(
@@ -386,37 +453,46 @@ def plan(
     return LayerPlan(table, held, parts[0][1])  # type: ignore[arg-type]
 
 
-Form = tuple[int, int]  # a matrix's (bits, group) for the C++: (0, 0) for the activations' dtype
+# a matrix's (format, group) for the C++ (`Rows`): the activations' dtype, int8 codes, int4 codes
+# in float32 lanes, int4 codes through `packed`'s bfloat16 dot products
+Form = tuple[int, int]
+FLOAT, INT8, INT4, INT4_BF16 = 0, 8, 4, 2
 
 
 def _matrix(w: object, dtype: torch.dtype) -> tuple[tuple[torch.Tensor | None, ...], Form] | None:
-    """What the C++ reads of a weight, and its form: a matrix of the activations' dtype, int8
-    affine codes, scales and offsets in groups of a multiple of 16 columns, or with bfloat16
-    activations int4 ones in groups that `packed`'s row loop reads; else None."""
+    """What the C++ reads of a weight, and its form: a matrix of the activations' dtype, or
+    int8 / int4 affine codes, scales and offsets in groups of a multiple of 16 columns (int4:
+    within a half of the row), through `packed`'s row loop where it applies (bfloat16
+    activations, AVX-512 BF16); else None."""
     if isinstance(w, torch.Tensor):
         if w.dtype != dtype or w.device.type != "cpu" or not w.is_contiguous():
             return None
-        return (w, None, None), (0, 0)
+        return (w, None, None), (FLOAT, 0)
     parts = w.affine()  # type: ignore[attr-defined]
     if parts is None:
         return None
     bits, codes, scales, offsets = parts
-    k = w.shape[1]  # type: ignore[attr-defined]
+    k, groups = w.shape[1], scales.shape[1]  # type: ignore[attr-defined]
     if (
         any(t.device.type != "cpu" or not t.is_contiguous() for t in (codes, scales, offsets))
         or scales.dtype != torch.float16
         or offsets.dtype != torch.float16
+        or k % groups
+        or (k // groups) % 16
     ):
         return None
-    if bits == 8 and k % scales.shape[1] == 0 and (k // scales.shape[1]) % 16 == 0:
-        return (codes, scales, offsets), (8, k // scales.shape[1])
-    if bits == 4 and packed.fits(dtype, k, scales.shape[1]) and packed.available():
-        return (codes, scales, offsets), (4, k // scales.shape[1])
-    return None
+    held, group = (codes, scales, offsets), k // groups
+    if bits == 8:
+        return held, (INT8, group)
+    if bits != 4 or groups % 2:  # int4: groups within each half
+        return None
+    if packed.fits(dtype, k, groups) and packed.available():
+        return held, (INT4_BF16, group)
+    return held, (INT4, group)
 
 
 def available() -> bool:
-    """Whether the loops build (int4 weights need `packed.available` besides)."""
+    """Whether the loops build."""
     return _kernel() is not None
 
 
@@ -491,7 +567,7 @@ def experts(step: Step, ffns: Sequence[object]) -> bool:
     if not kinds or any(k is None or k[1:] != kinds[0][1:] for k in kinds):  # type: ignore[index]
         return False  # one format and width for all of them
     pointers = [p for k in kinds for p in k[0]]  # type: ignore[index]
-    _, (bits, group), width = kinds[0]  # type: ignore[misc]
+    _, (form, group), width = kinds[0]  # type: ignore[misc]
     kernel = _kernel()
     if kernel is None:
         return False
@@ -499,7 +575,7 @@ def experts(step: Step, ffns: Sequence[object]) -> bool:
     d, k = step.h.numel(), len(ffns)
     kernel(
         2, step.h, step.ys, step.w, 0, table, step.m, step.m, 0, step.m, step.m, 0, 0, 0, 0, 0,
-        d, width, 0, k, group, bits, 0.0, 0.0, 0.0, 0, 0.0, step.m, step.chosen,
+        d, width, 0, k, group, form, 0.0, 0.0, 0.0, 0, 0.0, step.m, step.chosen,
         torch.get_num_threads(),
         native.DTYPE_CODES[step.h.dtype],
     )  # fmt: skip
