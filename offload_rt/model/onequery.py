@@ -86,7 +86,9 @@ void attend(const void* qv, const void* kv, const void* vv, const void* cosv, co
     }
     const int64_t group = H / KH, vecs = (D + 15) / 16;
     const float scale = 1.0f / std::sqrt(float(D));
-    const int nt = (len * H * D >= (int64_t(1) << 16)) ? int(threads) : 1;
+    // the key heads split between threads past a couple of keys (from 2^16 values down to 2^11:
+    // an int4 step 3.6-5% faster at 64-token contexts, a bfloat16 one unchanged)
+    const int nt = (len * H * D >= (int64_t(1) << 11)) ? int(threads) : 1;
     #pragma omp parallel num_threads(nt) if(nt > 1)
     {
         // a key head's query heads together: each key and value widened once for all of them
