@@ -48,6 +48,7 @@ struct F32 {
         std::memcpy(&r, p, 64);
         return r;
     }
+    static inline void store(T* p, v16 f) { std::memcpy(p, &f, 64); }  // 16 puts
 };
 
 struct BF16 {
@@ -73,6 +74,14 @@ struct BF16 {
         std::memcpy(&r, &w, 64);
         return r;
     }
+    static inline void store(T* p, v16 f) {  // 16 puts
+        u32x16 u;
+        std::memcpy(&u, &f, 64);
+        u32x16 r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+        r = (u & 0x7fffffffu) > 0x7f800000u ? u32x16{} + 0x7fc0u : r;
+        const u16x16 h = __builtin_convertvector(r, u16x16);
+        std::memcpy(p, &h, 32);
+    }
 };
 
 struct F16 {
@@ -96,7 +105,22 @@ struct F16 {
         return __builtin_convertvector(h, v16);
 #endif
     }
+    static inline void store(T* p, v16 f) {  // 16 puts
+#if defined(__AVX512F__)
+        _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph((__m512)f, _MM_FROUND_TO_NEAREST_INT));
+#else
+        for (int i = 0; i < 16; ++i) p[i] = T(f[i]);
+#endif
+    }
 };
+
+// v rounded through dtype C and back (16 puts and gets)
+template <class C>
+inline v16 rounded(v16 v) {
+    typename C::T t[16];
+    C::store(t, v);
+    return C::load(t);
+}
 
 inline float hsum(v16 v) {
     v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
