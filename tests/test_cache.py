@@ -119,6 +119,26 @@ def test_backend_counts_on_scripted_layer_calls():
     backend.close()
 
 
+@pytest.mark.parametrize("short", [0, 1])
+def test_a_cache_holding_every_expert_leaves_its_policy_alone(short):
+    """With a slot for every expert of the grid nothing is ever evicted, so the policy (which
+    only chooses victims) is not told of uses: the counters and outputs are the same. One slot
+    short of that, it is told of each."""
+    source = FakeSource()
+    backend = make_backend(source, capacity=GRID.total - short)
+    told, on_access = [], backend.cache.policy.on_access
+    backend.cache.policy.on_access = lambda key, now: told.append(key) or on_access(key, now)
+    x = torch.randn(1, D, generator=torch.Generator().manual_seed(5))
+    for experts in [(0, 1), (1, 2), (0, 1)]:
+        out = backend.run({k: x for k in keys(*experts)})
+        for key, y in out.items():
+            torch.testing.assert_close(y, reference(source, key, x))
+    s = backend.stats()
+    assert (s["hits"], s["misses"], s["evictions"]) == (3, 3, 0)
+    assert told == ([] if short == 0 else keys(0, 1, 1, 2, 0, 1))
+    backend.close()
+
+
 def test_a_call_needing_more_experts_than_slots_still_completes():
     source = FakeSource()
     backend = make_backend(source, capacity=1)

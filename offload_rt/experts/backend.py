@@ -113,6 +113,7 @@ class LocalExpertBackend:
         _check(options, store, grid, link)
         self.store = store
         self.cache = cache
+        cache.keeps_all = cache.capacity >= grid.total  # no expert is ever evicted
         self.grid = grid
         self.options = options
         self.transport = Transport(store, link)

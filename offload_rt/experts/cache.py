@@ -48,20 +48,25 @@ class SlotCache:
         self._free = list(range(capacity - 1, -1, -1))  # pop() hands out slot 0 first
         self.stats = CacheStats()
         self._heap = RankHeap(self.policy, capacity) if ranks_victims(self.policy) else None
+        # set by an owner whose every expert fits (`LocalExpertBackend`): nothing is ever
+        # evicted, so the policy, which only chooses victims, is not told of uses (its upkeep,
+        # LRFU decay and Markov pair counts, took ~5% of a CPU int4 step, all resident)
+        self.keeps_all = False
 
     def __contains__(self, key: ExpertKey) -> bool:
         return key in self._order
 
     def lookup(self, key: ExpertKey, now: int = 0) -> int | None:
         """Count one use of `key`: a hit (returns its slot, now most recent) or a miss (None)."""
-        self.policy.on_access(key, now)
+        if not self.keeps_all:
+            self.policy.on_access(key, now)
         slot = self._order.get(key)
         if slot is None:
             self.stats.misses += 1
             return None
         self._order.move_to_end(key)
         self.stats.hits += 1
-        if self._heap is not None:
+        if self._heap is not None and not self.keeps_all:
             self._heap.push(key, self._order)
         return slot
 
