@@ -159,3 +159,35 @@ def test_a_decode_through_it_follows_the_one_row_path(load, glue_on_tiny_models,
     # measured: int4 0.74% (bfloat16), 2.1e-6 (float32), 0.15% (float16); int8 2.4e-6
     # (float32) and 1.1% (bfloat16); bfloat16 0.93%, float16 0.098%, float32 5e-7 at most
     assert (per_step <= tol).all()
+
+
+def test_a_whole_step_in_one_call_equals_the_layer_calls(load, glue_on_tiny_models, monkeypatch):
+    """Once every expert is resident for good (the cache holds them all), a step is one call
+    (`rowlayer.token`): the same loops in the same order, so the same logits bit for bit, and
+    the backend counts the same uses."""
+
+    def decode() -> tuple[torch.Tensor, dict]:
+        with load() as model:
+            dec = model.model
+            grid = dec.backend.grid
+            x = torch.zeros(1, dec.config.hidden_size, dtype=dec.dtype)
+            for layer in grid.layers:  # every expert loaded
+                dec.backend.run({key: x for key in grid.layer_keys(layer)})
+            decoder = BatchDecoder(dec, [PROMPT], len(PROMPT) + 12)
+            out = [decoder.prefill()[0]]
+            for _ in range(11):
+                out.append(decoder.step([int(out[-1].argmax())], [True])[0])
+            return torch.stack(out), model.stats()
+
+    calls = []
+    token = rowlayer.token
+    monkeypatch.setattr(rowlayer, "token", lambda *a, **k: calls.append(1) or token(*a, **k))
+    in_one, counts = decode()
+    assert len(calls) == 11  # every decode step
+    monkeypatch.setattr(rowlayer.TokenTable, "build", classmethod(lambda *a, **k: None))
+    per_layer, counts_per_layer = decode()
+    assert len(calls) == 11
+    assert torch.equal(in_one, per_layer)
+    names = ("hits", "misses", "evictions", "bytes_loaded", "resident")
+    assert [counts[n] for n in names] == [counts_per_layer[n] for n in names]
+    assert counts["evictions"] == 0 and counts["hits"] >= 2 * 2 * 11

@@ -167,6 +167,24 @@ class LocalExpertBackend:
         slots = [self.eviction.lookup(key) for key in keys]
         return [self.store.weights(s) for s in slots]  # type: ignore[arg-type]
 
+    def fixed_weights(self) -> list[list[ExpertFFN]] | None:
+        """Every expert's weights, by layer and expert, for a caller that computes a whole step
+        itself (`model/rowlayer.py`'s `token`), where they stay put for good: the cache holds
+        every expert of the grid (so nothing is ever evicted) and all are resident, none
+        loading, no CPU set, no prefetcher, a format whose weights stay put; else None. The
+        caller then reports each layer's uses through `resident`."""
+        if not self.cache.keeps_all or self.cpu_set or self.prefetcher is not None:
+            return None
+        if not self.store.format.stable_weights or self.cache.stats.resident < self.grid.total:
+            return None
+        self.loads.reap()
+        if self.loads.in_flight():
+            return None
+        return [
+            [self.store.weights(self.cache.slot_of(k)) for k in self.grid.layer_keys(layer)]
+            for layer in self.grid.layers
+        ]
+
     def settle(self) -> None:
         """Wait until every load in flight has finished (their experts stay resident)."""
         self.loads.settle()

@@ -143,6 +143,7 @@ class MoEDecoder:
             if isinstance(lw.mlp, MoEWeights)
         }
         self._row_plans: list[rowlayer.LayerPlan] | None | bool = False  # False: not yet asked
+        self._tokens: rowlayer.TokenTable | None | bool = None  # False: not possible
 
     @property
     def device(self) -> torch.device:
@@ -306,6 +307,23 @@ class MoEDecoder:
                     self._row_plans = plans  # type: ignore[assignment]
         return self._row_plans  # type: ignore[return-value]
 
+    def _token_table(
+        self, plans: list[rowlayer.LayerPlan], dtype: torch.dtype
+    ) -> rowlayer.TokenTable | None:
+        """The table of `rowlayer.token` (a whole step in one call) once every expert's
+        weights stay put for good (`LocalExpertBackend.fixed_weights`); None before (asked
+        again at the next step) or where the experts are not of one form (not asked again)."""
+        if self._tokens is None:
+            fixed = getattr(self.backend, "fixed_weights", None)
+            ffns = fixed() if fixed is not None else None
+            if ffns is None:
+                return None
+            built = (
+                rowlayer.TokenTable.build(plans, ffns, dtype) if len(ffns) == len(plans) else None
+            )
+            self._tokens = built if built is not None else False
+        return self._tokens or None
+
     def _layer_plan(self, lw: LayerWeights, dtype: torch.dtype) -> rowlayer.LayerPlan | None:
         mlp = lw.mlp
         if not isinstance(mlp, MoEWeights):
@@ -331,6 +349,18 @@ class MoEDecoder:
         step = rowlayer.Step(h, self.spec.router.top_k)
         resident = getattr(self.backend, "resident", None)  # a local backend's
         rope = tuple(t.reshape(-1).contiguous() for t in rope)  # type: ignore[assignment]
+        tokens = self._token_table(plans, h.dtype)
+        lengths = {keys.shape[2] for keys in cache.keys}
+        if tokens is not None and resident is not None and len(lengths) == 1:
+            tokens.set_cache(cache.keys, cache.values)
+            chosen = rowlayer.token(
+                step, tokens, spec, rope, lengths.pop(), position, self.spec.router,
+                c.rms_norm_eps,
+            ).tolist()  # fmt: skip
+            for i, experts in enumerate(chosen):  # the backend's counts, as the calls' lookups
+                resident([ExpertKey(i, e) for e in experts])
+            h = step.h.view(1, 1, -1)
+            return onerow.enter(h, self.weights.norm, c.rms_norm_eps, step.moe())[1]
         for i, plan in enumerate(plans):
             chosen = rowlayer.attend(
                 step, plan, spec, rope, cache.keys[i], cache.values[i], position,

@@ -386,9 +386,25 @@ void run(int64_t mode, void* h, void* ys, float* w, int64_t k_prev, const int64_
          const void* cs, const void* sn, int64_t rot, void* kc, void* vc, int64_t S, int64_t pos,
          int64_t H, int64_t KH, int64_t Hd, int64_t D, int64_t F, int64_t E, int64_t k,
          int64_t G, int64_t B, float eps, float qk_eps, float clip, int64_t renormalize,
-         float scale, void* m, int64_t* chosen, int64_t threads) {
+         float scale, void* m, int64_t* chosen, int64_t threads, int64_t layers, int64_t GE,
+         int64_t BE) {
     using T = typename C::T;
     if (mode == 2) return experts<C>((const T*)m, (T*)ys, t, D, F, k, G, B, threads);
+    if (mode == 3) {  // every layer: t holds each one's row of `TokenTable`
+        const int64_t stride = 15 + 6 * E;
+        std::vector<int64_t> te(6 * k);
+        for (int64_t l = 0; l < layers; ++l) {
+            const int64_t* tl = t + l * stride;
+            int64_t* cl = chosen + l * k;
+            attention<C>((T*)h, (const T*)ys, w, l == 0 ? k_prev : k, tl, cs, sn, rot,
+                         (void*)tl[13], (void*)tl[14], S, pos, H, KH, Hd, D, E, k, G, B, eps,
+                         qk_eps, clip, renormalize, scale, (T*)m, cl, threads);
+            for (int64_t j = 0; j < k; ++j)
+                for (int64_t i = 0; i < 6; ++i) te[6 * j + i] = tl[15 + 6 * cl[j] + i];
+            experts<C>((const T*)m, (T*)ys, te.data(), D, F, k, GE, BE, threads);
+        }
+        return;
+    }
     attention<C>((T*)h, (const T*)ys, w, k_prev, t, cs, sn, rot, kc, vc, S, pos, H, KH, Hd, D, E,
                  k, G, B, eps, qk_eps, clip, renormalize, scale, (T*)m, chosen, threads);
 }
@@ -401,6 +417,9 @@ void run(int64_t mode, void* h, void* ys, float* w, int64_t k_prev, const int64_
 // `Rows` reads them; then the q and k norms' weights or 0, and the spans they each norm).
 // Writes m (D), chosen (k) and weights (k) for this layer.
 // mode 2, experts: m (D) through the k experts of `t` (6 pointers each) into ys (k, D).
+// mode 3, a whole step: modes 1 and 2 for each of `layers` layers, t their rows (a layer's 13
+// values as mode 1's, its keys' and values' caches, then its E experts' 6 pointers each),
+// chosen (layers, k); the experts' form BE, GE.
 // dtype: the activations' (0 float32, 1 bfloat16, 2 float16); B, G: the weights' format and
 // group, as `Rows` (B == 2 with bfloat16 only).
 extern "C" void kernel(int64_t mode, void* h, void* ys, float* w, int64_t k_prev,
@@ -408,22 +427,24 @@ extern "C" void kernel(int64_t mode, void* h, void* ys, float* w, int64_t k_prev
                        void* vc, int64_t S, int64_t pos, int64_t H, int64_t KH, int64_t Hd,
                        int64_t D, int64_t F, int64_t E, int64_t k, int64_t G, int64_t B,
                        float eps, float qk_eps, float clip, int64_t renormalize, float scale,
-                       void* m, int64_t* chosen, int64_t threads, int64_t dtype) {
+                       void* m, int64_t* chosen, int64_t threads, int64_t dtype,
+                       int64_t layers, int64_t GE, int64_t BE) {
     if (dtype == 0)
         run<F32>(mode, h, ys, w, k_prev, t, cs, sn, rot, kc, vc, S, pos, H, KH, Hd, D, F, E, k,
-                 G, B, eps, qk_eps, clip, renormalize, scale, m, chosen, threads);
+                 G, B, eps, qk_eps, clip, renormalize, scale, m, chosen, threads, layers, GE, BE);
     if (dtype == 1)
         run<BF16>(mode, h, ys, w, k_prev, t, cs, sn, rot, kc, vc, S, pos, H, KH, Hd, D, F, E, k,
-                  G, B, eps, qk_eps, clip, renormalize, scale, m, chosen, threads);
+                  G, B, eps, qk_eps, clip, renormalize, scale, m, chosen, threads, layers, GE, BE);
     if (dtype == 2)
         run<F16>(mode, h, ys, w, k_prev, t, cs, sn, rot, kc, vc, S, pos, H, KH, Hd, D, F, E, k,
-                 G, B, eps, qk_eps, clip, renormalize, scale, m, chosen, threads);
+                 G, B, eps, qk_eps, clip, renormalize, scale, m, chosen, threads, layers, GE, BE);
 }
 """
 )
 _ARGTYPES = ("int64_t", "void*", "void*", "float*", "int64_t", "const int64_t*")
 _ARGTYPES += ("const void*", "const void*", "int64_t", "void*", "void*") + ("int64_t",) * 11
 _ARGTYPES += ("float",) * 3 + ("int64_t", "float", "void*", "int64_t*", "int64_t", "int64_t")
+_ARGTYPES += ("int64_t",) * 3
 
 
 @dataclass
@@ -578,7 +599,7 @@ def attend(
         values, max_len, position, spec.heads, spec.kv_heads, spec.head_dim, d, 0, experts, k,
         layer.form[1], layer.form[0], eps, spec.eps, spec.clip_qkv or 0.0, router.renormalize,
         router.scale, step.m, step.chosen,
-        torch.get_num_threads(), native.DTYPE_CODES[step.h.dtype],
+        torch.get_num_threads(), native.DTYPE_CODES[step.h.dtype], 0, 0, 0,
     )  # fmt: skip
     step.pending = 0
     return step.chosen.tolist()
@@ -601,11 +622,85 @@ def experts(step: Step, ffns: Sequence[object]) -> bool:
     kernel(
         2, step.h, step.ys, step.w, 0, table, step.m, step.m, 0, step.m, step.m, 0, 0, 0, 0, 0,
         d, width, 0, k, group, form, 0.0, 0.0, 0.0, 0, 0.0, step.m, step.chosen,
-        torch.get_num_threads(),
-        native.DTYPE_CODES[step.h.dtype],
+        torch.get_num_threads(), native.DTYPE_CODES[step.h.dtype], 0, 0, 0,
     )  # fmt: skip
     step.pending = k
     return True
+
+
+class TokenTable:
+    """What `token` reads for a whole step: per layer, its plan's 13 values, its cache's keys
+    and values, and the pointers of each of its experts (every expert of the model, resident
+    for good: their weights never move); the tensors behind them are held here."""
+
+    def __init__(
+        self,
+        plans: Sequence[LayerPlan],
+        ffns: Sequence[Sequence[object]],
+        kinds: Sequence[Sequence[tuple[list[int], Form, int]]],
+    ) -> None:
+        rows = [
+            [*plan.table.tolist(), 0, 0, *(p for kind in layer for p in kind[0])]
+            for plan, layer in zip(plans, kinds)
+        ]
+        self.table = torch.tensor(rows, dtype=torch.int64)
+        self.plans, self.ffns = list(plans), [list(f) for f in ffns]  # held
+        self.form, self.width = kinds[0][0][1], kinds[0][0][2]
+        self.layers, self.experts = len(rows), len(kinds[0])
+        self._cache: tuple[int, ...] = ()
+
+    @classmethod
+    def build(
+        cls, plans: Sequence[LayerPlan], ffns: Sequence[Sequence[object]], dtype: torch.dtype
+    ) -> TokenTable | None:
+        """The table for these plans and every layer's experts (in expert order), or None where
+        the plans' form differs between layers or an expert is not of one form and width."""
+        kinds = [[_expert_kind(f, dtype) for f in layer] for layer in ffns]
+        first = kinds[0][0] if kinds and kinds[0] else None
+        if first is None or any(p.form != plans[0].form for p in plans):
+            return None
+        if any(k is None or k[1:] != first[1:] for layer in kinds for k in layer):
+            return None
+        return cls(plans, ffns, kinds)  # type: ignore[arg-type]
+
+    def set_cache(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+        """Point the layers at this step's cache (rewritten only when it changes)."""
+        pointers = tuple(t.data_ptr() for pair in zip(keys, values) for t in pair)
+        if pointers != self._cache:
+            self.table[:, 13:15] = torch.tensor(pointers, dtype=torch.int64).view(-1, 2)
+            self._cache = pointers
+
+
+def token(
+    step: Step,
+    tt: TokenTable,
+    spec: AttentionSpec,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    max_len: int,
+    position: int,
+    router: RouterSpec,
+    eps: float,
+) -> torch.Tensor:
+    """Every layer of a step in one call (`attend` then `experts` each, the same loops), the
+    cache `tt.set_cache` points at holding `max_len` positions. Returns the chosen experts
+    (layers, k), each layer's in ascending order; the last layer's outputs pending in step."""
+    kernel = _kernel()
+    assert kernel is not None
+    if not 0 <= position < max_len:  # the C++ would write past the cache
+        raise IndexError(f"position {position} does not fit a cache of {max_len} positions")
+    cos, sin = (t.reshape(-1).contiguous() for t in rope)
+    d, k = step.h.numel(), router.top_k
+    chosen = torch.empty((tt.layers, k), dtype=torch.int64)
+    (form, group), expert_form = tt.plans[0].form, tt.form
+    kernel(
+        3, step.h, step.ys, step.w, step.pending, tt.table, cos, sin, cos.shape[0], step.m,
+        step.m, max_len, position, spec.heads, spec.kv_heads, spec.head_dim, d, tt.width,
+        tt.experts, k, group, form, eps, spec.eps, spec.clip_qkv or 0.0, router.renormalize,
+        router.scale, step.m, chosen, torch.get_num_threads(), native.DTYPE_CODES[step.h.dtype],
+        tt.layers, expert_form[1], expert_form[0],
+    )  # fmt: skip
+    step.pending = k
+    return chosen
 
 
 # an expert's pointers, form and width for a dtype, by its weights object (a slot's, kept while
