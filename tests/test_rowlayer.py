@@ -124,6 +124,10 @@ def test_a_layer_equals_the_one_row_paths_operations(load, glue_on_tiny_models):
             # result), so float32 sums in two orders differ more (measured 20 ulps int8, 32 int4)
             ulps = 2 if isinstance(ffn.w13, torch.Tensor) else 4
             assert close(step.ys[j], ffn(step.m).view(-1), ulps)
+        # lm_head by the same row loops (`product`), as `linear` computes it
+        logits = rowlayer.product(step.m, dec.weights.lm_head)
+        assert logits is not None and logits.shape == (1, c.vocab_size)
+        assert close(logits, linear(step.m, dec.weights.lm_head), ulps)
         with pytest.raises(IndexError, match="does not fit a cache of 16 positions"):
             rowlayer.attend(
                 step, plan, spec, rope, caches[1].keys[0], caches[1].values[0], 16,

@@ -453,7 +453,12 @@ class MoEDecoder:
         return out if shared is None else out + shared
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(N, D) final-normed hidden -> (N, V) logits."""
+        """(N, D) final-normed hidden -> (N, V) logits; one row by the C++ layers' row loops
+        where the step takes them (`rowlayer.product`)."""
+        if self._row_plans and hidden.shape[0] == 1:
+            y = rowlayer.product(hidden, self.weights.lm_head)
+            if y is not None:
+                return y
         return linear(hidden, self.weights.lm_head)
 
 
