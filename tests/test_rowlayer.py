@@ -8,13 +8,21 @@ skip, and where the CPU has the instructions they fail if the code does not buil
 
 from __future__ import annotations
 
+import ctypes
+import itertools
+import platform
+import shutil
+import subprocess
+
 import pytest
 import torch
 
 import offload_rt
+from offload_rt.config import QuantConfig
 from offload_rt.engine import BatchDecoder
+from offload_rt.experts.quant import dequantize, quantize
 from offload_rt.grid import ExpertKey
-from offload_rt.model import cpukernels, onequery, onerow, packed, rowlayer
+from offload_rt.model import cpukernels, native, onequery, onerow, packed, rowlayer
 from offload_rt.model.layers import linear
 from offload_rt.tools.quantize import quantize_checkpoint
 from tests.conftest import save_reference
@@ -195,3 +203,45 @@ def test_a_whole_step_in_one_call_equals_the_layer_calls(load, glue_on_tiny_mode
     names = ("hits", "misses", "evictions", "bytes_loaded", "resident")
     assert [counts[n] for n in names] == [counts_per_layer[n] for n in names]
     assert counts["evictions"] == 0 and counts["hits"] >= 2 * 2 * 11
+
+
+@pytest.mark.skipif(
+    platform.machine() != "x86_64" or shutil.which("g++") is None, reason="x86-64 and g++ only"
+)
+def test_the_row_loops_built_for_avx2_and_for_no_vector_isa_equal_float64(tmp_path):
+    """Inductor builds the loops with -march=native, so an AVX-512 machine never compiles their
+    AVX2 and generic-vector branches (most consumer desktops take the first): built here for
+    x86-64-v3 and x86-64 and run through one product each (mode 4), float rows, int8 and int4
+    codes, every activation dtype, against float64 within the output dtype's rounding."""
+    ctype = {"int64_t": ctypes.c_int64, "float": ctypes.c_float}
+    source = tmp_path / "rowlayer.cpp"
+    source.write_text(rowlayer.SOURCE)
+    gen = torch.Generator().manual_seed(0)
+    n, k = 40, 256
+    w = torch.randn(n, k, generator=gen) / 16
+    for arch in ("x86-64-v3", "x86-64"):
+        lib = tmp_path / f"rowlayer-{arch}.so"
+        flags = ["-O1", "-shared", "-fPIC", "-std=c++20", "-fopenmp", f"-march={arch}"]
+        subprocess.run(["g++", *flags, str(source), "-o", str(lib)], check=True, timeout=300)
+        kernel = ctypes.CDLL(str(lib)).kernel
+        kernel.argtypes = [ctype.get(t, ctypes.c_void_p) for t in rowlayer.ARGTYPES]
+        for bits, dtype in itertools.product((0, 8, 4), ULP):
+            x = torch.randn(1, k, generator=gen).to(dtype)
+            if bits == 0:
+                held, form, group = (w.to(dtype), None, None), rowlayer.FLOAT, 0
+                want = x.double() @ w.to(dtype).double().T
+            else:
+                quant = QuantConfig(bits, 32)
+                q = quantize(w, quant)
+                held, group = (q.qweight, q.scales, q.offsets), 32
+                form = rowlayer.INT8 if bits == 8 else rowlayer.INT4
+                want = x.double() @ dequantize(q, quant, torch.float64).T
+            table = torch.tensor([t.data_ptr() if t is not None else 0 for t in held])
+            got = torch.empty(1, n, dtype=dtype)
+            kernel(
+                4, x.data_ptr(), got.data_ptr(), None, 0, table.data_ptr(), None, None, 0, None,
+                None, 0, 0, 0, 0, 0, k, n, 0, 0, group, form, 0.0, 0.0, 0.0, 0, 0.0, None, None,
+                2, native.DTYPE_CODES[dtype], 0, 0, 0,
+            )  # fmt: skip
+            error = (got.double() - want).abs().max() / want.abs().max()
+            assert error <= 2 * ULP[dtype] * 16, (arch, bits, dtype)

@@ -39,6 +39,16 @@ typedef uint32_t u32x16 __attribute__((vector_size(64)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef _Float16 h16x16 __attribute__((vector_size(32)));
 
+#if defined(__AVX__)
+// two 8-lane AVX registers as one v16
+inline v16 join(__m256 lo, __m256 hi) {
+    v16 r;
+    std::memcpy(&r, &lo, 32);
+    std::memcpy((char*)&r + 32, &hi, 32);
+    return r;
+}
+#endif
+
 struct F32 {
     using T = float;
     static inline float get(T v) { return v; }
@@ -93,12 +103,7 @@ struct F16 {
         return (v16)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
 #elif defined(__F16C__)
         const __m128i* q = (const __m128i*)p;
-        const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(q));
-        const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(q + 1));
-        v16 r;
-        std::memcpy(&r, &lo, 32);
-        std::memcpy((char*)&r + 32, &hi, 32);
-        return r;
+        return join(_mm256_cvtph_ps(_mm_loadu_si128(q)), _mm256_cvtph_ps(_mm_loadu_si128(q + 1)));
 #else
         h16x16 h;
         std::memcpy(&h, p, 32);

@@ -46,7 +46,9 @@ from offload_rt.model.moe import RouterSpec
 
 MAX_K = 8  # experts a token
 
-_SOURCE = (
+# the C++ (built by Inductor's toolchain for this CPU; the tests build it for AVX2 and for no
+# vector ISA too)
+SOURCE = (
     native.PRELUDE
     + onequery.BODY
     + "#if defined(__x86_64__)\n"
@@ -76,17 +78,23 @@ inline v16 widen8(const uint8_t* p) {
     return (v16)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)));
 #elif defined(__AVX2__)
     const __m128i b = _mm_loadu_si128((const __m128i*)p);
-    const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
-    const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
-    v16 r;
-    std::memcpy(&r, &lo, 32);
-    std::memcpy((char*)&r + 32, &hi, 32);
-    return r;
+    return join(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)),
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8))));
 #else
     u8x16 b;
     std::memcpy(&b, p, 16);
     return __builtin_convertvector(__builtin_convertvector(b, u32x16), v16);
 #endif
+}
+
+// sum_g offsets[g] * xsum[g] over a row's ng groups: the affine codes' offsets' term
+inline float offset_term(const _Float16* offsets, const float* xsum, int64_t ng) {
+    v16 off = {};
+    int64_t g = 0;
+    for (; g + 16 <= ng; g += 16) off += F16::load(offsets + g) * F32::load(xsum + g);
+    float sum = hsum(off);
+    for (; g < ng; ++g) sum += F16::get(offsets[g]) * xsum[g];
+    return sum;
 }
 
 // one row of int8 affine codes (K columns, groups of G, a multiple of 16; float16 scales and
@@ -95,12 +103,8 @@ inline v16 widen8(const uint8_t* p) {
 inline float row8(const uint8_t* codes, const _Float16* scales, const _Float16* offsets,
                   const float* x, const float* xsum, int64_t K, int64_t G) {
     const int64_t ng = K / G;
-    v16 all = {}, off = {};
-    int64_t g = 0;
-    for (; g + 16 <= ng; g += 16) off += F16::load(offsets + g) * F32::load(xsum + g);
-    float tail = 0.f;
-    for (; g < ng; ++g) tail += F16::get(offsets[g]) * xsum[g];
-    for (g = 0; g < ng; ++g) {
+    v16 all = {};
+    for (int64_t g = 0; g < ng; ++g) {
         const uint8_t* c = codes + g * G;
         const float* xg = x + g * G;
         v16 a = {}, b = {};
@@ -113,7 +117,7 @@ inline float row8(const uint8_t* codes, const _Float16* scales, const _Float16* 
         if (j < G) a += widen8(c + j) * F32::load(xg + j);
         all += (a + b) * F16::get(scales[g]);
     }
-    return hsum(all + off) + tail;
+    return hsum(all) + offset_term(offsets, xsum, ng);
 }
 
 // 16 bytes of int4 codes -> their low and high nibbles in float32 lanes
@@ -126,13 +130,10 @@ inline void widen4(const uint8_t* p, v16& lo, v16& hi) {
     const __m128i q = _mm_loadu_si128((const __m128i*)p);
     const __m128i m = _mm_set1_epi8(15);
     const __m128i l = _mm_and_si128(q, m), h = _mm_and_si128(_mm_srli_epi16(q, 4), m);
-    const __m256 parts[4] = {
-        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(l)),
-        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(l, 8))),
-        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(h)),
-        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(h, 8)))};
-    std::memcpy(&lo, parts, 64);
-    std::memcpy(&hi, parts + 2, 64);
+    lo = join(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(l)),
+              _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(l, 8))));
+    hi = join(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(h)),
+              _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(h, 8))));
 #else
     u8x16 b;
     std::memcpy(&b, p, 16);
@@ -147,13 +148,9 @@ inline void widen4(const uint8_t* p, v16& lo, v16& hi) {
 // float32) with xsum, as row8: any CPU, any activation dtype (widened to float32)
 inline float row4(const uint8_t* codes, const _Float16* scales, const _Float16* offsets,
                   const float* x, const float* xsum, int64_t K, int64_t G) {
-    const int64_t half = K / 2, hg = half / G, ng = K / G;
-    v16 lo_all = {}, hi_all = {}, off = {};
-    int64_t g = 0;
-    for (; g + 16 <= ng; g += 16) off += F16::load(offsets + g) * F32::load(xsum + g);
-    float tail = 0.f;
-    for (; g < ng; ++g) tail += F16::get(offsets[g]) * xsum[g];
-    for (g = 0; g < hg; ++g) {
+    const int64_t half = K / 2, hg = half / G;
+    v16 lo_all = {}, hi_all = {};
+    for (int64_t g = 0; g < hg; ++g) {
         const uint8_t* c = codes + g * G;
         const float *xl = x + g * G, *xh = x + half + g * G;
         v16 lo = {}, hi = {};
@@ -167,7 +164,7 @@ inline float row4(const uint8_t* codes, const _Float16* scales, const _Float16* 
         lo_all += lo * F16::get(scales[g]);
         hi_all += hi * F16::get(scales[g + hg]);
     }
-    return hsum(lo_all + hi_all + off) + tail;
+    return hsum(lo_all + hi_all) + offset_term(offsets, xsum, K / G);
 }
 
 }  // namespace
@@ -443,10 +440,11 @@ extern "C" void kernel(int64_t mode, void* h, void* ys, float* w, int64_t k_prev
 }
 """
 )
-_ARGTYPES = ("int64_t", "void*", "void*", "float*", "int64_t", "const int64_t*")
-_ARGTYPES += ("const void*", "const void*", "int64_t", "void*", "void*") + ("int64_t",) * 11
-_ARGTYPES += ("float",) * 3 + ("int64_t", "float", "void*", "int64_t*", "int64_t", "int64_t")
-_ARGTYPES += ("int64_t",) * 3
+# the parameters of SOURCE's `kernel`
+ARGTYPES = ("int64_t", "void*", "void*", "float*", "int64_t", "const int64_t*")
+ARGTYPES += ("const void*", "const void*", "int64_t", "void*", "void*") + ("int64_t",) * 11
+ARGTYPES += ("float",) * 3 + ("int64_t", "float", "void*", "int64_t*", "int64_t", "int64_t")
+ARGTYPES += ("int64_t",) * 3
 
 
 @dataclass
@@ -545,7 +543,7 @@ def available() -> bool:
 
 
 def _kernel() -> Callable[..., None] | None:
-    return native.build("one-row layer", _ARGTYPES, _SOURCE)
+    return native.build("one-row layer", ARGTYPES, SOURCE)
 
 
 class Step:
