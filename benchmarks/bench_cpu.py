@@ -18,7 +18,9 @@ the CPU's model name and the load average of each round.
 Pairs: float32, bfloat16 and float16 models against llama.cpp's f32, bf16 and f16 GGUFs;
 offload_rt's int8 / int4 experts against q8_0 / q4_0, with attention and lm_head quantized to
 int8 / int4 as well (`dense_quant`; llama.cpp's q8_0 file holds them in q8_0, its q4_0 file in
-q4_0 but lm_head in q6_K), activations in --quant-dtype; and the int4 copy once more with
+q4_0 but lm_head in q6_K, so the int4 rows hold lm_head in int8, `lm_head_quant`: at least as
+precise, 1.3x q6_K's bytes; --int4-lm-head for int4), activations in --quant-dtype; and the
+int4 copy once more with
 bfloat16 activations (the int4 x bfloat16 kernel of `offload_rt/model/packed.py` on CPUs with
 AVX-512 BF16), against the same q4_0 file.
 
@@ -80,6 +82,7 @@ class Options:
     quant_dtype: torch.dtype  # offload_rt's activations (and float weights) with int8/int4 experts
     dense_quant: bool  # with int8/int4 experts, attention and lm_head quantized alike
     pairs: list[Pair]
+    int4_lm_head: bool = False  # with int4 experts, lm_head in int4 (else int8)
 
 
 def parse_options() -> Options:
@@ -97,6 +100,11 @@ def parse_options() -> Options:
         help="quantize attention and lm_head as the experts (llama.cpp quantizes them too)",
     )
     p.add_argument("--only", nargs="*", default=None, help="rows by offload_rt format")
+    p.add_argument(
+        "--int4-lm-head",
+        action="store_true",
+        help="with int4 experts, lm_head in int4 too (llama.cpp's q4_0 keeps it in q6_K)",
+    )
     a = p.parse_args()
     pairs = [x for x in PAIRS if a.only is None or x.ours in a.only]
     for tool in ("build/bin/llama-bench", "build/bin/llama-quantize", "convert_hf_to_gguf.py"):
@@ -111,6 +119,7 @@ def parse_options() -> Options:
         DTYPES[a.quant_dtype],
         a.dense_quant,
         pairs,
+        a.int4_lm_head,
     )
 
 
@@ -185,8 +194,9 @@ def load_ours(pair: Pair, folder: Path, opts: Options) -> OffloadModel:
         bits = pair.ours[:4]
         q = bench_quant.quantized(folder, opts.workdir, bits, GROUP)
         dense = bits if opts.dense_quant else None
+        head = "int8" if dense == "int4" and not opts.int4_lm_head else None
         dtype = torch.bfloat16 if pair.ours.endswith("-bf16") else opts.quant_dtype
-        model = offload_rt.load(q, dtype=dtype, dense_quant=dense)
+        model = offload_rt.load(q, dtype=dtype, dense_quant=dense, lm_head_quant=head)
     else:
         model = offload_rt.load(folder, dtype=DTYPES[pair.ours])
     for kernels in (True, False):  # compile the kernels, fault in the weights

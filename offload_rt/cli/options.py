@@ -150,6 +150,13 @@ def add_model_options(p: argparse.ArgumentParser, cache_experts: int | None) -> 
         "outputs by the quantization error; the experts keep the checkpoint's format)",
     )
     p.add_argument(
+        "--lm-head-quant",
+        default=None,
+        choices=["int8", "int4"],
+        help="with --dense-quant, lm_head in this format instead (llama.cpp's q4_0 keeps it in "
+        "6 bits)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -192,6 +199,7 @@ def load_model(args: argparse.Namespace, path: Path, record_routing: bool = Fals
         cache_policy=args.cache_policy,
         record_routing=record_routing,
         dense_quant=args.dense_quant,
+        lm_head_quant=args.lm_head_quant,
         gpu_memory_gb=args.gpu_memory_gb if args.backend == "local" else None,
         cpu_experts=args.cpu_experts,
         cpu_moe_layers=args.cpu_moe,

@@ -45,16 +45,22 @@ class QuantizedDense:
         return linear(x, dequantize(q, self.quant, x.dtype)) if y is None else y
 
 
-def dense_quant_config(name: str, group_size: int) -> QuantConfig:
+def dense_quant_config(name: str, group_size: int, option: str = "dense_quant") -> QuantConfig:
     if name not in FORMATS:
-        raise ValueError(f"dense_quant must be one of {sorted(FORMATS)}, got {name!r}")
+        raise ValueError(f"{option} must be one of {sorted(FORMATS)}, got {name!r}")
     return QuantConfig(FORMATS[name], group_size)
 
 
-def quantize_dense(weights: DenseWeights, quant: QuantConfig) -> DenseWeights:
-    """`weights` with every dense matrix that `linear` multiplies replaced by its codes."""
+def quantize_dense(
+    weights: DenseWeights, quant: QuantConfig, lm_head: QuantConfig | None = None
+) -> DenseWeights:
+    """`weights` with every dense matrix that `linear` multiplies replaced by its codes; lm_head
+    in `lm_head`'s format where given (llama.cpp's q4_0 keeps it in 6 bits: the logits are the
+    most sensitive to it), else `quant`'s."""
 
-    def matrix(w: torch.Tensor, name: str) -> torch.Tensor | QuantizedDense:
+    def matrix(
+        w: torch.Tensor, name: str, quant: QuantConfig = quant
+    ) -> torch.Tensor | QuantizedDense:
         if w.dim() != 2 or w.shape[1] % quant.group_size or not w.is_floating_point():
             return w
         if quant.bits == 4 and (w.shape[1] // quant.group_size) % 2:
@@ -75,7 +81,7 @@ def quantize_dense(weights: DenseWeights, quant: QuantConfig) -> DenseWeights:
             wqkv, wo = matrix(attn.wqkv, f"layers.{i}.wqkv"), matrix(attn.wo, f"layers.{i}.wo")
             attn = replace(attn, wqkv=wqkv, wo=wo)
         layers.append(replace(layer, attn=attn, mlp=mlp(layer.mlp, f"layers.{i}.mlp")))
-    lm_head = matrix(weights.lm_head, "lm_head")
+    lm_head = matrix(weights.lm_head, "lm_head", lm_head or quant)
     return replace(weights, layers=layers, lm_head=lm_head)
 
 

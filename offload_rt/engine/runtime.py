@@ -237,6 +237,7 @@ def load(
     cpu_experts: int | str | None = None,
     cpu_moe_layers: int | None = None,
     routing_trace: str | Path | None = None,
+    lm_head_quant: str | None = None,
 ) -> OffloadModel:
     """Open a Hugging Face checkpoint folder of a supported family (`offload_rt.models`), or
     a hub id `org/name[@revision]` (`offload_rt.hub`: downloaded once into the hub cache,
@@ -262,6 +263,8 @@ def load(
     `OffloadModel.routing_trace()` (`offload-rt generate --trace`). dense_quant: "int8" or
     "int4" quantizes attention, dense MLPs and lm_head at load into the experts' affine format
     (groups of 64; `engine/densequant.py`), as llama.cpp does; this one changes outputs.
+    lm_head_quant: with dense_quant, lm_head in this format instead ("int8": as precise as
+    llama.cpp's q4_0 files keep it, in q6_K, or more).
     gpu_memory_gb: GiB of device memory the model may use: local backend: its dense weights,
     a KV/activation reserve and expert slots in the rest (instead of cache_experts); ray: each
     GPU actor's, all for expert slots. cpu_experts: local backend behind a link: a fixed set
@@ -295,6 +298,11 @@ def load(
         raise ValueError(f"host_experts must be a non-negative integer, got {host_experts!r}")
     runtime_policy(cache_policy, 1)  # an unknown name fails before anything is read
     dense = None if dense_quant is None else dense_quant_config(dense_quant, DEFAULT_GROUP_SIZE)
+    if lm_head_quant is not None and dense is None:
+        raise ValueError("lm_head_quant needs dense_quant (it changes lm_head's format only)")
+    head = None
+    if lm_head_quant is not None:
+        head = dense_quant_config(lm_head_quant, DEFAULT_GROUP_SIZE, "lm_head_quant")
     dev = resolve_device(device)
     ckpt = open_checkpoint(resolve_model(path))
     on_close = None
@@ -342,7 +350,7 @@ def load(
         )
         model = build_model(ckpt, dev, dt, recorder or experts, prefetcher)
         if dense is not None:
-            model.weights = quantize_dense(model.weights, dense)
+            model.weights = quantize_dense(model.weights, dense, head)
         if dev.type == "cpu":
             model.weights = on_huge_pages(model.weights)
     except BaseException:
