@@ -260,7 +260,7 @@ inline void swiglu(const float* gate, const float* up, float* h, int64_t n) {
     for (; j + 16 <= n; j += 16) {
         const v16 g = F32::load(gate + j);
         const v16 s = g / (1.f + exp16(-g));
-        for (int l = 0; l < 16; ++l) h[j + l] = C::get(C::put(C::get(C::put(s[l])) * up[j + l]));
+        F32::store(h + j, rounded<C>(rounded<C>(s) * F32::load(up + j)));
     }
     for (; j < n; ++j) {
         const float s = C::get(C::put(gate[j] / (1.f + std::exp(-gate[j]))));
@@ -304,7 +304,9 @@ void experts(const typename C::T* m, typename C::T* ys, const int64_t* t, int64_
         #pragma omp for schedule(static)
         for (int64_t e = 0; e < k; ++e) {
             swiglu<C>(&y[e * 2 * F], &y[e * 2 * F + F], hf.data(), F);
-            for (int64_t j = 0; j < F; ++j) hid[e * F + j] = C::put(hf[j]);
+            int64_t j = 0;
+            for (; j + 16 <= F; j += 16) C::store(&hid[e * F + j], F32::load(&hf[j]));
+            for (; j < F; ++j) hid[e * F + j] = C::put(hf[j]);
             hs[e] = Rows<C>{t + 6 * e + 3, F, G, B}.prepare(&hid[e * F]);
         }
         for (int64_t e = 0; e < k; ++e) {
