@@ -7,7 +7,7 @@ lm_head quantized alike, as bench_cpu runs them), generates --tokens tokens gree
 - the same kernel calls of one token replayed back to back (no other work between them);
 - the step split by part (the one-row path's compiled glue, cache write and attention (in
   C++ where `model/onequery.py` serves), the two calls of a layer in C++ where
-  `model/rowlayer.py` serves,
+  `model/rowlayer.py` serves, a whole step in one call where `model/rowstep.py` does,
   attention's products, routed experts, lm_head), each timed around its call, so the parts
   hold their own Python and torch overhead.
 The timers cost about a microsecond a call.
@@ -29,7 +29,7 @@ import torch
 
 import offload_rt
 import offload_rt.model.decoder as decoder
-from offload_rt.model import cpukernels, onequery, onerow, packed, rowlayer
+from offload_rt.model import cpukernels, onequery, onerow, packed, rowlayer, rowstep
 
 Timings = collections.defaultdict[str, float]
 
@@ -105,6 +105,7 @@ def main() -> None:
     timed(onequery, "attend", "rotation, cache write and attention (C++)", parts)
     timed(rowlayer, "attend", "C++ layer, call 1: sum, norms, products, attention, router", parts)
     timed(rowlayer, "experts", "C++ layer, call 2: the chosen experts", parts)
+    timed(rowstep, "token", "C++ step: every layer in one call (all experts resident)", parts)
     timed(decoder, "linear", "attention's products", parts)
     timed(model.model.backend, "run", "routed experts", parts)
     timed(decoder.MoEDecoder, "logits", "lm_head", parts)

@@ -22,7 +22,7 @@ from offload_rt.config import QuantConfig
 from offload_rt.engine import BatchDecoder
 from offload_rt.experts.quant import dequantize, quantize
 from offload_rt.grid import ExpertKey
-from offload_rt.model import cpukernels, native, onequery, onerow, packed, rowlayer
+from offload_rt.model import cpukernels, native, onequery, onerow, packed, rowlayer, rows, rowstep
 from offload_rt.model.layers import linear
 from offload_rt.tools.quantize import quantize_checkpoint
 from tests.conftest import save_reference
@@ -175,7 +175,7 @@ def test_a_decode_through_it_follows_the_one_row_path(load, glue_on_tiny_models,
 
 def test_a_whole_step_in_one_call_equals_the_layer_calls(load, glue_on_tiny_models, monkeypatch):
     """Once every expert is resident for good (the cache holds them all), a step is one call
-    (`rowlayer.token`): the same loops in the same order, so the same logits bit for bit, and
+    (`rowstep.token`): the same loops in the same order, so the same logits bit for bit, and
     the backend counts the same uses."""
 
     def decode() -> tuple[torch.Tensor, dict]:
@@ -192,11 +192,11 @@ def test_a_whole_step_in_one_call_equals_the_layer_calls(load, glue_on_tiny_mode
             return torch.stack(out), model.stats()
 
     calls = []
-    token = rowlayer.token
-    monkeypatch.setattr(rowlayer, "token", lambda *a, **k: calls.append(1) or token(*a, **k))
+    token = rowstep.token
+    monkeypatch.setattr(rowstep, "token", lambda *a, **k: calls.append(1) or token(*a, **k))
     in_one, counts = decode()
     assert len(calls) == 11  # every decode step
-    monkeypatch.setattr(rowlayer.TokenTable, "build", classmethod(lambda *a, **k: None))
+    monkeypatch.setattr(rowstep.TokenTable, "build", classmethod(lambda *a, **k: None))
     per_layer, counts_per_layer = decode()
     assert len(calls) == 11
     assert torch.equal(in_one, per_layer)
@@ -228,13 +228,13 @@ def test_the_row_loops_built_for_avx2_and_for_no_vector_isa_equal_float64(tmp_pa
         for bits, dtype in itertools.product((0, 8, 4), ULP):
             x = torch.randn(1, k, generator=gen).to(dtype)
             if bits == 0:
-                held, form, group = (w.to(dtype), None, None), rowlayer.FLOAT, 0
+                held, form, group = (w.to(dtype), None, None), rows.FLOAT, 0
                 want = x.double() @ w.to(dtype).double().T
             else:
                 quant = QuantConfig(bits, 32)
                 q = quantize(w, quant)
                 held, group = (q.qweight, q.scales, q.offsets), 32
-                form = rowlayer.INT8 if bits == 8 else rowlayer.INT4
+                form = rows.INT8 if bits == 8 else rows.INT4
                 want = x.double() @ dequantize(q, quant, torch.float64).T
             table = torch.tensor([t.data_ptr() if t is not None else 0 for t in held])
             got = torch.empty(1, n, dtype=dtype)

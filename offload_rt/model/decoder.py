@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from offload_rt.config import ModelConfig
 from offload_rt.grid import ExpertGrid, ExpertKey
-from offload_rt.model import onequery, onerow, rowlayer
+from offload_rt.model import onequery, onerow, rowlayer, rowstep
 from offload_rt.model.ffn import SwiGLU
 from offload_rt.model.kvcache import KVCache, RingStep, attention_mask
 from offload_rt.model.layers import (
@@ -143,7 +143,7 @@ class MoEDecoder:
             if isinstance(lw.mlp, MoEWeights)
         }
         self._row_plans: list[rowlayer.LayerPlan] | None | bool = False  # False: not yet asked
-        self._tokens: rowlayer.TokenTable | None | bool = None  # False: not possible
+        self._tokens: rowstep.TokenTable | None | bool = None  # False: not possible
 
     @property
     def device(self) -> torch.device:
@@ -309,8 +309,8 @@ class MoEDecoder:
 
     def _token_table(
         self, plans: list[rowlayer.LayerPlan], dtype: torch.dtype
-    ) -> rowlayer.TokenTable | None:
-        """The table of `rowlayer.token` (a whole step in one call) once every expert's
+    ) -> rowstep.TokenTable | None:
+        """The table of `rowstep.token` (a whole step in one call) once every expert's
         weights stay put for good (`LocalExpertBackend.fixed_weights`); None before (asked
         again at the next step) or where the experts are not of one form (not asked again)."""
         if self._tokens is None:
@@ -319,7 +319,7 @@ class MoEDecoder:
             if ffns is None:
                 return None
             built = (
-                rowlayer.TokenTable.build(plans, ffns, dtype) if len(ffns) == len(plans) else None
+                rowstep.TokenTable.build(plans, ffns, dtype) if len(ffns) == len(plans) else None
             )
             self._tokens = built if built is not None else False
         return self._tokens or None
@@ -353,7 +353,7 @@ class MoEDecoder:
         lengths = {keys.shape[2] for keys in cache.keys}
         if tokens is not None and resident is not None and len(lengths) == 1:
             tokens.set_cache(cache.keys, cache.values)
-            chosen = rowlayer.token(
+            chosen = rowstep.token(
                 step, tokens, spec, rope, lengths.pop(), position, self.spec.router,
                 c.rms_norm_eps,
             ).tolist()  # fmt: skip

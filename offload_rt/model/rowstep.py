@@ -1,0 +1,98 @@
+"""A whole one-row CPU decode step in one C++ call: every layer's two calls of
+`model/rowlayer.py` in one (its mode 3), once every expert's weights stay put for good.
+
+The decoder builds a `TokenTable` once (each layer's plan, its KV cache's two pointers,
+rewritten when the cache changes, and every expert's six pointers); `token` then runs, for each
+layer, call 1's loops, picks the chosen experts' pointers from the table and runs call 2's. The
+same loops in the same order as the two calls, so the same logits bit for bit; the backend's
+counts are kept by its `resident` per layer after the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from offload_rt.model import native, rowlayer
+from offload_rt.model.layers import AttentionSpec
+from offload_rt.model.moe import RouterSpec
+from offload_rt.model.rows import Form
+
+
+class TokenTable:
+    """What `token` reads for a whole step: per layer, its plan's 13 values, its cache's keys
+    and values, and the pointers of each of its experts (every expert of the model, resident
+    for good: their weights never move); the tensors behind them are held here."""
+
+    def __init__(
+        self,
+        plans: Sequence[rowlayer.LayerPlan],
+        ffns: Sequence[Sequence[object]],
+        kinds: Sequence[Sequence[tuple[list[int], Form, int]]],
+    ) -> None:
+        rows = [
+            [*plan.table.tolist(), 0, 0, *(p for kind in layer for p in kind[0])]
+            for plan, layer in zip(plans, kinds)
+        ]
+        self.table = torch.tensor(rows, dtype=torch.int64)
+        self.plans, self.ffns = list(plans), [list(f) for f in ffns]  # held
+        self.form, self.width = kinds[0][0][1], kinds[0][0][2]
+        self.layers, self.experts = len(rows), len(kinds[0])
+        self._cache: tuple[int, ...] = ()
+
+    @classmethod
+    def build(
+        cls,
+        plans: Sequence[rowlayer.LayerPlan],
+        ffns: Sequence[Sequence[object]],
+        dtype: torch.dtype,
+    ) -> TokenTable | None:
+        """The table for these plans and every layer's experts (in expert order), or None where
+        the plans' form differs between layers or an expert is not of one form and width."""
+        kinds = [[rowlayer.expert_kind(f, dtype) for f in layer] for layer in ffns]
+        first = kinds[0][0] if kinds and kinds[0] else None
+        if first is None or any(p.form != plans[0].form for p in plans):
+            return None
+        if any(k is None or k[1:] != first[1:] for layer in kinds for k in layer):
+            return None
+        return cls(plans, ffns, kinds)  # type: ignore[arg-type]
+
+    def set_cache(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+        """Point the layers at this step's cache (rewritten only when it changes)."""
+        caches = tuple(t.data_ptr() for pair in zip(keys, values) for t in pair)
+        if caches != self._cache:
+            self.table[:, 13:15] = torch.tensor(caches, dtype=torch.int64).view(-1, 2)
+            self._cache = caches
+
+
+def token(
+    step: rowlayer.Step,
+    tt: TokenTable,
+    spec: AttentionSpec,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    max_len: int,
+    position: int,
+    router: RouterSpec,
+    eps: float,
+) -> torch.Tensor:
+    """Every layer of a step in one call (`attend` then `experts` each, the same loops), the
+    cache `tt.set_cache` points at holding `max_len` positions. Returns the chosen experts
+    (layers, k), each layer's in ascending order; the last layer's outputs pending in step."""
+    kernel = rowlayer.cpp()
+    assert kernel is not None
+    if not 0 <= position < max_len:  # the C++ would write past the cache
+        raise IndexError(f"position {position} does not fit a cache of {max_len} positions")
+    cos, sin = (t.reshape(-1).contiguous() for t in rope)
+    d, k = step.h.numel(), router.top_k
+    chosen = torch.empty((tt.layers, k), dtype=torch.int64)
+    (form, group), expert_form = tt.plans[0].form, tt.form
+    kernel(
+        3, step.h, step.ys, step.w, step.pending, tt.table, cos, sin, cos.shape[0], step.m,
+        step.m, max_len, position, spec.heads, spec.kv_heads, spec.head_dim, d, tt.width,
+        tt.experts, k, group, form, eps, spec.eps, spec.clip_qkv or 0.0, router.renormalize,
+        router.scale, step.m, chosen, torch.get_num_threads(), native.DTYPE_CODES[step.h.dtype],
+        tt.layers, expert_form[1], expert_form[0],
+    )  # fmt: skip
+    step.pending = k
+    return chosen
