@@ -349,9 +349,9 @@ class MoEDecoder:
         step = rowlayer.Step(h, self.spec.router.top_k)
         resident = getattr(self.backend, "resident", None)  # a local backend's
         rope = tuple(t.reshape(-1).contiguous() for t in rope)  # type: ignore[assignment]
-        tokens = self._token_table(plans, h.dtype)
-        lengths = {keys.shape[2] for keys in cache.keys}
-        if tokens is not None and resident is not None and len(lengths) == 1:
+        tokens = self._token_table(plans, h.dtype) if resident is not None else None
+        lengths = {keys.shape[2] for keys in cache.keys} if tokens is not None else set()
+        if tokens is not None and len(lengths) == 1:
             tokens.set_cache(cache.keys, cache.values)
             chosen = rowstep.token(
                 step, tokens, spec, rope, lengths.pop(), position, self.spec.router,
