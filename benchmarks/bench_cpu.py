@@ -218,6 +218,7 @@ def main() -> None:
             row.setdefault("llama", []).append(llama_tokens_per_s(files[p.gguf], opts))
             row.setdefault("ours", []).append(ours_tokens_per_s(models[p.ours], opts, True))
             row.setdefault("eager", []).append(ours_tokens_per_s(models[p.ours], opts, False))
+            print(f"  {p.ours}: llama.cpp {row['llama'][-1]:.1f}, offload_rt {row['ours'][-1]:.1f}")
         print(f"round {r + 1}/{opts.rounds} done, load average {os.getloadavg()}", flush=True)
     report(opts, got)
     for m in models.values():

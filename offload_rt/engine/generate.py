@@ -113,7 +113,7 @@ class BatchDecoder:
         positions = [p if ok else 0 for p, ok in zip(self.lengths[:n], live)]
         kv_len = max(positions) + 1
         cache = self.cache if n == len(self.lengths) else self.cache.rows(n)
-        hidden = self.model.forward(
+        logits = self.model.step_logits(
             torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None],
             torch.tensor(positions, dtype=torch.long, device=self.device)[:, None],
             cache,
@@ -122,7 +122,7 @@ class BatchDecoder:
             start=positions[0] if len(set(positions)) == 1 else None,
         )
         self.lengths[:n] = [p + 1 if ok else p for p, ok in zip(self.lengths[:n], live)]
-        return self.model.logits(hidden[:, 0])
+        return logits
 
 
 def generate(

@@ -116,6 +116,16 @@ class DecoderModel(Protocol):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
+    def step_logits(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        kv_len: int,
+        token_mask: torch.Tensor | None = None,
+        start: int | None = None,
+    ) -> torch.Tensor: ...
+
 
 class MoEDecoder:
     def __init__(
@@ -144,6 +154,7 @@ class MoEDecoder:
         }
         self._row_plans: list[rowlayer.LayerPlan] | None | bool = False  # False: not yet asked
         self._tokens: rowstep.TokenTable | None | bool = None  # False: not possible
+        self._ends: rowstep.Head | None | bool = None  # the head for the C++ step; False: none
 
     @property
     def device(self) -> torch.device:
@@ -194,6 +205,40 @@ class MoEDecoder:
         start: given when every row holds positions start .. start+T-1 (a prefill from 0, a
         decode step of rows of one length), which makes cache writes and masks cheaper.
         """
+        hidden = self._forward(tokens, positions, cache, kv_len, token_mask, start, False)[0]
+        assert hidden is not None
+        return hidden
+
+    def step_logits(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        kv_len: int,
+        token_mask: torch.Tensor | None = None,
+        start: int | None = None,
+    ) -> torch.Tensor:
+        """`forward` then `logits` of each row's last position: (B, V); for one token of one
+        sequence on the CPU the head is then part of the step's C++ call where a whole step is
+        one (`model/rowstep.py`)."""
+        hidden, logits = self._forward(tokens, positions, cache, kv_len, token_mask, start, True)
+        if logits is not None:
+            return logits
+        assert hidden is not None
+        return self.logits(hidden[:, -1])
+
+    def _forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        kv_len: int,
+        token_mask: torch.Tensor | None,
+        start: int | None,
+        head: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`forward`'s final-normed hidden states, or, where `head` asks and a whole step is
+        one C++ call, None and the logits (1, V) of the step."""
         c = self.config
         h = F.embedding(tokens, self.weights.embed)  # (B, T, D)
         mask = attention_mask(positions, kv_len, c.sliding_window, start)
@@ -204,7 +249,7 @@ class MoEDecoder:
             ring = cache.ring_step(positions, None if live is None else token_mask)
         if live is None and isinstance(self.spec.attention, AttentionSpec):
             if onerow.applies(h, c.hidden_size):
-                out = self._one_row(h, positions, cache, kv_len, mask, start, ring, rope)
+                out = self._one_row(h, positions, cache, kv_len, mask, start, ring, rope, head)
                 if ring is not None:
                     cache.ring_advance(ring, positions)
                 return out
@@ -235,7 +280,7 @@ class MoEDecoder:
             self._predict(h, upcoming, live, "moe")
         if ring is not None:
             cache.ring_advance(ring, positions)
-        return rms_norm(h, self.weights.norm, c.rms_norm_eps)
+        return rms_norm(h, self.weights.norm, c.rms_norm_eps), None
 
     def _one_row(
         self,
@@ -247,8 +292,9 @@ class MoEDecoder:
         start: int | None,
         ring: RingStep | None,
         rope: tuple[torch.Tensor, torch.Tensor],
-    ) -> torch.Tensor:
-        """`forward` for one token of one sequence on the CPU: the same math with the work
+        head: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`_forward` for one token of one sequence on the CPU: the same math with the work
         between the matrix products compiled (`model/onerow.py`). h: the embedded token (1, 1,
         D); grouped-query attention only."""
         c, spec = self.config, self.spec.attention
@@ -258,7 +304,7 @@ class MoEDecoder:
         if plans is not None and all(
             onequery.applies(cache, i, h.dtype, None, None) for i in range(len(plans))
         ):
-            return self._native_layers(h, plans, cache, start, rope)  # type: ignore[arg-type]
+            return self._native_layers(h, plans, cache, start, rope, head)  # type: ignore[arg-type]
         moe_out: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None] | None = None
         for i, lw in enumerate(self.weights.layers):
             w = lw.attn
@@ -291,7 +337,7 @@ class MoEDecoder:
                 h = onerow.enter(h, self.weights.norm, eps, moe_out)[0]
                 moe_out = None
                 self._predict(h, upcoming, None, "moe")
-        return onerow.enter(h, self.weights.norm, eps, moe_out)[1]
+        return onerow.enter(h, self.weights.norm, eps, moe_out)[1], None
 
     def _layer_plans(self, h: torch.Tensor) -> list[rowlayer.LayerPlan] | None:
         """Every layer's plan for `model/rowlayer.py` where all of them have one (every layer
@@ -341,9 +387,12 @@ class MoEDecoder:
         cache: KVCache,
         position: int,
         rope: tuple[torch.Tensor, torch.Tensor],
-    ) -> torch.Tensor:
+        head: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """`_one_row` with each layer as two C++ calls (`model/rowlayer.py`) and the backend's
-        lookups between them; experts it does not serve so computed by the backend."""
+        lookups between them; experts it does not serve so computed by the backend. Where every
+        expert stays put for good, the whole step is one call (`model/rowstep.py`), with the
+        head (final norm and lm_head) where `head` asks."""
         c, spec = self.config, self.spec.attention
         assert isinstance(spec, AttentionSpec)
         step = rowlayer.Step(h, self.spec.router.top_k)
@@ -353,14 +402,17 @@ class MoEDecoder:
         lengths = {keys.shape[2] for keys in cache.keys} if tokens is not None else set()
         if tokens is not None and len(lengths) == 1:
             tokens.set_cache(cache.keys, cache.values)
-            chosen = rowstep.token(
+            ends = self._head(h.dtype) if head else None
+            chosen, logits = rowstep.token(
                 step, tokens, spec, rope, lengths.pop(), position, self.spec.router,
-                c.rms_norm_eps,
-            ).tolist()  # fmt: skip
-            for i, experts in enumerate(chosen):  # the backend's counts, as the calls' lookups
+                c.rms_norm_eps, ends,
+            )  # fmt: skip
+            for i, experts in enumerate(chosen.tolist()):  # the backend's counts, as the calls'
                 resident([ExpertKey(i, e) for e in experts])
+            if logits is not None:
+                return None, logits.view(1, -1)
             h = step.h.view(1, 1, -1)
-            return onerow.enter(h, self.weights.norm, c.rms_norm_eps, step.moe())[1]
+            return onerow.enter(h, self.weights.norm, c.rms_norm_eps, step.moe())[1], None
         for i, plan in enumerate(plans):
             chosen = rowlayer.attend(
                 step, plan, spec, rope, cache.keys[i], cache.values[i], position,
@@ -376,8 +428,19 @@ class MoEDecoder:
                 continue
             outputs = self.backend.run({key: m for key in keys})
             step.set_outputs([outputs[key] for key in keys])
+        ends = self._head(h.dtype) if head else None
+        if ends is not None:
+            return None, rowstep.finish(step, ends, c.rms_norm_eps).view(1, -1)
         h = step.h.view(1, 1, -1)
-        return onerow.enter(h, self.weights.norm, c.rms_norm_eps, step.moe())[1]
+        return onerow.enter(h, self.weights.norm, c.rms_norm_eps, step.moe())[1], None
+
+    def _head(self, dtype: torch.dtype) -> rowstep.Head | None:
+        """The head for the C++ step (`rowstep.Head`), made once, where the row loops take
+        lm_head for the first step's dtype (the model's); else None."""
+        if self._ends is None:
+            built = rowstep.Head.build(self.weights.norm, self.weights.lm_head, dtype)
+            self._ends = built if built is not None else False
+        return self._ends or None
 
     def _attend_one(
         self,

@@ -103,6 +103,26 @@ void top_k(const float* scores, int64_t E, int64_t k, int64_t* chosen) {
         if (taken[e]) chosen[n++] = e;
 }
 
+// h (D) += the k_prev experts' outputs ys (k_prev, D) times their weights w, each product and
+// sum rounded to dtype C, as `onerow.enter`
+template <class C>
+void gather(typename C::T* h, const typename C::T* ys, const float* w, int64_t k_prev,
+            int64_t D) {
+    int64_t i = 0;
+    for (; i + 16 <= D && k_prev > 0; i += 16) {
+        v16 acc = rounded<C>(C::load(ys + i) * w[0]);
+        for (int64_t j = 1; j < k_prev; ++j)
+            acc = rounded<C>(acc + rounded<C>(C::load(ys + j * D + i) * w[j]));
+        C::store(h + i, C::load(h + i) + acc);
+    }
+    for (; i < D && k_prev > 0; ++i) {
+        float acc = C::get(C::put(C::get(ys[i]) * w[0]));
+        for (int64_t j = 1; j < k_prev; ++j)
+            acc = C::get(C::put(acc + C::get(C::put(C::get(ys[j * D + i]) * w[j]))));
+        h[i] = C::put(C::get(h[i]) + acc);
+    }
+}
+
 // call 2: m (D) through the k experts of `t` (6 pointers each: w13's and w2's, as `Rows`)
 template <class C>
 void experts(const typename C::T* m, typename C::T* ys, const int64_t* t, int64_t D, int64_t F,
@@ -150,19 +170,7 @@ void attention(typename C::T* h, const typename C::T* ys, float* w, int64_t k_pr
     using T = typename C::T;
     const int64_t width = (H + 2 * KH) * Hd;
     std::vector<T> a(D), qkv(width), att(H * Hd), o(D);
-    int64_t i = 0;  // the last layer's experts: `onerow.enter`
-    for (; i + 16 <= D && k_prev > 0; i += 16) {
-        v16 acc = rounded<C>(C::load(ys + i) * w[0]);
-        for (int64_t j = 1; j < k_prev; ++j)
-            acc = rounded<C>(acc + rounded<C>(C::load(ys + j * D + i) * w[j]));
-        C::store(h + i, C::load(h + i) + acc);
-    }
-    for (; i < D && k_prev > 0; ++i) {
-        float acc = C::get(C::put(C::get(ys[i]) * w[0]));
-        for (int64_t j = 1; j < k_prev; ++j)
-            acc = C::get(C::put(acc + C::get(C::put(C::get(ys[j * D + i]) * w[j]))));
-        h[i] = C::put(C::get(h[i]) + acc);
-    }
+    gather<C>(h, ys, w, k_prev, D);
     rms<C>(h, (const T*)t[0], eps, D, a.data());
     rows<C>(a.data(), t + 3, width, D, G, B, qkv.data(), threads);
     // q and k through their RMSNorms (`layers._qk_norm`): t[9], t[10] their weights (or 0), each
@@ -211,7 +219,7 @@ void run(int64_t mode, void* h, void* ys, float* w, int64_t k_prev, const int64_
     using T = typename C::T;
     if (mode == 2) return experts<C>((const T*)m, (T*)ys, t, D, F, k, G, B, threads);
     if (mode == 4) return rows<C>((const T*)h, t, F, D, G, B, (T*)ys, threads);
-    if (mode == 3) {  // every layer: t holds each one's row of `TokenTable`
+    if (mode == 3 || mode == 5) {  // every layer: t holds each one's row of `TokenTable`
         const int64_t stride = 15 + 6 * E;
         std::vector<int64_t> te(6 * k);
         for (int64_t l = 0; l < layers; ++l) {
@@ -223,6 +231,12 @@ void run(int64_t mode, void* h, void* ys, float* w, int64_t k_prev, const int64_
             for (int64_t j = 0; j < k; ++j)
                 for (int64_t i = 0; i < 6; ++i) te[6 * j + i] = tl[15 + 6 * cl[j] + i];
             experts<C>((const T*)m, (T*)ys, te.data(), D, F, k, GE, BE, threads);
+        }
+        if (mode == 5) {  // then the model's head: kc its table, vc the logits
+            const int64_t* head = (const int64_t*)kc;
+            gather<C>((T*)h, (const T*)ys, w, layers > 0 ? k : k_prev, D);
+            rms<C>((const T*)h, (const T*)head[0], eps, D, (T*)m);
+            rows<C>((const T*)m, head + 1, head[4], D, head[5], head[6], (T*)vc, threads);
         }
         return;
     }
@@ -242,6 +256,10 @@ void run(int64_t mode, void* h, void* ys, float* w, int64_t k_prev, const int64_
 // mode 3, a whole step: modes 1 and 2 for each of `layers` layers, t their rows (a layer's 13
 // values as mode 1's, its keys' and values' caches, then its E experts' 6 pointers each),
 // chosen (layers, k); the experts' form BE, GE.
+// mode 5, a whole step and the model's head: mode 3 (none where layers is 0), then the last
+// layer's experts (k, or k_prev where layers is 0) summed into h, h through the final RMSNorm
+// into m (D) and m times lm_head into vc (V logits); kc: the head's table (the norm's weight,
+// lm_head's 3 pointers as `Rows`, V, its group and format).
 // dtype: the activations' (0 float32, 1 bfloat16, 2 float16); B, G: the weights' format and
 // group, as `Rows` (B == 2 with bfloat16 only).
 extern "C" void kernel(int64_t mode, void* h, void* ys, float* w, int64_t k_prev,
