@@ -12,8 +12,10 @@ above its vocabulary become padding entries; decode speed does not depend on the
 Each round times, for every weight format in turn, `llama-bench -p 0 -n N` (N tokens generated
 after no prompt) and offload_rt generating N tokens greedily after a one-token prompt (the
 runtime's own compiled CPU kernels, and the same with them off: `OFFLOAD_RT_CPU_KERNELS=0`),
-so background load hits all alike; the medians over rounds are reported with their ratio,
-the CPU's model name and the load average of each round.
+so background load hits all alike; the medians over rounds are reported with their ratio and
+the median of each round's own ratio (the host's memory speed shifts by up to 1.5x for tens of
+seconds at a time; a round's two runs lie seconds apart), the CPU's model name and the load
+average of each round.
 
 Pairs: float32, bfloat16 and float16 models against llama.cpp's f32, bf16 and f16 GGUFs;
 offload_rt's int8 / int4 experts against q8_0 / q4_0, with attention and lm_head quantized to
@@ -228,13 +230,15 @@ def main() -> None:
 def report(opts: Options, got: dict[str, dict[str, list[float]]]) -> None:
     med = {k: {e: statistics.median(v) for e, v in row.items()} for k, row in got.items()}
     print(f"\nbatch-1 greedy decode, tokens/s, medians of {opts.rounds} alternating rounds")
-    print("| weights | llama.cpp | offload_rt | ratio | offload_rt, kernels off | ratio |")
-    print("|---|---|---|---|---|---|")
+    print("(paired: the median of the rounds' own ratios, each round's two runs seconds apart)")
+    print("| weights | llama.cpp | offload_rt | ratio | paired | offload_rt, kernels off | ratio |")
+    print("|---|---|---|---|---|---|---|")
     for p in opts.pairs:
-        m = med[p.ours]
+        m, row = med[p.ours], got[p.ours]
+        paired = statistics.median(o / ll for o, ll in zip(row["ours"], row["llama"]))
         print(
             f"| {p.name} | {m['llama']:.1f} | {m['ours']:.1f} | {m['ours'] / m['llama']:.2f}x "
-            f"| {m['eager']:.1f} | {m['eager'] / m['llama']:.2f}x |"
+            f"| {paired:.2f}x | {m['eager']:.1f} | {m['eager'] / m['llama']:.2f}x |"
         )
     for q in ("int8", "int4", "int4-bf16"):
         if q in med and "float32" in med:

@@ -24,7 +24,7 @@ rows, and the MoE block sums the outputs in a fixed order.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -172,7 +172,7 @@ class LocalExpertBackend:
         itself (`model/rowlayer.py`'s `token`), where they stay put for good: the cache holds
         every expert of the grid (so nothing is ever evicted) and all are resident, none
         loading, no CPU set, no prefetcher, a format whose weights stay put; else None. The
-        caller then reports each layer's uses through `resident`."""
+        caller then reports a step's uses through `count_uses`."""
         if not self.cache.keeps_all or self.cpu_set or self.prefetcher is not None:
             return None
         if not self.store.format.stable_weights or self.cache.stats.resident < self.grid.total:
@@ -184,6 +184,14 @@ class LocalExpertBackend:
             [self.store.weights(self.cache.slot_of(k)) for k in self.grid.layer_keys(layer)]
             for layer in self.grid.layers
         ]
+
+    def count_uses(self, chosen: Sequence[Sequence[int]]) -> None:
+        """A whole step's uses, for the caller of `fixed_weights`: each MoE layer's tick and its
+        chosen experts' lookups (all hits), as `resident` counts them layer by layer."""
+        for layer, experts in zip(self.grid.layers, chosen):
+            self.eviction.tick(layer)
+            for e in experts:
+                self.eviction.lookup(ExpertKey(layer, e))
 
     def settle(self) -> None:
         """Wait until every load in flight has finished (their experts stay resident)."""

@@ -242,17 +242,17 @@ class MoEDecoder:
         c = self.config
         h = F.embedding(tokens, self.weights.embed)  # (B, T, D)
         mask = attention_mask(positions, kv_len, c.sliding_window, start)
-        rope = self.rope.at(positions, h.dtype)  # shared by every layer
         live = None if token_mask is None or bool(token_mask.all()) else token_mask.reshape(-1)
         ring = None
         if cache.ring_pos is not None:
             ring = cache.ring_step(positions, None if live is None else token_mask)
         if live is None and isinstance(self.spec.attention, AttentionSpec):
             if onerow.applies(h, c.hidden_size):
-                out = self._one_row(h, positions, cache, kv_len, mask, start, ring, rope, head)
+                out = self._one_row(h, positions, cache, kv_len, mask, start, ring, head)
                 if ring is not None:
                     cache.ring_advance(ring, positions)
                 return out
+        rope = self.rope.at(positions, h.dtype)  # shared by every layer
         attend = mla_attention if isinstance(self.spec.attention, MLASpec) else attention
         for i, lw in enumerate(self.weights.layers):
             a = rms_norm(h, lw.input_norm, c.rms_norm_eps)
@@ -291,7 +291,6 @@ class MoEDecoder:
         mask: torch.Tensor | None,
         start: int | None,
         ring: RingStep | None,
-        rope: tuple[torch.Tensor, torch.Tensor],
         head: bool,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """`_forward` for one token of one sequence on the CPU: the same math with the work
@@ -304,7 +303,9 @@ class MoEDecoder:
         if plans is not None and all(
             onequery.applies(cache, i, h.dtype, None, None) for i in range(len(plans))
         ):
-            return self._native_layers(h, plans, cache, start, rope, head)  # type: ignore[arg-type]
+            rows = self.rope.row(start, h.dtype)  # type: ignore[arg-type]
+            return self._native_layers(h, plans, cache, start, rows, head)  # type: ignore[arg-type]
+        rope = self.rope.at(positions, h.dtype)
         moe_out: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None] | None = None
         for i, lw in enumerate(self.weights.layers):
             w = lw.attn
@@ -395,24 +396,23 @@ class MoEDecoder:
         head (final norm and lm_head) where `head` asks."""
         c, spec = self.config, self.spec.attention
         assert isinstance(spec, AttentionSpec)
-        step = rowlayer.Step(h, self.spec.router.top_k)
         resident = getattr(self.backend, "resident", None)  # a local backend's
-        rope = tuple(t.reshape(-1).contiguous() for t in rope)  # type: ignore[assignment]
         tokens = self._token_table(plans, h.dtype) if resident is not None else None
         lengths = {keys.shape[2] for keys in cache.keys} if tokens is not None else set()
         if tokens is not None and len(lengths) == 1:
             tokens.set_cache(cache.keys, cache.values)
+            step = tokens.begin(h, self.spec.router.top_k)
             ends = self._head(h.dtype) if head else None
             chosen, logits = rowstep.token(
                 step, tokens, spec, rope, lengths.pop(), position, self.spec.router,
                 c.rms_norm_eps, ends,
             )  # fmt: skip
-            for i, experts in enumerate(chosen.tolist()):  # the backend's counts, as the calls'
-                resident([ExpertKey(i, e) for e in experts])
+            self.backend.count_uses(chosen)  # type: ignore[attr-defined]
             if logits is not None:
                 return None, logits.view(1, -1)
             h = step.h.view(1, 1, -1)
             return onerow.enter(h, self.weights.norm, c.rms_norm_eps, step.moe())[1], None
+        step = rowlayer.Step(h, self.spec.router.top_k)
         for i, plan in enumerate(plans):
             chosen = rowlayer.attend(
                 step, plan, spec, rope, cache.keys[i], cache.values[i], position,

@@ -91,6 +91,10 @@ class RopeTables:
         emb = torch.cat((freqs, freqs), dim=-1)  # (P, Hd)
         return cls(emb.cos() * scale, emb.sin() * scale)
 
+    def row(self, position: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin at one position, (Hd,) each, contiguous (a one-row step's C++ reads them)."""
+        return self.cos[position].to(dtype), self.sin[position].to(dtype)
+
     def at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin at `positions` (B, T), shaped (B, 1, T, Hd) to broadcast over heads."""
         return (

@@ -44,6 +44,8 @@ class TokenTable:
         self.form, self.width = kinds[0][0][1], kinds[0][0][2]
         self.layers, self.experts = len(rows), len(kinds[0])
         self._cache: tuple[int, ...] = ()
+        self._step: rowlayer.Step | None = None  # `begin`'s, reused step after step
+        self._chosen = torch.empty((0, 0), dtype=torch.int64)  # `token`'s, reused
 
     @classmethod
     def build(
@@ -61,6 +63,17 @@ class TokenTable:
         if any(k is None or k[1:] != first[1:] for layer in kinds for k in layer):
             return None
         return cls(plans, ffns, kinds)  # type: ignore[arg-type]
+
+    def begin(self, h: torch.Tensor, k: int) -> rowlayer.Step:
+        """A step's state for `token` from the embedded token h (its buffers made once, at the
+        first step, and reused: a step's state does not outlive it)."""
+        step = self._step
+        if step is None or step.h.dtype != h.dtype or step.w.shape[0] != k:
+            step = self._step = rowlayer.Step(h, k)
+        else:
+            step.h.copy_(h.view(-1))
+            step.pending = 0
+        return step
 
     def set_cache(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
         """Point the layers at this step's cache (rewritten only when it changes)."""
@@ -100,19 +113,24 @@ def token(
     router: RouterSpec,
     eps: float,
     head: Head | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[list[list[int]], torch.Tensor | None]:
     """Every layer of a step in one call (`attend` then `experts` each, the same loops), the
-    cache `tt.set_cache` points at holding `max_len` positions. Returns the chosen experts
-    (layers, k), each layer's in ascending order, with the last layer's outputs pending in
-    step; or, where `head` is given, summed into step.h and through the head (`finish`): the
-    chosen experts and the logits (V,)."""
+    cache `tt.set_cache` points at holding `max_len` positions; rope: cos and sin at the
+    position, (Hd,) each (`RopeTables.row`). Returns the chosen experts by layer, each layer's
+    in ascending order, with the last layer's outputs pending in step; or, where `head` is
+    given, summed into step.h and through the head (`finish`): the chosen experts and the
+    logits (V,)."""
     kernel = rowlayer.cpp()
     assert kernel is not None
     if not 0 <= position < max_len:  # the C++ would write past the cache
         raise IndexError(f"position {position} does not fit a cache of {max_len} positions")
-    cos, sin = (t.reshape(-1).contiguous() for t in rope)
+    cos, sin = rope
+    if cos.dim() != 1 or not cos.is_contiguous() or not sin.is_contiguous():
+        raise ValueError("rope: cos and sin at one position, (Hd,) each, contiguous")
     d, k = step.h.numel(), router.top_k
-    chosen = torch.empty((tt.layers, k), dtype=torch.int64)
+    chosen = tt._chosen
+    if chosen.shape != (tt.layers, k):
+        chosen = tt._chosen = torch.empty((tt.layers, k), dtype=torch.int64)
     (form, group), expert_form = tt.plans[0].form, tt.form
     logits = None if head is None else torch.empty(head.vocab, dtype=step.h.dtype)
     kernel(
@@ -124,7 +142,7 @@ def token(
         expert_form[1], expert_form[0],
     )  # fmt: skip
     step.pending = k if head is None else 0
-    return chosen, logits
+    return chosen.tolist(), logits
 
 
 def finish(step: rowlayer.Step, head: Head, eps: float) -> torch.Tensor:
