@@ -205,6 +205,51 @@ def test_a_whole_step_in_one_call_equals_the_layer_calls(load, glue_on_tiny_mode
     assert counts["evictions"] == 0 and counts["hits"] >= 2 * 2 * 11
 
 
+def _head_call(
+    step: rowlayer.Step, norm: torch.Tensor, w: torch.Tensor
+) -> tuple[int, torch.Tensor]:
+    """`rowstep.finish` through the head of `norm` and lm_head `w`: its argmax and logits, the
+    logits checked against the row loops' product of the normed h."""
+    head = rowstep.Head.build(norm, w, w.dtype)
+    assert head is not None
+    got = rowstep.finish(step, head, 1e-6)
+    want = rowlayer.product(step.m, w)
+    torch.testing.assert_close(got.logits.view(1, -1), want, rtol=0, atol=0, equal_nan=True)
+    return got.best, got.logits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_heads_call_finds_the_logits_argmax_as_torch(dtype):
+    """The head's call (`rowstep.finish`, as a one-call step ends) writes the logits and their
+    argmax: torch.argmax's, the first of equal scores, the first NaN above all, over lengths
+    shorter than, equal to and past its 16 lanes with a tail; the logits are lm_head's product
+    with the normed h (the row loops, `rowlayer.product`)."""
+    if not rowlayer.available():
+        pytest.skip("the C++ layer does not build here")
+    gen = torch.Generator().manual_seed(3)
+    d = 64
+    for vocab in (5, 16, 37, 1000):
+        lm_head = torch.randn(vocab, d, generator=gen).to(dtype)
+        norm = (1 + 0.1 * torch.randn(d, generator=gen)).to(dtype)
+        h = torch.randn(1, d, generator=gen).to(dtype)
+        step = rowlayer.Step(h, 2)
+
+        found, logits = _head_call(step, norm, lm_head)
+        assert found == int(torch.argmax(logits))
+        top = int(torch.argmax(logits))
+        # the best row copied before and after it, in one lane and in others: the first wins
+        copies = {at for at in (1, 17, 33, vocab // 2, vocab - 1) if at < vocab} - {top}
+        ties = lm_head.clone()
+        for at in copies:
+            ties[at] = lm_head[top]
+        found, logits = _head_call(step, norm, ties)
+        assert found == int(torch.argmax(logits)) == min(copies | {top})
+        nans = lm_head.clone()  # NaN scores at two rows: the first of them
+        nans[vocab - 2, 1] = nans[vocab // 3 + 1, 0] = float("nan")
+        found, logits = _head_call(step, norm, nans)
+        assert found == int(torch.argmax(logits)) == min(vocab - 2, vocab // 3 + 1)
+
+
 @pytest.mark.skipif(
     platform.machine() != "x86_64" or shutil.which("g++") is None, reason="x86-64 and g++ only"
 )

@@ -34,6 +34,7 @@ class BatchDecoder:
         self.prompts = prompts
         self.cache = model.new_cache(len(prompts), max_len)
         self.device = model.device
+        self._greedy: tuple[torch.Tensor, list[int]] | None = None  # `step`'s last, with its logits
 
     @classmethod
     def empty(cls, model: DecoderModel, rows: int, max_len: int) -> BatchDecoder:
@@ -113,7 +114,7 @@ class BatchDecoder:
         positions = [p if ok else 0 for p, ok in zip(self.lengths[:n], live)]
         kv_len = max(positions) + 1
         cache = self.cache if n == len(self.lengths) else self.cache.rows(n)
-        logits = self.model.step_logits(
+        logits, greedy = self.model.step_logits(
             torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None],
             torch.tensor(positions, dtype=torch.long, device=self.device)[:, None],
             cache,
@@ -122,7 +123,14 @@ class BatchDecoder:
             start=positions[0] if len(set(positions)) == 1 else None,
         )
         self.lengths[:n] = [p + 1 if ok else p for p, ok in zip(self.lengths[:n], live)]
+        self._greedy = None if greedy is None else (logits, greedy)
         return logits
+
+    def greedy(self, logits: torch.Tensor) -> list[int] | None:
+        """Each row's highest-scoring token of `logits` where they are the last `step`'s and
+        the model found those tokens with them (`step_logits`), else None."""
+        known = self._greedy
+        return known[1] if known is not None and known[0] is logits else None
 
 
 def generate(
@@ -153,7 +161,7 @@ def generate(
         live = [r.finish_reason is None for r in rows]
         if not any(live):
             return [to_result(r, decode) for r in rows]
-        sample_rows(rows, logits, live)
+        sample_rows(rows, logits, live, decoder.greedy(logits))
         for r, b in zip(rows, budget):
             if r.finish_reason is None:
                 check_finished(r, b, decode)

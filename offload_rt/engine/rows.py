@@ -82,12 +82,19 @@ def check_request(
         raise RequestError(f"logit_bias: token ids must lie in [0, {vocab}), got {bad[0]}")
 
 
-def sample_rows(rows: list[SequenceState | None], logits: torch.Tensor, live: list[bool]) -> None:
+def sample_rows(
+    rows: list[SequenceState | None],
+    logits: torch.Tensor,
+    live: list[bool],
+    greedy: list[int] | None = None,
+) -> None:
     """Append each live row's next token, chosen from its own scores (the raw logits (B, V),
     or a copy adjusted by its penalties and bias, then masked by its grammar); advance its
-    grammar; record its log-probability under the raw logits where asked."""
+    grammar; record its log-probability under the raw logits where asked. greedy: each row's
+    highest-scoring raw token where the model found it with the logits (`BatchDecoder.greedy`)."""
     plain = {i for i, r in enumerate(rows) if live[i] and r and r.params.greedy and _raw(r)}
-    greedy = greedy_tokens(logits) if plain else []  # one op for those rows
+    if plain and greedy is None:
+        greedy = greedy_tokens(logits)  # one op for those rows
     for i, r in enumerate(rows):
         if live[i] and r is not None:
             r.tokens.append(greedy[i] if i in plain else _next_token(r, logits[i]))

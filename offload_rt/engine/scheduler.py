@@ -263,7 +263,7 @@ class Scheduler:
         self.stats.step_rows += sum(live)
         log.debug("step of %d rows in %.1f ms", sum(live), 1e3 * (time.perf_counter() - start))
         states = [r.state if r is not None else None for r in self.rows[:n]]
-        sample_rows(states, logits, live)  # type: ignore[arg-type]
+        sample_rows(states, logits, live, self.decoder.greedy(logits))  # type: ignore[arg-type]
         for i in range(n):
             req = self.rows[i]
             if req is not None:

@@ -124,7 +124,7 @@ class DecoderModel(Protocol):
         kv_len: int,
         token_mask: torch.Tensor | None = None,
         start: int | None = None,
-    ) -> torch.Tensor: ...
+    ) -> tuple[torch.Tensor, list[int] | None]: ...
 
 
 class MoEDecoder:
@@ -217,15 +217,16 @@ class MoEDecoder:
         kv_len: int,
         token_mask: torch.Tensor | None = None,
         start: int | None = None,
-    ) -> torch.Tensor:
-        """`forward` then `logits` of each row's last position: (B, V); for one token of one
-        sequence on the CPU the head is then part of the step's C++ call where a whole step is
-        one (`model/rowstep.py`)."""
-        hidden, logits = self._forward(tokens, positions, cache, kv_len, token_mask, start, True)
-        if logits is not None:
-            return logits
+    ) -> tuple[torch.Tensor, list[int] | None]:
+        """`forward` then `logits` of each row's last position: (B, V), and each row's
+        highest-scoring token where the step computed it alongside (as torch.argmax), else
+        None. For one token of one sequence on the CPU the head is part of the step's C++
+        call (`model/rowstep.py`), which finds that token too."""
+        hidden, ends = self._forward(tokens, positions, cache, kv_len, token_mask, start, True)
+        if ends is not None:
+            return ends.logits.view(1, -1), [ends.best]
         assert hidden is not None
-        return self.logits(hidden[:, -1])
+        return self.logits(hidden[:, -1]), None
 
     def _forward(
         self,
@@ -236,9 +237,9 @@ class MoEDecoder:
         token_mask: torch.Tensor | None,
         start: int | None,
         head: bool,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """`forward`'s final-normed hidden states, or, where `head` asks and a whole step is
-        one C++ call, None and the logits (1, V) of the step."""
+    ) -> tuple[torch.Tensor | None, rowstep.Logits | None]:
+        """`forward`'s final-normed hidden states, or, where `head` asks and the step's layers
+        run in C++, None and the step's logits."""
         c = self.config
         h = F.embedding(tokens, self.weights.embed)  # (B, T, D)
         mask = attention_mask(positions, kv_len, c.sliding_window, start)
@@ -292,7 +293,7 @@ class MoEDecoder:
         start: int | None,
         ring: RingStep | None,
         head: bool,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, rowstep.Logits | None]:
         """`_forward` for one token of one sequence on the CPU: the same math with the work
         between the matrix products compiled (`model/onerow.py`). h: the embedded token (1, 1,
         D); grouped-query attention only."""
@@ -389,7 +390,7 @@ class MoEDecoder:
         position: int,
         rope: tuple[torch.Tensor, torch.Tensor],
         head: bool,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, rowstep.Logits | None]:
         """`_one_row` with each layer as two C++ calls (`model/rowlayer.py`) and the backend's
         lookups between them; experts it does not serve so computed by the backend. Where every
         expert stays put for good, the whole step is one call (`model/rowstep.py`), with the
@@ -409,7 +410,7 @@ class MoEDecoder:
             )  # fmt: skip
             self.backend.count_uses(chosen)  # type: ignore[attr-defined]
             if logits is not None:
-                return None, logits.view(1, -1)
+                return None, logits
             h = step.h.view(1, 1, -1)
             return onerow.enter(h, self.weights.norm, c.rms_norm_eps, step.moe())[1], None
         step = rowlayer.Step(h, self.spec.router.top_k)
@@ -430,7 +431,7 @@ class MoEDecoder:
             step.set_outputs([outputs[key] for key in keys])
         ends = self._head(h.dtype) if head else None
         if ends is not None:
-            return None, rowstep.finish(step, ends, c.rms_norm_eps).view(1, -1)
+            return None, rowstep.finish(step, ends, c.rms_norm_eps)
         h = step.h.view(1, 1, -1)
         return onerow.enter(h, self.weights.norm, c.rms_norm_eps, step.moe())[1], None
 

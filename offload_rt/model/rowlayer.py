@@ -123,6 +123,40 @@ void gather(typename C::T* h, const typename C::T* ys, const float* w, int64_t k
     }
 }
 
+// the index of x's (n) largest value, the first of equals; a NaN above all (the first NaN), as
+// torch.argmax: 16 lanes at a time, each keeping its first best, then the lanes' first best
+template <class C>
+int64_t argmax(const typename C::T* x, int64_t n) {
+    int64_t found = 0, i = 0;
+    float top = -INFINITY;
+    bool nan = false;
+    if (n >= 16) {
+        v16 best = C::load(x);
+        i32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}, at = lane;
+        i32x16 bad = best != best;
+        for (i = 16; i + 16 <= n; i += 16) {
+            lane += 16;
+            const v16 v = C::load(x + i);
+            const i32x16 more = v > best;
+            best = more ? v : best;
+            at = more ? lane : at;
+            bad |= v != v;
+        }
+        top = best[0], found = at[0];
+        for (int j = 1; j < 16; ++j)
+            if (best[j] > top || (best[j] == top && at[j] < found)) top = best[j], found = at[j];
+        for (int j = 0; j < 16; ++j) nan = nan || bad[j];
+    }
+    for (; i < n; ++i) {
+        const float v = C::get(x[i]);
+        nan = nan || v != v;
+        if (v > top || (i == 0 && n < 16)) top = v, found = i;
+    }
+    for (int64_t j = 0; nan && j < n; ++j)
+        if (C::get(x[j]) != C::get(x[j])) return j;
+    return found;
+}
+
 // call 2: m (D) through the k experts of `t` (6 pointers each: w13's and w2's, as `Rows`)
 template <class C>
 void experts(const typename C::T* m, typename C::T* ys, const int64_t* t, int64_t D, int64_t F,
@@ -237,6 +271,7 @@ void run(int64_t mode, void* h, void* ys, float* w, int64_t k_prev, const int64_
             gather<C>((T*)h, (const T*)ys, w, layers > 0 ? k : k_prev, D);
             rms<C>((const T*)h, (const T*)head[0], eps, D, (T*)m);
             rows<C>((const T*)m, head + 1, head[4], D, head[5], head[6], (T*)vc, threads);
+            ((int64_t*)kc)[7] = argmax<C>((const T*)vc, head[4]);
         }
         return;
     }
@@ -259,7 +294,7 @@ void run(int64_t mode, void* h, void* ys, float* w, int64_t k_prev, const int64_
 // mode 5, a whole step and the model's head: mode 3 (none where layers is 0), then the last
 // layer's experts (k, or k_prev where layers is 0) summed into h, h through the final RMSNorm
 // into m (D) and m times lm_head into vc (V logits); kc: the head's table (the norm's weight,
-// lm_head's 3 pointers as `Rows`, V, its group and format).
+// lm_head's 3 pointers as `Rows`, V, its group and format, then the logits' argmax, written).
 // dtype: the activations' (0 float32, 1 bfloat16, 2 float16); B, G: the weights' format and
 // group, as `Rows` (B == 2 with bfloat16 only).
 extern "C" void kernel(int64_t mode, void* h, void* ys, float* w, int64_t k_prev,

@@ -15,6 +15,7 @@ path ends with the same loops (`finish`): no Python between the last layer and t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -83,13 +84,22 @@ class TokenTable:
             self._cache = caches
 
 
+class Logits(NamedTuple):
+    """A step's logits (V,) and their argmax (the first of equals, a NaN above all)."""
+
+    logits: torch.Tensor
+    best: int
+
+
 class Head:
     """The model's head as the C++ reads it (mode 5 of `model/rowlayer.py`): the final RMSNorm's
-    weight, lm_head's pointers (as `Rows`), its rows, group and format; the tensors held."""
+    weight, lm_head's pointers (as `Rows`), its rows, group and format; the tensors held. The
+    call writes the logits' argmax too (the first of equals, a NaN above all, as torch.argmax):
+    a greedy step's token without another pass over them in Python."""
 
     def __init__(self, norm: torch.Tensor, held: tuple, vocab: int, form: Form) -> None:
-        self.table = torch.tensor(
-            [norm.data_ptr(), *rows.pointers(held), vocab, form[1], form[0]], dtype=torch.int64
+        self.table = torch.tensor(  # and a last value the call writes: the logits' argmax
+            [norm.data_ptr(), *rows.pointers(held), vocab, form[1], form[0], 0], dtype=torch.int64
         )
         self.held, self.vocab = (norm, *held), vocab
 
@@ -113,13 +123,13 @@ def token(
     router: RouterSpec,
     eps: float,
     head: Head | None = None,
-) -> tuple[list[list[int]], torch.Tensor | None]:
+) -> tuple[list[list[int]], Logits | None]:
     """Every layer of a step in one call (`attend` then `experts` each, the same loops), the
     cache `tt.set_cache` points at holding `max_len` positions; rope: cos and sin at the
     position, (Hd,) each (`RopeTables.row`). Returns the chosen experts by layer, each layer's
     in ascending order, with the last layer's outputs pending in step; or, where `head` is
     given, summed into step.h and through the head (`finish`): the chosen experts and the
-    logits (V,)."""
+    logits."""
     kernel = rowlayer.cpp()
     assert kernel is not None
     if not 0 <= position < max_len:  # the C++ would write past the cache
@@ -142,12 +152,13 @@ def token(
         expert_form[1], expert_form[0],
     )  # fmt: skip
     step.pending = k if head is None else 0
-    return chosen.tolist(), logits
+    ends = None if head is None else Logits(logits, int(head.table[7]))  # type: ignore[arg-type]
+    return chosen.tolist(), ends
 
 
-def finish(step: rowlayer.Step, head: Head, eps: float) -> torch.Tensor:
+def finish(step: rowlayer.Step, head: Head, eps: float) -> Logits:
     """The pending experts' outputs summed into step.h, h through the final norm (into step.m)
-    and lm_head: the logits (V,), by the loops `token` ends with."""
+    and lm_head: the logits, by the loops `token` ends with."""
     kernel = rowlayer.cpp()
     assert kernel is not None
     logits = torch.empty(head.vocab, dtype=step.h.dtype)
@@ -158,4 +169,4 @@ def finish(step: rowlayer.Step, head: Head, eps: float) -> torch.Tensor:
         torch.get_num_threads(), native.DTYPE_CODES[step.h.dtype], 0, 0, 0,
     )  # fmt: skip
     step.pending = 0
-    return logits
+    return Logits(logits, int(head.table[7]))
