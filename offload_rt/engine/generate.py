@@ -115,8 +115,8 @@ class BatchDecoder:
         kv_len = max(positions) + 1
         cache = self.cache if n == len(self.lengths) else self.cache.rows(n)
         logits, greedy = self.model.step_logits(
-            torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None],
-            torch.tensor(positions, dtype=torch.long, device=self.device)[:, None],
+            torch.tensor([[t] for t in tokens], dtype=torch.long, device=self.device),
+            torch.tensor([[p] for p in positions], dtype=torch.long, device=self.device),
             cache,
             kv_len=kv_len,
             token_mask=None if all(live) else torch.tensor(live, device=self.device)[:, None],

@@ -102,6 +102,11 @@ class Head:
             [norm.data_ptr(), *rows.pointers(held), vocab, form[1], form[0], 0], dtype=torch.int64
         )
         self.held, self.vocab = (norm, *held), vocab
+        self._read = self.table.numpy()  # the written argmax, read without a torch op
+
+    def best(self) -> int:
+        """The argmax the last call wrote."""
+        return int(self._read[7])
 
     @classmethod
     def build(cls, norm: torch.Tensor, lm_head: object, dtype: torch.dtype) -> Head | None:
@@ -152,7 +157,7 @@ def token(
         expert_form[1], expert_form[0],
     )  # fmt: skip
     step.pending = k if head is None else 0
-    ends = None if head is None else Logits(logits, int(head.table[7]))  # type: ignore[arg-type]
+    ends = None if head is None else Logits(logits, head.best())  # type: ignore[arg-type]
     return chosen.tolist(), ends
 
 
@@ -169,4 +174,4 @@ def finish(step: rowlayer.Step, head: Head, eps: float) -> Logits:
         torch.get_num_threads(), native.DTYPE_CODES[step.h.dtype], 0, 0, 0,
     )  # fmt: skip
     step.pending = 0
-    return Logits(logits, int(head.table[7]))
+    return Logits(logits, head.best())
