@@ -131,6 +131,7 @@ class LocalExpertBackend:
             self.planner = MissPlanner(store, self.transport, cost)
         self.cpu_set = options.cpu_experts
         self.cpu_computed = 0  # uses of a CPU set expert (each computed on the CPU)
+        self._keys: list[list[ExpertKey]] | None = None  # `count_uses`'s, by layer and expert
 
     def run(self, groups: Mapping[ExpertKey, torch.Tensor]) -> dict[ExpertKey, torch.Tensor]:
         keys = sorted(groups)
@@ -188,10 +189,12 @@ class LocalExpertBackend:
     def count_uses(self, chosen: Sequence[Sequence[int]]) -> None:
         """A whole step's uses, for the caller of `fixed_weights`: each MoE layer's tick and its
         chosen experts' lookups (all hits), as `resident` counts them layer by layer."""
-        for layer, experts in zip(self.grid.layers, chosen):
+        if self._keys is None:  # every expert's key, made once
+            self._keys = [self.grid.layer_keys(layer) for layer in self.grid.layers]
+        for layer, keys, experts in zip(self.grid.layers, self._keys, chosen):
             self.eviction.tick(layer)
             for e in experts:
-                self.eviction.lookup(ExpertKey(layer, e))
+                self.eviction.lookup(keys[e])
 
     def settle(self) -> None:
         """Wait until every load in flight has finished (their experts stay resident)."""

@@ -11,6 +11,7 @@ Shape legend: B rows, T new tokens per row, D hidden, V vocabulary, F an MLP's w
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -155,6 +156,7 @@ class MoEDecoder:
         self._row_plans: list[rowlayer.LayerPlan] | None | bool = False  # False: not yet asked
         self._tokens: rowstep.TokenTable | None | bool = None  # False: not possible
         self._ends: rowstep.Head | None | bool = None  # the head for the C++ step; False: none
+        self._cpp_cache: tuple[weakref.ref, torch.dtype] | None = None  # `_attends_in_cpp`'s
 
     @property
     def device(self) -> torch.device:
@@ -301,11 +303,8 @@ class MoEDecoder:
         assert isinstance(spec, AttentionSpec)
         eps = c.rms_norm_eps
         plans = self._layer_plans(h) if start is not None and mask is None else None
-        if plans is not None and all(
-            onequery.applies(cache, i, h.dtype, None, None) for i in range(len(plans))
-        ):
-            rows = self.rope.row(start, h.dtype)  # type: ignore[arg-type]
-            return self._native_layers(h, plans, cache, start, rows, head)  # type: ignore[arg-type]
+        if plans is not None and self._attends_in_cpp(cache, h.dtype, len(plans)):
+            return self._native_layers(h, plans, cache, start, head)  # type: ignore[arg-type]
         rope = self.rope.at(positions, h.dtype)
         moe_out: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None] | None = None
         for i, lw in enumerate(self.weights.layers):
@@ -340,6 +339,17 @@ class MoEDecoder:
                 moe_out = None
                 self._predict(h, upcoming, None, "moe")
         return onerow.enter(h, self.weights.norm, eps, moe_out)[1], None
+
+    def _attends_in_cpp(self, cache: KVCache, dtype: torch.dtype, layers: int) -> bool:
+        """Whether every layer's attention takes `onequery` with this cache (looked at once a
+        cache object: its tensors stay put)."""
+        known = self._cpp_cache
+        if known is not None and known[0]() is cache and known[1] == dtype:
+            return True
+        if not all(onequery.applies(cache, i, dtype, None, None) for i in range(layers)):
+            return False
+        self._cpp_cache = (weakref.ref(cache), dtype)
+        return True
 
     def _layer_plans(self, h: torch.Tensor) -> list[rowlayer.LayerPlan] | None:
         """Every layer's plan for `model/rowlayer.py` where all of them have one (every layer
@@ -388,7 +398,6 @@ class MoEDecoder:
         plans: list[rowlayer.LayerPlan],
         cache: KVCache,
         position: int,
-        rope: tuple[torch.Tensor, torch.Tensor],
         head: bool,
     ) -> tuple[torch.Tensor | None, rowstep.Logits | None]:
         """`_one_row` with each layer as two C++ calls (`model/rowlayer.py`) and the backend's
@@ -399,14 +408,13 @@ class MoEDecoder:
         assert isinstance(spec, AttentionSpec)
         resident = getattr(self.backend, "resident", None)  # a local backend's
         tokens = self._token_table(plans, h.dtype) if resident is not None else None
-        lengths = {keys.shape[2] for keys in cache.keys} if tokens is not None else set()
-        if tokens is not None and len(lengths) == 1:
-            tokens.set_cache(cache.keys, cache.values)
+        max_len = tokens.point_at(cache) if tokens is not None else None
+        if tokens is not None and max_len is not None:
             step = tokens.begin(h, self.spec.router.top_k)
             ends = self._head(h.dtype) if head else None
             chosen, logits = rowstep.token(
-                step, tokens, spec, rope, lengths.pop(), position, self.spec.router,
-                c.rms_norm_eps, ends,
+                step, tokens, spec, (self.rope.cos, self.rope.sin), max_len, position,
+                self.spec.router, c.rms_norm_eps, ends,
             )  # fmt: skip
             self.backend.count_uses(chosen)  # type: ignore[attr-defined]
             if logits is not None:
@@ -414,6 +422,7 @@ class MoEDecoder:
             h = step.h.view(1, 1, -1)
             return onerow.enter(h, self.weights.norm, c.rms_norm_eps, step.moe())[1], None
         step = rowlayer.Step(h, self.spec.router.top_k)
+        rope = self.rope.row(position, h.dtype)
         for i, plan in enumerate(plans):
             chosen = rowlayer.attend(
                 step, plan, spec, rope, cache.keys[i], cache.values[i], position,

@@ -256,10 +256,15 @@ void run(int64_t mode, void* h, void* ys, float* w, int64_t k_prev, const int64_
     if (mode == 3 || mode == 5) {  // every layer: t holds each one's row of `TokenTable`
         const int64_t stride = 15 + 6 * E;
         std::vector<int64_t> te(6 * k);
+        std::vector<T> c(rot), s(rot);  // cs, sn: float32 tables, their row at pos rounded
+        for (int64_t i = 0; i < rot; ++i) {
+            c[i] = C::put(((const float*)cs)[pos * rot + i]);
+            s[i] = C::put(((const float*)sn)[pos * rot + i]);
+        }
         for (int64_t l = 0; l < layers; ++l) {
             const int64_t* tl = t + l * stride;
             int64_t* cl = chosen + l * k;
-            attention<C>((T*)h, (const T*)ys, w, l == 0 ? k_prev : k, tl, cs, sn, rot,
+            attention<C>((T*)h, (const T*)ys, w, l == 0 ? k_prev : k, tl, c.data(), s.data(), rot,
                          (void*)tl[13], (void*)tl[14], S, pos, H, KH, Hd, D, E, k, G, B, eps,
                          qk_eps, clip, renormalize, scale, (T*)m, cl, threads);
             for (int64_t j = 0; j < k; ++j)
@@ -290,7 +295,8 @@ void run(int64_t mode, void* h, void* ys, float* w, int64_t k_prev, const int64_
 // mode 4, one product: h (D) times the matrix of `t` (F rows, as `Rows`) into ys (F).
 // mode 3, a whole step: modes 1 and 2 for each of `layers` layers, t their rows (a layer's 13
 // values as mode 1's, its keys' and values' caches, then its E experts' 6 pointers each),
-// chosen (layers, k); the experts' form BE, GE.
+// chosen (layers, k); the experts' form BE, GE; cs, sn: the float32 rope tables (positions,
+// rot), read at pos.
 // mode 5, a whole step and the model's head: mode 3 (none where layers is 0), then the last
 // layer's experts (k, or k_prev where layers is 0) summed into h, h through the final RMSNorm
 // into m (D) and m times lm_head into vc (V logits); kc: the head's table (the norm's weight,

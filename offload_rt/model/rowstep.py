@@ -14,12 +14,14 @@ path ends with the same loops (`finish`): no Python between the last layer and t
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 
 from offload_rt.model import native, rowlayer, rows
+from offload_rt.model.kvcache import KVCache
 from offload_rt.model.layers import AttentionSpec
 from offload_rt.model.moe import RouterSpec
 from offload_rt.model.rows import Form
@@ -44,7 +46,7 @@ class TokenTable:
         self.plans, self.ffns = list(plans), [list(f) for f in ffns]  # held
         self.form, self.width = kinds[0][0][1], kinds[0][0][2]
         self.layers, self.experts = len(rows), len(kinds[0])
-        self._cache: tuple[int, ...] = ()
+        self._cache: tuple[weakref.ref, int] | None = None  # `point_at`'s cache, its length
         self._step: rowlayer.Step | None = None  # `begin`'s, reused step after step
         self._chosen = torch.empty((0, 0), dtype=torch.int64)  # `token`'s, reused
 
@@ -76,12 +78,20 @@ class TokenTable:
             step.pending = 0
         return step
 
-    def set_cache(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
-        """Point the layers at this step's cache (rewritten only when it changes)."""
-        caches = tuple(t.data_ptr() for pair in zip(keys, values) for t in pair)
-        if caches != self._cache:
-            self.table[:, 13:15] = torch.tensor(caches, dtype=torch.int64).view(-1, 2)
-            self._cache = caches
+    def point_at(self, cache: KVCache) -> int | None:
+        """Point the layers at `cache` (its tensors looked at once a cache object: a cache's
+        tensors stay put): its positions, or None where its layers' lengths differ (ring
+        layers), and then nothing pointed."""
+        known = self._cache
+        if known is not None and known[0]() is cache:
+            return known[1]
+        lengths = {keys.shape[2] for keys in cache.keys}
+        if len(lengths) != 1:
+            return None
+        caches = [t.data_ptr() for pair in zip(cache.keys, cache.values) for t in pair]
+        self.table[:, 13:15] = torch.tensor(caches, dtype=torch.int64).view(-1, 2)
+        self._cache = (weakref.ref(cache), lengths.pop())
+        return self._cache[1]
 
 
 class Logits(NamedTuple):
@@ -130,18 +140,20 @@ def token(
     head: Head | None = None,
 ) -> tuple[list[list[int]], Logits | None]:
     """Every layer of a step in one call (`attend` then `experts` each, the same loops), the
-    cache `tt.set_cache` points at holding `max_len` positions; rope: cos and sin at the
-    position, (Hd,) each (`RopeTables.row`). Returns the chosen experts by layer, each layer's
-    in ascending order, with the last layer's outputs pending in step; or, where `head` is
-    given, summed into step.h and through the head (`finish`): the chosen experts and the
-    logits."""
+    cache `tt.point_at` points at holding `max_len` positions; rope: the float32 cos and sin
+    tables (positions, Hd) (`RopeTables`), read at the position and rounded to the dtype
+    there. Returns the chosen experts by layer, each layer's in ascending order, with the last
+    layer's outputs pending in step; or, where `head` is given, summed into step.h and through
+    the head (`finish`): the chosen experts and the logits."""
     kernel = rowlayer.cpp()
     assert kernel is not None
     if not 0 <= position < max_len:  # the C++ would write past the cache
         raise IndexError(f"position {position} does not fit a cache of {max_len} positions")
     cos, sin = rope
-    if cos.dim() != 1 or not cos.is_contiguous() or not sin.is_contiguous():
-        raise ValueError("rope: cos and sin at one position, (Hd,) each, contiguous")
+    if cos.dtype != torch.float32 or cos.dim() != 2 or cos.shape != sin.shape:
+        raise ValueError("rope: the float32 cos and sin tables (positions, Hd)")
+    if not (cos.is_contiguous() and sin.is_contiguous() and position < cos.shape[0]):
+        raise ValueError(f"rope: contiguous tables holding position {position}")
     d, k = step.h.numel(), router.top_k
     chosen = tt._chosen
     if chosen.shape != (tt.layers, k):
@@ -150,7 +162,7 @@ def token(
     logits = None if head is None else torch.empty(head.vocab, dtype=step.h.dtype)
     kernel(
         3 if head is None else 5, step.h, step.ys, step.w, step.pending, tt.table, cos, sin,
-        cos.shape[0], step.m if head is None else head.table, step.m if logits is None else logits,
+        cos.shape[1], step.m if head is None else head.table, step.m if logits is None else logits,
         max_len, position, spec.heads, spec.kv_heads, spec.head_dim, d, tt.width, tt.experts, k,
         group, form, eps, spec.eps, spec.clip_qkv or 0.0, router.renormalize, router.scale,
         step.m, chosen, torch.get_num_threads(), native.DTYPE_CODES[step.h.dtype], tt.layers,
