@@ -11,7 +11,6 @@ Shape legend: B rows, T new tokens per row, D hidden, V vocabulary, F an MLP's w
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from offload_rt.config import ModelConfig
 from offload_rt.grid import ExpertGrid, ExpertKey
 from offload_rt.model import onequery, onerow, rowlayer, rowstep
+from offload_rt.model.cpusteps import CppSteps
 from offload_rt.model.ffn import SwiGLU
 from offload_rt.model.kvcache import KVCache, RingStep, attention_mask
 from offload_rt.model.layers import (
@@ -153,10 +153,11 @@ class MoEDecoder:
             for i, lw in enumerate(weights.layers)
             if isinstance(lw.mlp, MoEWeights)
         }
-        self._row_plans: list[rowlayer.LayerPlan] | None | bool = False  # False: not yet asked
-        self._tokens: rowstep.TokenTable | None | bool = None  # False: not possible
-        self._ends: rowstep.Head | None | bool = None  # the head for the C++ step; False: none
-        self._cpp_cache: tuple[weakref.ref, torch.dtype] | None = None  # `_attends_in_cpp`'s
+        self._cpp = CppSteps(  # one-row CPU steps through the C++ layers
+            spec.attention, spec.router, cfg.experts_per_layer, cfg.rms_norm_eps, rope,
+            lambda: (self.weights.norm, self.weights.lm_head), backend,
+            lambda dtype: [self._layer_plan(lw, dtype) for lw in self.weights.layers],
+        )  # fmt: skip
 
     @property
     def device(self) -> torch.device:
@@ -302,9 +303,9 @@ class MoEDecoder:
         c, spec = self.config, self.spec.attention
         assert isinstance(spec, AttentionSpec)
         eps = c.rms_norm_eps
-        plans = self._layer_plans(h) if start is not None and mask is None else None
-        if plans is not None and self._attends_in_cpp(cache, h.dtype, len(plans)):
-            return self._native_layers(h, plans, cache, start, head)  # type: ignore[arg-type]
+        if start is not None and mask is None and self.prefetcher is None:
+            if self._cpp.takes(cache, h.dtype):
+                return self._cpp.run(h, cache, start, head)
         rope = self.rope.at(positions, h.dtype)
         moe_out: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None] | None = None
         for i, lw in enumerate(self.weights.layers):
@@ -340,48 +341,6 @@ class MoEDecoder:
                 self._predict(h, upcoming, None, "moe")
         return onerow.enter(h, self.weights.norm, eps, moe_out)[1], None
 
-    def _attends_in_cpp(self, cache: KVCache, dtype: torch.dtype, layers: int) -> bool:
-        """Whether every layer's attention takes `onequery` with this cache (looked at once a
-        cache object: its tensors stay put)."""
-        known = self._cpp_cache
-        if known is not None and known[0]() is cache and known[1] == dtype:
-            return True
-        if not all(onequery.applies(cache, i, dtype, None, None) for i in range(layers)):
-            return False
-        self._cpp_cache = (weakref.ref(cache), dtype)
-        return True
-
-    def _layer_plans(self, h: torch.Tensor) -> list[rowlayer.LayerPlan] | None:
-        """Every layer's plan for `model/rowlayer.py` where all of them have one (every layer
-        a plain MoE one, its weights in the activations' dtype, int8, or int4 with bfloat16
-        ones; no prefetcher), else None; made once (for the first step's dtype: the model's)."""
-        if self.prefetcher is not None:
-            return None
-        if self._row_plans is False:
-            self._row_plans = None
-            if rowlayer.available():
-                plans = [self._layer_plan(lw, h.dtype) for lw in self.weights.layers]
-                if all(p is not None for p in plans):
-                    self._row_plans = plans  # type: ignore[assignment]
-        return self._row_plans  # type: ignore[return-value]
-
-    def _token_table(
-        self, plans: list[rowlayer.LayerPlan], dtype: torch.dtype
-    ) -> rowstep.TokenTable | None:
-        """The table of `rowstep.token` (a whole step in one call) once every expert's
-        weights stay put for good (`LocalExpertBackend.fixed_weights`); None before (asked
-        again at the next step) or where the experts are not of one form (not asked again)."""
-        if self._tokens is None:
-            fixed = getattr(self.backend, "fixed_weights", None)
-            ffns = fixed() if fixed is not None else None
-            if ffns is None:
-                return None
-            built = (
-                rowstep.TokenTable.build(plans, ffns, dtype) if len(ffns) == len(plans) else None
-            )
-            self._tokens = built if built is not None else False
-        return self._tokens or None
-
     def _layer_plan(self, lw: LayerWeights, dtype: torch.dtype) -> rowlayer.LayerPlan | None:
         mlp = lw.mlp
         if not isinstance(mlp, MoEWeights):
@@ -391,66 +350,6 @@ class MoEDecoder:
             lw.attn, self.spec.attention, lw.input_norm, lw.post_attn_norm, mlp.router,
             self.spec.router, extras, dtype,
         )  # fmt: skip
-
-    def _native_layers(
-        self,
-        h: torch.Tensor,
-        plans: list[rowlayer.LayerPlan],
-        cache: KVCache,
-        position: int,
-        head: bool,
-    ) -> tuple[torch.Tensor | None, rowstep.Logits | None]:
-        """`_one_row` with each layer as two C++ calls (`model/rowlayer.py`) and the backend's
-        lookups between them; experts it does not serve so computed by the backend. Where every
-        expert stays put for good, the whole step is one call (`model/rowstep.py`), with the
-        head (final norm and lm_head) where `head` asks."""
-        c, spec = self.config, self.spec.attention
-        assert isinstance(spec, AttentionSpec)
-        resident = getattr(self.backend, "resident", None)  # a local backend's
-        tokens = self._token_table(plans, h.dtype) if resident is not None else None
-        max_len = tokens.point_at(cache) if tokens is not None else None
-        if tokens is not None and max_len is not None:
-            step = tokens.begin(h, self.spec.router.top_k)
-            ends = self._head(h.dtype) if head else None
-            chosen, logits = rowstep.token(
-                step, tokens, spec, (self.rope.cos, self.rope.sin), max_len, position,
-                self.spec.router, c.rms_norm_eps, ends,
-            )  # fmt: skip
-            self.backend.count_uses(chosen)  # type: ignore[attr-defined]
-            if logits is not None:
-                return None, logits
-            h = step.h.view(1, 1, -1)
-            return onerow.enter(h, self.weights.norm, c.rms_norm_eps, step.moe())[1], None
-        step = rowlayer.Step(h, self.spec.router.top_k)
-        rope = self.rope.row(position, h.dtype)
-        for i, plan in enumerate(plans):
-            chosen = rowlayer.attend(
-                step, plan, spec, rope, cache.keys[i], cache.values[i], position,
-                self.spec.router, c.experts_per_layer, c.rms_norm_eps,
-            )  # fmt: skip
-            keys = [ExpertKey(i, e) for e in chosen]
-            ffns = None if resident is None else resident(keys)
-            if ffns is not None and rowlayer.experts(step, ffns):
-                continue
-            m = step.m
-            if ffns is not None:  # looked up, not of the C++ loops' kind
-                step.set_outputs([ffn(m) for ffn in ffns])
-                continue
-            outputs = self.backend.run({key: m for key in keys})
-            step.set_outputs([outputs[key] for key in keys])
-        ends = self._head(h.dtype) if head else None
-        if ends is not None:
-            return None, rowstep.finish(step, ends, c.rms_norm_eps)
-        h = step.h.view(1, 1, -1)
-        return onerow.enter(h, self.weights.norm, c.rms_norm_eps, step.moe())[1], None
-
-    def _head(self, dtype: torch.dtype) -> rowstep.Head | None:
-        """The head for the C++ step (`rowstep.Head`), made once, where the row loops take
-        lm_head for the first step's dtype (the model's); else None."""
-        if self._ends is None:
-            built = rowstep.Head.build(self.weights.norm, self.weights.lm_head, dtype)
-            self._ends = built if built is not None else False
-        return self._ends or None
 
     def _attend_one(
         self,
@@ -528,7 +427,7 @@ class MoEDecoder:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, D) final-normed hidden -> (N, V) logits; one row by the C++ layers' row loops
         where the step takes them (`rowlayer.product`)."""
-        if self._row_plans and hidden.shape[0] == 1:
+        if self._cpp.planned and hidden.shape[0] == 1:
             y = rowlayer.product(hidden, self.weights.lm_head)
             if y is not None:
                 return y
