@@ -1,15 +1,15 @@
 """A whole one-row CPU decode step in one C++ call: every layer's two calls of
 `model/rowlayer.py` in one (its mode 3), once every expert's weights stay put for good.
 
-The decoder builds a `TokenTable` once (each layer's plan, its KV cache's two pointers,
-rewritten when the cache changes, and every expert's six pointers); `token` then runs, for each
-layer, call 1's loops, picks the chosen experts' pointers from the table and runs call 2's. The
-same loops in the same order as the two calls, so the same logits bit for bit; the backend's
-counts are kept by its `resident` per layer after the step. Where the decoder asks for a step's
-logits (`MoEDecoder.step_logits`), the call ends with the model's head (`Head`: the last
-layer's experts summed, the final RMSNorm, lm_head by the same row loops), and the two-call
-path ends with the same loops (`finish`): no Python between the last layer and the logits
-(a float16 step 2.1%, an int4 one 2.7% faster, in-process A/B).
+The decoder's `CppSteps` builds a `TokenTable` once (each layer's plan, its KV cache's two
+pointers, rewritten for each new cache object, and every expert's six pointers); `token` then
+runs, for each layer, call 1's loops, picks the chosen experts' pointers from the table and
+runs call 2's. The same loops in the same order as the two calls, so the same logits bit for
+bit; the backend's counts are kept by its `count_uses` after the step. Where the decoder asks
+for a step's logits (`MoEDecoder.step_logits`), the call ends with the model's head (`Head`:
+the last layer's experts summed, the final RMSNorm, lm_head by the same row loops, the logits'
+argmax), and the two-call path ends with the same loops (`finish`): no Python between the last
+layer and the logits (a float16 step 2.1%, an int4 one 2.7% faster, in-process A/B).
 """
 
 from __future__ import annotations
