@@ -170,7 +170,7 @@ class LocalExpertBackend:
 
     def fixed_weights(self) -> list[list[ExpertFFN]] | None:
         """Every expert's weights, by layer and expert, for a caller that computes a whole step
-        itself (`model/rowlayer.py`'s `token`), where they stay put for good: the cache holds
+        itself (`model/rowstep.py`'s `token`), where they stay put for good: the cache holds
         every expert of the grid (so nothing is ever evicted) and all are resident, none
         loading, no CPU set, no prefetcher, a format whose weights stay put; else None. The
         caller then reports a step's uses through `count_uses`."""
