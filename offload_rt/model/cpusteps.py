@@ -82,11 +82,8 @@ class CppSteps:
         max_len = tokens.point_at(cache) if tokens is not None else None
         if tokens is not None and max_len is not None:
             step = tokens.begin(h, self.router.top_k)
-            chosen, logits = rowstep.token(
-                step, tokens, spec, (self.rope.cos, self.rope.sin), max_len, position,
-                self.router, self.eps, self._the_head(h.dtype) if head else None,
-            )  # fmt: skip
-            self.backend.count_uses(chosen)  # type: ignore[attr-defined]
+            ends = self._the_head(h.dtype) if head else None
+            logits = self._whole(step, tokens, max_len, position, ends)
             return (None, logits) if logits is not None else (self._normed(step), None)
         step = rowlayer.Step(h, self.router.top_k)
         rope = self.rope.row(position, h.dtype)
@@ -109,6 +106,41 @@ class CppSteps:
         if ends is not None:
             return None, rowstep.finish(step, ends, self.eps)
         return self._normed(step), None
+
+    def token_logits(
+        self, embed: torch.Tensor, token: int, cache: KVCache, position: int
+    ) -> rowstep.Logits | None:
+        """A step of one token id (a row of `embed`) as one call with the head, where `takes`
+        said yes for this cache and every expert's weights stay put: the step's logits; else
+        None, and nothing done (`run` then serves the step)."""
+        plans = self._plans
+        if not plans or getattr(self.backend, "resident", None) is None:
+            return None
+        tokens = self._token_table(plans, embed.dtype)  # type: ignore[arg-type]
+        max_len = tokens.point_at(cache) if tokens is not None else None
+        head = self._the_head(embed.dtype)
+        if tokens is None or max_len is None or head is None:
+            return None
+        step = tokens.begin_row(embed, token, self.router.top_k)
+        return self._whole(step, tokens, max_len, position, head)
+
+    def _whole(
+        self,
+        step: rowlayer.Step,
+        tokens: rowstep.TokenTable,
+        max_len: int,
+        position: int,
+        head: rowstep.Head | None,
+    ) -> rowstep.Logits | None:
+        """The whole step in one call (`rowstep.token`), the backend's uses counted."""
+        spec = self.attention
+        assert isinstance(spec, AttentionSpec)
+        chosen, logits = rowstep.token(
+            step, tokens, spec, (self.rope.cos, self.rope.sin), max_len, position, self.router,
+            self.eps, head,
+        )  # fmt: skip
+        self.backend.count_uses(chosen)  # type: ignore[attr-defined]
+        return logits
 
     def _normed(self, step: rowlayer.Step) -> torch.Tensor:
         """The pending experts summed into h, through the final norm (the compiled glue)."""

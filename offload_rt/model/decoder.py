@@ -11,6 +11,7 @@ Shape legend: B rows, T new tokens per row, D hidden, V vocabulary, F an MLP's w
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -127,6 +128,10 @@ class DecoderModel(Protocol):
         start: int | None = None,
     ) -> tuple[torch.Tensor, list[int] | None]: ...
 
+    def step_token(
+        self, token: int, position: int, cache: KVCache
+    ) -> tuple[torch.Tensor, int] | None: ...
+
 
 class MoEDecoder:
     def __init__(
@@ -153,6 +158,7 @@ class MoEDecoder:
             for i, lw in enumerate(weights.layers)
             if isinstance(lw.mlp, MoEWeights)
         }
+        self._token_cache: tuple[weakref.ref, bool] | None = None  # `step_token`'s last cache
         self._cpp = CppSteps(  # one-row CPU steps through the C++ layers
             spec.attention, spec.router, cfg.experts_per_layer, cfg.rms_norm_eps, rope,
             lambda: (self.weights.norm, self.weights.lm_head), backend,
@@ -230,6 +236,38 @@ class MoEDecoder:
             return ends.logits.view(1, -1), [ends.best]
         assert hidden is not None
         return self.logits(hidden[:, -1]), None
+
+    def step_token(
+        self, token: int, position: int, cache: KVCache
+    ) -> tuple[torch.Tensor, int] | None:
+        """`step_logits` for token id `token` of a one-row cache at `position` (the cache
+        holding the row's earlier positions): its logits (1, V) and their argmax, where the
+        CPU's whole-step call serves the step (`CppSteps.token_logits`: from the token id,
+        without a torch operation around the call); else None, nothing done (then the caller
+        takes `step_logits`)."""
+        window = self.config.sliding_window
+        if window is not None and position >= window:  # the mask then hides keys
+            return None
+        known = self._token_cache
+        if known is None or known[0]() is not cache:
+            known = self._token_cache = (weakref.ref(cache), self._takes_tokens(cache))
+        if not known[1]:
+            return None
+        ends = self._cpp.token_logits(self.weights.embed, token, cache, position)
+        return None if ends is None else (ends.logits.view(1, -1), ends.best)
+
+    def _takes_tokens(self, cache: KVCache) -> bool:
+        """Whether `step_token` may take steps of this cache (one row, no ring layers, no
+        prefetcher): the checks `_forward` and `_one_row` make before the C++ step."""
+        embed = self.weights.embed
+        return (
+            cache.keys[0].shape[0] == 1
+            and cache.ring_pos is None
+            and self.prefetcher is None
+            and isinstance(self.spec.attention, AttentionSpec)
+            and onerow.serves(embed.device, embed.dtype, self.config.hidden_size)
+            and self._cpp.takes(cache, embed.dtype)
+        )
 
     def _forward(
         self,

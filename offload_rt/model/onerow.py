@@ -38,11 +38,16 @@ MIN_HIDDEN = 1024  # smaller models keep the eager operations (compiling costs s
 
 def applies(h: torch.Tensor, hidden_size: int) -> bool:
     """Whether a step whose embedded tokens are h takes this path."""
+    return h.numel() == hidden_size and serves(h.device, h.dtype, hidden_size)
+
+
+def serves(device: torch.device, dtype: torch.dtype, hidden_size: int) -> bool:
+    """Whether one token of one sequence of a model of this device, dtype and hidden size
+    takes this path."""
     return (
-        h.device.type == "cpu"
-        and h.numel() == hidden_size
+        device.type == "cpu"
         and hidden_size >= MIN_HIDDEN
-        and h.dtype in DTYPES
+        and dtype in DTYPES
         and COMPILED.enabled()
     )
 
