@@ -139,6 +139,34 @@ def test_a_cache_holding_every_expert_leaves_its_policy_alone(short):
     backend.close()
 
 
+def test_a_whole_steps_uses_count_as_layer_by_layer_lookups():
+    """`count_uses` (a whole step's uses at once, every expert resident for good) leaves the
+    clock, the recency order and the counters as `resident`'s per-layer bookkeeping does;
+    a cache that may evict refuses it."""
+    steps = [[[3, 1], [0, 7]], [[1, 3], [7, 7]], [[6, 2], [0, 5]]]
+    backends = [make_backend(FakeSource(), capacity=GRID.total) for _ in range(2)]
+    x = torch.zeros(1, D)
+    for backend in backends:
+        for layer in GRID.layers:
+            backend.run({k: x for k in GRID.layer_keys(layer)})
+        assert backend.fixed_weights() is not None
+    whole, by_layer = backends
+    for chosen in steps:
+        whole.count_uses(chosen)
+        for layer, experts in zip(GRID.layers, chosen):
+            assert by_layer.resident(keys(*experts, layer=layer)) is not None
+        assert whole.eviction.now == by_layer.eviction.now
+        assert whole.cache.resident_keys() == by_layer.cache.resident_keys()
+        assert whole.cache.stats == by_layer.cache.stats
+    assert whole.cache.stats.hits == 12
+    for backend in backends:
+        backend.close()
+    evicting = SlotCache(4)
+    evicting.acquire(ExpertKey(0, 1), ())
+    with pytest.raises(ValueError, match="keeps every expert"):
+        evicting.count_hits(keys(1))
+
+
 def test_a_call_needing_more_experts_than_slots_still_completes():
     source = FakeSource()
     backend = make_backend(source, capacity=1)

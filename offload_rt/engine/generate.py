@@ -106,17 +106,21 @@ class BatchDecoder:
             start=0,
         )
 
-    @torch.inference_mode()
     def step(self, tokens: list[int], live: list[bool]) -> torch.Tensor:
         """Feed one token to each of the first len(tokens) rows (ignored where not live);
         returns their logits (len(tokens), V). Rows past them are left alone."""
-        n = len(tokens)
-        if n == len(self.lengths) == 1 and live[0]:  # one sequence: maybe no tensors around
+        if len(tokens) == len(self.lengths) == 1 and live[0]:  # one sequence: by its id
             one = self.model.step_token(tokens[0], self.lengths[0], self.cache)
             if one is not None:
                 self.lengths[0] += 1
                 self._greedy = (one[0], [one[1]])
                 return one[0]
+        return self._step(tokens, live)
+
+    @torch.inference_mode()
+    def _step(self, tokens: list[int], live: list[bool]) -> torch.Tensor:
+        """`step` through the model's `step_logits`."""
+        n = len(tokens)
         positions = [p if ok else 0 for p, ok in zip(self.lengths[:n], live)]
         kv_len = max(positions) + 1
         cache = self.cache if n == len(self.lengths) else self.cache.rows(n)

@@ -191,10 +191,8 @@ class LocalExpertBackend:
         chosen experts' lookups (all hits), as `resident` counts them layer by layer."""
         if self._keys is None:  # every expert's key, made once
             self._keys = [self.grid.layer_keys(layer) for layer in self.grid.layers]
-        for layer, keys, experts in zip(self.grid.layers, self._keys, chosen):
-            self.eviction.tick(layer)
-            for e in experts:
-                self.eviction.lookup(keys[e])
+        self.eviction.tick_pass()  # `fixed_weights`: every MoE layer, the cache keeps all
+        self.cache.count_hits([keys[e] for keys, row in zip(self._keys, chosen) for e in row])
 
     def settle(self) -> None:
         """Wait until every load in flight has finished (their experts stay resident)."""

@@ -70,6 +70,16 @@ class SlotCache:
             self._heap.push(key, self._order)
         return slot
 
+    def count_hits(self, keys: list[ExpertKey]) -> None:
+        """`lookup` of each of `keys` in turn, every one resident, where the cache keeps all
+        (the policy is then not told of uses): each one a hit, now the most recent."""
+        if not self.keeps_all:
+            raise ValueError("count_hits is for a cache that keeps every expert")
+        move = self._order.move_to_end
+        for key in keys:
+            move(key)  # a KeyError for one not resident
+        self.stats.hits += len(keys)
+
     def slot_of(self, key: ExpertKey) -> int:
         return self._order[key]
 

@@ -43,6 +43,11 @@ class Eviction:
             self.passes += 1
         self.now = max(self.passes, 0) * len(self.grid.layers) + self.grid.ordinal(layer)
 
+    def tick_pass(self) -> None:
+        """A whole forward pass's calls, each MoE layer's `tick` in turn: the clock at the last."""
+        self.passes += 1
+        self.now = max(self.passes, 0) * len(self.grid.layers) + len(self.grid.layers) - 1
+
     def lookup(self, key: ExpertKey) -> int | None:
         """Count one use of `key` now: its slot (a hit), or None (a miss)."""
         return self.cache.lookup(key, self.now)

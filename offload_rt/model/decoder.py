@@ -233,7 +233,7 @@ class MoEDecoder:
         call (`model/rowstep.py`), which finds that token too."""
         hidden, ends = self._forward(tokens, positions, cache, kv_len, token_mask, start, True)
         if ends is not None:
-            return ends.logits.view(1, -1), [ends.best]
+            return ends.logits, [ends.best]
         assert hidden is not None
         return self.logits(hidden[:, -1]), None
 
@@ -254,7 +254,7 @@ class MoEDecoder:
         if not known[1]:
             return None
         ends = self._cpp.token_logits(self.weights.embed, token, cache, position)
-        return None if ends is None else (ends.logits.view(1, -1), ends.best)
+        return None if ends is None else (ends.logits, ends.best)
 
     def _takes_tokens(self, cache: KVCache) -> bool:
         """Whether `step_token` may take steps of this cache (one row, no ring layers, no

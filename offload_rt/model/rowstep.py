@@ -115,7 +115,7 @@ class TokenTable:
 
 
 class Logits(NamedTuple):
-    """A step's logits (V,) and their argmax (the first of equals, a NaN above all)."""
+    """A step's logits (1, V) and their argmax (the first of equals, a NaN above all)."""
 
     logits: torch.Tensor
     best: int
@@ -136,7 +136,7 @@ class Head:
 
     def best(self) -> int:
         """The argmax the last call wrote."""
-        return int(self._read[7])
+        return self._read.item(7)
 
     @classmethod
     def build(cls, norm: torch.Tensor, lm_head: object, dtype: torch.dtype) -> Head | None:
@@ -176,7 +176,7 @@ def token(
     if position >= call.positions:
         raise ValueError(f"rope: tables holding position {position}")
     args = call.args
-    logits = None if head is None else torch.empty(head.vocab, dtype=step.h.dtype)
+    logits = None if head is None else torch.empty((1, head.vocab), dtype=step.h.dtype)
     if logits is not None:
         args[10] = logits
     args[4], args[12], args[29] = step.pending, position, torch.get_num_threads()
@@ -232,7 +232,7 @@ def finish(step: rowlayer.Step, head: Head, eps: float) -> Logits:
     and lm_head: the logits, by the loops `token` ends with."""
     kernel = rowlayer.cpp()
     assert kernel is not None
-    logits = torch.empty(head.vocab, dtype=step.h.dtype)
+    logits = torch.empty((1, head.vocab), dtype=step.h.dtype)
     d, unused = step.h.numel(), step.m
     kernel(
         5, step.h, step.ys, step.w, step.pending, head.table, unused, unused, 0, head.table,
