@@ -111,3 +111,71 @@ def test_a_token_outside_the_vocabulary_is_refused_and_loses_nothing(checkpoint)
         clean = BatchDecoder(model.model, [PROMPT], 16)
         clean.prefill()
         assert torch.equal(after, clean.step([7], [True]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_steps_in_one_call_equal_the_steps_one_by_one(checkpoint, dtype):
+    """`greedy_steps`: the tokens, the cache's keys and values and the counts of `step_token`
+    called once a step with each argmax; a run ends after a stop id, and where the sliding
+    window begins (position 8: three steps from position 5)."""
+    with offload_rt.load(checkpoint, dtype=dtype) as model:
+        model.warm()
+        caches, found = [], []
+        for by_run in (True, False):
+            before = model.stats()["hits"]
+            decoder = BatchDecoder(model.model, [PROMPT], 16)
+            decoder.prefill()
+            if by_run:
+                tokens = decoder.greedy_steps(9, 6, torch.tensor([], dtype=torch.long))
+            else:
+                tokens, token = [], 9
+                for _ in range(3):
+                    token = decoder.step([token], [True]).argmax().item()
+                    tokens.append(token)
+            found.append((tokens, model.stats()["hits"] - before, list(decoder.lengths)))
+            caches.append(decoder.cache)
+        assert found[0] == found[1] and len(found[0][0]) == 3 and found[0][2] == [8]
+        for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
+            assert torch.equal(a, b)
+        decoder = BatchDecoder(model.model, [PROMPT], 16)
+        decoder.prefill()
+        stop = torch.tensor([found[0][0][1], 30000], dtype=torch.long)
+        assert decoder.greedy_steps(9, 3, stop) == found[0][0][:2]  # ends after the stop id
+        assert decoder.lengths == [len(PROMPT) + 2]
+        last = found[0][0][1]
+        assert decoder.greedy_steps(last, 3, stop[:0]) == [found[0][0][2]]  # to the window
+        assert decoder.greedy_steps(found[0][0][2], 3, stop[:0]) is None  # past it: nothing done
+        assert decoder.lengths == [len(PROMPT) + 3]
+
+
+@pytest.mark.parametrize("stop", [False, True])
+def test_generate_by_greedy_runs_gives_the_tokens_of_steps(checkpoint, stop):
+    """A lone greedy request decodes by runs of steps (`generate`): the same tokens, finish
+    reason and counts as the step-by-step loop, ending at a stop token or the budget."""
+    with offload_rt.load(checkpoint, dtype=torch.bfloat16) as model:
+        model.warm()
+        want = model.generate(PROMPT, max_new_tokens=14)
+        stops = [want.token_ids[2]] if stop else []
+        runs = []
+        steps = type(model.model).greedy_steps
+
+        def spy(self, *args):
+            got = steps(self, *args)
+            runs.append(None if got is None else len(got))
+            return got
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(type(model.model), "greedy_steps", spy)
+            before = model.stats()["hits"]
+            got = model.generate(PROMPT, max_new_tokens=14, stop=stops)
+            hits = model.stats()["hits"] - before
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(MoEDecoder, "greedy_steps", lambda self, *a: None)
+            before = model.stats()["hits"]
+            step_by_step = model.generate(PROMPT, max_new_tokens=14, stop=stops)
+            assert hits == model.stats()["hits"] - before
+    assert got.token_ids == step_by_step.token_ids
+    assert got.finish_reason == step_by_step.finish_reason == ("stop" if stop else "length")
+    assert len(got.token_ids) == (3 if stop else 14)
+    assert runs[:2] == ([2] if stop else [2, 1])  # from position 5 up to the window (8)
+    assert runs[2:] == [None] * (len(runs) - 2)  # past it, step by step

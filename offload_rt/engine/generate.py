@@ -7,6 +7,7 @@ expert.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -15,6 +16,7 @@ from offload_rt.engine.grammar import Grammars
 from offload_rt.engine.logprobs import TokenLogprob, prompt_logprobs
 from offload_rt.engine.rows import (
     GenerationResult,
+    SequenceState,
     check_finished,
     check_request,
     new_state,
@@ -136,6 +138,19 @@ class BatchDecoder:
         self._greedy = None if greedy is None else (logits, greedy)
         return logits
 
+    def greedy_steps(self, token: int, n: int, stops: torch.Tensor) -> list[int] | None:
+        """Up to n greedy steps of a one-row decoder in one call of the model
+        (`greedy_steps`): feeds `token`, then each step's highest-scoring token, ending after
+        one of `stops`; returns those tokens, or None where the model does not serve it
+        (nothing done)."""
+        if len(self.lengths) != 1:
+            return None
+        found = self.model.greedy_steps(token, self.lengths[0], self.cache, n, stops)
+        if found is not None:
+            self.lengths[0] += len(found)
+            self._greedy = None
+        return found
+
     def greedy(self, logits: torch.Tensor) -> list[int] | None:
         """Each row's highest-scoring token of `logits` where they are the last `step`'s and
         the model found those tokens with them (`step_logits`), else None."""
@@ -167,6 +182,7 @@ def generate(
         r.prompt_logprobs = s
         if b == 0:  # scored only: nothing to generate
             r.finish_reason = "length"
+    runs = _run_stops(rows)
     while True:
         live = [r.finish_reason is None for r in rows]
         if not any(live):
@@ -176,8 +192,47 @@ def generate(
             if r.finish_reason is None:
                 check_finished(r, b, decode)
         live = [r.finish_reason is None for r in rows]
+        if any(live) and runs is not None:
+            _greedy_runs(decoder, rows[0], budget[0], runs)
+            live = [rows[0].finish_reason is None]
         if any(live):
             logits = decoder.step([r.tokens[-1] if r.tokens else 0 for r in rows], live)
+
+
+# a greedy run's calls: each takes about this long at most (the steps of a call hold the
+# interpreter), the first runs RUN_FIRST steps, then each as many as fit, up to RUN_MOST
+RUN_SECONDS, RUN_FIRST, RUN_MOST = 0.1, 2, 64
+
+
+def _run_stops(rows: list[SequenceState]) -> torch.Tensor | None:
+    """The stop ids of a lone row whose tokens are each the raw logits' highest-scoring one and
+    whose end only a stop id or the budget decides (no stop strings, grammar, penalties or
+    log-probabilities): the row greedy runs serve; else None."""
+    if len(rows) != 1:
+        return None
+    r = rows[0]
+    p = r.params
+    if not p.greedy or p.adjusts_logits or r.grammar is not None or r.logprobs is not None:
+        return None
+    if p.stop_strings:
+        return None
+    return torch.tensor(sorted(r.stop_ids), dtype=torch.long)
+
+
+def _greedy_runs(decoder: BatchDecoder, r: SequenceState, budget: int, stops: torch.Tensor) -> None:
+    """r's next tokens by greedy runs of steps (`BatchDecoder.greedy_steps`), each token checked
+    as `generate`'s loop checks it, until r finishes or the model does not serve a run."""
+    n = RUN_FIRST
+    while r.finish_reason is None:
+        start = time.perf_counter()
+        found = decoder.greedy_steps(r.tokens[-1], min(n, budget - len(r.tokens)), stops)
+        if found is None:
+            return
+        for token in found:  # the run ends after a stop id, within the budget
+            r.tokens.append(token)
+            check_finished(r, budget, None)  # no stop strings to decode
+        took = (time.perf_counter() - start) / len(found)
+        n = max(1, min(RUN_MOST, int(RUN_SECONDS / max(took, 1e-6))))
 
 
 def _cut(scored: list[TokenLogprob] | None, k: int | None) -> list[TokenLogprob] | None:

@@ -113,16 +113,54 @@ class CppSteps:
         """A step of one token id (a row of `embed`) as one call with the head, where `takes`
         said yes for this cache and every expert's weights stay put: the step's logits; else
         None, and nothing done (`run` then serves the step)."""
+        ready = self._ready(embed.dtype, cache)
+        if ready is None:
+            return None
+        tokens, max_len, head = ready
+        step = tokens.begin_row(embed, token, self.router.top_k)
+        return self._whole(step, tokens, max_len, position, head)
+
+    def greedy(
+        self,
+        embed: torch.Tensor,
+        token: int,
+        cache: KVCache,
+        position: int,
+        n: int,
+        stops: torch.Tensor,
+    ) -> list[int] | None:
+        """Up to n greedy steps in one call (`rowstep.greedy`) where `token_logits` would take
+        the first: the tokens found, the backend's uses counted step by step; else None, and
+        nothing done."""
+        ready = self._ready(embed.dtype, cache)
+        if ready is None:
+            return None
+        tokens, max_len, head = ready
+        spec = self.attention
+        assert isinstance(spec, AttentionSpec)
+        step = tokens.begin_row(embed, token, self.router.top_k)
+        found, chosen = rowstep.greedy(
+            step, tokens, spec, (self.rope.cos, self.rope.sin), max_len, position, self.router,
+            self.eps, head, embed, token, n, stops,
+        )  # fmt: skip
+        for uses in chosen.tolist():
+            self.backend.count_uses(uses)  # type: ignore[attr-defined]
+        return found
+
+    def _ready(
+        self, dtype: torch.dtype, cache: KVCache
+    ) -> tuple[rowstep.TokenTable, int, rowstep.Head] | None:
+        """The whole-step table pointed at `cache`, its length and the head, where `takes`
+        said yes for this cache and every expert's weights stay put; else None."""
         plans = self._plans
         if not plans or getattr(self.backend, "resident", None) is None:
             return None
-        tokens = self._token_table(plans, embed.dtype)  # type: ignore[arg-type]
+        tokens = self._token_table(plans, dtype)  # type: ignore[arg-type]
         max_len = tokens.point_at(cache) if tokens is not None else None
-        head = self._the_head(embed.dtype)
+        head = self._the_head(dtype)
         if tokens is None or max_len is None or head is None:
             return None
-        step = tokens.begin_row(embed, token, self.router.top_k)
-        return self._whole(step, tokens, max_len, position, head)
+        return tokens, max_len, head
 
     def _whole(
         self,

@@ -132,6 +132,10 @@ class DecoderModel(Protocol):
         self, token: int, position: int, cache: KVCache
     ) -> tuple[torch.Tensor, int] | None: ...
 
+    def greedy_steps(
+        self, token: int, position: int, cache: KVCache, n: int, stops: torch.Tensor
+    ) -> list[int] | None: ...
+
 
 class MoEDecoder:
     def __init__(
@@ -248,13 +252,31 @@ class MoEDecoder:
         window = self.config.sliding_window
         if window is not None and position >= window:  # the mask then hides keys
             return None
-        known = self._token_cache
-        if known is None or known[0]() is not cache:
-            known = self._token_cache = (weakref.ref(cache), self._takes_tokens(cache))
-        if not known[1]:
+        if not self._token_path(cache):
             return None
         ends = self._cpp.token_logits(self.weights.embed, token, cache, position)
         return None if ends is None else (ends.logits, ends.best)
+
+    def greedy_steps(
+        self, token: int, position: int, cache: KVCache, n: int, stops: torch.Tensor
+    ) -> list[int] | None:
+        """Up to n greedy steps of a one-row cache where `step_token` would serve them: token
+        `token` at `position`, then each step's argmax at the next position, ending after one
+        of `stops` (int64 ids), within the sliding window; the argmaxes (the tokens each step
+        chooses greedily); else None, nothing done."""
+        window = self.config.sliding_window
+        if window is not None:
+            n = min(n, window - position)
+        if n < 1 or not self._token_path(cache):
+            return None
+        return self._cpp.greedy(self.weights.embed, token, cache, position, n, stops)
+
+    def _token_path(self, cache: KVCache) -> bool:
+        """`_takes_tokens`, looked at once a cache object."""
+        known = self._token_cache
+        if known is None or known[0]() is not cache:
+            known = self._token_cache = (weakref.ref(cache), self._takes_tokens(cache))
+        return known[1]
 
     def _takes_tokens(self, cache: KVCache) -> bool:
         """Whether `step_token` may take steps of this cache (one row, no ring layers, no

@@ -147,6 +147,25 @@ void run(int64_t mode, void* h, void* ys, float* w, int64_t k_prev, const int64_
     using T = typename C::T;
     if (mode == 2) return experts<C>((const T*)m, (T*)ys, t, D, F, k, G, B, threads);
     if (mode == 4) return rows<C>((const T*)h, t, F, D, G, B, (T*)ys, threads);
+    if (mode == 6) {  // greedy steps, each mode 5 from the last one's argmax: kc the run's table
+        int64_t* run_t = (int64_t*)kc;
+        const T* embed = (const T*)run_t[1];
+        const int64_t* stops = (const int64_t*)run_t[3];
+        int64_t* out = (int64_t*)run_t[5];
+        int64_t token = run_t[6];
+        for (int64_t i = 0; i < run_t[2]; ++i) {
+            std::memcpy(h, embed + token * D, D * sizeof(T));
+            run<C>(5, h, ys, w, 0, t, cs, sn, rot, (void*)run_t[0], vc, S, pos + i, H, KH, Hd, D,
+                   F, E, k, G, B, eps, qk_eps, clip, renormalize, scale, m,
+                   chosen + i * layers * k, threads, layers, GE, BE);
+            token = out[i] = ((const int64_t*)run_t[0])[7];
+            run_t[7] = i + 1;
+            bool stop = false;
+            for (int64_t j = 0; j < run_t[4]; ++j) stop = stop || stops[j] == token;
+            if (stop) break;
+        }
+        return;
+    }
     if (mode == 3 || mode == 5) {  // every layer: t holds each one's row of `TokenTable`
         const int64_t stride = 15 + 6 * E;
         std::vector<int64_t> te(6 * k);
@@ -195,6 +214,11 @@ void run(int64_t mode, void* h, void* ys, float* w, int64_t k_prev, const int64_
 // layer's experts (k, or k_prev where layers is 0) summed into h, h through the final RMSNorm
 // into m (D) and m times lm_head into vc (V logits); kc: the head's table (the norm's weight,
 // lm_head's 3 pointers as `Rows`, V, its group and format, then the logits' argmax, written).
+// mode 6, greedy steps: up to n of mode 5, the first from token `first`'s row of the embedding
+// table, each next one from the last one's argmax, at pos, pos + 1, ..., ending after a step
+// whose argmax is one of the stop ids; chosen (n, layers, k). kc: the run's table (the head's
+// table, the embedding table (V rows of D), n, the stop ids and their count, the tokens' out
+// (n), first, then the steps done, written); vc: the last step's logits.
 // dtype: the activations' (0 float32, 1 bfloat16, 2 float16); B, G: the weights' format and
 // group, as `Rows` (B == 2 with bfloat16 only).
 extern "C" void kernel(int64_t mode, void* h, void* ys, float* w, int64_t k_prev,

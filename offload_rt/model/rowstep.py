@@ -169,10 +169,7 @@ def token(
     assert kernel is not None
     if not 0 <= position < max_len:  # the C++ would write past the cache
         raise IndexError(f"position {position} does not fit a cache of {max_len} positions")
-    cos, sin = rope
-    call = tt._call
-    if call is None or not call.made_for((step, cos, sin, spec, router, head), (max_len, eps)):
-        call = tt._call = _Call(step, tt, spec, rope, max_len, router, eps, head)
+    call = _call(step, tt, spec, rope, max_len, router, eps, head)
     if position >= call.positions:
         raise ValueError(f"rope: tables holding position {position}")
     args = call.args
@@ -184,6 +181,73 @@ def token(
     step.pending = router.top_k if head is None else 0
     ends = None if head is None else Logits(logits, head.best())  # type: ignore[arg-type]
     return call.chosen.tolist(), ends
+
+
+def greedy(
+    step: rowlayer.Step,
+    tt: TokenTable,
+    spec: AttentionSpec,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    max_len: int,
+    position: int,
+    router: RouterSpec,
+    eps: float,
+    head: Head,
+    embed: torch.Tensor,
+    first: int,
+    n: int,
+    stops: torch.Tensor,
+) -> tuple[list[int], torch.Tensor]:
+    """Up to n greedy steps in one call, each `token`'s with the head: token `first` (a row of
+    `embed`, (V, D)) at `position`, then each step's argmax at the next position, ending
+    after a step whose argmax is one of `stops` (int64 ids). Returns those argmaxes and each
+    step's chosen experts (steps, layers, k); step.h then holds the last step's final hidden
+    state."""
+    kernel = rowlayer.cpp()
+    assert kernel is not None
+    if n < 1 or position < 0 or position + n > max_len:
+        raise IndexError(f"{n} steps from position {position} do not fit a cache of {max_len}")
+    if not 0 <= first < embed.shape[0]:
+        raise IndexError(f"token {first} is not in the vocabulary [0, {embed.shape[0]})")
+    if embed.dtype != step.h.dtype or embed.shape[1:] != step.h.shape or head.vocab > len(embed):
+        raise ValueError("embed: the embedding table (V, D) of the step's dtype, V >= lm_head's")
+    if not embed.is_contiguous() or stops.dtype != torch.int64 or not stops.is_contiguous():
+        raise ValueError("embed and stops: contiguous, stops as int64 ids")
+    call = _call(step, tt, spec, rope, max_len, router, eps, head)
+    if position + n > call.positions:
+        raise ValueError(f"rope: tables holding position {position + n - 1}")
+    out = torch.empty(n, dtype=torch.int64)
+    chosen = torch.empty((n, tt.layers, router.top_k), dtype=torch.int64)
+    table = torch.tensor(
+        [head.table.data_ptr(), embed.data_ptr(), n, stops.data_ptr(), stops.numel(),
+         out.data_ptr(), first, 0],
+        dtype=torch.int64,
+    )  # fmt: skip
+    args = list(call.args)
+    args[0], args[9], args[10] = 6, table, torch.empty((1, head.vocab), dtype=step.h.dtype)
+    args[12], args[28], args[29] = position, chosen, torch.get_num_threads()
+    kernel(*args)
+    step.pending = 0
+    done = int(table[7])
+    return out[:done].tolist(), chosen[:done]
+
+
+def _call(
+    step: rowlayer.Step,
+    tt: TokenTable,
+    spec: AttentionSpec,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    max_len: int,
+    router: RouterSpec,
+    eps: float,
+    head: Head | None,
+) -> _Call:
+    """The call's arguments for these, made once (`tt`'s, while they stay the same)."""
+    cos, sin = rope
+    call = tt._call
+    if call is None or not call.made_for((step, cos, sin, spec, router, head), (max_len, eps)):
+        call = tt._call = _Call(step, tt, spec, rope, max_len, router, eps, head)
+    return call
 
 
 class _Call:
