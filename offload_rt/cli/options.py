@@ -15,7 +15,7 @@ from offload_rt.engine import OffloadModel, load
 from offload_rt.engine.hybrid import Placement
 from offload_rt.experts.policies import DEFAULT_POLICY, RUNTIME_POLICIES
 from offload_rt.hub import parse_hub_id, resolve_model
-from offload_rt.model.decoder import PREDICT_FROM
+from offload_rt.model.interface import PREDICT_FROM
 
 GIB = 1 << 30
 

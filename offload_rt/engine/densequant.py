@@ -20,8 +20,8 @@ from offload_rt.config import QuantConfig
 from offload_rt.experts import hugepages
 from offload_rt.experts.quant import QuantizedTensor, dequantize, quantize
 from offload_rt.model.cpukernels import affine_gemv
-from offload_rt.model.decoder import DenseWeights, MoEWeights
 from offload_rt.model.ffn import SwiGLU
+from offload_rt.model.interface import DenseWeights, MoEWeights
 from offload_rt.model.layers import AttentionWeights, linear
 
 FORMATS = {"int8": 8, "int4": 4}

@@ -32,7 +32,7 @@ from offload_rt.experts import LocalExpertBackend, OffloadOptions
 from offload_rt.experts.policies import DEFAULT_POLICY, runtime_policy
 from offload_rt.hub import resolve_model
 from offload_rt.model import DecoderModel
-from offload_rt.model.decoder import PREDICT_FROM
+from offload_rt.model.interface import PREDICT_FROM
 from offload_rt.model.moe import ExpertBackend
 from offload_rt.models import build_model, open_checkpoint
 

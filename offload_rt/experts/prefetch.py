@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from offload_rt.experts.cache import SlotCache
 from offload_rt.experts.eviction import Eviction
 from offload_rt.experts.loads import LoadTable
-from offload_rt.model.decoder import PREDICT_FROM
+from offload_rt.model.interface import PREDICT_FROM
 from offload_rt.model.moe import ExpertKey
 
 

@@ -1,16 +1,16 @@
 """Pure torch math shared by the families: no I/O, no devices chosen here, no parallelism."""
 
 from offload_rt.grid import ExpertGrid, ExpertKey
-from offload_rt.model.decoder import (
+from offload_rt.model.decoder import MoEDecoder
+from offload_rt.model.ffn import ClampedSwiGLU, ExpertFFN, SwiGLU
+from offload_rt.model.interface import (
     DecoderModel,
     DecoderSpec,
     DenseMLP,
     DenseWeights,
     LayerWeights,
-    MoEDecoder,
     MoEWeights,
 )
-from offload_rt.model.ffn import ClampedSwiGLU, ExpertFFN, SwiGLU
 from offload_rt.model.kvcache import KVCache
 from offload_rt.model.layers import AttentionSpec, AttentionWeights, RopeTables
 from offload_rt.model.moe import ExpertBackend, ExpertPrefetcher, RouterSpec, route

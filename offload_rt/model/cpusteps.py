@@ -46,6 +46,7 @@ class CppSteps:
         self._tokens: rowstep.TokenTable | None | bool = None  # False: not possible
         self._head: rowstep.Head | None | bool = None  # False: the loops do not take lm_head
         self._cache: tuple[weakref.ref, torch.dtype] | None = None  # `takes`' last cache
+        self._rows: tuple[weakref.ref, bool] | None = None  # `_ready`'s last cache, its checks
 
     @property
     def planned(self) -> bool:
@@ -113,7 +114,7 @@ class CppSteps:
         """A step of one token id (a row of `embed`) as one call with the head, where `takes`
         said yes for this cache and every expert's weights stay put: the step's logits; else
         None, and nothing done (`run` then serves the step)."""
-        ready = self._ready(embed.dtype, cache)
+        ready = self._ready(embed, cache)
         if ready is None:
             return None
         tokens, max_len, head = ready
@@ -132,7 +133,7 @@ class CppSteps:
         """Up to n greedy steps in one call (`rowstep.greedy`) where `token_logits` would take
         the first: the tokens found, the backend's uses counted step by step; else None, and
         nothing done."""
-        ready = self._ready(embed.dtype, cache)
+        ready = self._ready(embed, cache)
         if ready is None:
             return None
         tokens, max_len, head = ready
@@ -148,16 +149,29 @@ class CppSteps:
         return found
 
     def _ready(
-        self, dtype: torch.dtype, cache: KVCache
+        self, embed: torch.Tensor, cache: KVCache
     ) -> tuple[rowstep.TokenTable, int, rowstep.Head] | None:
-        """The whole-step table pointed at `cache`, its length and the head, where `takes`
-        said yes for this cache and every expert's weights stay put; else None."""
+        """The whole-step table pointed at `cache`, its length and the head, for steps from a
+        token id of the embedding table `embed` (V, D): where the cache is of one row and no
+        ring layers, the one-row path serves the model, `takes` says yes and every expert's
+        weights stay put (the checks `MoEDecoder._forward` makes, a cache's looked at once);
+        else None."""
+        known = self._rows
+        if known is None or known[0]() is not cache:
+            serves = (
+                cache.keys[0].shape[0] == 1
+                and cache.ring_pos is None
+                and isinstance(self.attention, AttentionSpec)
+                and onerow.serves(embed.device, embed.dtype, embed.shape[1])
+                and self.takes(cache, embed.dtype)
+            )
+            known = self._rows = (weakref.ref(cache), serves)
         plans = self._plans
-        if not plans or getattr(self.backend, "resident", None) is None:
+        if not known[1] or not plans or getattr(self.backend, "resident", None) is None:
             return None
-        tokens = self._token_table(plans, dtype)  # type: ignore[arg-type]
+        tokens = self._token_table(plans, embed.dtype)  # type: ignore[arg-type]
         max_len = tokens.point_at(cache) if tokens is not None else None
-        head = self._the_head(dtype)
+        head = self._the_head(embed.dtype)
         if tokens is None or max_len is None or head is None:
             return None
         return tokens, max_len, head

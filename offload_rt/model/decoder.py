@@ -11,18 +11,20 @@ Shape legend: B rows, T new tokens per row, D hidden, V vocabulary, F an MLP's w
 
 from __future__ import annotations
 
-import weakref
-from dataclasses import dataclass
-from typing import Protocol
-
 import torch
 import torch.nn.functional as F
 
 from offload_rt.config import ModelConfig
-from offload_rt.grid import ExpertGrid, ExpertKey
+from offload_rt.grid import ExpertKey
 from offload_rt.model import onequery, onerow, rowlayer, rowstep
 from offload_rt.model.cpusteps import CppSteps
-from offload_rt.model.ffn import SwiGLU
+from offload_rt.model.interface import (
+    DecoderSpec,
+    DenseMLP,
+    DenseWeights,
+    LayerWeights,
+    MoEWeights,
+)
 from offload_rt.model.kvcache import KVCache, RingStep, attention_mask
 from offload_rt.model.layers import (
     AttentionSpec,
@@ -33,108 +35,13 @@ from offload_rt.model.layers import (
     linear,
     rms_norm,
 )
-from offload_rt.model.mla import MLASpec, MLAWeights, mla_attention
+from offload_rt.model.mla import MLASpec, mla_attention
 from offload_rt.model.moe import (
     ExpertBackend,
     ExpertPrefetcher,
-    RouterSpec,
     moe_block,
     predict_experts,
 )
-
-# where the next MoE layer's router is applied to guess its experts while layer L runs: the
-# hidden state after L's attention (earliest: L's experts still to run) or after L's MoE
-# output (closest to what the next layer will see), or both, the later guess correcting the first
-PREDICT_FROM = ("attention", "moe", "both")
-
-
-# a SwiGLU MLP the coordinator runs itself: a dense layer's, or a shared expert
-DenseMLP = SwiGLU
-
-
-@dataclass(frozen=True)
-class MoEWeights:
-    router: torch.Tensor  # (E, D)
-    router_bias: torch.Tensor | None = None  # (E,) joins the logits (GPT-OSS)
-    correction: torch.Tensor | None = None  # (E,) joins the scores to choose (DeepSeek-V3)
-    shared: DenseMLP | None = None  # an expert every token uses (Qwen2-MoE)
-    shared_gate: torch.Tensor | None = None  # (1, D): shared output · sigmoid(gate x)
-
-
-@dataclass(frozen=True)
-class LayerWeights:
-    input_norm: torch.Tensor  # (D,)
-    attn: AttentionWeights | MLAWeights
-    post_attn_norm: torch.Tensor  # (D,)
-    mlp: MoEWeights | DenseMLP  # routed experts (+ shared), or a dense MLP
-
-
-@dataclass(frozen=True)
-class DenseWeights:
-    """Every weight but the routed experts'."""
-
-    embed: torch.Tensor  # (V, D)
-    layers: list[LayerWeights]
-    norm: torch.Tensor  # (D,)
-    lm_head: torch.Tensor  # (V, D); the embedding itself when tied
-
-
-@dataclass(frozen=True)
-class DecoderSpec:
-    """The math knobs a family sets beyond the shared config."""
-
-    attention: AttentionSpec | MLASpec  # grouped-query, or latent (DeepSeek)
-    router: RouterSpec  # scores, groups, renormalisation, scale
-    # per layer: the window of a sliding-window layer whose KV cache is a ring of that many
-    # positions (GPT-OSS), or None for full attention; None: every layer full
-    ring_windows: tuple[int | None, ...] | None = None
-
-
-class DecoderModel(Protocol):
-    """What the engine, the scheduler and the server see of a model of any family."""
-
-    config: ModelConfig
-    grid: ExpertGrid
-    backend: ExpertBackend
-    prefetcher: ExpertPrefetcher | None
-
-    @property
-    def device(self) -> torch.device: ...
-
-    @property
-    def dtype(self) -> torch.dtype: ...
-
-    def new_cache(self, batch: int, max_len: int) -> KVCache: ...
-
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        cache: KVCache,
-        kv_len: int,
-        token_mask: torch.Tensor | None = None,
-        start: int | None = None,
-    ) -> torch.Tensor: ...
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
-
-    def step_logits(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        cache: KVCache,
-        kv_len: int,
-        token_mask: torch.Tensor | None = None,
-        start: int | None = None,
-    ) -> tuple[torch.Tensor, list[int] | None]: ...
-
-    def step_token(
-        self, token: int, position: int, cache: KVCache
-    ) -> tuple[torch.Tensor, int] | None: ...
-
-    def greedy_steps(
-        self, token: int, position: int, cache: KVCache, n: int, stops: torch.Tensor
-    ) -> list[int] | None: ...
 
 
 class MoEDecoder:
@@ -162,7 +69,6 @@ class MoEDecoder:
             for i, lw in enumerate(weights.layers)
             if isinstance(lw.mlp, MoEWeights)
         }
-        self._token_cache: tuple[weakref.ref, bool] | None = None  # `step_token`'s last cache
         self._cpp = CppSteps(  # one-row CPU steps through the C++ layers
             spec.attention, spec.router, cfg.experts_per_layer, cfg.rms_norm_eps, rope,
             lambda: (self.weights.norm, self.weights.lm_head), backend,
@@ -250,10 +156,8 @@ class MoEDecoder:
         without a torch operation around the call); else None, nothing done (then the caller
         takes `step_logits`)."""
         window = self.config.sliding_window
-        if window is not None and position >= window:  # the mask then hides keys
-            return None
-        if not self._token_path(cache):
-            return None
+        if self.prefetcher is not None or (window is not None and position >= window):
+            return None  # guesses between layers; past the window a mask hides keys
         ends = self._cpp.token_logits(self.weights.embed, token, cache, position)
         return None if ends is None else (ends.logits, ends.best)
 
@@ -267,29 +171,9 @@ class MoEDecoder:
         window = self.config.sliding_window
         if window is not None:
             n = min(n, window - position)
-        if n < 1 or not self._token_path(cache):
+        if n < 1 or self.prefetcher is not None:
             return None
         return self._cpp.greedy(self.weights.embed, token, cache, position, n, stops)
-
-    def _token_path(self, cache: KVCache) -> bool:
-        """`_takes_tokens`, looked at once a cache object."""
-        known = self._token_cache
-        if known is None or known[0]() is not cache:
-            known = self._token_cache = (weakref.ref(cache), self._takes_tokens(cache))
-        return known[1]
-
-    def _takes_tokens(self, cache: KVCache) -> bool:
-        """Whether `step_token` may take steps of this cache (one row, no ring layers, no
-        prefetcher): the checks `_forward` and `_one_row` make before the C++ step."""
-        embed = self.weights.embed
-        return (
-            cache.keys[0].shape[0] == 1
-            and cache.ring_pos is None
-            and self.prefetcher is None
-            and isinstance(self.spec.attention, AttentionSpec)
-            and onerow.serves(embed.device, embed.dtype, self.config.hidden_size)
-            and self._cpp.takes(cache, embed.dtype)
-        )
 
     def _forward(
         self,
