@@ -187,8 +187,9 @@ def test_int4_logits_error_exceeds_int8s(quantized):
     assert err[8] < 0.05 * ref.std().item() and err[4] > 4 * err[8], err
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("cache_experts, host_experts", [(3, None), (1, 2), (5, 0)])
+@pytest.mark.parametrize(  # each format and each cache setting once, not their product
+    "bits, cache_experts, host_experts", [(8, 3, None), (4, 1, 2), (4, 5, 0)]
+)
 def test_capped_cache_equals_all_resident(quantized, bits, cache_experts, host_experts):
     _, qs = quantized[0]
     with offload_rt.load(qs[bits]) as m:

@@ -59,7 +59,7 @@ def decode(model, steps: int) -> tuple[torch.Tensor, list[int], list[bool]]:
     return torch.stack(out), greedy, served
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_a_step_from_the_token_id_equals_the_step_from_its_embedding(checkpoint, dtype):
     """Up to the window (position 7) `step_token` serves every step; past it (the mask hides
     keys) `step_logits` does. The logits equal those of `step_logits` for every step, bit for
@@ -113,7 +113,7 @@ def test_a_token_outside_the_vocabulary_is_refused_and_loses_nothing(checkpoint)
         assert torch.equal(after, clean.step([7], [True]))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32])  # bfloat16: the test below
 def test_greedy_steps_in_one_call_equal_the_steps_one_by_one(checkpoint, dtype):
     """`greedy_steps`: the tokens, the cache's keys and values and the counts of `step_token`
     called once a step with each argmax; a run ends after a stop id, and where the sliding
