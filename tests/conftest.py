@@ -51,6 +51,22 @@ def _seeded(request):
     random.seed(seed)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread, for the modules whose subject is not threads (caches, links,
+    placements, prefetch on tiny models). With more OpenMP threads than free cores libgomp
+    stops spinning at its barriers, so on a busy machine each parallel region of two threads
+    waits for a descheduled worker: those tests ran 10-40x slower beside two CPU burners
+    (test_compute_on_miss 4.7 s against 0.6, the simulated link 12 s against 0.3). The
+    kernels' thread splits keep their own tests (test_rowlayer, test_cpukernels, ...). Module
+    scoped, before the module's own fixtures: results computed once in a module (references)
+    come from the same thread count as its tests' (MKL's sums differ between counts)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def save_reference(folder: Path, seed: int = 0, max_shard_size: str | None = None, **overrides):
     """Write a random transformers Mixtral to `folder`; returns the reference model (eval)."""
     from transformers import MixtralConfig, MixtralForCausalLM

@@ -16,6 +16,8 @@ from offload_rt.experts.policies import LFU, LRU, RUNTIME_POLICIES, ranks_victim
 from offload_rt.grid import ExpertKey
 from tests.conftest import save_reference
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: not about threads
+
 CACHE = 12  # of 4 layers x 8 experts: 3 per layer in the simulator's global mode
 
 

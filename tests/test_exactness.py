@@ -9,6 +9,8 @@ import offload_rt
 from offload_rt.engine import BatchDecoder
 from tests.conftest import save_reference
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: not about threads
+
 PROMPTS = [
     [1, 17, 42, 99, 5, 63, 88, 12, 7, 101, 33, 64, 3, 77, 21, 9, 55, 120, 4, 8],
     [1, 11, 60],

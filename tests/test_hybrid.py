@@ -32,6 +32,8 @@ from tests.test_cache import FORMAT, GRID, D, FakeSource, keys, reference
 from tests.test_exactness import PROMPTS, reference_greedy
 from tests.test_prefetch import NEW_TOKENS, SLOW_LINK, decode_logits, outputs, slow_link
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: not about threads
+
 BENCH_GRID = ExpertGrid(tuple(range(8)), 8)  # bench_local's model: 8 layers x 8 experts, top-2
 EXPERT = 34_600_000  # bytes of its float32 expert
 PCIE = 16e9

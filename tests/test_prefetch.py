@@ -24,6 +24,8 @@ from tests.conftest import save_reference
 from tests.test_cache import FORMAT, GRID, D, F, FakeSource, keys, reference
 from tests.test_exactness import PROMPTS, reference_greedy
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: not about threads
+
 NEW_TOKENS = 32
 SLOW_LINK = 0.1  # GB/s: a tiny test expert (72 KiB) then takes 0.7 ms, so loads overlap compute
 

@@ -179,3 +179,29 @@ def test_generate_by_greedy_runs_gives_the_tokens_of_steps(checkpoint, stop):
     assert len(got.token_ids) == (3 if stop else 14)
     assert runs[:2] == ([2] if stop else [2, 1])  # from position 5 up to the window (8)
     assert runs[2:] == [None] * (len(runs) - 2)  # past it, step by step
+
+
+def test_the_first_row_of_a_continuous_batch_steps_by_its_token_id(checkpoint):
+    """A continuous batch (the scheduler's) whose only running row is the first: its steps go
+    through `step_token` on a view of that row, with the logits of a one-row decoder."""
+    with offload_rt.load(checkpoint, dtype=torch.float32) as model:
+        model.warm()
+        solo = BatchDecoder(model.model, [PROMPT], 16)
+        want = [solo.prefill()[0]]
+        batch = BatchDecoder.empty(model.model, 3, 16)
+        got = [batch.prefill_rows([0], [PROMPT])[0][0]]
+        served = []
+        step_token = MoEDecoder.step_token
+
+        def spy(*args):
+            ends = step_token(*args)
+            served.append(ends is not None)
+            return ends
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(MoEDecoder, "step_token", spy)
+            for token in (3, 44):
+                want.append(solo.step([token], [True])[0])
+                got.append(batch.step([token], [True])[0])
+        assert served == [True] * 4 and batch.lengths == [len(PROMPT) + 2, 0, 0]
+        assert torch.equal(torch.stack(got), torch.stack(want))

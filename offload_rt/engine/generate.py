@@ -24,7 +24,7 @@ from offload_rt.engine.rows import (
     to_result,
 )
 from offload_rt.engine.sampling import SamplingParams
-from offload_rt.model import DecoderModel
+from offload_rt.model import DecoderModel, KVCache
 
 
 class BatchDecoder:
@@ -37,6 +37,7 @@ class BatchDecoder:
         self.cache = model.new_cache(len(prompts), max_len)
         self.device = model.device
         self._greedy: tuple[torch.Tensor, list[int]] | None = None  # `step`'s last, with its logits
+        self._first: KVCache | None = None  # the cache of the first row alone, for `step_token`
 
     @classmethod
     def empty(cls, model: DecoderModel, rows: int, max_len: int) -> BatchDecoder:
@@ -111,8 +112,10 @@ class BatchDecoder:
     def step(self, tokens: list[int], live: list[bool]) -> torch.Tensor:
         """Feed one token to each of the first len(tokens) rows (ignored where not live);
         returns their logits (len(tokens), V). Rows past them are left alone."""
-        if len(tokens) == len(self.lengths) == 1 and live[0]:  # one sequence: by its id
-            one = self.model.step_token(tokens[0], self.lengths[0], self.cache)
+        if len(tokens) == 1 and live[0]:  # one sequence (the first row): by its token id
+            if self._first is None:  # a view of the first row, made once (writes go through)
+                self._first = self.cache if len(self.lengths) == 1 else self.cache.rows(1)
+            one = self.model.step_token(tokens[0], self.lengths[0], self._first)
             if one is not None:
                 self.lengths[0] += 1
                 self._greedy = (one[0], [one[1]])
