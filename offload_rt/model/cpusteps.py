@@ -10,6 +10,7 @@ once a cache object (a cache's tensors stay put).
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable
 
@@ -47,6 +48,8 @@ class CppSteps:
         self._head: rowstep.Head | None | bool = None  # False: the loops do not take lm_head
         self._cache: tuple[weakref.ref, torch.dtype] | None = None  # `takes`' last cache
         self._rows: tuple[weakref.ref, bool] | None = None  # `_ready`'s last cache, its checks
+        # the one-call steps reuse one set of buffers (`TokenTable.begin`): one step at a time
+        self._lock = threading.Lock()
 
     @property
     def planned(self) -> bool:
@@ -82,10 +85,11 @@ class CppSteps:
         tokens = self._token_table(plans, h.dtype) if resident is not None else None
         max_len = tokens.point_at(cache) if tokens is not None else None
         if tokens is not None and max_len is not None:
-            step = tokens.begin(h, self.router.top_k)
             ends = self._the_head(h.dtype) if head else None
-            logits = self._whole(step, tokens, max_len, position, ends)
-            return (None, logits) if logits is not None else (self._normed(step), None)
+            with self._lock:
+                step = tokens.begin(h, self.router.top_k)
+                logits = self._whole(step, tokens, max_len, position, ends)
+                return (None, logits) if logits is not None else (self._normed(step), None)
         step = rowlayer.Step(h, self.router.top_k)
         rope = self.rope.row(position, h.dtype)
         for i, plan in enumerate(plans):
@@ -118,8 +122,9 @@ class CppSteps:
         if ready is None:
             return None
         tokens, max_len, head = ready
-        step = tokens.begin_row(embed, token, self.router.top_k)
-        return self._whole(step, tokens, max_len, position, head)
+        with self._lock:
+            step = tokens.begin_row(embed, token, self.router.top_k)
+            return self._whole(step, tokens, max_len, position, head)
 
     def greedy(
         self,
@@ -139,13 +144,14 @@ class CppSteps:
         tokens, max_len, head = ready
         spec = self.attention
         assert isinstance(spec, AttentionSpec)
-        step = tokens.begin_row(embed, token, self.router.top_k)
-        found, chosen = rowstep.greedy(
-            step, tokens, spec, (self.rope.cos, self.rope.sin), max_len, position, self.router,
-            self.eps, head, embed, token, n, stops,
-        )  # fmt: skip
-        for uses in chosen.tolist():
-            self.backend.count_uses(uses)  # type: ignore[attr-defined]
+        with self._lock:
+            step = tokens.begin_row(embed, token, self.router.top_k)
+            found, chosen = rowstep.greedy(
+                step, tokens, spec, (self.rope.cos, self.rope.sin), max_len, position,
+                self.router, self.eps, head, embed, token, n, stops,
+            )  # fmt: skip
+            for uses in chosen.tolist():
+                self.backend.count_uses(uses)  # type: ignore[attr-defined]
         return found
 
     def _ready(

@@ -201,8 +201,8 @@ def greedy(
     """Up to n greedy steps in one call, each `token`'s with the head: token `first` (a row of
     `embed`, (V, D)) at `position`, then each step's argmax at the next position, ending
     after a step whose argmax is one of `stops` (int64 ids). Returns those argmaxes and each
-    step's chosen experts (steps, layers, k); step.h then holds the last step's final hidden
-    state."""
+    step's chosen experts (steps, layers, k); step.h then holds the last step's hidden state
+    (its experts summed in) and step.m its final-normed one."""
     kernel = rowlayer.cpp()
     assert kernel is not None
     if n < 1 or position < 0 or position + n > max_len:
