@@ -27,17 +27,15 @@ and no shared expert; the rest keeps the one-row path.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from offload_rt.model import native, onequery, rowparts, rows
-from offload_rt.model.ffn import SwiGLU
 from offload_rt.model.layers import AttentionSpec, AttentionWeights
 from offload_rt.model.moe import RouterSpec
-from offload_rt.model.rows import Form, matrix, pointers
+from offload_rt.model.rows import matrix, pointers
 
 MAX_K = 8  # experts a token
 
@@ -371,7 +369,7 @@ def experts(step: Step, ffns: Sequence[object]) -> bool:
     """Call 2: the chosen experts (`SwiGLU`s of matrices of a form `_matrix` takes, one form
     for all, in step.chosen's order) on step.m into step.ys; False (nothing done) where they
     are not."""
-    kinds = [expert_kind(ffn, step.h.dtype) for ffn in ffns]
+    kinds = [rows.expert_kind(ffn, step.h.dtype) for ffn in ffns]
     if not kinds or any(k is None or k[1:] != kinds[0][1:] for k in kinds):  # type: ignore[index]
         return False  # one format and width for all of them
     flat = [p for k in kinds for p in k[0]]  # type: ignore[index]
@@ -423,29 +421,3 @@ def product(x: torch.Tensor, w: object) -> torch.Tensor | None:
         native.DTYPE_CODES[x.dtype], 0, 0, 0,
     )  # fmt: skip
     return y
-
-
-# an expert's pointers, form and width for a dtype, by its weights object (a slot's, kept while
-# it lives)
-_KINDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def expert_kind(ffn: object, dtype: torch.dtype) -> tuple[list[int], Form, int] | None:
-    if type(ffn) is not SwiGLU:  # GPT-OSS's clamped experts: not these loops
-        return None
-    if isinstance(ffn.w13, torch.Tensor):  # a float expert: cheap to look at, not kept
-        return _kind_of(ffn, dtype)
-    known = _KINDS.get(ffn)
-    if known is None or known[0] != dtype:
-        kind = _kind_of(ffn, dtype)
-        if kind is None:
-            return None
-        known = _KINDS[ffn] = (dtype, kind)
-    return known[1]
-
-
-def _kind_of(ffn: SwiGLU, dtype: torch.dtype) -> tuple[list[int], Form, int] | None:
-    parts = [matrix(ffn.w13, dtype), matrix(ffn.w2, dtype)]
-    if parts[0] is None or parts[1] is None or parts[0][1] != parts[1][1]:
-        return None
-    return pointers([*parts[0][0], *parts[1][0]]), parts[0][1], ffn.w2.shape[1]  # type: ignore[index]

@@ -1,5 +1,5 @@
 """One matrix's rows times a vector in C++, by weight format: the row loops of the one-row
-layer (`model/rowlayer.py`), and what they read of a weight.
+layer (`model/rowlayer.py`), and what they read of a weight and of an expert.
 
 Formats (`Rows`' B): a matrix of the activations' dtype (FLOAT), widened 16 values at a time
 into float32 lanes; int8 affine codes (INT8, `experts/quant.py`'s layout, groups of a multiple
@@ -13,9 +13,12 @@ row is one thread's float32 sum.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from offload_rt.model import packed
+from offload_rt.model.ffn import SwiGLU
 
 # the loops, after `native.PRELUDE` (`Rows`, `rows` and `dot_row` for the layer's C++)
 LOOPS = (
@@ -243,3 +246,31 @@ def matrix(w: object, dtype: torch.dtype) -> tuple[tuple[torch.Tensor | None, ..
     if packed.fits(dtype, k, groups) and packed.available():
         return held, (INT4_BF16, group)
     return held, (INT4, group)
+
+
+# an expert's pointers, form and width for a dtype, by its weights object (a slot's, kept while
+# it lives)
+_KINDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def expert_kind(ffn: object, dtype: torch.dtype) -> tuple[list[int], Form, int] | None:
+    """A SwiGLU expert's six pointers (w13's and w2's, as `Rows`), its form and its width, as
+    the row loops read it for activations of `dtype`; None where they do not take it."""
+    if type(ffn) is not SwiGLU:  # GPT-OSS's clamped experts: not these loops
+        return None
+    if isinstance(ffn.w13, torch.Tensor):  # a float expert: cheap to look at, not kept
+        return _kind_of(ffn, dtype)
+    known = _KINDS.get(ffn)
+    if known is None or known[0] != dtype:
+        kind = _kind_of(ffn, dtype)
+        if kind is None:
+            return None
+        known = _KINDS[ffn] = (dtype, kind)
+    return known[1]
+
+
+def _kind_of(ffn: SwiGLU, dtype: torch.dtype) -> tuple[list[int], Form, int] | None:
+    parts = [matrix(ffn.w13, dtype), matrix(ffn.w2, dtype)]
+    if parts[0] is None or parts[1] is None or parts[0][1] != parts[1][1]:
+        return None
+    return pointers([*parts[0][0], *parts[1][0]]), parts[0][1], ffn.w2.shape[1]  # type: ignore[index]

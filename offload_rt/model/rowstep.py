@@ -61,7 +61,7 @@ class TokenTable:
     ) -> TokenTable | None:
         """The table for these plans and every layer's experts (in expert order), or None where
         the plans' form differs between layers or an expert is not of one form and width."""
-        kinds = [[rowlayer.expert_kind(f, dtype) for f in layer] for layer in ffns]
+        kinds = [[rows.expert_kind(f, dtype) for f in layer] for layer in ffns]
         first = kinds[0][0] if kinds and kinds[0] else None
         if first is None or any(p.form != plans[0].form for p in plans):
             return None
