@@ -20,6 +20,7 @@ from offload_rt.engine.rows import (
     check_finished,
     check_request,
     new_state,
+    raw_greedy,
     sample_rows,
     to_result,
 )
@@ -214,10 +215,7 @@ def _run_stops(rows: list[SequenceState]) -> torch.Tensor | None:
     if len(rows) != 1:
         return None
     r = rows[0]
-    p = r.params
-    if not p.greedy or p.adjusts_logits or r.grammar is not None or r.logprobs is not None:
-        return None
-    if p.stop_strings:
+    if not raw_greedy(r) or r.logprobs is not None or r.params.stop_strings:
         return None
     return torch.tensor(sorted(r.stop_ids), dtype=torch.long)
 

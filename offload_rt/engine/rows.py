@@ -92,7 +92,7 @@ def sample_rows(
     or a copy adjusted by its penalties and bias, then masked by its grammar); advance its
     grammar; record its log-probability under the raw logits where asked. greedy: each row's
     highest-scoring raw token where the model found it with the logits (`BatchDecoder.greedy`)."""
-    plain = {i for i, r in enumerate(rows) if live[i] and r and r.params.greedy and _raw(r)}
+    plain = {i for i, r in enumerate(rows) if live[i] and r and raw_greedy(r)}
     if plain and greedy is None:
         greedy = greedy_tokens(logits)  # one op for those rows
     for i, r in enumerate(rows):
@@ -118,6 +118,11 @@ def float_copy(x: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu" and x.dtype == torch.float32:
         return torch.from_numpy(x.numpy().copy())
     return x.to(torch.float32, copy=True)
+
+
+def raw_greedy(r: SequenceState) -> bool:
+    """Whether each of the row's tokens is the raw logits' highest-scoring one."""
+    return r.params.greedy and _raw(r)
 
 
 def _raw(r: SequenceState) -> bool:
